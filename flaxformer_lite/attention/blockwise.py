@@ -1,0 +1,242 @@
+"""Blockwise (flash-style) softmax attention in pure JAX: O(l) memory forward *and* backward.
+
+Forward: for each query block, an online softmax over key blocks (running max ``m``, normaliser ``l``, accumulator),
+visiting only key blocks the mask can reach (causal attention does about half the work). Backward: a `custom_vjp`
+that keeps only ``out`` and the log-sum-exp ``lse`` and recomputes each tile's probabilities (FlashAttention-2's
+algorithm: outer loop over key blocks, inner loop over the query blocks that can see them).
+
+Shape key: b batch, q query length, k key length, n kv heads, g query heads per kv head, d head dim, v value dim;
+``i``/``j`` index query/key blocks of sizes ``bq``/``bk``. Tiles of scores are ``[b, n, g, bq, bk]`` float32.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from .checks import Dims
+from .dropout import keep_mask
+from .masks import Mask
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """Static description of one call (hashable, so it can be a `custom_vjp` non-diff argument)."""
+
+    scale: float
+    bq: int
+    bk: int
+    nq: int
+    nk: int
+    lk: int  # true key length; padded keys past it are never attended
+    groups: int
+    dropout_rate: float
+    skip_empty: bool  # test each tile for any visible pair (segment ids / kv_valid make the structure irregular)
+
+
+def blockwise_attention(q, k, v, *, dims: Dims, mask: Mask, bias, scale: float, dropout_rate: float = 0.0,
+                        dropout_seed=None, block_q: int = 512, block_kv: int = 512) -> jax.Array:
+    """Flash-style softmax attention: ``q [b, q, h, d]``, ``k [b, k, n, d]``, ``v [b, k, n, v]`` -> ``[b, q, h, v]``.
+
+    Inputs are validated by `softmax_attention`; call that instead. Any lengths work: the sequence is padded to a
+    multiple of the block size and padded keys are excluded.
+    """
+    if block_q < 1 or block_kv < 1:
+        raise ValueError(f"block_q and block_kv must be positive, got {block_q}, {block_kv}")
+    bq, bk = min(block_q, dims.lq), min(block_kv, dims.lk)
+    nq, nk = -(-dims.lq // bq), -(-dims.lk // bk)
+    lq_pad, lk_pad = nq * bq, nk * bk
+    q = _pad_axis(q, 1, lq_pad)
+    k, v = _pad_axis(k, 1, lk_pad), _pad_axis(v, 1, lk_pad)
+    mask = mask.pad_to(lq_pad, lk_pad)
+    if bias is not None:
+        bias = _pad_axis(_pad_axis(bias, 2, lq_pad if bias.shape[2] > 1 else 1), 3, lk_pad if bias.shape[3] > 1 else 1)
+    plan = _Plan(scale, bq, bk, nq, nk, dims.lk, dims.groups, dropout_rate,
+                 skip_empty=mask.has_segments or mask.kv_valid is not None)
+    out = _flash(plan, q, k, v, mask, bias, dropout_seed)
+    return out[:, :dims.lq]
+
+
+def _pad_axis(x, axis, size):
+    if x.shape[axis] == size:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, widths)
+
+
+# -- tiles -----------------------------------------------------------------------------------------------------------
+def _tile_visible(plan: _Plan, mask: Mask, i, j):
+    """bool [b|1, 1, 1, bq, bk]: which pairs of query block i and key block j may attend."""
+    allowed = mask.block(i * plan.bq, plan.bq, j * plan.bk, plan.bk)
+    if plan.nk * plan.bk != plan.lk:
+        allowed = allowed & (j * plan.bk + jnp.arange(plan.bk) < plan.lk)
+    return allowed[:, :, None]
+
+
+def _bias_tile(plan: _Plan, bias, i, j):
+    """The bias for tile (i, j), shaped to broadcast against [b, n, g, bq, bk]."""
+    if bias.shape[2] > 1:
+        bias = lax.dynamic_slice_in_dim(bias, i * plan.bq, plan.bq, 2)
+    if bias.shape[3] > 1:
+        bias = lax.dynamic_slice_in_dim(bias, j * plan.bk, plan.bk, 3)
+    bb, hb, tq, tk = bias.shape
+    n, g = (hb // plan.groups, plan.groups) if hb > 1 else (1, 1)
+    return bias.reshape(bb, n, g, tq, tk).astype(jnp.float32)
+
+
+def _keep_tile(plan: _Plan, seed, shape, i, j):
+    """Dropout keep mask (scaled by 1/(1-rate)) for tile (i, j); identical to the dense reference's entries."""
+    b, n, g = shape[:3]
+    head = (jnp.arange(n)[:, None] * g + jnp.arange(g)[None, :])[None, :, :, None, None]
+    qpos = (i * plan.bq + jnp.arange(plan.bq))[:, None]
+    kpos = j * plan.bk + jnp.arange(plan.bk)
+    keep = keep_mask(seed, plan.dropout_rate, jnp.arange(b)[:, None, None, None, None], head, qpos, kpos)
+    return keep.astype(jnp.float32) / (1.0 - plan.dropout_rate)
+
+
+def _scores(plan: _Plan, qi, kj, bias, visible, i, j):
+    """Masked logits of tile (i, j): float32 [b, n, g, bq, bk], -inf where not visible."""
+    s = jnp.einsum("bqngd,bknd->bngqk", qi, kj, preferred_element_type=jnp.float32) * plan.scale
+    if bias is not None:
+        s = s + _bias_tile(plan, bias, i, j)
+    return jnp.where(visible, s, -jnp.inf)
+
+
+def _maybe_skip(plan: _Plan, visible, compute, carry):
+    """Run ``compute(carry)`` unless the tile is entirely masked (only checked when the structure is irregular)."""
+    if not plan.skip_empty:
+        return compute(carry)
+    return lax.cond(jnp.any(visible), compute, lambda c: c, carry)
+
+
+# -- forward ---------------------------------------------------------------------------------------------------------
+def _forward(plan: _Plan, q, k, v, mask, bias, seed):
+    b, lq, h, d = q.shape
+    n, g, dv = k.shape[2], plan.groups, v.shape[3]
+    qb = q.reshape(b, plan.nq, plan.bq, n, g, d).swapaxes(0, 1)
+    kb = k.reshape(b, plan.nk, plan.bk, n, d).swapaxes(0, 1)
+    vb = v.reshape(b, plan.nk, plan.bk, n, dv).swapaxes(0, 1)
+
+    def q_block(args):
+        i, qi = args
+        kv_stop = mask.kv_stop((i + 1) * plan.bq, plan.lk)
+        hi = (kv_stop + plan.bk - 1) // plan.bk
+
+        def kv_step(j, carry):
+            visible = _tile_visible(plan, mask, i, j)
+
+            def compute(carry):
+                m, l, acc = carry
+                s = _scores(plan, qi, kb[j], bias, visible, i, j)
+                m_new = jnp.maximum(m, s.max(-1))
+                m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # fully masked so far: avoid inf - inf
+                p = jnp.exp(s - m_safe[..., None])
+                alpha = jnp.exp(m - m_safe)
+                l = alpha * l + p.sum(-1)
+                if plan.dropout_rate > 0:
+                    p = p * _keep_tile(plan, seed, p.shape, i, j)
+                pv = jnp.einsum("bngqk,bknv->bngqv", p.astype(v.dtype), vb[j], preferred_element_type=jnp.float32)
+                return m_new, l, alpha[..., None] * acc + pv
+
+            return _maybe_skip(plan, visible, compute, carry)
+
+        init = (jnp.full((b, n, g, plan.bq), -jnp.inf, jnp.float32), jnp.zeros((b, n, g, plan.bq), jnp.float32),
+                jnp.zeros((b, n, g, plan.bq, dv), jnp.float32))
+        m, l, acc = lax.fori_loop(0, hi, kv_step, init)
+        out = acc / jnp.where(l > 0, l, 1.0)[..., None]  # a fully masked row has acc == 0: output 0
+        lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
+        return out.transpose(0, 3, 1, 2, 4).astype(q.dtype), lse
+
+    out, lse = lax.map(q_block, (jnp.arange(plan.nq), qb))
+    return out.swapaxes(0, 1).reshape(b, lq, h, dv), lse
+
+
+# -- backward --------------------------------------------------------------------------------------------------------
+def _reduce_to_bias(ds, bias):
+    """Sum a tile gradient [b, n, g, bq, bk] over the dims where the bias broadcasts: -> bias tile shape."""
+    b, n, g, tq, tk = ds.shape
+    ds = ds.reshape(b, n * g, tq, tk)
+    axes = tuple(ax for ax, size in enumerate(bias.shape) if size == 1 and ds.shape[ax] != 1)
+    return ds.sum(axes, keepdims=True)
+
+
+def _backward(plan: _Plan, res, dout):
+    q, k, v, mask, bias, seed, out, lse = res
+    b, lq, h, d = q.shape
+    n, g, dv = k.shape[2], plan.groups, v.shape[3]
+    qb = q.reshape(b, plan.nq, plan.bq, n, g, d).swapaxes(0, 1)
+    kb = k.reshape(b, plan.nk, plan.bk, n, d).swapaxes(0, 1)
+    vb = v.reshape(b, plan.nk, plan.bk, n, dv).swapaxes(0, 1)
+    dob = dout.reshape(b, plan.nq, plan.bq, n, g, dv).swapaxes(0, 1)
+    # D_i = rowsum(dO * O) (also right with dropout: rowsum(P * dP) = dO . O).
+    delta = jnp.einsum("ibqngv,ibqngv->ibngq", dob.astype(jnp.float32),
+                       out.reshape(b, plan.nq, plan.bq, n, g, dv).swapaxes(0, 1).astype(jnp.float32))
+    lse_safe = jnp.where(lse == -jnp.inf, 0.0, lse)
+    q_stop = mask.kv_stop(plan.nq * plan.bq, plan.lk)
+
+    def kv_block(carry, args):
+        dq, dbias = carry
+        j, kj, vj = args
+        lo = mask.q_start_for(j * plan.bk) // plan.bq
+        lo = jnp.where(j * plan.bk < q_stop, lo, plan.nq)  # no query sees this key block at all
+
+        def q_step(i, inner):
+            visible = _tile_visible(plan, mask, i, j)
+
+            def compute(inner):
+                dk_j, dv_j, dq, dbias = inner
+                qi, doi = qb[i], dob[i]
+                s = _scores(plan, qi, kj, bias, visible, i, j)
+                p = jnp.exp(s - lse_safe[i][..., None])
+                keep = _keep_tile(plan, seed, p.shape, i, j) if plan.dropout_rate > 0 else None
+                pd = p if keep is None else p * keep
+                dv_j = dv_j + jnp.einsum("bngqk,bqngv->bknv", pd.astype(doi.dtype), doi,
+                                         preferred_element_type=jnp.float32)
+                dp = jnp.einsum("bqngv,bknv->bngqk", doi, vj, preferred_element_type=jnp.float32)
+                if keep is not None:
+                    dp = dp * keep
+                ds = p * (dp - delta[i][..., None])
+                dq_i = jnp.einsum("bngqk,bknd->bqngd", ds, kj.astype(jnp.float32)) * plan.scale
+                dq = dq.at[i].add(dq_i)
+                dk_j = dk_j + jnp.einsum("bngqk,bqngd->bknd", ds, qi.astype(jnp.float32)) * plan.scale
+                if bias is not None:
+                    dbias = _add_bias_grad(plan, dbias, _reduce_to_bias(ds, bias), i, j)
+                return dk_j, dv_j, dq, dbias
+
+            return _maybe_skip(plan, visible, compute, inner)
+
+        init = (jnp.zeros((b, plan.bk, n, d), jnp.float32), jnp.zeros((b, plan.bk, n, dv), jnp.float32), dq, dbias)
+        dk_j, dv_j, dq, dbias = lax.fori_loop(lo, plan.nq, q_step, init)
+        return (dq, dbias), (dk_j, dv_j)
+
+    dq0 = jnp.zeros(qb.shape, jnp.float32)
+    dbias0 = None if bias is None else jnp.zeros(bias.shape, jnp.float32)
+    (dq, dbias), (dk, dv) = lax.scan(kv_block, (dq0, dbias0), (jnp.arange(plan.nk), kb, vb))
+    dq = dq.swapaxes(0, 1).reshape(q.shape).astype(q.dtype)
+    dk = dk.swapaxes(0, 1).reshape(k.shape).astype(k.dtype)
+    dv = dv.swapaxes(0, 1).reshape(v.shape).astype(v.dtype)
+    dbias = None if bias is None else dbias.astype(bias.dtype)
+    return dq, dk, dv, None, dbias, None
+
+
+def _add_bias_grad(plan: _Plan, dbias, tile, i, j):
+    starts = [0, 0, i * plan.bq if dbias.shape[2] > 1 else 0, j * plan.bk if dbias.shape[3] > 1 else 0]
+    current = lax.dynamic_slice(dbias, starts, tile.shape)
+    return lax.dynamic_update_slice(dbias, current + tile, starts)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(plan: _Plan, q, k, v, mask, bias, seed):
+    return _forward(plan, q, k, v, mask, bias, seed)[0]
+
+
+def _flash_fwd(plan, q, k, v, mask, bias, seed):
+    out, lse = _forward(plan, q, k, v, mask, bias, seed)
+    return out, (q, k, v, mask, bias, seed, out, lse)
+
+
+_flash.defvjp(_flash_fwd, _backward)

@@ -1,0 +1,95 @@
+"""Entry-point checks shared by the attention kernels: ranks, shapes, dtypes, and the arguments every kernel takes.
+
+Shape key: b batch, q query length, k key length, h query heads, n kv heads, d head dim, v value head dim.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+from .masks import Mask
+
+
+@dataclasses.dataclass(frozen=True)
+class Dims:
+    """Static sizes of one attention call."""
+
+    batch: int
+    lq: int
+    lk: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    value_dim: int
+
+    @property
+    def groups(self) -> int:
+        """Query heads per kv head (1 for MHA, ``heads`` for MQA)."""
+        return self.heads // self.kv_heads
+
+
+def check_qkv(q: jax.Array, k: jax.Array, v: jax.Array) -> Dims:
+    """Validate ``q [b, q, h, d]``, ``k [b, k, n, d]``, ``v [b, k, n, v]`` with ``h % n == 0``; return the sizes."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if getattr(x, "ndim", None) != 4:
+            raise ValueError(f"{name} must have shape [batch, length, heads, head_dim] (rank 4), "
+                             f"got shape {getattr(x, 'shape', type(x))}")
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"{name} must be a floating-point array, got dtype {x.dtype}")
+    b, lq, h, d = q.shape
+    _, lk, n, _ = k.shape
+    if k.shape[0] != b or v.shape[0] != b:
+        raise ValueError(f"q, k, v batch sizes differ: {q.shape[0]}, {k.shape[0]}, {v.shape[0]}")
+    if k.shape[3] != d:
+        raise ValueError(f"q and k head_dim differ: {d} vs {k.shape[3]}")
+    if v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"v must match k in batch, length and heads: k {k.shape}, v {v.shape}")
+    if h % n != 0:
+        raise ValueError(f"query heads ({h}) must be a multiple of kv heads ({n}) for GQA/MQA")
+    return Dims(b, lq, lk, h, n, d, v.shape[3])
+
+
+def check_mask(mask: Mask | None, dims: Dims) -> Mask:
+    """Default a missing mask to 'attend everywhere' and check it fits the call."""
+    if mask is None:
+        return Mask()
+    if not isinstance(mask, Mask):
+        raise ValueError(f"mask must be a flaxformer_lite Mask (True = attend), got {type(mask).__name__}; "
+                         "build one with Mask(causal=..., kv_lengths=..., ...)")
+    mask.check_shapes(dims.batch, dims.lq, dims.lk)
+    return mask
+
+
+def check_bias(bias: jax.Array | None, dims: Dims) -> jax.Array | None:
+    """Return ``bias`` as rank 4, each dim 1 or full: broadcastable to ``[b, h, q, k]``."""
+    if bias is None:
+        return None
+    bias = jnp.asarray(bias)
+    if bias.ndim > 4:
+        raise ValueError(f"bias must be broadcastable to [batch, heads, lq, lk], got rank {bias.ndim}")
+    bias = bias.reshape((1,) * (4 - bias.ndim) + bias.shape)
+    full = (dims.batch, dims.heads, dims.lq, dims.lk)
+    if any(s not in (1, f) for s, f in zip(bias.shape, full)):
+        raise ValueError(f"bias shape {bias.shape} is not broadcastable to [batch, heads, lq, lk] = {list(full)}")
+    return bias
+
+
+def check_scale(scale: float | None, dims: Dims) -> float:
+    """Default the logit scale to ``1/sqrt(head_dim)``."""
+    if scale is None:
+        return 1.0 / math.sqrt(dims.head_dim)
+    if not isinstance(scale, (int, float)):
+        raise ValueError(f"scale must be a Python number (static), got {type(scale).__name__}")
+    return float(scale)
+
+
+def check_dropout(rate: float, rng: jax.Array | None) -> float:
+    """Validate attention-probability dropout: ``0 <= rate < 1`` and an rng whenever ``rate > 0``."""
+    if not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
+        raise ValueError(f"dropout_rate must be a number in [0, 1), got {rate!r}")
+    if rate > 0 and rng is None:
+        raise ValueError("dropout_rate > 0 needs dropout_rng (a PRNG key); pass dropout_rate=0.0 for inference")
+    return float(rate)

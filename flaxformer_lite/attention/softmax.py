@@ -1,0 +1,166 @@
+"""`softmax_attention`: one signature, several implementations of the same function.
+
+``out[b, i, h] = sum_j P[b, h, i, j] v[b, j, h // g]`` with
+``P = softmax_j(scale * q_i . k_j + bias)`` over the keys the `Mask` allows; a query row that may attend no key
+returns zeros. Softmax statistics are float32 whatever the input dtype.
+
+Implementations (``impl=``):
+  - ``"reference"``: einsum + softmax over the dense ``[b, h, q, k]`` logits; the readable definition.
+  - ``"xla"``: `jax.nn.dot_product_attention` (XLA) with the mask mapped onto its arguments.
+  - ``"blockwise"``: flash-style online softmax in pure JAX, O(l) memory forward and backward (see blockwise.py).
+  - ``"cudnn"``: `jax.nn.dot_product_attention(implementation="cudnn")`; GPU, bf16/fp16, causal/kv_lengths masks.
+  - ``"auto"``: the fastest correct choice for the backend, dtype, length and mask (`choose_impl`).
+
+Shape key: b batch, q query length, k key length, h query heads, n kv heads, g = h // n, d head dim, v value dim.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from .blockwise import blockwise_attention
+from .checks import Dims, check_bias, check_dropout, check_mask, check_qkv, check_scale
+from .dropout import dropout_seed, keep_mask
+from .masks import Mask
+
+IMPLS = ("auto", "reference", "xla", "blockwise", "cudnn")
+# Above this many logits per call (b * h * q * k, about 256 MiB in float32), `auto` streams with `blockwise`:
+# the dense logits and their gradients no longer fit comfortably, and blockwise is at least as fast there
+# (benchmarks/RESULTS.md).
+AUTO_BLOCKWISE_MIN_LOGITS = 64 * 2**20
+
+
+def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask | None = None,
+                      bias: jax.Array | None = None, scale: float | None = None, impl: str = "auto",
+                      dropout_rate: float = 0.0, dropout_rng: jax.Array | None = None,
+                      block_q: int = 512, block_kv: int = 512) -> jax.Array:
+    """Softmax attention ``[b, q, h, d] x [b, k, n, d] x [b, k, n, v] -> [b, q, h, v]``.
+
+    Args:
+      q: queries ``[b, q, h, d]``.
+      k: keys ``[b, k, n, d]``; ``h % n == 0`` (query head ``i`` uses kv head ``i // (h // n)``: GQA/MQA).
+      v: values ``[b, k, n, v]``.
+      mask: a `Mask` (True = attend); None attends everywhere.
+      bias: additive logits bias broadcastable to ``[b, h, q, k]`` (e.g. relative positions), or None.
+      scale: logit scale; default ``1 / sqrt(d)``.
+      impl: one of ``IMPLS``.
+      dropout_rate: attention-probability dropout; needs ``dropout_rng``. Not supported by ``"cudnn"``.
+      dropout_rng: PRNG key for dropout.
+      block_q, block_kv: tile sizes of ``"blockwise"`` (performance hints; other impls ignore them).
+
+    Returns:
+      ``[b, q, h, v]`` in q's dtype.
+    """
+    dims = check_qkv(q, k, v)
+    mask = check_mask(mask, dims)
+    bias = check_bias(bias, dims)
+    scale = check_scale(scale, dims)
+    dropout_rate = check_dropout(dropout_rate, dropout_rng)
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        impl = choose_impl(dims, q.dtype, mask, dropout_rate, jax.default_backend())
+    seed = dropout_seed(dropout_rng) if dropout_rate > 0 else None
+    if impl == "blockwise":
+        return blockwise_attention(q, k, v, dims=dims, mask=mask, bias=bias, scale=scale, dropout_rate=dropout_rate,
+                                   dropout_seed=seed, block_q=block_q, block_kv=block_kv)
+    if impl == "cudnn":
+        reason = cudnn_unsupported(dims, q.dtype, mask, dropout_rate, jax.default_backend())
+        if reason:
+            raise ValueError(f"impl='cudnn' cannot run this call: {reason}. Use impl='auto' or 'blockwise'.")
+        return _dot_product_attention(q, k, v, mask, bias, scale, "cudnn")
+    if impl == "xla" and xla_unsupported(dims, dropout_rate) is None:
+        return _dot_product_attention(q, k, v, mask, bias, scale, "xla")
+    return reference_attention(q, k, v, dims=dims, mask=mask, bias=bias, scale=scale,
+                               dropout_rate=dropout_rate, dropout_seed=seed)
+
+
+def reference_attention(q, k, v, *, dims: Dims, mask: Mask, bias, scale: float, dropout_rate: float = 0.0,
+                        dropout_seed=None) -> jax.Array:
+    """Dense softmax attention, computed in float32: the readable definition (inputs validated by the caller)."""
+    b, lq, h, d = q.shape
+    n, g = dims.kv_heads, dims.groups
+    qg = q.reshape(b, lq, n, g, d)
+    s = jnp.einsum("bqngd,bknd->bngqk", qg, k, preferred_element_type=jnp.float32) * scale
+    if bias is not None:
+        bb, hb, tq, tk = bias.shape
+        s = s + bias.reshape(bb, n if hb > 1 else 1, g if hb > 1 else 1, tq, tk).astype(jnp.float32)
+    visible = mask.block(0, lq, 0, dims.lk)[:, :, None]  # [b|1, 1, 1, q, k]
+    s = jnp.where(visible, s, -jnp.inf)
+    m = jax.lax.stop_gradient(s.max(-1, keepdims=True))
+    p = jnp.exp(s - jnp.where(m == -jnp.inf, 0.0, m))
+    denom = p.sum(-1, keepdims=True)
+    probs = p / jnp.where(denom > 0, denom, 1.0)  # a row with no visible key is all zeros
+    if dropout_rate > 0:
+        head = (jnp.arange(n)[:, None] * g + jnp.arange(g)[None, :])[None, :, :, None, None]
+        keep = keep_mask(dropout_seed, dropout_rate, jnp.arange(b)[:, None, None, None, None], head,
+                         jnp.arange(lq)[:, None], jnp.arange(dims.lk))
+        probs = probs * keep / (1.0 - dropout_rate)
+    out = jnp.einsum("bngqk,bknv->bqngv", probs, v.astype(jnp.float32))
+    return out.reshape(b, lq, h, dims.value_dim).astype(q.dtype)
+
+
+# -- jax.nn.dot_product_attention (xla, cudnn) --------------------------------------------------------------------
+def _dot_product_attention(q, k, v, mask: Mask, bias, scale: float, implementation: str) -> jax.Array:
+    """`jax.nn.dot_product_attention` with our mask mapped onto ``is_causal``, ``key_value_seq_lengths`` and, for
+    the rest of the structure, a dense ``mask``; rows with no visible key are zeroed (jax would average them)."""
+    lq, lk = q.shape[1], k.shape[1]
+    native_causal = mask.causal and mask.prefix_lengths is None and mask.q_offset is None and lq == lk
+    rest = Mask(causal=mask.causal and not native_causal, prefix_lengths=mask.prefix_lengths,
+                kv_valid=mask.kv_valid, q_segment_ids=mask.q_segment_ids, kv_segment_ids=mask.kv_segment_ids,
+                q_offset=mask.q_offset)
+    dense = None if rest.is_trivial else rest.block(0, lq, 0, lk)
+    kv_lengths = None if mask.kv_lengths is None else mask.kv_lengths.astype(jnp.int32)
+    out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=dense, scale=scale, is_causal=native_causal,
+                                       key_value_seq_lengths=kv_lengths, implementation=implementation)
+    row_visible = _rows_with_a_visible_key(dense, kv_lengths, lk)
+    if row_visible is None:
+        return out
+    return jnp.where(row_visible[:, :, None, None], out, jnp.zeros((), out.dtype))
+
+
+def _rows_with_a_visible_key(dense, kv_lengths, lk):
+    """bool [b|1, q] (or None when every row sees a key): whether each query row may attend any key."""
+    if dense is None:  # causal with lq == lk or no structure: row i sees key 0 unless there are no keys
+        return None if kv_lengths is None else (kv_lengths > 0)[:, None]
+    visible = dense[:, 0]
+    if kv_lengths is not None:
+        visible = visible & (jnp.arange(lk) < kv_lengths[:, None, None])
+    return visible.any(-1)
+
+
+def xla_unsupported(dims: Dims, dropout_rate: float) -> str | None:
+    """Why `jax.nn.dot_product_attention` cannot compute this call (then ``"xla"`` uses the reference), or None."""
+    if dims.value_dim != dims.head_dim:
+        return f"value head dim {dims.value_dim} != query/key head dim {dims.head_dim}"
+    if dropout_rate > 0:
+        return "dropout_rate > 0"
+    return None
+
+
+def cudnn_unsupported(dims: Dims, dtype, mask: Mask, dropout_rate: float, backend: str) -> str | None:
+    """Why the cuDNN fused kernel cannot compute this call, or None if it can."""
+    if backend != "gpu":
+        return f"cuDNN attention needs a GPU backend, this is {backend!r}"
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return f"cuDNN attention needs bfloat16 or float16 inputs, got {jnp.dtype(dtype).name}"
+    if dims.head_dim % 8 or dims.head_dim > 128 or dims.value_dim != dims.head_dim:
+        return f"cuDNN attention needs equal q/k/v head dims, a multiple of 8 and <= 128 (got {dims.head_dim})"
+    for field in ("prefix_lengths", "kv_valid", "q_segment_ids", "q_offset"):
+        if getattr(mask, field) is not None:
+            return f"the mask field {field} (cuDNN supports causal and kv_lengths)"
+    if mask.causal and dims.lq != dims.lk:
+        return "a causal mask with lq != lk (set q_offset-free causal only for self-attention)"
+    if dropout_rate > 0:
+        return "dropout_rate > 0"
+    return None
+
+
+def choose_impl(dims: Dims, dtype, mask: Mask, dropout_rate: float, backend: str) -> str:
+    """The impl ``"auto"`` runs: cuDNN on GPU where it applies, blockwise once the dense logits get large,
+    else XLA (the reference where XLA cannot take the call). Never cuDNN off GPU."""
+    if cudnn_unsupported(dims, dtype, mask, dropout_rate, backend) is None:
+        return "cudnn"
+    if dims.batch * dims.heads * dims.lq * dims.lk >= AUTO_BLOCKWISE_MIN_LOGITS and dims.lq > 1:
+        return "blockwise"
+    return "xla" if xla_unsupported(dims, dropout_rate) is None else "reference"
