@@ -1,5 +1,19 @@
-"""Attention kernels: pure functions, no parameters. Layout ``[batch, length, heads, head_dim]`` everywhere."""
+"""Attention kernels: pure functions, no parameters. Layout ``[batch, length, heads, head_dim]`` everywhere.
+
+- `Mask`: the structured mask (causal, prefix-LM, padding, packed segments).
+- `softmax_attention(q, k, v, *, mask, bias, scale, impl)`: reference | xla | blockwise | cudnn | auto.
+- `linear_attention(q, k, v, *, mask, feature_map)`: elu | relu | favor; non-causal, causal, prefix, segments;
+  `linear_init_state` / `linear_step` for recurrent decoding.
+"""
+from .feature_maps import FEATURE_MAPS, EluFeatureMap, FavorFeatureMap, FeatureMap, ReluFeatureMap, get_feature_map
+from .linear import LinearState, linear_attention
+from .linear import init_state as linear_init_state
+from .linear import step as linear_step
 from .masks import Mask
 from .softmax import IMPLS, choose_impl, softmax_attention
 
-__all__ = ["Mask", "softmax_attention", "IMPLS", "choose_impl"]
+__all__ = [
+    "Mask", "softmax_attention", "IMPLS", "choose_impl", "linear_attention", "linear_init_state", "linear_step",
+    "LinearState", "FeatureMap", "EluFeatureMap", "ReluFeatureMap", "FavorFeatureMap", "FEATURE_MAPS",
+    "get_feature_map",
+]

@@ -1,0 +1,223 @@
+"""Linear (kernelised) attention, "Transformers are RNNs" (Katharopoulos et al. 2020), in O(l) time and memory.
+
+``out_i = sum_j m_ij phi(q_i).phi(k_j) v_j / sum_j m_ij phi(q_i).phi(k_j)`` for the `Mask` ``m`` (0 where a row
+sees no key). phi is applied to raw q, k (no 1/sqrt(d); FAVOR+ has its own normaliser). Accumulation is float32.
+
+- non-causal: ``phi(Q) (phi(K)^T V)``, one pass;
+- causal: chunks of ``chunk_size`` -- quadratic inside a chunk, a ``[f, v]`` state carried across chunks by
+  `lax.scan`; never an ``[l, l]`` matrix or an ``[l, f, v]`` tensor;
+- prefix-LM: rows inside the prefix use the non-causal sums over the prefix, later rows the causal sums;
+- packed segments (contiguous runs of equal id): the carried state restarts at each boundary; non-causal segments
+  add a reverse causal pass;
+- padding: padded keys leave numerator and normaliser alike;
+- decoding: `init_state` / `step` give the causal outputs one position at a time in O(1) per token.
+
+Stability: keys carry a log-scale (feature_maps.py). Each query's sums are kept relative to the largest log-scale
+among the keys *it* sees, as online softmax does, so no future key ever changes a past output.
+
+Shape key: b batch, l length (q query, k key), h query heads, n kv heads, g = h // n, d head dim, f features,
+v value dim, c chunk length.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from .checks import check_mask, check_qkv
+from .feature_maps import FeatureMap, get_feature_map
+from .masks import Mask
+
+_FLOOR = -1e30  # finite floor for running log-scales: exp(floor - floor) = 1, exp(-inf - floor) = 0
+
+
+def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask | None = None,
+                     feature_map: "str | FeatureMap" = "elu", chunk_size: int = 64, bias=None, scale=None,
+                     dropout_rate: float = 0.0, dropout_rng=None) -> jax.Array:
+    """Linear attention ``[b, q, h, d] x [b, k, n, d] x [b, k, n, v] -> [b, q, h, v]``.
+
+    Args:
+      q, k, v: as for `softmax_attention` (GQA/MQA when ``n < h``).
+      mask: a `Mask`. Causal, prefix-LM and segment masks need ``q`` and ``k`` of equal length; ``q_offset`` is
+        not supported (decode with `step`).
+      feature_map: ``"elu"``, ``"relu"``, ``"favor"`` or a `FeatureMap`.
+      chunk_size: chunk length of the causal algorithm (a performance knob; results do not depend on it).
+      bias, scale, dropout_rate, dropout_rng: part of the shared kernel signature; linear attention cannot honour a
+        bias, a logit scale or probability dropout, and raises `ValueError` if one is given.
+
+    Returns:
+      ``[b, q, h, v]`` in q's dtype.
+    """
+    dims = check_qkv(q, k, v)
+    mask = check_mask(mask, dims)
+    _check_unsupported(mask, dims, chunk_size, bias, scale, dropout_rate)
+    fmap = get_feature_map(feature_map)
+    b, lq, h, d = q.shape
+    n, g = dims.kv_heads, dims.groups
+    qf = fmap(q.reshape(b, lq, n, g, d), is_query=True)[0]
+    kf, ka = fmap(k, is_query=False)
+    ka = jnp.zeros(kf.shape[:-1], jnp.float32) if ka is None else ka
+    valid = mask.kv_valid_mask(dims.lk)
+    if valid is not None:
+        ka = jnp.where(valid[:, :, None], ka, -jnp.inf)  # padded keys get weight exp(-inf) = 0
+    v32 = v.astype(jnp.float32)
+    if not mask.causal:
+        num, den = _bidirectional(qf, kf, ka, v32, mask, chunk_size)
+    else:
+        num, den, _ = _causal_sums(qf, kf, ka, v32, mask.q_segment_ids, mask.kv_segment_ids, chunk_size)
+        if mask.prefix_lengths is not None:
+            in_prefix = jnp.arange(dims.lk)[None, :] < mask.prefix_lengths[:, None]
+            pnum, pden = _bidirectional(qf, kf, jnp.where(in_prefix[:, :, None], ka, -jnp.inf), v32, mask,
+                                        chunk_size)
+            row_in_prefix = (jnp.arange(lq)[None, :] < mask.prefix_lengths[:, None])[:, :, None, None]
+            num = jnp.where(row_in_prefix[..., None], pnum, num)
+            den = jnp.where(row_in_prefix, pden, den)
+    out = num / jnp.where(den > 0, den, 1.0)[..., None]
+    return out.reshape(b, lq, h, dims.value_dim).astype(q.dtype)
+
+
+def _check_unsupported(mask: Mask, dims, chunk_size, bias, scale, dropout_rate):
+    if bias is not None:
+        raise ValueError("linear_attention cannot honour bias (there is no logits matrix); use softmax_attention")
+    if scale is not None:
+        raise ValueError("linear_attention cannot honour scale: the feature map is applied to raw q and k")
+    if dropout_rate:
+        raise ValueError("linear_attention cannot honour dropout_rate (there are no attention probabilities)")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if (mask.causal or mask.has_segments) and dims.lq != dims.lk:
+        raise ValueError(f"linear_attention with a causal, prefix or segment mask needs lq == lk "
+                         f"(got {dims.lq} vs {dims.lk}); decode one token at a time with step()")
+    if mask.q_offset is not None:
+        raise ValueError("linear_attention does not support mask.q_offset; decode with init_state()/step()")
+
+
+def _bidirectional(qf, kf, ka, v, mask: Mask, chunk_size: int):
+    """Sums over every visible key (no causal structure): ``num [b, q, n, g, v]``, ``den [b, q, n, g]``."""
+    if mask.has_segments:  # within a segment: keys up to i (forward pass) plus keys after i (reverse pass)
+        fwd = _causal_sums(qf, kf, ka, v, mask.q_segment_ids, mask.kv_segment_ids, chunk_size)
+        flip = lambda x: None if x is None else jnp.flip(x, 1)
+        rev = _causal_sums(flip(qf), flip(kf), flip(ka), flip(v), flip(mask.q_segment_ids),
+                           flip(mask.kv_segment_ids), chunk_size, strict=True)
+        (fn, fd, fc), (rn, rd, rc) = fwd, tuple(flip(x) for x in rev)
+        c = lax.stop_gradient(jnp.maximum(fc, rc))
+        wf, wr = jnp.exp(fc - c)[..., None], jnp.exp(rc - c)[..., None]  # [b, q, n, 1]
+        return fn * wf[..., None] + rn * wr[..., None], fd * wf + rd * wr
+    c = lax.stop_gradient(jnp.maximum(ka.max(1), _FLOOR))  # [b, n]; stabilisers cancel: no gradient
+    w = jnp.exp(ka - c[:, None])  # [b, k, n]
+    state = jnp.einsum("bknf,bkn,bknv->bnfv", kf, w, v)
+    norm = jnp.einsum("bknf,bkn->bnf", kf, w)
+    return jnp.einsum("bqngf,bnfv->bqngv", qf, state), jnp.einsum("bqngf,bnf->bqng", qf, norm)
+
+
+def _causal_sums(qf, kf, ka, v, q_seg, kv_seg, chunk: int, strict: bool = False):
+    """Sums over keys ``j <= i`` (``j < i`` if strict) in the same segment, chunk by chunk.
+
+    Returns ``num [b, l, n, g, v]`` and ``den [b, l, n, g]``, both relative to ``c [b, l, n]``, the largest
+    log-scale among the keys row i sees (floored at -1e30).
+    """
+    b, l, n, g, f = qf.shape
+    dv = v.shape[-1]
+    chunk = min(chunk, l)
+    nc = -(-l // chunk)
+    pad = nc * chunk - l
+    if pad:
+        widths = lambda x, value: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=value)
+        qf, kf, v, ka = widths(qf, 0), widths(kf, 0), widths(v, 0), widths(ka, -jnp.inf)
+        if q_seg is not None:
+            q_seg, kv_seg = widths(q_seg, -1), widths(kv_seg, -2)
+    if q_seg is None:
+        q_seg = kv_seg = jnp.zeros((b, nc * chunk), jnp.int32)
+    chunks = lambda x: x.reshape((b, nc, chunk) + x.shape[2:]).swapaxes(0, 1)
+    tri = jnp.tril(jnp.ones((chunk, chunk), bool), -1 if strict else 0)
+
+    def body(carry, xs):
+        state, norm, c_prev, seg_prev = carry  # [b,n,f,v], [b,n,f], [b,n], [b]
+        qc, kc, ac, vc, qs, ks = xs
+        visible = tri & (qs[:, :, None] == ks[:, None, :])  # [b, c, c]
+        logw = jnp.where(visible[:, None], ac.swapaxes(1, 2)[:, :, None, :], -jnp.inf)  # [b, n, c(q), c(k)]
+        carried = (qs == seg_prev[:, None])[:, None, :]  # [b, 1, c]: row continues the carried segment
+        cq = jnp.maximum(jnp.maximum(logw.max(-1), jnp.where(carried, c_prev[:, :, None], -jnp.inf)), _FLOOR)
+        cq = lax.stop_gradient(cq)
+        weights = jnp.einsum("bqngf,bknf->bngqk", qc, kc) * jnp.exp(logw - cq[..., None])[:, :, None]
+        from_state = jnp.where(carried, jnp.exp(c_prev[:, :, None] - cq), 0.0)  # [b, n, c]
+        num = jnp.einsum("bngqk,bknv->bqngv", weights, vc)
+        num = num + jnp.einsum("bqngf,bnfv->bqngv", qc, state) * from_state.swapaxes(1, 2)[:, :, :, None, None]
+        den = weights.sum(-1).transpose(0, 3, 1, 2)
+        den = den + jnp.einsum("bqngf,bnf->bqng", qc, norm) * from_state.swapaxes(1, 2)[:, :, :, None]
+        # The state after this chunk belongs to the segment of its last key.
+        seg_new = ks[:, -1]
+        keep_old = seg_prev == seg_new
+        in_seg = (ks == seg_new[:, None])[:, :, None]  # [b, c, 1]
+        a_new = jnp.where(in_seg, ac, -jnp.inf)  # [b, c, n]
+        c_new = lax.stop_gradient(
+            jnp.maximum(jnp.maximum(a_new.max(1), jnp.where(keep_old[:, None], c_prev, -jnp.inf)), _FLOOR))
+        old = jnp.where(keep_old[:, None], jnp.exp(c_prev - c_new), 0.0)  # [b, n]
+        w = jnp.exp(a_new - c_new[:, None])  # [b, c, n]
+        state = old[:, :, None, None] * state + jnp.einsum("bknf,bkn,bknv->bnfv", kc, w, vc)
+        norm = old[:, :, None] * norm + jnp.einsum("bknf,bkn->bnf", kc, w)
+        return (state, norm, c_new, seg_new), (num, den, cq.swapaxes(1, 2))
+
+    init = (jnp.zeros((b, n, f, dv), jnp.float32), jnp.zeros((b, n, f), jnp.float32),
+            jnp.full((b, n), _FLOOR, jnp.float32), q_seg[:, 0])
+    _, (num, den, c) = lax.scan(body, init, tuple(map(chunks, (qf, kf, ka, v, q_seg, kv_seg))))
+    unchunk = lambda x: x.swapaxes(0, 1).reshape((b, nc * chunk) + x.shape[3:])[:, :l]
+    return unchunk(num), unchunk(den), unchunk(c)
+
+
+# -- recurrent form (decoding) ---------------------------------------------------------------------------------------
+class LinearState(NamedTuple):
+    """Recurrent state of causal linear attention, relative to the running key log-scale ``scale``.
+
+    Attributes: ``state [b, n, f, v]`` = sum_j phi(k_j) v_j^T, ``norm [b, n, f]`` = sum_j phi(k_j), both times
+    ``exp(-scale)``; ``scale [b, n]``.
+    """
+
+    state: jax.Array
+    norm: jax.Array
+    scale: jax.Array
+
+
+def init_state(batch: int, kv_heads: int, head_dim: int, value_dim: int,
+               feature_map: "str | FeatureMap" = "elu") -> LinearState:
+    """The empty state (no keys seen yet) for `step`."""
+    f = get_feature_map(feature_map).num_features(head_dim)
+    return LinearState(jnp.zeros((batch, kv_heads, f, value_dim), jnp.float32),
+                       jnp.zeros((batch, kv_heads, f), jnp.float32), jnp.full((batch, kv_heads), _FLOOR, jnp.float32))
+
+
+def step(state: LinearState, q_t: jax.Array, k_t: jax.Array, v_t: jax.Array, *,
+         feature_map: "str | FeatureMap" = "elu", valid: jax.Array | None = None) -> tuple[jax.Array, LinearState]:
+    """One causal position: add key/value ``t`` to the state, then attend with query ``t``.
+
+    Args:
+      state: from `init_state` or a previous `step`.
+      q_t: ``[b, h, d]``; k_t: ``[b, n, d]``; v_t: ``[b, n, v]``.
+      feature_map: the same map as the causal pass.
+      valid: optional bool ``[b]``; False leaves the state unchanged (a padding position).
+
+    Returns:
+      ``(out_t [b, h, v], new_state)``; out_t equals `linear_attention` with ``Mask(causal=True)`` at position t.
+    """
+    if q_t.ndim != 3 or k_t.ndim != 3 or v_t.ndim != 3:
+        raise ValueError(f"step takes one position: q_t [b, h, d], k_t [b, n, d], v_t [b, n, v]; got shapes "
+                         f"{q_t.shape}, {k_t.shape}, {v_t.shape}")
+    fmap = get_feature_map(feature_map)
+    b, h, d = q_t.shape
+    n = k_t.shape[1]
+    if h % n or state.state.shape[:2] != (b, n):
+        raise ValueError(f"state is for batch/kv heads {state.state.shape[:2]}, got q_t {q_t.shape}, k_t {k_t.shape}")
+    qf = fmap(q_t.reshape(b, n, h // n, d), is_query=True)[0]
+    kf, ka = fmap(k_t, is_query=False)
+    ka = jnp.zeros((b, n), jnp.float32) if ka is None else ka
+    if valid is not None:
+        ka = jnp.where(valid[:, None], ka, -jnp.inf)
+    c_new = lax.stop_gradient(jnp.maximum(jnp.maximum(state.scale, ka), _FLOOR))
+    old, w = jnp.exp(state.scale - c_new), jnp.exp(ka - c_new)
+    s = old[..., None, None] * state.state + jnp.einsum("bnf,bn,bnv->bnfv", kf, w, v_t.astype(jnp.float32))
+    z = old[..., None] * state.norm + kf * w[..., None]
+    num, den = jnp.einsum("bngf,bnfv->bngv", qf, s), jnp.einsum("bngf,bnf->bng", qf, z)
+    out = num / jnp.where(den > 0, den, 1.0)[..., None]
+    return out.reshape(b, h, -1).astype(q_t.dtype), LinearState(s, z, c_new)
