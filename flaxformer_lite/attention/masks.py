@@ -235,7 +235,7 @@ class Mask:
         Query rows before it can be skipped for keys at or after ``kv_start``."""
         if not self.causal:
             return jnp.zeros((), jnp.int32)
-        off = 0 if self.q_offset is None else jnp.min(self.q_offset)
+        off = 0 if self.q_offset is None else jnp.max(self.q_offset)
         first = jnp.asarray(kv_start - off, jnp.int32)
         if self.prefix_lengths is not None:
             first = jnp.where(kv_start < jnp.max(self.prefix_lengths), 0, first)

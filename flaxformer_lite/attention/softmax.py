@@ -69,7 +69,7 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask | 
         if reason:
             raise ValueError(f"impl='cudnn' cannot run this call: {reason}. Use impl='auto' or 'blockwise'.")
         return _dot_product_attention(q, k, v, mask, bias, scale, "cudnn")
-    if impl == "xla" and xla_unsupported(dims, dropout_rate) is None:
+    if impl == "xla" and xla_unsupported(dims, q.dtype, dropout_rate, jax.default_backend()) is None:
         return _dot_product_attention(q, k, v, mask, bias, scale, "xla")
     return reference_attention(q, k, v, dims=dims, mask=mask, bias=bias, scale=scale,
                                dropout_rate=dropout_rate, dropout_seed=seed)
@@ -102,35 +102,30 @@ def reference_attention(q, k, v, *, dims: Dims, mask: Mask, bias, scale: float, 
 
 # -- jax.nn.dot_product_attention (xla, cudnn) --------------------------------------------------------------------
 def _dot_product_attention(q, k, v, mask: Mask, bias, scale: float, implementation: str) -> jax.Array:
-    """`jax.nn.dot_product_attention` with our mask mapped onto ``is_causal``, ``key_value_seq_lengths`` and, for
-    the rest of the structure, a dense ``mask``; rows with no visible key are zeroed (jax would average them)."""
+    """`jax.nn.dot_product_attention` with our mask as ``is_causal`` + ``key_value_seq_lengths`` when that is all it
+    holds, else as one dense ``mask``; rows with no visible key are zeroed (jax would average them)."""
     lq, lk = q.shape[1], k.shape[1]
-    native_causal = mask.causal and mask.prefix_lengths is None and mask.q_offset is None and lq == lk
-    rest = Mask(causal=mask.causal and not native_causal, prefix_lengths=mask.prefix_lengths,
-                kv_valid=mask.kv_valid, q_segment_ids=mask.q_segment_ids, kv_segment_ids=mask.kv_segment_ids,
-                q_offset=mask.q_offset)
-    dense = None if rest.is_trivial else rest.block(0, lq, 0, lk)
-    kv_lengths = None if mask.kv_lengths is None else mask.kv_lengths.astype(jnp.int32)
-    out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=dense, scale=scale, is_causal=native_causal,
-                                       key_value_seq_lengths=kv_lengths, implementation=implementation)
-    row_visible = _rows_with_a_visible_key(dense, kv_lengths, lk)
+    native = (mask.prefix_lengths is None and mask.q_offset is None and mask.kv_valid is None
+              and not mask.has_segments and (not mask.causal or lq == lk))
+    if native:
+        kv_lengths = None if mask.kv_lengths is None else mask.kv_lengths.astype(jnp.int32)
+        out = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale, is_causal=mask.causal,
+                                           key_value_seq_lengths=kv_lengths, implementation=implementation)
+        row_visible = None if kv_lengths is None else (kv_lengths > 0)[:, None]  # row i always sees key 0
+    else:
+        dense = mask.block(0, lq, 0, lk)
+        out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=dense, scale=scale,
+                                           implementation=implementation)
+        row_visible = dense[:, 0].any(-1)
     if row_visible is None:
         return out
     return jnp.where(row_visible[:, :, None, None], out, jnp.zeros((), out.dtype))
 
 
-def _rows_with_a_visible_key(dense, kv_lengths, lk):
-    """bool [b|1, q] (or None when every row sees a key): whether each query row may attend any key."""
-    if dense is None:  # causal with lq == lk or no structure: row i sees key 0 unless there are no keys
-        return None if kv_lengths is None else (kv_lengths > 0)[:, None]
-    visible = dense[:, 0]
-    if kv_lengths is not None:
-        visible = visible & (jnp.arange(lk) < kv_lengths[:, None, None])
-    return visible.any(-1)
-
-
-def xla_unsupported(dims: Dims, dropout_rate: float) -> str | None:
+def xla_unsupported(dims: Dims, dtype, dropout_rate: float, backend: str) -> str | None:
     """Why `jax.nn.dot_product_attention` cannot compute this call (then ``"xla"`` uses the reference), or None."""
+    if jnp.dtype(dtype) == jnp.dtype(jnp.float16) and backend == "cpu":
+        return "float16 on CPU (its F16_F16_F32 dot algorithm does not exist there)"
     if dims.value_dim != dims.head_dim:
         return f"value head dim {dims.value_dim} != query/key head dim {dims.head_dim}"
     if dropout_rate > 0:
@@ -163,4 +158,4 @@ def choose_impl(dims: Dims, dtype, mask: Mask, dropout_rate: float, backend: str
         return "cudnn"
     if dims.batch * dims.heads * dims.lq * dims.lk >= AUTO_BLOCKWISE_MIN_LOGITS and dims.lq > 1:
         return "blockwise"
-    return "xla" if xla_unsupported(dims, dropout_rate) is None else "reference"
+    return "xla" if xla_unsupported(dims, dtype, dropout_rate, backend) is None else "reference"

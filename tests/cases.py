@@ -1,0 +1,46 @@
+"""Mask cases shared by the kernel tests: each gives a Mask and the same mask built by tests/reference.py."""
+from __future__ import annotations
+
+import numpy as np
+
+import jax.numpy as jnp
+import reference
+from flaxformer_lite.attention import Mask
+
+B, L = 2, 37           # self-attention: odd length, not a multiple of any block size
+LQ, LK = 13, 29        # cross-attention / decoding against a cache
+
+_SEG = np.array([[0] * 10 + [1] * 20 + [2] * 7, [3] * 37])
+_VALID = np.random.default_rng(7).random((B, L)) > 0.3
+
+# name -> (lq, lk, Mask fields as NumPy); causal/prefix cases need lq == lk except the q_offset one.
+MASK_CASES = {
+    "none": (L, L, {}),
+    "causal": (L, L, {"causal": True}),
+    "prefix": (L, L, {"prefix_lengths": np.array([5, 0])}),
+    "kv_lengths": (L, L, {"kv_lengths": np.array([7, 0])}),  # the second row sees no key at all
+    "kv_valid": (L, L, {"kv_valid": _VALID}),
+    "segments_causal": (L, L, {"causal": True, "q_segment_ids": _SEG, "kv_segment_ids": _SEG}),
+    "segments": (L, L, {"q_segment_ids": _SEG, "kv_segment_ids": _SEG}),
+    "prefix_padding": (L, L, {"prefix_lengths": np.array([5, 20]), "kv_lengths": np.array([30, 12])}),
+    "causal_kv_valid": (L, L, {"causal": True, "kv_valid": _VALID}),
+    "cross": (LQ, LK, {}),
+    "cross_padding": (LQ, LK, {"kv_lengths": np.array([29, 3])}),
+    "cross_causal_offset": (LQ, LK, {"causal": True, "q_offset": np.array([16, 10])}),
+}
+LINEAR_UNSUPPORTED = {"cross_causal_offset"}  # linear attention decodes with step() instead
+
+
+def build(name):
+    """(lq, lk, Mask, dense reference mask [b, lq, lk])."""
+    lq, lk, fields = MASK_CASES[name]
+    mask = Mask(**{key: (jnp.asarray(val) if isinstance(val, np.ndarray) else val) for key, val in fields.items()})
+    return lq, lk, mask, reference.dense_mask(B, lq, lk, **fields)
+
+
+def qkv(lq, lk, heads=4, kv_heads=2, head_dim=16, value_dim=None, seed=0, dtype=np.float32):
+    """Random q [b, lq, h, d], k [b, lk, n, d], v [b, lk, n, dv] as float64 NumPy and as JAX arrays of dtype."""
+    rng = np.random.default_rng(seed)
+    arrays = (rng.standard_normal((B, lq, heads, head_dim)), rng.standard_normal((B, lk, kv_heads, head_dim)),
+              rng.standard_normal((B, lk, kv_heads, value_dim or head_dim)))
+    return arrays, tuple(jnp.asarray(a, dtype) for a in arrays)

@@ -1,0 +1,126 @@
+"""Mask: dense form against the entry-by-entry reference, tiles, combination, pytree, bounds, and errors."""
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import reference
+from cases import B, MASK_CASES, build
+from flaxformer_lite.attention import Mask
+
+
+@pytest.mark.parametrize("name", sorted(MASK_CASES))
+def test_materialize_matches_reference(name):
+    lq, lk, mask, dense = build(name)
+    got = np.asarray(mask.materialize(lq, lk))
+    assert got.dtype == bool and got.shape in ((B, 1, lq, lk), (1, 1, lq, lk))
+    np.testing.assert_array_equal(np.broadcast_to(got[:, 0], dense.shape), dense)
+
+
+def test_materialize_infers_lengths_from_fields():
+    seg = jnp.array([[0, 0, 1, 1, 1]])
+    assert Mask(q_segment_ids=seg, kv_segment_ids=seg).materialize().shape == (1, 1, 5, 5)
+    with pytest.raises(ValueError, match="lq and lk"):
+        Mask(causal=True).materialize()
+
+
+@pytest.mark.parametrize("name", ["causal", "segments_causal", "prefix_padding", "cross_causal_offset", "kv_valid"])
+def test_block_is_a_tile_of_materialize(name):
+    lq, lk, mask, _ = build(name)
+    full = np.asarray(mask.materialize(lq, lk))
+    block = jax.jit(mask.block, static_argnums=(1, 3))
+    for qs, ks in [(0, 0), (4, 9), (lq - 5, lk - 7), (3, 0)]:
+        tile = np.asarray(block(qs, 5, ks, 7))
+        np.testing.assert_array_equal(tile, full[:, :, qs:qs + 5, ks:ks + 7])
+
+
+COMBINABLE = ["causal", "prefix", "kv_lengths", "kv_valid", "segments", "prefix_padding"]
+
+
+@pytest.mark.parametrize("a,b", list(itertools.combinations(COMBINABLE, 2)))
+def test_and_is_intersection(a, b):
+    _, _, ma, da = build(a)
+    _, _, mb, db = build(b)
+    if ma.has_segments and mb.has_segments:
+        pytest.skip("two segment masks cannot be combined")
+    combined = np.asarray((ma & mb).materialize(37, 37))
+    np.testing.assert_array_equal(np.broadcast_to(combined[:, 0], da.shape), da & db)
+
+
+def test_and_errors():
+    seg = jnp.zeros((2, 4), jnp.int32)
+    with pytest.raises(ValueError, match="segment ids"):
+        Mask(q_segment_ids=seg, kv_segment_ids=seg) & Mask(q_segment_ids=seg, kv_segment_ids=seg)
+    with pytest.raises(ValueError, match="q_offset"):
+        Mask(causal=True, q_offset=1) & Mask(causal=True, q_offset=2)
+
+
+def test_prefix_implies_causal():
+    m = Mask(prefix_lengths=jnp.array([2]))
+    assert m.causal
+    dense = np.asarray(m.materialize(4, 4))[0, 0]
+    np.testing.assert_array_equal(dense, reference.dense_mask(1, 4, 4, prefix_lengths=[2])[0])
+
+
+def test_pytree_through_jit():
+    _, _, mask, dense = build("prefix_padding")
+    leaves, treedef = jax.tree_util.tree_flatten(mask)
+    assert len(leaves) == 2  # prefix_lengths, kv_lengths; causal is static structure
+    got = jax.jit(lambda m: m.materialize(37, 37))(mask)
+    np.testing.assert_array_equal(np.asarray(got)[:, 0], dense)
+
+
+def test_pad_to_never_attends_padding():
+    _, _, mask, dense = build("segments_causal")
+    padded = np.asarray(mask.pad_to(40, 45).materialize(40, 45))[:, 0]
+    np.testing.assert_array_equal(padded[:, :37, :37], dense)
+    assert not padded[:, :37, 37:].any() and not padded[:, 37:, :].any()
+
+
+@pytest.mark.parametrize("name", ["causal", "prefix", "prefix_padding", "kv_lengths", "cross_causal_offset",
+                                  "cross_padding", "segments_causal"])
+def test_skip_bounds_are_sound(name):
+    """No visible pair lies outside kv_stop / q_start_for: block skipping never drops real work."""
+    lq, lk, mask, dense = build(name)
+    for q_stop in range(1, lq + 1):
+        stop = int(mask.kv_stop(q_stop, lk))
+        assert not dense[:, :q_stop, stop:].any(), (q_stop, stop)
+    for kv_start in range(lk):
+        first = int(mask.q_start_for(kv_start))
+        assert not dense[:, :first, kv_start:].any(), (kv_start, first)
+
+
+def test_causal_bounds_are_tight():
+    m = Mask(causal=True)
+    assert int(m.kv_stop(8, 100)) == 8 and int(m.q_start_for(8)) == 8
+    assert int(Mask(causal=True, kv_lengths=jnp.array([3, 5])).kv_stop(8, 100)) == 5
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    ({"kv_lengths": jnp.zeros((2, 3), jnp.int32)}, "kv_lengths"),
+    ({"kv_lengths": jnp.zeros((2,), jnp.float32)}, "kv_lengths"),
+    ({"prefix_lengths": jnp.array(3)}, "prefix_lengths"),
+    ({"kv_valid": jnp.ones((2, 3), jnp.int32)}, "kv_valid"),
+    ({"kv_valid": jnp.ones((3,), bool)}, "kv_valid"),
+    ({"q_segment_ids": jnp.zeros((2, 3), jnp.int32)}, "segment_ids"),
+    ({"q_segment_ids": jnp.zeros((2, 3)), "kv_segment_ids": jnp.zeros((2, 3))}, "q_segment_ids"),
+    ({"causal": jnp.array(True)}, "causal"),
+    ({"causal": True, "q_offset": 1.5}, "q_offset"),
+    ({"kv_lengths": jnp.zeros((2,), jnp.int32), "prefix_lengths": jnp.zeros((3,), jnp.int32)}, "batch size"),
+    ({"kv_valid": jnp.ones((2, 3), bool), "q_segment_ids": jnp.zeros((2, 3), jnp.int32),
+      "kv_segment_ids": jnp.zeros((2, 4), jnp.int32)}, "key length"),
+])
+def test_invalid_fields_raise(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        Mask(**kwargs)
+
+
+def test_check_shapes():
+    m = Mask(kv_valid=jnp.ones((2, 5), bool))
+    m.check_shapes(2, 3, 5)
+    with pytest.raises(ValueError, match="batch"):
+        m.check_shapes(3, 3, 5)
+    with pytest.raises(ValueError, match="key length"):
+        m.check_shapes(2, 3, 6)

@@ -1,0 +1,263 @@
+"""softmax_attention: every impl x every mask kind x MHA/GQA/MQA against the float64 reference, gradients, bias,
+dropout, invariances, low precision, impl choice, and the documented errors."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import reference
+from cases import B, MASK_CASES, build, qkv
+from flaxformer_lite.attention import Mask, softmax_attention
+from flaxformer_lite.attention.checks import Dims
+from flaxformer_lite.attention.dropout import dropout_seed, keep_mask
+from flaxformer_lite.attention.softmax import AUTO_BLOCKWISE_MIN_LOGITS, choose_impl, cudnn_unsupported
+
+# "blockwise_small" uses 8 x 16 tiles: many tiles, ragged edges, skipped tiles.
+IMPLS = ["reference", "xla", "blockwise", "blockwise_small", "auto"]
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def run(fn, impl, q, k, v, **kw):
+    if impl == "blockwise_small":
+        return fn(q, k, v, impl="blockwise", block_q=8, block_kv=16, **kw)
+    return fn(q, k, v, impl=impl, **kw)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1], ids=["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("name", sorted(MASK_CASES))
+@pytest.mark.parametrize("impl", IMPLS)
+def test_matches_reference(softmax_fn, impl, name, kv_heads):
+    lq, lk, mask, dense = build(name)
+    (qn, kn, vn), (q, k, v) = qkv(lq, lk, kv_heads=kv_heads, seed=kv_heads)
+    out = run(softmax_fn, impl, q, k, v, mask=mask)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    np.testing.assert_allclose(out, reference.softmax_attention(qn, kn, vn, dense), **TOL)
+
+
+@pytest.mark.parametrize("impl", ["reference", "xla", "blockwise_small"])
+def test_value_dim_may_differ(softmax_fn, impl):
+    lq, lk, mask, dense = build("causal")
+    (qn, kn, vn), (q, k, v) = qkv(lq, lk, value_dim=24)
+    out = run(softmax_fn, impl, q, k, v, mask=mask)
+    assert out.shape == (B, lq, 4, 24)
+    np.testing.assert_allclose(out, reference.softmax_attention(qn, kn, vn, dense), **TOL)
+
+
+def _loss_grads(fn, impl, q, k, v, w, **kw):
+    return jax.grad(lambda q, k, v: jnp.sum(run(fn, impl, q, k, v, **kw) * w), argnums=(0, 1, 2))(q, k, v)
+
+
+GRAD_CASES = ["none", "causal", "prefix_padding", "segments_causal", "kv_lengths", "kv_valid", "cross_causal_offset"]
+
+
+@pytest.mark.parametrize("name", GRAD_CASES)
+def test_blockwise_grads_match_reference_autodiff(softmax_fn, name):
+    lq, lk, mask, _ = build(name)
+    _, (q, k, v) = qkv(lq, lk, seed=3)
+    w = jnp.asarray(np.random.default_rng(4).standard_normal(q.shape), jnp.float32)
+    want = _loss_grads(softmax_fn, "reference", q, k, v, w, mask=mask)
+    got = _loss_grads(softmax_fn, "blockwise_small", q, k, v, w, mask=mask)
+    for g, r in zip(got, want):
+        assert np.isfinite(g).all()
+        np.testing.assert_allclose(g, r, **TOL)
+
+
+@pytest.mark.parametrize("impl", ["reference", "xla", "blockwise_small"])
+@pytest.mark.parametrize("name", ["causal", "segments_causal", "kv_lengths"])
+def test_grads_match_finite_differences(softmax_fn, impl, name):
+    """Directional derivatives of the float64 reference, independent of JAX autodiff."""
+    lq, lk, mask, dense = build(name)
+    arrays, jax_arrays = qkv(lq, lk, seed=5)
+    rng = np.random.default_rng(6)
+    w = rng.standard_normal((B, lq, 4, 16))
+    grads = _loss_grads(softmax_fn, impl, *jax_arrays, jnp.asarray(w, jnp.float32), mask=mask)
+    for idx in range(3):
+        direction = rng.standard_normal(arrays[idx].shape)
+
+        def f(x):
+            args = list(arrays)
+            args[idx] = x
+            return float((reference.softmax_attention(*args, dense) * w).sum())
+
+        fd = reference.numerical_directional_grad(f, arrays[idx], direction)
+        np.testing.assert_allclose(float((np.asarray(grads[idx], np.float64) * direction).sum()), fd,
+                                   rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bias_shape", [(1, 4, 37, 37), (B, 1, 1, 37), (4, 37, 37), (B, 4, 1, 37)])
+@pytest.mark.parametrize("impl", ["reference", "xla", "blockwise_small"])
+def test_bias(softmax_fn, impl, bias_shape):
+    lq, lk, mask, dense = build("causal")
+    (qn, kn, vn), (q, k, v) = qkv(lq, lk, seed=8)
+    bias_np = np.random.default_rng(9).standard_normal(bias_shape)
+    bias = jnp.asarray(bias_np, jnp.float32)
+    out = run(softmax_fn, impl, q, k, v, mask=mask, bias=bias)
+    ref_bias = bias_np.reshape((1,) * (4 - bias_np.ndim) + bias_np.shape)
+    np.testing.assert_allclose(out, reference.softmax_attention(qn, kn, vn, dense, bias=ref_bias), **TOL)
+    w = jnp.asarray(np.random.default_rng(10).standard_normal(q.shape), jnp.float32)
+    loss = lambda impl: jax.grad(lambda b: jnp.sum(run(softmax_fn, impl, q, k, v, mask=mask, bias=b) * w))(bias)
+    np.testing.assert_allclose(loss(impl), loss("reference"), **TOL)
+
+
+def test_scale_argument(softmax_fn):
+    lq, lk, mask, dense = build("causal")
+    (qn, kn, vn), (q, k, v) = qkv(lq, lk)
+    for impl in ["reference", "xla", "blockwise_small"]:
+        out = run(softmax_fn, impl, q, k, v, mask=mask, scale=0.5)
+        np.testing.assert_allclose(out, reference.softmax_attention(qn, kn, vn, dense, scale=0.5), **TOL)
+
+
+class TestDropout:
+    rate = 0.3
+
+    def test_reference_applies_the_keep_mask(self, softmax_fn):
+        lq, lk, mask, dense = build("causal")
+        (qn, kn, vn), (q, k, v) = qkv(lq, lk)
+        rng = jax.random.key(0)
+        out = softmax_fn(q, k, v, mask=mask, impl="reference", dropout_rate=self.rate, dropout_rng=rng)
+        keep = keep_mask(dropout_seed(rng), self.rate, jnp.arange(B)[:, None, None, None],
+                         jnp.arange(4)[:, None, None], jnp.arange(lq)[:, None], jnp.arange(lk))
+        want = reference.softmax_attention(qn, kn, vn, dense, keep=np.asarray(keep), rate=self.rate)
+        np.testing.assert_allclose(out, want, **TOL)
+
+    @pytest.mark.parametrize("name", ["causal", "segments_causal", "cross_padding"])
+    def test_blockwise_drops_the_same_entries(self, softmax_fn, name):
+        lq, lk, mask, _ = build(name)
+        _, (q, k, v) = qkv(lq, lk, seed=2)
+        kw = dict(mask=mask, dropout_rate=self.rate, dropout_rng=jax.random.key(3))
+        np.testing.assert_allclose(run(softmax_fn, "blockwise_small", q, k, v, **kw),
+                                   run(softmax_fn, "reference", q, k, v, **kw), **TOL)
+        w = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape), jnp.float32)
+        for g, r in zip(_loss_grads(softmax_fn, "blockwise_small", q, k, v, w, **kw),
+                        _loss_grads(softmax_fn, "reference", q, k, v, w, **kw)):
+            np.testing.assert_allclose(g, r, **TOL)
+
+    def test_keep_rate_and_seed_dependence(self):
+        seed = dropout_seed(jax.random.key(0))
+        idx = (jnp.arange(4)[:, None, None, None], jnp.arange(8)[:, None, None], jnp.arange(128)[:, None],
+               jnp.arange(256))
+        keep = np.asarray(keep_mask(seed, self.rate, *idx))
+        assert abs(keep.mean() - (1 - self.rate)) < 0.005
+        other = np.asarray(keep_mask(dropout_seed(jax.random.key(1)), self.rate, *idx))
+        assert 0.3 < (keep == other).mean() < 0.7  # independent draws agree ~ p^2 + (1-p)^2 = 0.58 of the time
+
+    def test_xla_falls_back_and_agrees(self, softmax_fn):
+        lq, lk, mask, _ = build("causal")
+        _, (q, k, v) = qkv(lq, lk)
+        kw = dict(mask=mask, dropout_rate=self.rate, dropout_rng=jax.random.key(5))
+        np.testing.assert_allclose(softmax_fn(q, k, v, impl="xla", **kw),
+                                   softmax_fn(q, k, v, impl="reference", **kw), **TOL)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_future_keys_do_not_change_past_outputs(softmax_fn, impl):
+    lq, lk, mask, _ = build("causal")
+    _, (q, k, v) = qkv(lq, lk)
+    t = 20
+    noise = jnp.asarray(np.random.default_rng(1).standard_normal(k.shape), jnp.float32) * 10
+    later = jnp.arange(lk)[None, :, None, None] >= t
+    out = run(softmax_fn, impl, q, k, v, mask=mask)
+    out2 = run(softmax_fn, impl, q, jnp.where(later, k + noise, k), jnp.where(later, v + noise, v), mask=mask)
+    np.testing.assert_allclose(out2[:, :t], out[:, :t], rtol=0, atol=1e-6)
+    assert not np.allclose(out2[:, t:], out[:, t:])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_padded_keys_change_nothing(softmax_fn, impl):
+    lq, lk, mask, _ = build("cross_padding")
+    _, (q, k, v) = qkv(lq, lk)
+    padded = jnp.arange(lk)[None, :, None, None] >= mask.kv_lengths[:, None, None, None]
+    noise = jnp.asarray(np.random.default_rng(1).standard_normal(k.shape), jnp.float32) * 10
+    out = run(softmax_fn, impl, q, k, v, mask=mask)
+    out2 = run(softmax_fn, impl, q, jnp.where(padded, noise, k), jnp.where(padded, noise, v), mask=mask)
+    np.testing.assert_allclose(out2, out, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fully_masked_rows_are_zero_with_finite_grads(softmax_fn, impl):
+    lq, lk, mask, _ = build("kv_lengths")  # batch row 1 has kv_lengths 0
+    _, (q, k, v) = qkv(lq, lk)
+    out = run(softmax_fn, impl, q, k, v, mask=mask)
+    np.testing.assert_array_equal(out[1], 0.0)
+    grads = jax.grad(lambda q, k, v: run(softmax_fn, impl, q, k, v, mask=mask).sum(), argnums=(0, 1, 2))(q, k, v)
+    assert all(np.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_low_precision_huge_logits_stay_finite(softmax_fn, impl, dtype):
+    """Logits near +-1e4 (beyond fp16's exp range): statistics must be float32."""
+    lq, lk, mask, dense = build("causal")
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((B, lq, 4, 16)) * 50
+    k = rng.standard_normal((B, lk, 2, 16)) * 50
+    v = rng.standard_normal((B, lk, 2, 16))
+    args = [jnp.asarray(x, dtype) for x in (q, k, v)]
+    out = run(softmax_fn, impl, *args, mask=mask)
+    assert out.dtype == dtype and np.isfinite(np.asarray(out, np.float32)).all()
+    logits = np.einsum("bqhd,bkhd->bhqk", *[np.asarray(a, np.float64) for a in args[:1]],
+                       np.repeat(np.asarray(args[1], np.float64), 2, 2)) / 4
+    assert np.abs(logits).max() > 5e3
+    want = reference.softmax_attention(*[np.asarray(a, np.float64) for a in args], dense)
+    np.testing.assert_allclose(np.asarray(out, np.float32), want, atol=3e-2, rtol=3e-2)
+
+
+def test_auto_choice():
+    dims = lambda l, d=64: Dims(1, l, l, 8, 8, d, d)
+    causal = Mask(causal=True)
+    assert choose_impl(dims(128), jnp.float32, causal, 0.0, "cpu") == "xla"
+    assert choose_impl(dims(128), jnp.bfloat16, causal, 0.0, "cpu") == "xla"  # never cudnn off GPU
+    assert choose_impl(dims(128), jnp.bfloat16, causal, 0.0, "gpu") == "cudnn"
+    assert choose_impl(dims(128), jnp.float32, causal, 0.0, "gpu") == "xla"  # cuDNN needs bf16/fp16
+    big = int(np.sqrt(AUTO_BLOCKWISE_MIN_LOGITS / 8)) + 1
+    assert choose_impl(dims(big), jnp.float32, causal, 0.0, "cpu") == "blockwise"
+    seg = jnp.zeros((1, 128), jnp.int32)
+    assert choose_impl(dims(128), jnp.bfloat16, Mask(q_segment_ids=seg, kv_segment_ids=seg), 0.0, "gpu") == "xla"
+    assert choose_impl(Dims(1, 128, 128, 8, 8, 64, 32), jnp.float32, causal, 0.0, "cpu") == "reference"
+    assert choose_impl(dims(128), jnp.float32, causal, 0.1, "cpu") == "reference"
+    assert choose_impl(dims(128), jnp.float16, causal, 0.0, "cpu") == "reference"
+
+
+def test_cudnn_reasons():
+    d = Dims(1, 64, 64, 8, 8, 64, 64)
+    assert cudnn_unsupported(d, jnp.bfloat16, Mask(causal=True), 0.0, "gpu") is None
+    assert cudnn_unsupported(d, jnp.bfloat16, Mask(kv_lengths=jnp.array([3])), 0.0, "gpu") is None
+    assert "GPU" in cudnn_unsupported(d, jnp.bfloat16, Mask(), 0.0, "cpu")
+    assert "bfloat16" in cudnn_unsupported(d, jnp.float32, Mask(), 0.0, "gpu")
+    assert "prefix_lengths" in cudnn_unsupported(d, jnp.bfloat16, Mask(prefix_lengths=jnp.array([3])), 0.0, "gpu")
+    assert "lq != lk" in cudnn_unsupported(Dims(1, 1, 64, 8, 8, 64, 64), jnp.bfloat16, Mask(causal=True), 0.0, "gpu")
+    assert "head dim" in cudnn_unsupported(Dims(1, 64, 64, 8, 8, 60, 60), jnp.bfloat16, Mask(), 0.0, "gpu")
+    assert "dropout" in cudnn_unsupported(d, jnp.bfloat16, Mask(), 0.1, "gpu")
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the CPU error")
+def test_cudnn_on_cpu_raises():
+    _, (q, k, v) = qkv(8, 8, dtype=jnp.bfloat16)
+    with pytest.raises(ValueError, match="cudnn.*GPU"):
+        softmax_attention(q, k, v, impl="cudnn")
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(q=np.zeros((2, 3, 4))), "q must have shape"),
+    (dict(q=np.zeros((2, 3, 4, 8), np.int32)), "floating"),
+    (dict(k=np.zeros((3, 5, 2, 8))), "batch"),
+    (dict(k=np.zeros((2, 5, 2, 4)), v=np.zeros((2, 5, 2, 4))), "head_dim"),
+    (dict(k=np.zeros((2, 5, 3, 8)), v=np.zeros((2, 5, 3, 8))), "multiple of kv heads"),
+    (dict(v=np.zeros((2, 6, 2, 8))), "v must match k"),
+    (dict(impl="flash"), "impl must be one of"),
+    (dict(bias=np.zeros((2, 4, 3, 4))), "bias shape"),
+    (dict(bias=np.zeros((1, 1, 2, 4, 3, 5))), "bias must be broadcastable"),
+    (dict(dropout_rate=1.0, dropout_rng=jax.random.key(0)), "dropout_rate"),
+    (dict(dropout_rate=0.1), "dropout_rng"),
+    (dict(mask=np.ones((2, 3, 5), bool)), "must be a flaxformer_lite Mask"),
+    (dict(mask=Mask(kv_lengths=np.array([1, 2, 3]))), "mask batch size"),
+    (dict(mask=Mask(kv_valid=np.ones((2, 4), bool))), "key length"),
+    (dict(scale=jnp.array(0.5)), "scale must be a Python number"),
+    (dict(impl="blockwise", block_q=0), "block_q"),
+])
+def test_bad_input_raises(kwargs, match):
+    args = dict(q=np.zeros((2, 3, 4, 8), np.float32), k=np.zeros((2, 5, 2, 8), np.float32),
+                v=np.zeros((2, 5, 2, 8), np.float32))
+    args.update({key: kwargs.pop(key) for key in ("q", "k", "v") if key in kwargs})
+    with pytest.raises(ValueError, match=match):
+        softmax_attention(args["q"], args["k"], args["v"], **kwargs)
