@@ -1,0 +1,180 @@
+"""linear_attention: every mask kind x feature map x MHA/MQA against the float64 reference, chunking, gradients,
+recurrent decoding, invariances, FAVOR+ stability, low precision, and the documented errors."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import reference
+from cases import B, LINEAR_UNSUPPORTED, MASK_CASES, build, qkv
+from flaxformer_lite.attention import FavorFeatureMap, Mask, linear_attention, linear_init_state, linear_step
+
+HEAD_DIM = 16
+PHI = {"elu": reference.elu_plus_one, "relu": reference.relu,
+       "favor": functools.partial(reference.favor, w=FavorFeatureMap().projection(HEAD_DIM))}
+CASES = sorted(set(MASK_CASES) - LINEAR_UNSUPPORTED)
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 1], ids=["mha", "mqa"])
+@pytest.mark.parametrize("fmap", sorted(PHI))
+@pytest.mark.parametrize("name", CASES)
+def test_matches_reference(linear_fn, name, fmap, kv_heads):
+    lq, lk, mask, dense = build(name)
+    (qn, kn, vn), (q, k, v) = qkv(lq, lk, kv_heads=kv_heads, value_dim=8, seed=kv_heads)
+    out = linear_fn(q, k, v, mask=mask, feature_map=fmap, chunk_size=8)
+    assert out.shape == (B, lq, 4, 8) and out.dtype == q.dtype
+    np.testing.assert_allclose(out, reference.linear_attention(qn, kn, vn, dense, PHI[fmap]), **TOL)
+
+
+@pytest.mark.parametrize("name", ["causal", "segments_causal", "segments", "prefix_padding"])
+def test_chunk_size_does_not_change_the_result(linear_fn, name):
+    lq, lk, mask, _ = build(name)
+    _, (q, k, v) = qkv(lq, lk, kv_heads=2)
+    outs = [linear_fn(q, k, v, mask=mask, feature_map="favor", chunk_size=c) for c in (1, 5, 64)]
+    for out in outs[1:]:
+        np.testing.assert_allclose(out, outs[0], **TOL)
+
+
+@pytest.mark.parametrize("fmap", ["elu", "favor"])
+@pytest.mark.parametrize("name", ["causal", "segments_causal", "prefix_padding", "kv_valid"])
+def test_grads_match_finite_differences(linear_fn, name, fmap):
+    lq, lk, mask, dense = build(name)
+    arrays, jax_arrays = qkv(lq, lk, kv_heads=2, seed=11)
+    rng = np.random.default_rng(12)
+    w = rng.standard_normal((B, lq, 4, HEAD_DIM))
+    grads = jax.grad(lambda q, k, v: jnp.sum(linear_fn(q, k, v, mask=mask, feature_map=fmap, chunk_size=8) * w),
+                     argnums=(0, 1, 2))(*jax_arrays)
+    for idx in range(3):
+        assert np.isfinite(grads[idx]).all()
+        direction = rng.standard_normal(arrays[idx].shape)
+
+        def f(x):
+            args = list(arrays)
+            args[idx] = x
+            return float((reference.linear_attention(*args, dense, PHI[fmap]) * w).sum())
+
+        fd = reference.numerical_directional_grad(f, arrays[idx], direction)
+        np.testing.assert_allclose(float((np.asarray(grads[idx], np.float64) * direction).sum()), fd,
+                                   rtol=1e-4, atol=1e-4)
+
+
+def _decode(q, k, v, fmap, valid=None):
+    """Run linear_step over every position with lax.scan: [b, l, h, v]."""
+    state = linear_init_state(q.shape[0], k.shape[2], q.shape[3], v.shape[3], fmap)
+
+    def body(state, xs):
+        q_t, k_t, v_t, valid_t = xs
+        out, state = linear_step(state, q_t, k_t, v_t, feature_map=fmap, valid=valid_t)
+        return state, out
+
+    if valid is None:
+        valid = jnp.ones(q.shape[:2], bool)
+    _, outs = jax.lax.scan(body, state, tuple(x.swapaxes(0, 1) for x in (q, k, v, valid)))
+    return outs.swapaxes(0, 1)
+
+
+@pytest.mark.parametrize("fmap", sorted(PHI))
+def test_recurrent_step_equals_causal(linear_fn, fmap):
+    _, (q, k, v) = qkv(37, 37, kv_heads=2, value_dim=8)
+    k = k * jnp.linspace(0.5, 3.0, 37)[None, :, None, None]  # keys of growing norm move the FAVOR+ running scale
+    want = linear_fn(q, k, v, mask=Mask(causal=True), feature_map=fmap, chunk_size=8)
+    np.testing.assert_allclose(jax.jit(_decode, static_argnums=3)(q, k, v, fmap), want, **TOL)
+
+
+def test_recurrent_step_skips_invalid_positions(linear_fn):
+    _, _, mask, _ = build("causal_kv_valid")
+    _, (q, k, v) = qkv(37, 37, kv_heads=2)
+    want = linear_fn(q, k, v, mask=mask, feature_map="elu", chunk_size=8)
+    got = _decode(q, k, v, "elu", valid=mask.kv_valid)
+    np.testing.assert_allclose(got, want, **TOL)
+
+
+@pytest.mark.parametrize("fmap", sorted(PHI))
+def test_future_keys_do_not_change_past_outputs(linear_fn, fmap):
+    """Past keys of large norm (FAVOR+ log-scales near -150) then ordinary future keys: a stabiliser taken over the
+    whole sequence (as Performer's) would underflow every past key to 0; ours must leave past rows untouched."""
+    _, (q, k, v) = qkv(37, 37, kv_heads=2)
+    t = 21  # inside a chunk of 8, so the same chunk holds past and future positions
+    later = jnp.arange(37)[None, :, None, None] >= t
+    k_past_big = k * 10.0
+    k2 = jnp.where(later, k, k_past_big)
+    v2 = jnp.where(later, v + 5.0, v)
+    out = linear_fn(q, k_past_big, v, mask=Mask(causal=True), feature_map=fmap, chunk_size=8)
+    out2 = linear_fn(q, k2, v2, mask=Mask(causal=True), feature_map=fmap, chunk_size=8)
+    assert np.abs(np.asarray(out[:, :t])).max() > 0.1
+    np.testing.assert_allclose(out2[:, :t], out[:, :t], rtol=0, atol=1e-6)
+    assert not np.allclose(out2[:, t:], out[:, t:])
+
+
+@pytest.mark.parametrize("name", ["kv_lengths", "cross_padding", "causal_kv_valid"])
+def test_padded_keys_change_nothing(linear_fn, name):
+    lq, lk, mask, _ = build(name)
+    _, (q, k, v) = qkv(lq, lk)
+    padded = ~mask.kv_valid_mask(lk)[:, :, None, None]
+    noise = jnp.asarray(np.random.default_rng(1).standard_normal(k.shape), jnp.float32) * 10
+    for fmap in sorted(PHI):
+        out = linear_fn(q, k, v, mask=mask, feature_map=fmap, chunk_size=8)
+        out2 = linear_fn(q, jnp.where(padded, noise, k), jnp.where(padded, noise, v), mask=mask, feature_map=fmap,
+                         chunk_size=8)
+        np.testing.assert_allclose(out2, out, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_fully_masked_rows_are_zero_with_finite_grads(linear_fn, causal):
+    mask = Mask(causal=causal, kv_lengths=jnp.array([7, 0]))
+    _, (q, k, v) = qkv(37, 37)
+    f = lambda q, k, v: linear_fn(q, k, v, mask=mask, feature_map="favor", chunk_size=8)
+    np.testing.assert_array_equal(f(q, k, v)[1], 0.0)
+    assert all(np.isfinite(g).all() for g in jax.grad(lambda *a: f(*a).sum(), argnums=(0, 1, 2))(q, k, v))
+
+
+@pytest.mark.parametrize("fmap", sorted(PHI))
+def test_bfloat16_inputs_accumulate_in_float32(linear_fn, fmap):
+    lq, lk, mask, dense = build("segments_causal")
+    _, (q, k, v) = qkv(lq, lk, dtype=jnp.bfloat16)
+    out = linear_fn(q, k, v, mask=mask, feature_map=fmap, chunk_size=8)
+    assert out.dtype == jnp.bfloat16
+    want = reference.linear_attention(*(np.asarray(x, np.float64) for x in (q, k, v)), dense, PHI[fmap])
+    np.testing.assert_allclose(np.asarray(out, np.float32), want, atol=2e-2, rtol=2e-2)
+
+
+def test_favor_estimates_softmax_attention():
+    """With many random features, FAVOR+ linear attention approaches exact softmax attention (the paper's claim)."""
+    (qn, kn, vn), (q, k, v) = qkv(37, 37, kv_heads=4)
+    qn, kn, q, k = qn * 0.5, kn * 0.5, q * 0.5, k * 0.5
+    exact = reference.softmax_attention(qn, kn, vn)
+    errors = [np.abs(np.asarray(linear_attention(q, k, v, feature_map=FavorFeatureMap(features=m))) - exact).mean()
+              for m in (16, 4096)]
+    assert errors[1] < 0.03 and errors[1] < errors[0] / 4, errors
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(bias=jnp.zeros((1, 1, 5, 5))), "bias"),
+    (dict(scale=0.5), "scale"),
+    (dict(dropout_rate=0.1), "dropout_rate"),
+    (dict(chunk_size=0), "chunk_size"),
+    (dict(feature_map="softmax"), "feature_map"),
+    (dict(mask=Mask(causal=True, q_offset=2)), "q_offset"),
+])
+def test_bad_input_raises(kwargs, match):
+    _, (q, k, v) = qkv(5, 5)
+    with pytest.raises(ValueError, match=match):
+        linear_attention(q, k, v, **kwargs)
+
+
+@pytest.mark.parametrize("mask", [Mask(causal=True), Mask(prefix_lengths=jnp.array([2, 2]))])
+def test_causal_cross_attention_raises(mask):
+    _, (q, k, v) = qkv(5, 9)
+    with pytest.raises(ValueError, match="lq == lk"):
+        linear_attention(q, k, v, mask=mask)
+
+
+def test_step_shape_errors():
+    state = linear_init_state(2, 2, HEAD_DIM, HEAD_DIM)
+    with pytest.raises(ValueError, match="one position"):
+        linear_step(state, jnp.zeros((2, 1, 4, HEAD_DIM)), jnp.zeros((2, 2, HEAD_DIM)), jnp.zeros((2, 2, HEAD_DIM)))
+    with pytest.raises(ValueError, match="state is for"):
+        linear_step(state, jnp.zeros((3, 4, HEAD_DIM)), jnp.zeros((3, 2, HEAD_DIM)), jnp.zeros((3, 2, HEAD_DIM)))
