@@ -1,0 +1,13 @@
+"""The README's usage example runs as written (docs that match the code)."""
+import re
+from pathlib import Path
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def test_readme_python_example_runs(capsys):
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    assert blocks, "README.md has no python example"
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {})
+    assert "(2, 1000, 8, 64)" in capsys.readouterr().out
