@@ -10,7 +10,8 @@ from cases import B, MASK_CASES, build, qkv
 from flaxformer_lite.attention import Mask, softmax_attention
 from flaxformer_lite.attention.checks import Dims
 from flaxformer_lite.attention.dropout import dropout_seed, keep_mask
-from flaxformer_lite.attention.softmax import AUTO_BLOCKWISE_MIN_LOGITS, choose_impl, cudnn_unsupported
+from flaxformer_lite.attention.softmax import (AUTO_BLOCKWISE_MIN_LOGITS, AUTO_BLOCKWISE_MIN_LOGITS_DEFAULT,
+                                               choose_impl, cudnn_unsupported)
 
 # "blockwise_small" uses 8 x 16 tiles: many tiles, ragged edges, skipped tiles.
 IMPLS = ["reference", "xla", "blockwise", "blockwise_small", "auto"]
@@ -209,8 +210,12 @@ def test_auto_choice():
     assert choose_impl(dims(128), jnp.bfloat16, causal, 0.0, "cpu") == "xla"  # never cudnn off GPU
     assert choose_impl(dims(128), jnp.bfloat16, causal, 0.0, "gpu") == "cudnn"
     assert choose_impl(dims(128), jnp.float32, causal, 0.0, "gpu") == "xla"  # cuDNN needs bf16/fp16
-    big = int(np.sqrt(AUTO_BLOCKWISE_MIN_LOGITS / 8)) + 1
-    assert choose_impl(dims(big), jnp.float32, causal, 0.0, "cpu") == "blockwise"
+    for backend in ("cpu", "gpu"):
+        threshold = AUTO_BLOCKWISE_MIN_LOGITS.get(backend, AUTO_BLOCKWISE_MIN_LOGITS_DEFAULT)
+        big, small = int(np.sqrt(threshold / 8)) + 1, int(np.sqrt(threshold / 8)) - 1
+        assert choose_impl(dims(big), jnp.float32, causal, 0.0, backend) == "blockwise"
+        assert choose_impl(dims(small), jnp.float32, causal, 0.0, backend) == "xla"
+    assert choose_impl(Dims(1, 1, 10**6, 8, 8, 64, 64), jnp.float32, causal, 0.0, "cpu") == "xla"  # one query row
     seg = jnp.zeros((1, 128), jnp.int32)
     assert choose_impl(dims(128), jnp.bfloat16, Mask(q_segment_ids=seg, kv_segment_ids=seg), 0.0, "gpu") == "xla"
     assert choose_impl(Dims(1, 128, 128, 8, 8, 64, 32), jnp.float32, causal, 0.0, "cpu") == "reference"

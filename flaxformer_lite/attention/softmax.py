@@ -24,10 +24,11 @@ from .dropout import dropout_seed, keep_mask
 from .masks import Mask
 
 IMPLS = ("auto", "reference", "xla", "blockwise", "cudnn")
-# Above this many logits per call (b * h * q * k, about 256 MiB in float32), `auto` streams with `blockwise`:
-# the dense logits and their gradients no longer fit comfortably, and blockwise is at least as fast there
-# (benchmarks/RESULTS.md).
-AUTO_BLOCKWISE_MIN_LOGITS = 64 * 2**20
+# From this many logits per call (b * h * q * k), `auto` streams with `blockwise` instead of a dense impl. On CPU
+# blockwise is already faster from 8M logits (1024 tokens x 8 heads; 512 tokens is still faster dense), see
+# benchmarks/RESULTS.md. Elsewhere (no measurement yet) switch when the dense float32 logits reach 256 MiB.
+AUTO_BLOCKWISE_MIN_LOGITS = {"cpu": 2**22}
+AUTO_BLOCKWISE_MIN_LOGITS_DEFAULT = 2**26
 
 
 def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask | None = None,
@@ -156,6 +157,7 @@ def choose_impl(dims: Dims, dtype, mask: Mask, dropout_rate: float, backend: str
     else XLA (the reference where XLA cannot take the call). Never cuDNN off GPU."""
     if cudnn_unsupported(dims, dtype, mask, dropout_rate, backend) is None:
         return "cudnn"
-    if dims.batch * dims.heads * dims.lq * dims.lk >= AUTO_BLOCKWISE_MIN_LOGITS and dims.lq > 1:
+    threshold = AUTO_BLOCKWISE_MIN_LOGITS.get(backend, AUTO_BLOCKWISE_MIN_LOGITS_DEFAULT)
+    if dims.batch * dims.heads * dims.lq * dims.lk >= threshold and dims.lq > 1:
         return "blockwise"
     return "xla" if xla_unsupported(dims, dtype, dropout_rate, backend) is None else "reference"
