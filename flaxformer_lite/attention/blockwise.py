@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from .checks import Dims
-from .dropout import keep_mask
+from .dropout import grouped_keep_mask
 from .masks import Mask
 
 
@@ -91,10 +91,8 @@ def _bias_tile(plan: _Plan, bias, i, j):
 def _keep_tile(plan: _Plan, seed, shape, i, j):
     """Dropout keep mask (scaled by 1/(1-rate)) for tile (i, j); identical to the dense reference's entries."""
     b, n, g = shape[:3]
-    head = (jnp.arange(n)[:, None] * g + jnp.arange(g)[None, :])[None, :, :, None, None]
-    qpos = (i * plan.bq + jnp.arange(plan.bq))[:, None]
-    kpos = j * plan.bk + jnp.arange(plan.bk)
-    keep = keep_mask(seed, plan.dropout_rate, jnp.arange(b)[:, None, None, None, None], head, qpos, kpos)
+    keep = grouped_keep_mask(seed, plan.dropout_rate, b, n, g, i * plan.bq + jnp.arange(plan.bq),
+                             j * plan.bk + jnp.arange(plan.bk))
     return keep.astype(jnp.float32) / (1.0 - plan.dropout_rate)
 
 

@@ -43,3 +43,11 @@ def keep_mask(seed: jax.Array, rate: float, batch_idx, head_idx, q_idx, kv_idx) 
     x = _fmix32(x ^ u32(kv_idx))
     threshold = np.uint32(min(int(round(rate * 2.0**32)), 2**32 - 1))
     return x >= threshold
+
+
+def grouped_keep_mask(seed: jax.Array, rate: float, batch: int, kv_heads: int, groups: int, q_idx, kv_idx):
+    """`keep_mask` for scores laid out ``[b, n, g, q, k]`` (query head ``= kv head * g + group``).
+
+    ``q_idx [q]`` and ``kv_idx [k]`` are absolute positions. Returns bool ``[b, n, g, q, k]``."""
+    head = (jnp.arange(kv_heads)[:, None] * groups + jnp.arange(groups)[None, :])[None, :, :, None, None]
+    return keep_mask(seed, rate, jnp.arange(batch)[:, None, None, None, None], head, q_idx[:, None], kv_idx)

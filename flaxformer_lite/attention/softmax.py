@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from .blockwise import blockwise_attention
 from .checks import Dims, check_bias, check_dropout, check_mask, check_qkv, check_scale
-from .dropout import dropout_seed, keep_mask
+from .dropout import dropout_seed, grouped_keep_mask
 from .masks import Mask
 
 IMPLS = ("auto", "reference", "xla", "blockwise", "cudnn")
@@ -93,9 +93,7 @@ def reference_attention(q, k, v, *, dims: Dims, mask: Mask, bias, scale: float, 
     denom = p.sum(-1, keepdims=True)
     probs = p / jnp.where(denom > 0, denom, 1.0)  # a row with no visible key is all zeros
     if dropout_rate > 0:
-        head = (jnp.arange(n)[:, None] * g + jnp.arange(g)[None, :])[None, :, :, None, None]
-        keep = keep_mask(dropout_seed, dropout_rate, jnp.arange(b)[:, None, None, None, None], head,
-                         jnp.arange(lq)[:, None], jnp.arange(dims.lk))
+        keep = grouped_keep_mask(dropout_seed, dropout_rate, b, n, g, jnp.arange(lq), jnp.arange(dims.lk))
         probs = probs * keep / (1.0 - dropout_rate)
     out = jnp.einsum("bngqk,bknv->bqngv", probs, v.astype(jnp.float32))
     return out.reshape(b, lq, h, dims.value_dim).astype(q.dtype)
