@@ -8,12 +8,13 @@
 from .feature_maps import FEATURE_MAPS, EluFeatureMap, FavorFeatureMap, FeatureMap, ReluFeatureMap, get_feature_map
 from .linear import LinearState, linear_attention
 from .linear import init_state as linear_init_state
+from .linear import prefill_state as linear_prefill_state
 from .linear import step as linear_step
 from .masks import Mask
 from .softmax import IMPLS, choose_impl, softmax_attention
 
 __all__ = [
     "Mask", "softmax_attention", "IMPLS", "choose_impl", "linear_attention", "linear_init_state", "linear_step",
-    "LinearState", "FeatureMap", "EluFeatureMap", "ReluFeatureMap", "FavorFeatureMap", "FEATURE_MAPS",
-    "get_feature_map",
+    "linear_prefill_state", "LinearState", "FeatureMap", "EluFeatureMap", "ReluFeatureMap", "FavorFeatureMap",
+    "FEATURE_MAPS", "get_feature_map",
 ]

@@ -105,11 +105,16 @@ def _bidirectional(qf, kf, ka, v, mask: Mask, chunk_size: int):
         c = lax.stop_gradient(jnp.maximum(fc, rc))
         wf, wr = jnp.exp(fc - c)[..., None], jnp.exp(rc - c)[..., None]  # [b, q, n, 1]
         return fn * wf[..., None] + rn * wr[..., None], fd * wf + rd * wr
-    c = lax.stop_gradient(jnp.maximum(ka.max(1), _FLOOR))  # [b, n]; stabilisers cancel: no gradient
-    w = jnp.exp(ka - c[:, None])  # [b, k, n]
-    state = jnp.einsum("bknf,bkn,bknv->bnfv", kf, w, v)
-    norm = jnp.einsum("bknf,bkn->bnf", kf, w)
+    state, norm, _ = _sum_state(kf, ka, v)
     return jnp.einsum("bqngf,bnfv->bqngv", qf, state), jnp.einsum("bqngf,bnf->bqng", qf, norm)
+
+
+def _sum_state(kf, ka, v):
+    """Sum over all keys: ``state [b, n, f, v]``, ``norm [b, n, f]`` relative to ``scale [b, n]`` (their largest
+    log-scale, floored). Stabilisers cancel in the output, so they carry no gradient."""
+    c = lax.stop_gradient(jnp.maximum(ka.max(1), _FLOOR))
+    w = jnp.exp(ka - c[:, None])  # [b, k, n]
+    return jnp.einsum("bknf,bkn,bknv->bnfv", kf, w, v), jnp.einsum("bknf,bkn->bnf", kf, w), c
 
 
 def _causal_sums(qf, kf, ka, v, q_seg, kv_seg, chunk: int, strict: bool = False):
@@ -186,6 +191,17 @@ def init_state(batch: int, kv_heads: int, head_dim: int, value_dim: int,
     f = get_feature_map(feature_map).num_features(head_dim)
     return LinearState(jnp.zeros((batch, kv_heads, f, value_dim), jnp.float32),
                        jnp.zeros((batch, kv_heads, f), jnp.float32), jnp.full((batch, kv_heads), _FLOOR, jnp.float32))
+
+
+def prefill_state(k: jax.Array, v: jax.Array, *, feature_map: "str | FeatureMap" = "elu",
+                  kv_valid: jax.Array | None = None) -> LinearState:
+    """The state after keys/values ``k [b, l, n, d]``, ``v [b, l, n, v]`` (``kv_valid [b, l]`` marks real ones):
+    what `step` would have accumulated over them, in one pass. Used to prefill a prompt before decoding."""
+    kf, ka = get_feature_map(feature_map)(k, is_query=False)
+    ka = jnp.zeros(kf.shape[:-1], jnp.float32) if ka is None else ka
+    if kv_valid is not None:
+        ka = jnp.where(kv_valid[:, :, None], ka, -jnp.inf)
+    return LinearState(*_sum_state(kf, ka, v.astype(jnp.float32)))
 
 
 def step(state: LinearState, q_t: jax.Array, k_t: jax.Array, v_t: jax.Array, *,

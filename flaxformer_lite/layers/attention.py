@@ -1,19 +1,31 @@
-"""`MultiHeadAttention`: query/key/value/out projections around a softmax or linear attention kernel.
+"""`MultiHeadAttention`: query/key/value/out projections around a softmax or linear attention kernel, with
+rotary positions and decode caches.
 
 Shape key: b batch, q query length, k key length, e embed dim, h query heads, n kv heads, d head dim.
 Parameters carry logical axis names (``embed``, ``heads``, ``kv_heads``, ``head_dim``) for sharding rules.
+
+Decoding (``decode="prefill"`` then ``decode="step"``, with the ``cache`` collection mutable) follows Flax's idiom:
+``model.init(..., decode=...)`` on a full-length input creates the cache variables (their shapes come from that
+input), later calls fill them. Softmax self-attention keeps a preallocated key/value cache written at
+``cache_index``; linear self-attention keeps its recurrent state (prefill sums the prompt, a step adds one token);
+cross-attention projects the encoder output once, at prefill, and reuses it.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
-from ..attention import FEATURE_MAPS, IMPLS, FeatureMap, Mask, linear_attention, softmax_attention
+from ..attention import (FEATURE_MAPS, IMPLS, FeatureMap, Mask, linear_attention, linear_init_state,
+                         linear_prefill_state, linear_step, softmax_attention)
+from .embeddings import rotary
 
 ATTENTION_KINDS = ("softmax", "linear")
+DECODE_MODES = (None, "prefill", "step")
 default_kernel_init = nn.initializers.normal(stddev=0.02)
 
 
@@ -30,6 +42,7 @@ class MultiHeadAttention(nn.Module):
       attention_impl: softmax impl (``"auto"``, ``"reference"``, ``"xla"``, ``"blockwise"``, ``"cudnn"``).
       feature_map: linear-attention feature map (``"elu"``, ``"relu"``, ``"favor"`` or a `FeatureMap`).
       dropout_rate: attention-probability dropout (softmax only), active when ``deterministic=False``.
+      rotary_base: if set, rotary position embedding (base e.g. 10000) on self-attention queries and keys.
       use_bias: biases on the four projections.
       dtype: compute dtype; param_dtype: parameter dtype.
       kernel_init: initialiser of the projection kernels.
@@ -43,6 +56,7 @@ class MultiHeadAttention(nn.Module):
     attention_impl: str = "auto"
     feature_map: "str | FeatureMap" = "elu"
     dropout_rate: float = 0.0
+    rotary_base: float | None = None
     use_bias: bool = True
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -66,39 +80,102 @@ class MultiHeadAttention(nn.Module):
         return kv_heads, self.head_dim or embed_dim // self.num_heads
 
     def _project(self, name: str, x: jax.Array, heads: int, head_dim: int, head_axis: str) -> jax.Array:
-        return nn.DenseGeneral(
+        y = nn.DenseGeneral(
             (heads, head_dim), use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
             kernel_init=nn.with_logical_partitioning(self.kernel_init, ("embed", head_axis, "head_dim")),
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (head_axis, "head_dim")), name=name)(x)
+        return nn.with_logical_constraint(y, ("batch", "length", head_axis, "head_dim"))
 
     @nn.compact
     def __call__(self, inputs_q: jax.Array, inputs_kv: jax.Array | None = None, *, mask: Mask | None = None,
-                 bias: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
+                 bias: jax.Array | None = None, positions: jax.Array | None = None, deterministic: bool = True,
+                 decode: str | None = None, cache_index: jax.Array | None = None) -> jax.Array:
         """Attend from ``inputs_q [b, q, e]`` to ``inputs_kv [b, k, e]`` (itself when None) -> ``[b, q, out_dim]``.
 
-        ``mask`` is a `Mask`; ``bias`` an additive logits bias broadcastable to ``[b, h, q, k]`` (softmax only).
+        Args:
+          mask: a `Mask`. When decoding self-attention, a causal mask with ``q_offset = cache_index``.
+          bias: additive logits bias broadcastable to ``[b, h, q, k]`` (softmax only).
+          positions: int ``[b, q]`` positions for rotary embedding (default ``0..q-1``).
+          deterministic: False enables attention dropout (needs a ``dropout`` rng).
+          decode: None, ``"prefill"`` (fill an empty cache from a prompt) or ``"step"`` (extend it).
+          cache_index: int scalar, where this call's tokens go in the self-attention cache.
         """
         if inputs_q.ndim != 3 or (inputs_kv is not None and inputs_kv.ndim != 3):
             raise ValueError(f"inputs must be [batch, length, features]; got {inputs_q.shape} and "
                              f"{None if inputs_kv is None else inputs_kv.shape}")
-        inputs_kv = inputs_q if inputs_kv is None else inputs_kv
+        if decode not in DECODE_MODES:
+            raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
         kv_heads, head_dim = self._check(inputs_q.shape[-1])
+        cross = inputs_kv is not None
         q = self._project("query", inputs_q, self.num_heads, head_dim, "heads")
-        k = self._project("key", inputs_kv, kv_heads, head_dim, "kv_heads")
-        v = self._project("value", inputs_kv, kv_heads, head_dim, "kv_heads")
-        q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
-        k = nn.with_logical_constraint(k, ("batch", "length", "kv_heads", "head_dim"))
-        v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
-        if self.attention == "softmax":
-            rate = 0.0 if deterministic else self.dropout_rate
-            rng = self.make_rng("dropout") if rate > 0 else None
-            out = softmax_attention(q, k, v, mask=mask, bias=bias, impl=self.attention_impl,
-                                    dropout_rate=rate, dropout_rng=rng)
+        if cross:
+            k, v = self._cross_kv(inputs_kv, kv_heads, head_dim, decode)
         else:
-            out = linear_attention(q, k, v, mask=mask, feature_map=self.feature_map, bias=bias)
+            k = self._project("key", inputs_q, kv_heads, head_dim, "kv_heads")
+            v = self._project("value", inputs_q, kv_heads, head_dim, "kv_heads")
+            if self.rotary_base is not None:
+                if positions is None:
+                    positions = jnp.broadcast_to(jnp.arange(inputs_q.shape[1]), inputs_q.shape[:2])
+                q, k = rotary(q, positions, self.rotary_base), rotary(k, positions, self.rotary_base)
+        if decode and not cross and self.attention == "linear":
+            out = self._linear_decode(q, k, v, mask, decode)
+        else:
+            if decode and not cross:
+                k, v = self._softmax_cache(k, v, cache_index)
+            out = self._attend(q, k, v, mask, bias, deterministic)
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
         return nn.DenseGeneral(
             self.out_dim or inputs_q.shape[-1], axis=(-2, -1), use_bias=self.use_bias, dtype=self.dtype,
             param_dtype=self.param_dtype,
             kernel_init=nn.with_logical_partitioning(self.kernel_init, ("heads", "head_dim", "embed")),
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), name="out")(out)
+
+    def _attend(self, q, k, v, mask, bias, deterministic):
+        if self.attention == "linear":
+            return linear_attention(q, k, v, mask=mask, feature_map=self.feature_map, bias=bias)
+        rate = 0.0 if deterministic else self.dropout_rate
+        rng = self.make_rng("dropout") if rate > 0 else None
+        return softmax_attention(q, k, v, mask=mask, bias=bias, impl=self.attention_impl, dropout_rate=rate,
+                                 dropout_rng=rng)
+
+    def _cross_kv(self, inputs_kv, kv_heads, head_dim, decode):
+        """Cross-attention keys/values; when decoding, projected once at prefill and cached."""
+        if decode == "step":
+            return self.get_variable("cache", "cross_key"), self.get_variable("cache", "cross_value")
+        k = self._project("key", inputs_kv, kv_heads, head_dim, "kv_heads")
+        v = self._project("value", inputs_kv, kv_heads, head_dim, "kv_heads")
+        if decode == "prefill" and self.is_mutable_collection("cache"):
+            self.put_variable("cache", "cross_key", k)
+            self.put_variable("cache", "cross_value", v)
+        return k, v
+
+    def _softmax_cache(self, k, v, cache_index):
+        """Write this call's keys/values at ``cache_index``; return the whole cache (its shape is fixed at init)."""
+        initializing = not self.has_variable("cache", "cached_key")
+        cached_k = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+        cached_v = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+        if initializing:
+            return k, v
+        if cache_index is None:
+            raise ValueError("decode needs cache_index (where this call's tokens go in the cache)")
+        cached_k.value = lax.dynamic_update_slice(cached_k.value, k.astype(cached_k.value.dtype), (0, cache_index, 0, 0))
+        cached_v.value = lax.dynamic_update_slice(cached_v.value, v.astype(cached_v.value.dtype), (0, cache_index, 0, 0))
+        return cached_k.value, cached_v.value
+
+    def _linear_decode(self, q, k, v, mask, decode):
+        """Linear self-attention against its recurrent state: prefill sums the prompt, a step adds one token."""
+        initializing = not self.has_variable("cache", "linear_state")
+        b, _, n, d = k.shape
+        state = self.variable("cache", "linear_state",
+                              lambda: linear_init_state(b, n, d, v.shape[-1], self.feature_map))
+        no_offset = None if mask is None else dataclasses.replace(mask, q_offset=None)
+        if initializing:
+            return linear_attention(q, k, v, mask=no_offset, feature_map=self.feature_map)
+        if decode == "prefill":
+            kv_valid = None if mask is None else mask.kv_valid_mask(k.shape[1])
+            state.value = linear_prefill_state(k, v, feature_map=self.feature_map, kv_valid=kv_valid)
+            return linear_attention(q, k, v, mask=no_offset, feature_map=self.feature_map)
+        if q.shape[1] != 1:
+            raise ValueError(f"linear-attention decode steps take one token at a time, got {q.shape[1]}")
+        out, state.value = linear_step(state.value, q[:, 0], k[:, 0], v[:, 0], feature_map=self.feature_map)
+        return out[:, None]

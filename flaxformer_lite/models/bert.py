@@ -1,0 +1,78 @@
+"""`BERT` (Devlin et al. 2019): bidirectional post-LN encoder with token types, padding mask, pooler, and the
+pre-training heads (masked LM, tied to the embedding; next-sentence prediction) in Hugging Face's layout.
+
+Shape key: b batch, l length, e embed dim, v vocab.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ..attention import Mask
+from ..layers.blocks import LayerStack, config_dtypes
+from ..layers.embedder import Embedder
+from ..layers.mlp import ACTIVATIONS
+from ..layers.norms import make_norm
+from .checks import check_mask_shape, check_tokens
+from .config import ModelConfig
+from .gpt import final_norm
+
+
+class BertOutput(NamedTuple):
+    """hidden ``[b, l, e]``, pooled ``[b, e]``, mlm_logits ``[b, l, v]``, nsp_logits ``[b, 2]`` (float32 logits)."""
+
+    hidden: jax.Array
+    pooled: jax.Array
+    mlm_logits: jax.Array
+    nsp_logits: jax.Array
+
+
+def dense(cfg: ModelConfig, features: int, axes: tuple[str, str], name: str | None = None) -> nn.Dense:
+    """A Dense layer with the config's dtypes and initialiser and logical axis names ``axes`` on its kernel."""
+    dtype, param_dtype = config_dtypes(cfg)
+    return nn.Dense(features, dtype=dtype, param_dtype=param_dtype,
+                    kernel_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), axes),
+                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]), name=name)
+
+
+class BERT(nn.Module):
+    """``tokens [b, l]`` -> `BertOutput`. ``padding_mask [b, l]`` is True for real tokens."""
+
+    cfg: ModelConfig
+
+    def setup(self):
+        cfg = self.cfg
+        dtype, param_dtype = config_dtypes(cfg)
+        self.embedder = Embedder(cfg)
+        self.encoder = LayerStack(cfg, cfg.num_layers)
+        self.final_norm = final_norm(cfg)
+        self.pooler = dense(cfg, cfg.embed_dim, ("embed", "mlp"))
+        self.mlm_transform = dense(cfg, cfg.embed_dim, ("embed", "mlp"))
+        self.mlm_norm = make_norm(cfg.norm, epsilon=cfg.norm_epsilon, dtype=dtype, param_dtype=param_dtype)
+        self.mlm_bias = self.param("mlm_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
+                                   (cfg.vocab_size,), param_dtype)
+        self.nsp = dense(cfg, 2, ("embed", "classes"))
+
+    def encode(self, tokens, *, token_type_ids=None, padding_mask=None, deterministic=True):
+        """``(hidden [b, l, e], pooled [b, e])``: the encoder output and tanh(Dense(hidden[:, 0]))."""
+        check_tokens(tokens, self.cfg)
+        check_mask_shape(token_type_ids, tokens, "token_type_ids")
+        check_mask_shape(padding_mask, tokens, "padding_mask")
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        mask = None if padding_mask is None else Mask(kv_valid=padding_mask.astype(bool))
+        x = self.embedder(tokens, positions, token_type_ids, deterministic=deterministic)
+        x = self.encoder(x, mask, None, None, positions, deterministic)
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        return x, jnp.tanh(self.pooler(x[:, 0]))
+
+    def __call__(self, tokens, *, token_type_ids=None, padding_mask=None, deterministic=True) -> BertOutput:
+        """``tokens [b, l]`` (with ``token_type_ids`` and ``padding_mask [b, l]``) -> `BertOutput`."""
+        hidden, pooled = self.encode(tokens, token_type_ids=token_type_ids, padding_mask=padding_mask,
+                                     deterministic=deterministic)
+        h = self.mlm_norm(ACTIVATIONS[self.cfg.activation](self.mlm_transform(hidden)))
+        mlm = self.embedder.attend(h) + self.mlm_bias.astype(jnp.float32)
+        return BertOutput(hidden, pooled, mlm, self.nsp(pooled).astype(jnp.float32))

@@ -1,0 +1,39 @@
+"""Input checks shared by the models: token arrays, lengths, id ranges (on the host, when values are known)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def check_tokens(tokens, cfg, name: str = "tokens", max_len: int | None = None) -> None:
+    """Raise `ValueError` unless ``tokens`` is int ``[b, l]`` with ``l <= max_len`` (default ``cfg.max_len``) and, when
+    its values are concrete (not traced), every id is in ``[0, cfg.vocab_size)``."""
+    if getattr(tokens, "ndim", None) != 2:
+        raise ValueError(f"{name} must be int [batch, length], got shape {getattr(tokens, 'shape', type(tokens))}")
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(f"{name} must hold integer token ids, got dtype {tokens.dtype}")
+    limit = cfg.max_len if max_len is None else max_len
+    if tokens.shape[1] > limit:
+        raise ValueError(f"{name} has length {tokens.shape[1]} > max_len {limit}; raise ModelConfig.max_len "
+                         "or feed shorter sequences")
+    if not isinstance(tokens, jax.core.Tracer) and tokens.size:
+        values = np.asarray(tokens)  # a host copy: jnp reductions would be staged inside an outer trace
+        low, high = int(values.min()), int(values.max())
+        if low < 0 or high >= cfg.vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(f"{name} holds id {bad} outside the vocabulary [0, {cfg.vocab_size})")
+
+
+def check_mask_shape(mask, tokens, name: str) -> None:
+    """Raise `ValueError` unless an optional per-token array matches ``tokens``' ``[b, l]``."""
+    if mask is not None and tuple(mask.shape) != tuple(tokens.shape):
+        raise ValueError(f"{name} must have the shape of its tokens {tuple(tokens.shape)}, got {tuple(mask.shape)}")
+
+
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """Positions restarting at 0 at every segment boundary: int ``[b, l]`` -> ``[b, l]``."""
+    idx = jnp.arange(segment_ids.shape[1])
+    boundary = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+    starts = jax.lax.cummax(jnp.where(boundary, idx, 0), axis=1)
+    return idx - starts

@@ -1,0 +1,89 @@
+"""`GPT`: a causal decoder-only language model (Radford et al. 2018/2019), with prefix-LM and packed-sequence masks.
+
+Shape key: b batch, l length, e embed dim, v vocab.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ..attention import Mask
+from ..layers.blocks import LayerStack, config_dtypes
+from ..layers.embedder import CacheIndex, Embedder
+from ..layers.norms import make_norm
+from .checks import check_mask_shape, check_tokens, segment_positions
+from .config import ModelConfig
+
+
+def output_head(cfg: ModelConfig):
+    """The untied output projection ``[e] -> [v]``, or None when the embedding is tied."""
+    if cfg.tie_embeddings:
+        return None
+    dtype, param_dtype = config_dtypes(cfg)
+    return nn.Dense(cfg.vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+                    kernel_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ("embed", "vocab")))
+
+
+def final_norm(cfg: ModelConfig):
+    """The last norm of a pre-LN stack (post-LN stacks end normalised already), or None."""
+    if cfg.norm_position != "pre":
+        return None
+    dtype, param_dtype = config_dtypes(cfg)
+    return make_norm(cfg.norm, epsilon=cfg.norm_epsilon, dtype=dtype, param_dtype=param_dtype)
+
+
+class GPT(nn.Module):
+    """Causal LM: ``tokens [b, l]`` -> ``logits [b, l, v]`` (float32).
+
+    ``prefix_lengths [b]`` switches to the prefix-LM mask (bidirectional over the prefix); ``segment_ids [b, l]``
+    packs several documents per row (no attention across them, positions restart per document unless given).
+    """
+
+    cfg: ModelConfig
+
+    def setup(self):
+        self.embedder = Embedder(self.cfg)
+        self.decoder = LayerStack(self.cfg, self.cfg.num_layers)
+        self.final_norm = final_norm(self.cfg)
+        self.lm_head = output_head(self.cfg)
+        self.cache_index = CacheIndex()
+
+    def hidden(self, tokens, *, positions=None, segment_ids=None, prefix_lengths=None, deterministic=True,
+               decode=None) -> jax.Array:
+        """The final hidden states ``[b, l, e]`` (after the final norm); arguments as ``__call__``."""
+        check_tokens(tokens, self.cfg)
+        check_mask_shape(segment_ids, tokens, "segment_ids")
+        b, l = tokens.shape
+        start = None
+        if decode:
+            if segment_ids is not None:
+                raise ValueError("segment_ids (packing) is for training; decode one sequence per row")
+            start = self.cache_index(l)
+        if positions is None:
+            positions = segment_positions(segment_ids) if segment_ids is not None else \
+                jnp.broadcast_to(jnp.arange(l), (b, l)) + (0 if start is None else start)
+        mask = Mask(causal=True, prefix_lengths=prefix_lengths, q_segment_ids=segment_ids,
+                    kv_segment_ids=segment_ids, q_offset=start)
+        x = self.embedder(tokens, positions, deterministic=deterministic)
+        x = self.decoder(x, mask, None, None, positions, deterministic, decode, start)
+        return x if self.final_norm is None else self.final_norm(x)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """``[b, l, e]`` -> float32 ``[b, l, v]``."""
+        out = self.embedder.attend(hidden) if self.lm_head is None else self.lm_head(hidden)
+        return nn.with_logical_constraint(out.astype(jnp.float32), ("batch", "length", "vocab"))
+
+    def __call__(self, tokens, *, positions=None, segment_ids=None, prefix_lengths=None, deterministic=True,
+                 decode=None) -> jax.Array:
+        """``tokens [b, l]`` -> ``logits [b, l, v]``.
+
+        Args:
+          positions: int ``[b, l]`` (default ``0..l-1``, restarting per segment).
+          segment_ids: int ``[b, l]`` packed-document ids.
+          prefix_lengths: int ``[b]`` prefix-LM prefix lengths.
+          deterministic: False enables dropout (needs a ``dropout`` rng).
+          decode: None, ``"prefill"`` or ``"step"`` with the ``cache`` collection mutable (see `ffl.generate`).
+        """
+        return self.logits(self.hidden(tokens, positions=positions, segment_ids=segment_ids,
+                                       prefix_lengths=prefix_lengths, deterministic=deterministic, decode=decode))
