@@ -2,9 +2,13 @@
 
     import flaxformer_lite as ffl
     from flaxformer_lite.attention import Mask, softmax_attention, linear_attention
+    cfg = ffl.models.preset("gpt2-small"); model = ffl.models.GPT(cfg)
+    tokens = ffl.generate(model, variables, prompt, max_new_tokens=20)
 """
-from . import attention, layers
+from . import attention, layers, models
 from .attention import Mask, linear_attention, softmax_attention
+from .decoding import beam_search, generate
 
 __version__ = "0.1.0"
-__all__ = ["attention", "layers", "Mask", "softmax_attention", "linear_attention", "__version__"]
+__all__ = ["attention", "layers", "models", "Mask", "softmax_attention", "linear_attention", "generate",
+           "beam_search", "__version__"]

@@ -1,0 +1,264 @@
+"""Generation with a KV cache (softmax attention) or recurrent state (linear attention): `generate` (greedy,
+temperature, top-k, top-p) and `beam_search` (length penalty, EOS, per-row finished flags), each compiled as one
+loop. Works for `GPT` (also with a prefix-LM prompt) and `EncoderDecoder` (the encoder runs once; cross-attention
+keys/values are projected once and cached).
+
+Shape key: b batch, k beams, p prompt length, n new tokens, v vocab.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from .models.encoder_decoder import EncoderDecoder
+from .models.gpt import GPT
+
+
+@dataclasses.dataclass(frozen=True)
+class _Task:
+    """How to run one model kind: static, hashable (a jit static argument)."""
+
+    model: Any
+    new_tokens: int
+
+    @property
+    def seq2seq(self) -> bool:
+        return isinstance(self.model, EncoderDecoder)
+
+
+def _check(model, prompt, max_new_tokens, prefix_lengths, src_padding_mask):
+    if not isinstance(model, (GPT, EncoderDecoder)):
+        raise ValueError(f"generation takes a GPT or EncoderDecoder model, got {type(model).__name__}")
+    if getattr(prompt, "ndim", None) != 2 or not jnp.issubdtype(prompt.dtype, jnp.integer):
+        raise ValueError(f"prompt must be int [batch, length], got {getattr(prompt, 'shape', type(prompt))}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    cfg = model.cfg
+    target = (1 if isinstance(model, EncoderDecoder) else prompt.shape[1]) + max_new_tokens
+    if target > cfg.max_len:
+        raise ValueError(f"prompt + max_new_tokens = {target} tokens > max_len {cfg.max_len}")
+    if prefix_lengths is not None and (isinstance(model, EncoderDecoder) or prefix_lengths.shape != prompt.shape[:1]):
+        raise ValueError(f"prefix_lengths must be [batch] = {prompt.shape[:1]} and only for GPT, got "
+                         f"{getattr(prefix_lengths, 'shape', None)}")
+    if src_padding_mask is not None and (not isinstance(model, EncoderDecoder) or src_padding_mask.shape != prompt.shape):
+        raise ValueError(f"src_padding_mask must match the source {prompt.shape} of an EncoderDecoder")
+
+
+def _init_cache(task: _Task, params, prompt, total: int, batch: int):
+    """Zeroed cache variables for ``batch`` rows and ``total`` target positions (shapes only, no compute)."""
+    zeros = jnp.zeros((batch, total), jnp.int32)
+    if task.seq2seq:
+        src = jnp.zeros((batch, prompt.shape[1]), jnp.int32)
+        shapes = jax.eval_shape(lambda: task.model.init(jax.random.key(0), src, zeros, decode="prefill"))
+    else:
+        shapes = jax.eval_shape(lambda: task.model.init(jax.random.key(0), zeros, decode="prefill"))
+    return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["cache"])
+
+
+def _prefill(task: _Task, params, prompt, prefix_lengths, src_padding_mask):
+    """Run the prompt through the model: ``(last logits [b, v], cache, encoded or None, first target tokens)``."""
+    b = prompt.shape[0]
+    if task.seq2seq:
+        cfg = task.model.cfg
+        encoded = task.model.apply({"params": params}, prompt, src_padding_mask=src_padding_mask,
+                                   method=EncoderDecoder.encode)
+        start = jnp.full((b, 1), cfg.bos_id, jnp.int32)
+        cache = _init_cache(task, params, prompt, 1 + task.new_tokens, b)
+        logits, mut = task.model.apply({"params": params, "cache": cache}, encoded, start,
+                                       src_padding_mask=src_padding_mask, decode="prefill",
+                                       method=EncoderDecoder.decode, mutable=["cache"])
+        return logits[:, -1], mut["cache"], encoded, start
+    cache = _init_cache(task, params, prompt, prompt.shape[1] + task.new_tokens, b)
+    logits, mut = task.model.apply({"params": params, "cache": cache}, prompt, prefix_lengths=prefix_lengths,
+                                   decode="prefill", mutable=["cache"])
+    return logits[:, -1], mut["cache"], None, prompt
+
+
+def _step(task: _Task, params, cache, token, encoded, src_padding_mask):
+    """One token ``[b]`` through the model: ``(logits [b, v], cache)``."""
+    variables = {"params": params, "cache": cache}
+    if task.seq2seq:
+        logits, mut = task.model.apply(variables, encoded, token[:, None], src_padding_mask=src_padding_mask,
+                                       decode="step", method=EncoderDecoder.decode, mutable=["cache"])
+    else:
+        logits, mut = task.model.apply(variables, token[:, None], decode="step", mutable=["cache"])
+    return logits[:, -1], mut["cache"]
+
+
+def sample_logits(logits, rng, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None):
+    """Pick one token per row from ``logits [b, v]``: argmax when ``temperature == 0``, else sample from
+    ``softmax(logits / temperature)`` restricted to the ``top_k`` most likely and/or the smallest set whose
+    probability reaches ``top_p`` (nucleus). Returns int32 ``[b]``."""
+    if temperature == 0.0:
+        return jnp.argmax(logits, -1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / temperature
+    if top_k is not None:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p is not None:
+        order = jnp.argsort(-logits, axis=-1)
+        sorted_logits = jnp.take_along_axis(logits, order, -1)
+        cum = jnp.cumsum(jax.nn.softmax(sorted_logits, -1), -1)
+        drop_sorted = (cum - jax.nn.softmax(sorted_logits, -1)) >= top_p  # keep tokens until top_p is reached
+        drop = jnp.zeros_like(drop_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(drop_sorted)
+        logits = jnp.where(drop, -jnp.inf, logits)
+    return jax.random.categorical(rng, logits).astype(jnp.int32)
+
+
+def _check_sampling(temperature, top_k, top_p, rng):
+    if not temperature >= 0.0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+    if temperature > 0 and rng is None:
+        raise ValueError("sampling (temperature > 0) needs rng, a PRNG key")
+
+
+def generate(model, variables, prompt, max_new_tokens: int, *, temperature: float = 0.0, top_k: int | None = None,
+             top_p: float | None = None, rng=None, eos_id: int | None = None, prefix_lengths=None,
+             src_padding_mask=None) -> jax.Array:
+    """Extend ``prompt`` by ``max_new_tokens`` tokens with the cache; one compiled loop.
+
+    Args:
+      model: a `GPT` or `EncoderDecoder`; variables: its ``{"params": ...}``.
+      prompt: int ``[b, p]``: the context for GPT, the source for an encoder-decoder.
+      temperature, top_k, top_p, rng: sampling (`sample_logits`); ``temperature=0`` is greedy.
+      eos_id: rows that produce it stop; later positions hold ``cfg.pad_id``.
+      prefix_lengths: int ``[b]``, a prefix-LM prompt (GPT): bidirectional over its first tokens.
+      src_padding_mask: bool ``[b, p]`` source padding (encoder-decoder).
+
+    Returns:
+      GPT: ``[b, p + n]`` (prompt then new tokens). Encoder-decoder: ``[b, 1 + n]`` (``bos_id`` then new tokens).
+    """
+    _check(model, prompt, max_new_tokens, prefix_lengths, src_padding_mask)
+    _check_sampling(temperature, top_k, top_p, rng)
+    task = _Task(model, max_new_tokens)
+    rng = jax.random.key(0) if rng is None else rng
+    return _generate(task, (float(temperature), top_k, top_p, eos_id), variables["params"], prompt, rng,
+                     prefix_lengths, src_padding_mask)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _generate(task: _Task, sampling, params, prompt, rng, prefix_lengths, src_padding_mask):
+    temperature, top_k, top_p, eos_id = sampling
+    pad = task.model.cfg.pad_id
+    logits, cache, encoded, start = _prefill(task, params, prompt, prefix_lengths, src_padding_mask)
+    b = prompt.shape[0]
+
+    def pick(logits, rng, finished):
+        token = sample_logits(logits, rng, temperature, top_k, top_p)
+        token = jnp.where(finished, pad, token)
+        return token, finished | (token == eos_id) if eos_id is not None else finished
+
+    rngs = jax.random.split(rng, task.new_tokens)
+    first, finished = pick(logits, rngs[0], jnp.zeros((b,), bool))
+
+    def body(carry, rng):
+        token, cache, finished = carry
+        logits, cache = _step(task, params, cache, token, encoded, src_padding_mask)
+        nxt, finished = pick(logits, rng, finished)
+        return (nxt, cache, finished), nxt
+
+    _, rest = jax.lax.scan(body, (first, cache, finished), rngs[1:])
+    return jnp.concatenate([start, first[:, None], rest.T], axis=1)
+
+
+# -- beam search ---------------------------------------------------------------------------------------------------
+def _reorder_cache(cache, origin):
+    """Gather every cache row by ``origin [b*k]``; scanned layers keep the batch on axis 1."""
+    def gather(path, leaf):
+        if leaf.ndim == 0:
+            return leaf
+        scanned = any(getattr(p, "key", None) == "layers" for p in path)
+        if scanned and leaf.ndim == 1:  # per-layer scalars
+            return leaf
+        return jnp.take(leaf, origin, axis=1 if scanned else 0)
+
+    return jax.tree_util.tree_map_with_path(gather, cache)
+
+
+def _repeat_rows(tree, beams):
+    """Repeat each batch row ``beams`` times (rows b*k + j are copies of row b), also inside scanned caches."""
+    def rep(path, leaf):
+        if leaf.ndim == 0:
+            return leaf
+        scanned = any(getattr(p, "key", None) == "layers" for p in path)
+        if scanned and leaf.ndim == 1:
+            return leaf
+        return jnp.repeat(leaf, beams, axis=1 if scanned else 0)
+
+    return jax.tree_util.tree_map_with_path(rep, tree)
+
+
+def length_penalty_factor(lengths, alpha: float):
+    """GNMT's ``((5 + length) / 6) ** alpha`` (Wu et al. 2016); scores are divided by it."""
+    return ((5.0 + lengths.astype(jnp.float32)) / 6.0) ** alpha
+
+
+def beam_search(model, variables, prompt, max_new_tokens: int, *, beam_size: int, length_penalty: float = 0.6,
+                eos_id: int | None = None, prefix_lengths=None, src_padding_mask=None):
+    """Beam search with the cache; one compiled loop.
+
+    Beams extend by the ``beam_size`` best (sum of log-probabilities) continuations; a beam that emitted ``eos_id``
+    is finished and carries on with ``cfg.pad_id`` at no cost. Final ranking divides each beam's score by
+    `length_penalty_factor` of its length (up to and including EOS).
+
+    Returns:
+      ``(sequences, scores)``: ``[b, beam_size, p + n]`` (GPT; ``[b, beam_size, 1 + n]`` for an encoder-decoder) and
+      length-normalised scores ``[b, beam_size]``, best first.
+    """
+    _check(model, prompt, max_new_tokens, prefix_lengths, src_padding_mask)
+    if not isinstance(beam_size, int) or not 1 <= beam_size <= model.cfg.vocab_size:
+        raise ValueError(f"beam_size must be an int in [1, vocab_size], got {beam_size!r}")
+    task = _Task(model, max_new_tokens)
+    return _beam_search(task, (beam_size, float(length_penalty), eos_id), variables["params"], prompt,
+                        prefix_lengths, src_padding_mask)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _beam_search(task: _Task, opts, params, prompt, prefix_lengths, src_padding_mask):
+    beams, alpha, eos_id = opts
+    pad = task.model.cfg.pad_id
+    logits, cache, encoded, start = _prefill(task, params, prompt, prefix_lengths, src_padding_mask)
+    b, n = prompt.shape[0], task.new_tokens
+    cache = _repeat_rows(cache, beams)
+    if encoded is not None:
+        encoded = jnp.repeat(encoded, beams, axis=0)
+        src_padding_mask = None if src_padding_mask is None else jnp.repeat(src_padding_mask, beams, axis=0)
+    logits = jnp.repeat(logits, beams, axis=0)
+    # Only beam 0 is alive at first, so the first expansion does not pick the same token k times.
+    scores = jnp.tile(jnp.where(jnp.arange(beams) == 0, 0.0, -jnp.inf), (b, 1))
+    state = (scores, jnp.zeros((b, beams), bool), jnp.zeros((b, beams), jnp.int32),
+             jnp.zeros((b, beams, n), jnp.int32), cache, logits)
+
+    def body(state, t):
+        scores, finished, lengths, tokens, cache, logits = state
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1).reshape(b, beams, -1)
+        on_pad = jnp.where(jnp.arange(logp.shape[-1]) == pad, 0.0, -jnp.inf)
+        logp = jnp.where(finished[..., None], on_pad, logp)
+        cand = (scores[..., None] + logp).reshape(b, -1)
+        scores, flat = jax.lax.top_k(cand, beams)
+        origin, token = flat // logp.shape[-1], (flat % logp.shape[-1]).astype(jnp.int32)
+        take = lambda x: jnp.take_along_axis(x, origin, axis=1)
+        finished_before = take(finished)
+        lengths = take(lengths) + (~finished_before).astype(jnp.int32)
+        finished = finished_before | (token == eos_id) if eos_id is not None else finished_before
+        tokens = jnp.take_along_axis(tokens, origin[..., None], axis=1).at[:, :, t].set(token)
+        rows = (origin + jnp.arange(b)[:, None] * beams).reshape(-1)
+        cache = _reorder_cache(cache, rows)
+        logits, cache = jax.lax.cond(t + 1 < n, lambda: _step(task, params, cache, token.reshape(-1), encoded,
+                                                               src_padding_mask), lambda: (logits, cache))
+        return (scores, finished, lengths, tokens, cache, logits), None
+
+    (scores, finished, lengths, tokens, _, _), _ = jax.lax.scan(body, state, jnp.arange(n))
+    normalised = scores / length_penalty_factor(lengths, alpha)
+    order = jnp.argsort(-normalised, axis=1)
+    tokens = jnp.take_along_axis(tokens, order[..., None], axis=1)
+    prefix = jnp.broadcast_to(start[:, None, :], (b, beams, start.shape[1]))
+    return jnp.concatenate([prefix, tokens], axis=2), jnp.take_along_axis(normalised, order, axis=1)
