@@ -44,3 +44,15 @@ def qkv(lq, lk, heads=4, kv_heads=2, head_dim=16, value_dim=None, seed=0, dtype=
     arrays = (rng.standard_normal((B, lq, heads, head_dim)), rng.standard_normal((B, lk, kv_heads, head_dim)),
               rng.standard_normal((B, lk, kv_heads, value_dim or head_dim)))
     return arrays, tuple(jnp.asarray(a, dtype) for a in arrays)
+
+
+def tiny_config(model: str = "gpt", **overrides):
+    """A CPU-sized ModelConfig (2 layers, 64 dims, vocab 97, no dropout) of the given kind, with overrides."""
+    import dataclasses
+
+    from flaxformer_lite.models import preset
+    base = {"gpt": "gpt-tiny", "bert": "bert-tiny", "encoder_decoder": "transformer-tiny"}[model]
+    fields = dict(num_layers=2, embed_dim=64, num_heads=4, mlp_dim=128, vocab_size=97, max_len=48,
+                  dropout_rate=0.0, attention_dropout_rate=0.0, pad_id=0, bos_id=1, eos_id=2)
+    fields.update(overrides)
+    return dataclasses.replace(preset(base), **fields)

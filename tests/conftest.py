@@ -21,3 +21,4 @@ def linear_fn():
     return jax.jit(linear_attention, static_argnames=("feature_map", "chunk_size"))
 
 
+

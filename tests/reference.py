@@ -93,3 +93,84 @@ def numerical_directional_grad(f, x, direction, eps=1e-6):
     """Central difference of scalar f along direction at x (float64)."""
     x = np.asarray(x, np.float64)
     return (f(x + eps * direction) - f(x - eps * direction)) / (2 * eps)
+
+
+def log_softmax(x):
+    """float64 log-softmax over the last axis."""
+    x = np.asarray(x, np.float64)
+    m = x.max(-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+def greedy(next_logits, prefix, steps):
+    """Greedy decoding by recomputing: next_logits(tokens [B, L]) -> logits [B, V] of the next token."""
+    seq = np.asarray(prefix)
+    for _ in range(steps):
+        seq = np.concatenate([seq, np.argmax(next_logits(seq), -1)[:, None]], 1)
+    return seq
+
+
+def beam_search(next_logits, prefix, steps, beams, alpha, eos, pad):
+    """Beam search over one row by recomputing every hypothesis (no cache).
+
+    Hypotheses extend by the `beams` best summed log-probabilities; a finished one (emitted eos) extends with pad at
+    no cost. Returns [(tokens, score / ((5 + length) / 6) ** alpha), ...] best first."""
+    hyps = [(list(prefix), 0.0, False, 0)]
+    for _ in range(steps):
+        cands = []
+        live = [h for h in hyps if not h[2]]
+        logp = log_softmax(next_logits(np.array([h[0] for h in live]))) if live else []
+        for h in hyps:
+            if h[2]:
+                cands.append((h[0] + [pad], h[1], True, h[3]))
+        for h, lp in zip(live, logp):
+            for tok in range(lp.shape[0]):
+                cands.append((h[0] + [tok], h[1] + lp[tok], eos is not None and tok == eos, h[3] + 1))
+        cands.sort(key=lambda c: -c[1])
+        hyps = cands[:beams]
+    ranked = sorted(((h[0], h[1] / ((5.0 + h[3]) / 6.0) ** alpha) for h in hyps), key=lambda r: -r[1])
+    return ranked
+
+
+def gelu_exact(x):
+    """x * Phi(x) with the exact normal CDF."""
+    from math import erf, sqrt
+    x = np.asarray(x, np.float64)
+    return x * 0.5 * (1.0 + np.vectorize(erf)(x / sqrt(2.0)))
+
+
+def gelu_tanh(x):
+    """GPT-2's tanh approximation of GELU."""
+    x = np.asarray(x, np.float64)
+    return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x ** 3)))
+
+
+def layer_norm(x, scale, bias, eps):
+    """(x - mean) / sqrt(var + eps) * scale + bias over the last axis."""
+    x = np.asarray(x, np.float64)
+    mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+    return (x - mu) / np.sqrt(var + eps) * scale + bias
+
+
+def rms_norm(x, scale, eps):
+    """x / sqrt(mean(x^2) + eps) * scale (T5's norm: no mean, no bias)."""
+    x = np.asarray(x, np.float64)
+    return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * scale
+
+
+def sinusoidal(positions, dim):
+    """Vaswani et al. 2017 section 3.5: PE[pos, 2i] = sin(pos / 10000^(2i/d)), PE[pos, 2i+1] = cos(...)."""
+    pe = np.zeros((len(positions), dim))
+    for r, pos in enumerate(positions):
+        for i in range(0, dim, 2):
+            pe[r, i] = np.sin(pos / 10000 ** (i / dim))
+            pe[r, i + 1] = np.cos(pos / 10000 ** (i / dim))
+    return pe
+
+
+def encoder_decoder_params(vocab, embed, mlp, heads_dim, enc_layers, dec_layers):
+    """Parameters of a shared-embedding post-LN Transformer (biases everywhere, tied output, sinusoidal positions)."""
+    attn = 3 * (embed * heads_dim + heads_dim) + heads_dim * embed + embed  # q, k, v, out kernels + biases
+    ffn = embed * mlp + mlp + mlp * embed + embed
+    norm = 2 * embed
+    return vocab * embed + enc_layers * (attn + ffn + 2 * norm) + dec_layers * (2 * attn + ffn + 3 * norm)

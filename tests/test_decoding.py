@@ -1,0 +1,188 @@
+"""Decoding: cached greedy and beam search == recomputing the full forward pass at every step (tests/reference.py),
+for GPT (softmax, linear, GQA + rotary, scanned layers, prefix-LM prompts) and EncoderDecoder; sampling, EOS, the
+constant-size linear state, and bad input."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import flaxformer_lite as ffl
+import reference
+from cases import tiny_config
+from flaxformer_lite.decoding import _init_cache, _Task, sample_logits
+from flaxformer_lite.models import BERT, GPT, EncoderDecoder
+
+GPT_VARIANTS = {
+    "softmax": {},
+    "linear": {"attention": "linear", "feature_map": "favor"},
+    "gqa_rotary": {"num_kv_heads": 2, "position": "rotary"},
+    "scan_sinusoidal": {"scan_layers": True, "position": "sinusoidal"},
+}
+
+
+def _prompt(b=2, l=5, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).integers(3, 97, (b, l)), jnp.int32)
+
+
+def _next_logits(apply_all, rows=3, length=16):
+    """Recompute the next-token logits of t [B, L] with one compiled shape: pad t to [rows, length] (a causal model
+    cannot see the padding, as the causality tests check) and read position L - 1."""
+    def fn(t, *args):
+        t = np.asarray(t)
+        padded = np.zeros((rows, length), np.int32)
+        padded[:t.shape[0], :t.shape[1]] = t
+        return np.asarray(apply_all(jnp.asarray(padded), *args))[:t.shape[0], t.shape[1] - 1]
+    return fn
+
+
+@pytest.fixture(scope="module", params=sorted(GPT_VARIANTS))
+def gpt(request):
+    model = GPT(tiny_config(**GPT_VARIANTS[request.param]))
+    variables = model.init(jax.random.key(0), _prompt())
+    return model, variables, _next_logits(jax.jit(lambda t, p: model.apply(variables, t, prefix_lengths=p)))
+
+
+@pytest.fixture(scope="module", params=["softmax", "linear"])
+def seq2seq(request):
+    model = EncoderDecoder(tiny_config("encoder_decoder", attention=request.param))
+    src = _prompt(l=7, seed=1)
+    variables = model.init(jax.random.key(0), src, src[:, :3])
+    return model, variables, _next_logits(jax.jit(lambda t, s: model.apply(variables, s, t))), src
+
+
+def test_gpt_greedy_equals_recompute(gpt):
+    model, variables, apply = gpt
+    prompt = _prompt()
+    want = reference.greedy(lambda t: apply(t, None), np.asarray(prompt), 7)
+    np.testing.assert_array_equal(ffl.generate(model, variables, prompt, 7), want)
+
+
+def test_gpt_prefix_lm_prompt_equals_recompute(gpt):
+    model, variables, apply = gpt
+    prompt = _prompt()
+    prefix = jnp.array([5, 5])
+    want = reference.greedy(lambda t: apply(t, jnp.array([5, 5, 5])), np.asarray(prompt), 6)
+    got = ffl.generate(model, variables, prompt, 6, prefix_lengths=prefix)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_gpt_beam_search_equals_recompute(gpt):
+    model, variables, apply = gpt
+    prompt = _prompt()
+    seqs, scores = ffl.beam_search(model, variables, prompt, 4, beam_size=3, length_penalty=0.6, eos_id=5)
+    for row in range(2):
+        want = reference.beam_search(lambda t: apply(t, None), list(np.asarray(prompt[row])), 4, 3, 0.6, 5, 0)
+        np.testing.assert_array_equal(seqs[row], np.array([w[0] for w in want]))
+        np.testing.assert_allclose(scores[row], [w[1] for w in want], rtol=1e-4, atol=1e-4)
+
+
+def test_seq2seq_greedy_and_beam_equal_recompute(seq2seq):
+    model, variables, apply, src = seq2seq
+    start = np.full((2, 1), model.cfg.bos_id)
+    src3 = jnp.concatenate([src, src[:1]])  # the recompute runs 3 rows
+    want = reference.greedy(lambda t: apply(t, src3), start, 6)
+    np.testing.assert_array_equal(ffl.generate(model, variables, src, 6), want)
+    seqs, scores = ffl.beam_search(model, variables, src, 4, beam_size=3, eos_id=5)
+    for row in range(2):
+        want = reference.beam_search(lambda t: apply(t, jnp.repeat(src[row:row + 1], 3, 0)), [model.cfg.bos_id],
+                                     4, 3, 0.6, 5, 0)
+        np.testing.assert_array_equal(seqs[row], np.array([w[0] for w in want]))
+        np.testing.assert_allclose(scores[row], [w[1] for w in want], rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def gpt_softmax():
+    model = GPT(tiny_config())
+    variables = model.init(jax.random.key(0), _prompt())
+    return model, variables, _next_logits(jax.jit(lambda t, p: model.apply(variables, t, prefix_lengths=p)))
+
+
+def test_beam_of_one_is_greedy(gpt_softmax):
+    model, variables, _ = gpt_softmax
+    prompt = _prompt()
+    seqs, _ = ffl.beam_search(model, variables, prompt, 5, beam_size=1, length_penalty=0.0)
+    np.testing.assert_array_equal(seqs[:, 0], ffl.generate(model, variables, prompt, 5))
+
+
+def test_eos_stops_rows_and_pads(gpt_softmax):
+    model, variables, _ = gpt_softmax
+    prompt = _prompt()
+    free = np.asarray(ffl.generate(model, variables, prompt, 8))
+    eos = int(free[0, 5 + 2])  # the third new token of row 0 becomes EOS
+    out = np.asarray(ffl.generate(model, variables, prompt, 8, eos_id=eos))
+    for row in range(2):
+        new = list(free[row, 5:])
+        stop = new.index(eos) if eos in new else None
+        if stop is None:
+            np.testing.assert_array_equal(out[row], free[row])
+        else:
+            np.testing.assert_array_equal(out[row, :5 + stop + 1], free[row, :5 + stop + 1])
+            assert (out[row, 5 + stop + 1:] == model.cfg.pad_id).all()
+
+
+def test_sampling(gpt_softmax):
+    model, variables, apply = gpt_softmax
+    prompt = _prompt()
+    greedy = ffl.generate(model, variables, prompt, 5)
+    key = jax.random.key(3)
+    np.testing.assert_array_equal(ffl.generate(model, variables, prompt, 5, temperature=1.0, top_k=1, rng=key), greedy)
+    np.testing.assert_array_equal(ffl.generate(model, variables, prompt, 5, temperature=1.0, top_p=1e-6, rng=key),
+                                  greedy)
+    a = ffl.generate(model, variables, prompt, 5, temperature=2.0, rng=key)
+    np.testing.assert_array_equal(a, ffl.generate(model, variables, prompt, 5, temperature=2.0, rng=key))
+    assert not np.array_equal(a, ffl.generate(model, variables, prompt, 5, temperature=2.0, rng=jax.random.key(4)))
+    first = ffl.generate(model, variables, jnp.repeat(prompt[:1], 64, 0), 1, temperature=1.0, top_k=5, rng=key)
+    top5 = set(np.argsort(-apply(prompt[:1], None)[0])[:5])
+    assert set(np.asarray(first[:, -1])) <= top5
+
+
+def test_sample_logits_nucleus_and_top_k():
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+    rngs = jax.random.split(jax.random.key(0), 400)
+    draw = lambda **kw: np.array([int(sample_logits(logits, r, 1.0, **kw)[0]) for r in rngs[:200]])
+    assert set(draw(top_p=0.7)) == {0, 1}  # 0.5 < 0.7, then 0.8 >= 0.7: the nucleus is the first two
+    assert set(draw(top_k=3)) == {0, 1, 2}
+    counts = np.bincount(draw(), minlength=4) / 200
+    assert abs(counts[0] - 0.5) < 0.1 and counts[3] < 0.12
+
+
+def test_linear_decode_state_does_not_grow():
+    """Linear attention caches a recurrent state: its size does not depend on how long the sequence gets."""
+    model = GPT(tiny_config(attention="linear"))
+    params = model.init(jax.random.key(0), _prompt())["params"]
+    sizes = {n: sum(x.size for x in jax.tree_util.tree_leaves(_init_cache(_Task(model, n), params, _prompt(), 5 + n, 2)))
+             for n in (8, 40)}
+    assert sizes[8] == sizes[40]
+    softmax = GPT(tiny_config())
+    grow = [sum(x.size for x in jax.tree_util.tree_leaves(_init_cache(_Task(softmax, n), params, _prompt(), 5 + n, 2)))
+            for n in (8, 40)]
+    assert grow[1] > grow[0]
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(prompt=jnp.zeros((5,), jnp.int32)), "prompt must be int"),
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(max_new_tokens=44), "> max_len 48"),
+    (dict(prefix_lengths=jnp.array([1, 2, 3])), "prefix_lengths"),
+    (dict(temperature=-1.0), "temperature"),
+    (dict(temperature=1.0), "needs rng"),
+    (dict(top_k=0, temperature=1.0, rng=jax.random.key(0)), "top_k"),
+    (dict(top_p=1.5, temperature=1.0, rng=jax.random.key(0)), "top_p"),
+])
+def test_generate_bad_input(kwargs, match):
+    model = GPT(tiny_config())
+    variables = model.init(jax.random.key(0), _prompt())
+    args = dict(prompt=_prompt(), max_new_tokens=4)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        ffl.generate(model, variables, args.pop("prompt"), args.pop("max_new_tokens"), **args)
+
+
+def test_beam_and_model_kind_errors():
+    model = GPT(tiny_config())
+    variables = model.init(jax.random.key(0), _prompt())
+    with pytest.raises(ValueError, match="beam_size"):
+        ffl.beam_search(model, variables, _prompt(), 3, beam_size=0)
+    bert = BERT(tiny_config("bert"))
+    with pytest.raises(ValueError, match="GPT or EncoderDecoder"):
+        ffl.generate(bert, bert.init(jax.random.key(0), _prompt()), _prompt(), 3)
