@@ -170,30 +170,14 @@ def _generate(task: _Task, sampling, params, prompt, rng, prefix_lengths, src_pa
 
 
 # -- beam search ---------------------------------------------------------------------------------------------------
-def _reorder_cache(cache, origin):
-    """Gather every cache row by ``origin [b*k]``; scanned layers keep the batch on axis 1."""
-    def gather(path, leaf):
-        if leaf.ndim == 0:
-            return leaf
+def _map_rows(cache, fn):
+    """Apply ``fn(leaf, batch_axis)`` to every cache leaf with a batch axis: axis 0, or axis 1 under scanned
+    layers (whose leaves are stacked per layer); scalars (the decode index) are left alone."""
+    def visit(path, leaf):
         scanned = any(getattr(p, "key", None) == "layers" for p in path)
-        if scanned and leaf.ndim == 1:  # per-layer scalars
-            return leaf
-        return jnp.take(leaf, origin, axis=1 if scanned else 0)
+        return leaf if leaf.ndim <= int(scanned) else fn(leaf, int(scanned))
 
-    return jax.tree_util.tree_map_with_path(gather, cache)
-
-
-def _repeat_rows(tree, beams):
-    """Repeat each batch row ``beams`` times (rows b*k + j are copies of row b), also inside scanned caches."""
-    def rep(path, leaf):
-        if leaf.ndim == 0:
-            return leaf
-        scanned = any(getattr(p, "key", None) == "layers" for p in path)
-        if scanned and leaf.ndim == 1:
-            return leaf
-        return jnp.repeat(leaf, beams, axis=1 if scanned else 0)
-
-    return jax.tree_util.tree_map_with_path(rep, tree)
+    return jax.tree_util.tree_map_with_path(visit, cache)
 
 
 def length_penalty_factor(lengths, alpha: float):
@@ -227,7 +211,7 @@ def _beam_search(task: _Task, opts, params, prompt, prefix_lengths, src_padding_
     pad = task.model.cfg.pad_id
     logits, cache, encoded, start = _prefill(task, params, prompt, prefix_lengths, src_padding_mask)
     b, n = prompt.shape[0], task.new_tokens
-    cache = _repeat_rows(cache, beams)
+    cache = _map_rows(cache, lambda x, axis: jnp.repeat(x, beams, axis=axis))  # row r*k + j copies row r
     if encoded is not None:
         encoded = jnp.repeat(encoded, beams, axis=0)
         src_padding_mask = None if src_padding_mask is None else jnp.repeat(src_padding_mask, beams, axis=0)
@@ -251,7 +235,7 @@ def _beam_search(task: _Task, opts, params, prompt, prefix_lengths, src_padding_
         finished = finished_before | (token == eos_id) if eos_id is not None else finished_before
         tokens = jnp.take_along_axis(tokens, origin[..., None], axis=1).at[:, :, t].set(token)
         rows = (origin + jnp.arange(b)[:, None] * beams).reshape(-1)
-        cache = _reorder_cache(cache, rows)
+        cache = _map_rows(cache, lambda x, axis: jnp.take(x, rows, axis=axis))
         logits, cache = jax.lax.cond(t + 1 < n, lambda: _step(task, params, cache, token.reshape(-1), encoded,
                                                                src_padding_mask), lambda: (logits, cache))
         return (scores, finished, lengths, tokens, cache, logits), None

@@ -11,8 +11,8 @@ import pytest
 
 import reference
 from cases import tiny_config
-from flaxformer_lite.models import (BERT, GPT, EncoderDecoder, ModelConfig, MultipleChoice, SequenceClassifier,
-                                    TokenClassifier, build, list_presets, preset)
+from flaxformer_lite.models import (BERT, GPT, EncoderDecoder, MultipleChoice, SequenceClassifier, TokenClassifier,
+                                    build, list_presets, preset)
 
 BERT_HEADS = ("mlm_transform", "mlm_norm", "mlm_bias", "nsp")
 # Hugging Face's counts: GPT2LMHeadModel (tied), BertModel (with pooler) and BertForPreTraining.

@@ -10,4 +10,5 @@ def test_readme_python_example_runs(capsys):
     assert blocks, "README.md has no python example"
     for block in blocks:
         exec(compile(block, "README.md", "exec"), {})
-    assert "(2, 1000, 8, 64)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "(2, 1000, 8, 64)" in out and "(1, 4, 4096) (1, 12) (1, 4, 12)" in out
