@@ -1,0 +1,236 @@
+"""The experiment config tree: frozen dataclasses, YAML files, dotted ``key.sub=value`` overrides, validation.
+
+    cfg = load_config("configs/gpt-tiny.yaml", ["train.steps=100", "model.attention=linear"])
+
+Every key is typed; an unknown key or a value of the wrong type fails before any work, listing the valid keys or
+choices. ``model.preset`` names a `ModelConfig` preset and the other ``model.*`` keys override it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .models.config import ModelConfig, preset
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Corpus, tokenizer and objective.
+
+    path: '' for the built-in corpus (docstrings of the installed Python standard library), else a file, glob,
+    directory saved with ``save_to_disk``, or a hub dataset name. objective: causal_lm | prefix_lm | mlm |
+    span_corruption | seq2seq.
+    """
+
+    path: str = ""
+    format: str = "auto"
+    text_field: str = "text"
+    source_field: str = "source"
+    target_field: str = "target"
+    objective: str = "causal_lm"
+    tokenizer: str = ""
+    vocab_size: int = 4096
+    tokenizer_type: str = "unigram"
+    character_coverage: float = 0.9995
+    byte_fallback: bool = True
+    normalization: str = "nmt_nfkc"
+    eval_fraction: float = 0.02
+    mlm_probability: float = 0.15
+    noise_density: float = 0.15
+    mean_span_length: float = 3.0
+    prefix_fraction: float = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """Optax optimizer and schedule. schedule: cosine (linear warmup + cosine) | noam | constant."""
+
+    name: str = "adamw"
+    lr: float = 1e-3
+    schedule: str = "cosine"
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0
+    grad_accum: int = 1
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The loop: steps, batch, length, logging, evaluation, checkpoints, run folder, seed, samples at the end."""
+
+    steps: int = 600
+    batch_size: int = 16
+    seq_len: int = 128
+    log_every: int = 20
+    eval_every: int = 200
+    eval_batches: int = 4
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 3
+    run_dir: str = "runs/default"
+    seed: int = 0
+    samples: int = 3
+    sample_tokens: int = 40
+    progress: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelConfig:
+    """mode: jit (NamedSharding over a mesh) | pmap. mesh: comma-separated ``axis=size`` over data, fsdp, tensor;
+    -1 takes the remaining devices (default ``data=-1``)."""
+
+    mode: str = "jit"
+    mesh: str = "data=-1"
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    """Multi-host set-up for `jax.distributed.initialize`; empty/negative values defer to its environment."""
+
+    coordinator: str = ""
+    num_processes: int = 0
+    process_id: int = -1
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    """The whole run."""
+
+    model: ModelConfig = dataclasses.field(default_factory=lambda: preset("gpt-tiny"))
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+
+
+CHOICES = {
+    "data.format": ("auto", "text", "json", "csv", "parquet", "saved", "hub"),
+    "data.objective": ("causal_lm", "prefix_lm", "mlm", "span_corruption", "seq2seq"),
+    "data.tokenizer_type": ("unigram", "bpe"),
+    "data.normalization": ("nmt_nfkc", "nfkc", "identity", "nmt_nfkc_cf", "nfkc_cf"),
+    "optim.name": ("adamw", "adam"),
+    "optim.schedule": ("cosine", "noam", "constant"),
+    "parallel.mode": ("jit", "pmap"),
+}
+
+
+def _field_type(cls, name):
+    return typing.get_type_hints(cls)[name]
+
+
+def _coerce(key: str, value: Any, kind) -> Any:
+    """Check (and where lossless, convert) ``value`` to the annotated type ``kind``."""
+    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
+        options = [k for k in typing.get_args(kind) if k is not type(None)]
+        if value is None:
+            return None
+        return _coerce(key, value, options[0])
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is bool and isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    if kind in (int, float, bool, str) and not (isinstance(value, kind) and not (kind is int and isinstance(value, bool))):
+        raise ValueError(f"{key} must be {kind.__name__}, got {value!r} ({type(value).__name__})")
+    if key in CHOICES and value not in CHOICES[key]:
+        raise ValueError(f"{key} must be one of {list(CHOICES[key])}, got {value!r}")
+    return value
+
+
+def _build(cls, values: dict, prefix: str):
+    """A ``cls`` from nested ``values``; unknown keys raise listing the valid ones."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields) - ({"preset"} if cls is ModelConfig else set()))
+    if unknown:
+        raise ValueError(f"unknown config key {prefix}{unknown[0]}; valid keys under {prefix or 'the top level'}: "
+                         f"{sorted(fields) + (['preset'] if cls is ModelConfig else [])}")
+    kwargs = {}
+    for name, value in values.items():
+        if name == "preset":
+            continue
+        kind = _field_type(cls, name)
+        if dataclasses.is_dataclass(kind):
+            if not isinstance(value, dict):
+                raise ValueError(f"{prefix}{name} must be a mapping of keys, got {value!r}")
+            kwargs[name] = _build(kind, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(f"{prefix}{name}", value, kind)
+    if cls is ModelConfig:
+        return dataclasses.replace(preset(values.get("preset", "gpt-tiny")), **kwargs)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    for part in parts[:-1]:
+        tree = tree.setdefault(part, {})
+        if not isinstance(tree, dict):
+            raise ValueError(f"override {key}: {part} is not a section")
+    tree[parts[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["train.steps=10", "model.attention=linear"]`` -> nested dict; values are parsed as YAML scalars."""
+    tree: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like key.sub=value (see --help for the keys)")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read a YAML file (optional), apply dotted overrides, and validate everything."""
+    values: dict = {}
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"--config {path}: no such file")
+        values = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"--config {path}: the top level must be a mapping of sections")
+    values = _merge(values, parse_overrides(overrides or []))
+    return _build(ExperimentConfig, values, "")
+
+
+def to_dict(cfg) -> dict:
+    """A plain nested dict of the config (for YAML and checkpoints)."""
+    return dataclasses.asdict(cfg)
+
+
+def describe_keys() -> list[tuple[str, str, str]]:
+    """``(key, type, default)`` for every config key, for ``--help``."""
+    rows = []
+
+    def walk(cls, obj, prefix):
+        for f in dataclasses.fields(cls):
+            kind, value = _field_type(cls, f.name), getattr(obj, f.name)
+            if dataclasses.is_dataclass(kind):
+                walk(kind, value, f"{prefix}{f.name}.")
+            else:
+                choices = CHOICES.get(f"{prefix}{f.name}")
+                name = getattr(kind, "__name__", str(kind).replace("typing.", ""))
+                rows.append((f"{prefix}{f.name}", name + (f" {list(choices)}" if choices else ""), repr(value)))
+        if cls is ModelConfig:
+            rows.append((f"{prefix}preset", "str (a ModelConfig preset)", "'gpt-tiny'"))
+
+    walk(ExperimentConfig, ExperimentConfig(), "")
+    return rows

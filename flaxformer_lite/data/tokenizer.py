@@ -1,0 +1,121 @@
+"""SentencePiece tokenizers: train one from a corpus (unigram or BPE) with the special tokens every objective needs,
+save it next to the run, and load it back.
+
+Ids: pad 0, unk 1, bos 2, eos 3, then ``<mask>``, ``<cls>``, ``<sep>`` (BERT) and sentinels ``<extra_id_0..31>``
+(T5 span corruption).
+"""
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Iterable
+
+import sentencepiece as spm
+
+SPECIAL = {"pad": 0, "unk": 1, "bos": 2, "eos": 3}
+USER_SYMBOLS = ["<mask>", "<cls>", "<sep>"] + [f"<extra_id_{i}>" for i in range(32)]
+NORMALIZATIONS = ("nmt_nfkc", "nfkc", "identity", "nmt_nfkc_cf", "nfkc_cf")
+
+
+class Tokenizer:
+    """A trained SentencePiece model with named special ids. ``encode(str) -> list[int]``, ``decode(ids) -> str``."""
+
+    def __init__(self, model_proto: bytes):
+        self.proto = model_proto
+        self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        self.pad_id, self.unk_id, self.bos_id, self.eos_id = (SPECIAL[k] for k in ("pad", "unk", "bos", "eos"))
+        self.mask_id, self.cls_id, self.sep_id = (self.sp.piece_to_id(p) for p in USER_SYMBOLS[:3])
+        self.sentinel_ids = [self.sp.piece_to_id(p) for p in USER_SYMBOLS[3:]]
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids."""
+        return self.sp.get_piece_size()
+
+    @property
+    def special_ids(self) -> set[int]:
+        """Ids that are not text (never masked or corrupted)."""
+        return {self.pad_id, self.unk_id, self.bos_id, self.eos_id, self.mask_id, self.cls_id, self.sep_id,
+                *self.sentinel_ids}
+
+    def encode(self, text: str) -> list[int]:
+        """Text -> ids (no bos/eos added)."""
+        return self.sp.encode(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Texts -> ids, in one call."""
+        return self.sp.encode(texts)
+
+    def decode(self, ids) -> str:
+        """Ids -> text; special ids other than unk are dropped."""
+        skip = self.special_ids - {self.unk_id}
+        return self.sp.decode([int(i) for i in ids if int(i) not in skip])
+
+    def save(self, path: str | Path) -> Path:
+        """Write the ``.model`` file (atomically)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(self.proto)
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Tokenizer":
+        """Read a ``.model`` file written by `save` (or any SentencePiece model with the same special tokens)."""
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"tokenizer {path}: no such file")
+        tok = cls(path.read_bytes())
+        if tok.sp.id_to_piece(tok.eos_id) != "</s>" or tok.mask_id == tok.unk_id:
+            raise ValueError(f"tokenizer {path} lacks this project's special tokens (pad/unk/bos/eos = 0/1/2/3 and "
+                             f"{USER_SYMBOLS[:3]}); train one with flaxformer_lite.data.train_tokenizer")
+        return tok
+
+
+def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 4096, model_type: str = "unigram",
+                    character_coverage: float = 0.9995, byte_fallback: bool = True,
+                    normalization: str = "nmt_nfkc", max_sentences: int = 2_000_000) -> Tokenizer:
+    """Train a SentencePiece model on ``texts`` (each split into lines).
+
+    Args: vocab_size; model_type ``"unigram"`` or ``"bpe"``; character_coverage (1.0 for scripts with many
+    characters, e.g. Chinese); byte_fallback (unknown characters become bytes, so nothing is lost);
+    normalization (``"identity"`` keeps text byte-exact).
+    """
+    if model_type not in ("unigram", "bpe"):
+        raise ValueError(f"tokenizer_type must be 'unigram' or 'bpe', got {model_type!r}")
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+    minimum = len(SPECIAL) + len(USER_SYMBOLS) + 1
+    if vocab_size <= minimum:
+        raise ValueError(f"vocab_size must exceed {minimum} (special tokens), got {vocab_size}")
+
+    def lines():
+        for text in texts:
+            for line in text.splitlines():
+                if line.strip():
+                    yield line
+
+    model = io.BytesIO()
+    try:
+        _train(model, lines(), vocab_size, model_type, character_coverage, byte_fallback, normalization,
+               max_sentences)
+    except RuntimeError as err:
+        if "required_chars" in str(err) or "Vocabulary size" in str(err):
+            raise ValueError(f"vocab_size {vocab_size} is too small for character_coverage {character_coverage} on "
+                             f"this corpus ({str(err).split('.')[-3].strip()}); raise data.vocab_size or lower "
+                             "data.character_coverage (byte_fallback keeps rare characters as bytes)") from None
+        raise
+    return Tokenizer(model.getvalue())
+
+
+def _train(model, sentences, vocab_size, model_type, character_coverage, byte_fallback, normalization, max_sentences):
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=sentences, model_writer=model, vocab_size=vocab_size, model_type=model_type,
+        character_coverage=character_coverage, byte_fallback=byte_fallback,
+        normalization_rule_name=normalization, pad_id=0, unk_id=1, bos_id=2, eos_id=3,
+        user_defined_symbols=USER_SYMBOLS, input_sentence_size=max_sentences, shuffle_input_sentence=True,
+        hard_vocab_limit=False, minloglevel=2, num_threads=os.cpu_count() or 1,
+        remove_extra_whitespaces=normalization != "identity", split_digits=True)
+
