@@ -1,0 +1,88 @@
+"""Metrics: the ``metrics.jsonl`` log (one JSON object per logged step), model FLOPs per token, the matmul ceiling
+measured in this process (for MFU), and turning a step's sums into readable numbers."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class MetricsLog:
+    """Appends JSON lines to ``path``. On resume from step s, lines past s (logged after the last checkpoint, then
+    lost) are dropped first, so the file reads as one uninterrupted run."""
+
+    def __init__(self, path: str | Path, resume_from: int = 0, enabled: bool = True):
+        self.path, self.enabled = Path(path), enabled
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_from]
+            self.path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict) -> None:
+        """Append one record."""
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps({k: _plain(v) for k, v in record.items()}) + "\n")
+
+
+def _plain(value):
+    if isinstance(value, (np.generic, jax.Array)):
+        return value.item()
+    return value
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """All records of a ``metrics.jsonl``."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def summarize(sums: dict, **extra) -> dict:
+    """A step's device sums -> ``loss``, per-term losses/accuracies, ``grad_norm`` and the given extras."""
+    out = {**extra, "loss": float(sums["loss"]), "grad_norm": float(sums["grad_norm"])}
+    for term in ("lm", "mlm", "nsp"):
+        if f"{term}_weight" in sums:
+            w = max(float(sums[f"{term}_weight"]), 1.0)
+            prefix = "" if term == "lm" else f"{term}_"
+            out[f"{prefix}accuracy"] = float(sums[f"{term}_correct"]) / w
+            if term != "lm":
+                out[f"{term}_loss"] = float(sums[f"{term}_nll"]) / w
+    return out
+
+
+def count_params(params) -> int:
+    """Number of parameters in a tree."""
+    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
+
+
+def flops_per_token(params, model_cfg, seq_len: int) -> float:
+    """Training FLOPs per token: 6 N (N = parameters, position table excluded) plus attention 12 L T d
+    (Kaplan et al. / PaLM appendix B), forward and backward."""
+    n = count_params(params)
+    positions = params.get("embedder", {}).get("position", {}).get("embedding") if isinstance(params, dict) else None
+    if positions is not None:
+        n -= int(np.prod(positions.shape))
+    layers = model_cfg.num_layers + (model_cfg.decoder_layers if model_cfg.model == "encoder_decoder" else 0)
+    width = model_cfg.num_heads * model_cfg.resolved_head_dim
+    return 6.0 * n + 12.0 * layers * seq_len * width
+
+
+def matmul_ceiling(size: int = 1024, repeats: int = 5) -> float:
+    """FLOP/s of a float32 ``size``-square matmul on this process's devices, measured now (the MFU denominator)."""
+    x = jnp.ones((size, size), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    f(x).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(x).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    # CPU "devices" (jax_num_cpu_devices) share the same cores: one measurement is the whole machine.
+    devices = 1 if jax.default_backend() == "cpu" else jax.local_device_count()
+    return 2.0 * size ** 3 / best * devices

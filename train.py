@@ -1,0 +1,118 @@
+"""Pre-train a model from one command.
+
+    python train.py                                   # gpt-tiny on the built-in corpus, a few minutes on a CPU
+    python train.py --config configs/bert-tiny.yaml train.steps=200
+    python train.py --config configs/gpt-tiny.yaml data.path=../shared/data/tinyshakespeare.txt train.run_dir=runs/tiny
+
+Writes ``train.run_dir``: config.yaml, tokenizer.model, metrics.jsonl, checkpoints/, samples.txt. Running the same
+command again resumes from the latest checkpoint. ``--help`` lists every key.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from pathlib import Path
+
+import yaml
+
+
+def _help_text() -> str:
+    from flaxformer_lite.config import describe_keys
+    rows = describe_keys()
+    width = max(len(k) for k, _, _ in rows)
+    return "config keys (key=value overrides; defaults shown):\n" + "\n".join(
+        f"  {k:<{width}}  {t}  default {d}" for k, t, d in rows)
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser(description=__doc__, epilog=_help_text() if "--help" in argv or "-h" in argv
+                                     else None, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML config file (see configs/)")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=100")
+    return parser.parse_args(argv)
+
+
+def _init_distributed(dist) -> None:
+    import jax
+    env = any(os.environ.get(k) for k in ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS"))
+    if dist.num_processes > 1 or dist.coordinator or env:
+        kwargs = {}
+        if dist.coordinator:
+            kwargs["coordinator_address"] = dist.coordinator
+        if dist.num_processes > 0:
+            kwargs["num_processes"] = dist.num_processes
+        if dist.process_id >= 0:
+            kwargs["process_id"] = dist.process_id
+        jax.distributed.initialize(**kwargs)
+
+
+def _sample_fn(model, data, cfg):
+    """Continuations of a few held-out prompts (language models only)."""
+    import jax
+    import jax.numpy as jnp
+
+    import flaxformer_lite as ffl
+    if cfg.train.samples <= 0 or data.objective not in ("causal_lm", "prefix_lm", "span_corruption"):
+        return None
+    tok = data.tokenizer
+
+    def sample(params):
+        batch = data.eval.batch(0)
+        prompts = jnp.asarray((batch["tokens"] if "tokens" in batch else batch["src"])[:cfg.train.samples, :16])
+        n = min(cfg.train.sample_tokens, model.cfg.max_len - (0 if "src" in batch else 16) - 1)
+        out = ffl.generate(model, {"params": params}, prompts, n, temperature=0.8, top_k=40,
+                           rng=jax.random.PRNGKey(cfg.train.seed), eos_id=tok.eos_id)
+        start = 0 if "src" in batch else 16
+        return [f"{tok.decode(p)} ||| {tok.decode(o[start:])}" for p, o in zip(prompts.tolist(), out.tolist())]
+    return sample
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = _parse(argv)
+    from flaxformer_lite.config import load_config, to_dict
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ValueError as err:
+        print(f"train.py: error: {err}", file=sys.stderr)
+        return 2
+    _init_distributed(cfg.distributed)
+    import jax
+
+    from flaxformer_lite.data import build_data
+    from flaxformer_lite.models import build
+    from flaxformer_lite.training import NonFiniteLoss, make_task, train
+    run_dir = Path(cfg.train.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        data = build_data(cfg.data, seq_len=cfg.train.seq_len, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
+                          run_dir=run_dir, process_index=jax.process_index(), process_count=jax.process_count())
+        tok = data.tokenizer
+        model_cfg = dataclasses.replace(cfg.model, vocab_size=tok.vocab_size, pad_id=tok.pad_id, bos_id=tok.bos_id,
+                                        eos_id=tok.eos_id)
+        if cfg.train.seq_len > model_cfg.max_len:
+            raise ValueError(f"train.seq_len ({cfg.train.seq_len}) > model.max_len ({model_cfg.max_len})")
+        cfg = dataclasses.replace(cfg, model=model_cfg)
+        model = build(model_cfg)
+        task = make_task(cfg.data.objective, model, model_cfg.model, label_smoothing=cfg.optim.label_smoothing,
+                         z_loss=cfg.optim.z_loss)
+    except ValueError as err:
+        print(f"train.py: error: {err}", file=sys.stderr)
+        return 2
+    if jax.process_index() == 0:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    try:
+        outcome = train(cfg, model, data, task, sample_fn=_sample_fn(model, data, cfg))
+    except NonFiniteLoss as err:
+        print(f"train.py: stopped: {err}", file=sys.stderr)
+        return 3
+    print(f"done: step {outcome.step}; " + ", ".join(f"{k} {v:.4g}" for k, v in {**outcome.last_metrics,
+                                                                                  **outcome.last_eval}.items()
+                                                     if isinstance(v, float)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
