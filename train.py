@@ -103,6 +103,8 @@ def main(argv=None) -> int:
         return 2
     if jax.process_index() == 0:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        print(f"{data.num_train_examples:,} training examples; tokenizer {tok.vocab_size} ids; unigram entropy of the "
+              f"training tokens {data.unigram_entropy:.3f} nats (a model that ignores context gets no lower)")
     try:
         outcome = train(cfg, model, data, task, sample_fn=_sample_fn(model, data, cfg))
     except NonFiniteLoss as err:

@@ -50,6 +50,7 @@ class Data:
     eval: Loader
     objective: str
     num_train_examples: int
+    unigram_entropy: float  # nats per token of the training documents: the loss a model without context reaches
 
 
 def split_documents(n: int, eval_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -76,12 +77,21 @@ def build_data(data, *, seq_len: int, batch_size: int, seed: int, run_dir: str |
         make = lambda idx: _seq2seq_pool([(tok.encode(texts[i]), tok.encode(targets[i])) for i in idx], seq_len, ids)
     else:
         make = lambda idx: _pool(data, tok.encode_batch([texts[i] for i in idx]), seq_len, ids)
+    train_tokens = tok.encode_batch([texts[i] for i in train_idx])
+    entropy = unigram_entropy(train_tokens, tok.vocab_size)
     loaders = []
     for idx, is_train in ((train_idx, True), (eval_idx, False)):
         size, make_batch = make(idx)
         loaders.append(Loader(size, batch_size, make_batch, seed=seed if is_train else seed + 1,
                               process_index=process_index, process_count=process_count, shuffle=is_train))
-    return Data(tok, loaders[0], loaders[1], data.objective, loaders[0].num_examples)
+    return Data(tok, loaders[0], loaders[1], data.objective, loaders[0].num_examples, entropy)
+
+
+def unigram_entropy(docs: list[list[int]], vocab_size: int) -> float:
+    """Entropy (nats) of the token frequencies in ``docs``."""
+    counts = np.bincount(np.concatenate([np.asarray(d, np.int64) for d in docs if len(d)]), minlength=vocab_size)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
 
 
 def _pool(data, docs: list[list[int]], seq_len: int, ids) -> tuple[int, callable]:

@@ -152,7 +152,8 @@ def train(cfg, model, data, task, *, sample_fn=None) -> Outcome:
                 batch = shard_for_pmap(batch, setup["n"])
             setup["state"], metrics = setup["step"](setup["state"], batch)
             done = step + 1
-            last = done == tc.steps or stop.requested
+            stopping = stop.requested  # read once: a signal arriving later in this step is handled next step
+            last = done == tc.steps or stopping
             if done % tc.log_every == 0 or last:
                 metrics = jax.device_get(metrics if setup["n"] is None else unreplicate(metrics))
                 if not np.isfinite(metrics["loss"]):
@@ -171,13 +172,14 @@ def train(cfg, model, data, task, *, sample_fn=None) -> Outcome:
                 log.write({"step": done, **last_eval})
             if done % tc.checkpoint_every == 0 or last:
                 _save(ckpt, setup, done, cfg)
-            if stop.requested:
+            if stopping:
                 console.print(f"SIGTERM: saved step {done}; exiting")
                 break
     ckpt.close()
-    if sample_fn is not None and not stop.requested and jax.process_index() == 0:
+    stopped = done < tc.steps
+    if sample_fn is not None and not stopped and jax.process_index() == 0:
         _write_samples(run_dir, sample_fn(params()))
-    return Outcome(done, stop.requested, last_metrics, last_eval)
+    return Outcome(done, stopped, last_metrics, last_eval)
 
 
 def _save(ckpt: Checkpoints, setup: dict, step: int, cfg) -> None:

@@ -42,18 +42,20 @@ def parse_mesh(spec: str, num_devices: int) -> dict[str, int]:
         if num_devices % fixed:
             raise ValueError(f"parallel.mesh {spec!r}: {num_devices} devices do not divide by {fixed}")
         sizes[free[0]] = num_devices // fixed
-    if int(np.prod(list(sizes.values()))) != num_devices:
-        raise ValueError(f"parallel.mesh {spec!r} covers {int(np.prod(list(sizes.values())))} devices, "
+    if int(np.prod(list(sizes.values()))) > num_devices:
+        raise ValueError(f"parallel.mesh {spec!r} needs {int(np.prod(list(sizes.values())))} devices, "
                          f"but there are {num_devices}")
     return sizes
 
 
 def make_mesh(spec: str = "data=-1", devices=None) -> Mesh:
-    """A mesh with axes (data, fsdp, tensor) over ``devices`` (default: all), classic sharding propagation."""
+    """A mesh with axes (data, fsdp, tensor) over ``devices`` (default: all), classic sharding propagation.
+    A mesh smaller than the device count uses the first devices (e.g. ``data=1`` for one device)."""
     devices = jax.devices() if devices is None else devices
     sizes = parse_mesh(spec, len(devices))
+    used = int(np.prod(list(sizes.values())))
     return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES, axis_types=(AxisType.Auto,) * 3,
-                         devices=devices)
+                         devices=devices[:used])
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -103,7 +105,7 @@ def _apply(tx, state, grads, sums, weights):
     loss = sum(s["loss"] / jnp.maximum(weights[k], 1.0) for k, s in sums.items())
     new = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state, "step": state["step"] + 1,
            "rng": state["rng"], "finite": state["finite"] & jnp.isfinite(loss)}
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
                **{f"{k}_{m}": v for k, s in sums.items() for m, v in s.items()},
                **{f"{k}_weight": w for k, w in weights.items()}}
     return new, metrics
@@ -136,8 +138,9 @@ def pmap_train_step(task, tx, accum: int = 1):
 
 
 def replicate(tree, num_devices: int) -> Any:
-    """A copy of every leaf per device, stacked on a new leading axis (the pmap layout)."""
-    return jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (num_devices,) + x.shape), tree)
+    """A copy of every leaf per device, stacked on a new leading axis (the pmap layout). Built from host copies so
+    that pmap places them itself, whatever sharding the leaves had."""
+    return jax.tree_util.tree_map(lambda x: np.broadcast_to(np.asarray(x), (num_devices,) + x.shape), tree)
 
 
 def unreplicate(tree) -> Any:

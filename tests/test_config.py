@@ -1,0 +1,62 @@
+"""Experiment config: YAML + dotted overrides, type checks, unknown keys listing the valid ones, --help, and the CLI
+failing before any work on a bad key or value."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flaxformer_lite.config import describe_keys, load_config, parse_overrides
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_defaults_and_every_shipped_config_load():
+    cfg = load_config()
+    assert cfg.model.model == "gpt" and cfg.data.path == "" and cfg.parallel.mode == "jit"
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        load_config(path)
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  preset: bert-tiny\n  num_layers: 3\ntrain:\n  steps: 7\n")
+    cfg = load_config(path, ["train.steps=9", "optim.lr=1e-4", "model.attention=linear", "train.progress=false"])
+    assert (cfg.model.model, cfg.model.num_layers, cfg.model.embed_dim) == ("bert", 3, 128)  # preset + override
+    assert cfg.train.steps == 9 and cfg.optim.lr == 1e-4 and cfg.model.attention == "linear"
+    assert cfg.train.progress is False
+    assert parse_overrides(["a.b=1", "a.c=x"]) == {"a": {"b": 1, "c": "x"}}
+
+
+@pytest.mark.parametrize("override,match", [
+    ("train.stepz=3", r"unknown config key train.stepz; valid keys under train.: \[.*'steps'"),
+    ("nope.x=1", "unknown config key nope"),
+    ("train.steps=ten", "train.steps must be int"),
+    ("train.steps=1.5", "train.steps must be int"),
+    ("optim.schedule=linear", r"optim.schedule must be one of \['cosine', 'noam', 'constant'\]"),
+    ("parallel.mode=pmapp", "parallel.mode must be one of"),
+    ("model.activation=tanhh", "activation must be one of"),
+    ("model.preset=gpt5", "unknown preset"),
+    ("train.steps", "must look like key.sub=value"),
+    ("data.objective=clm", "data.objective must be one of"),
+])
+def test_bad_values_fail_listing_choices(override, match):
+    with pytest.raises(ValueError, match=match):
+        load_config(None, [override])
+
+
+def test_describe_keys_covers_the_documented_contract():
+    keys = {k for k, _, _ in describe_keys()}
+    assert {"train.steps", "train.batch_size", "train.seq_len", "train.log_every", "train.checkpoint_every",
+            "train.run_dir", "train.seed", "data.path", "parallel.mode", "parallel.mesh", "distributed.coordinator",
+            "distributed.num_processes", "distributed.process_id", "model.preset", "model.attention"} <= keys
+
+
+def test_cli_help_and_errors(tmp_path):
+    run = lambda *a: subprocess.run([sys.executable, str(ROOT / "train.py"), *a], capture_output=True, text=True,
+                                    timeout=120, cwd=tmp_path)
+    out = run("--help")
+    assert out.returncode == 0 and "train.steps" in out.stdout and "parallel.mesh" in out.stdout
+    bad = run("train.stepz=3", f"train.run_dir={tmp_path / 'r'}")
+    assert bad.returncode == 2 and "valid keys under train." in bad.stderr
+    assert not (tmp_path / "r").exists()  # failed before any work

@@ -1,0 +1,145 @@
+"""Data: corpora through datasets, the built-in corpus, tokenizers (incl. a byte-exact Chinese round trip), packing
+never crossing documents, MLM/NSP statistics, span corruption, and the deterministic, host-sharded loader."""
+import json
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+
+from flaxformer_lite.data import (Loader, Tokenizer, load_corpus, pack_documents, special_ids, stdlib_docstrings,
+                                  train_tokenizer)
+from flaxformer_lite.data.objectives import bert_mlm_nsp, causal_lm, span_corruption, span_lengths
+
+SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return list(load_corpus()["text"])
+
+
+@pytest.fixture(scope="module")
+def tok(corpus):
+    return train_tokenizer(corpus, vocab_size=1024)
+
+
+def test_builtin_corpus_is_real_text(corpus):
+    size = stdlib_docstrings().stat().st_size
+    assert 1_000_000 < size < 4_000_000 and len(corpus) > 3000
+    assert any("Return" in t for t in corpus[:200])
+
+
+def test_local_formats_and_errors(tmp_path):
+    (tmp_path / "a.txt").write_text("first paragraph\nstill first\n\nsecond paragraph\n")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"body": "x y"}) + "\n" + json.dumps({"body": "z"}) + "\n")
+    (tmp_path / "c.csv").write_text("text,label\nhello,1\nworld,0\n")
+    assert len(load_corpus(str(tmp_path / "a.txt"))) == 2
+    assert list(load_corpus(str(tmp_path / "b.jsonl"), text_field="body")["text"]) == ["x y", "z"]
+    assert list(load_corpus(str(tmp_path / "*.csv"))["text"]) == ["hello", "world"]
+    datasets.Dataset.from_dict({"text": ["saved one", "saved two"]}).save_to_disk(str(tmp_path / "saved"))
+    assert len(load_corpus(str(tmp_path / "saved"))) == 2
+    datasets.Dataset.from_dict({"text": ["p"]}).to_parquet(str(tmp_path / "d.parquet"))
+    assert list(load_corpus(str(tmp_path / "d.parquet"))["text"]) == ["p"]
+    with pytest.raises(ValueError, match="no such file"):
+        load_corpus(str(tmp_path / "missing.txt"))
+    with pytest.raises(ValueError, match="text_field 'nope'"):
+        load_corpus(str(tmp_path / "b.jsonl"), text_field="nope")
+
+
+def test_tokenizer_specials_save_load(tok, tmp_path, corpus):
+    assert (tok.pad_id, tok.unk_id, tok.bos_id, tok.eos_id) == (0, 1, 2, 3)
+    assert len({tok.mask_id, tok.cls_id, tok.sep_id, *tok.sentinel_ids}) == 35
+    text = corpus[10]
+    again = Tokenizer.load(tok.save(tmp_path / "t.model"))
+    assert again.encode(text) == tok.encode(text) and again.vocab_size == tok.vocab_size
+    assert tok.decode(tok.encode("Return the value.")) == "Return the value."
+    with pytest.raises(ValueError, match="vocab_size must exceed"):
+        train_tokenizer(corpus[:50], vocab_size=20)
+    with pytest.raises(ValueError, match="no such file"):
+        Tokenizer.load(tmp_path / "nope.model")
+
+
+@pytest.mark.skipif(not (SHARED / "zh_classics.txt").exists(), reason="needs ../shared/data")
+def test_chinese_round_trip_is_byte_exact():
+    text = (SHARED / "zh_classics.txt").read_text(encoding="utf-8")
+    tz = train_tokenizer([text], vocab_size=4000, character_coverage=0.98, byte_fallback=True,
+                         normalization="identity")
+    lines = [line for line in text.splitlines() if line]
+    assert all(tz.decode(tz.encode(line)) == line for line in lines)
+    with pytest.raises(ValueError, match="too small for character_coverage"):
+        train_tokenizer([text], vocab_size=4000, character_coverage=1.0, normalization="identity")
+
+
+def test_packing_never_crosses_documents():
+    docs = [list(range(10, 10 + n)) for n in (3, 9, 1, 14, 5, 6)]
+    rows, segs = pack_documents(docs, 8, eos_id=3)
+    stream = [t for d in docs for t in d + [3]]
+    np.testing.assert_array_equal(rows.reshape(-1), stream[:rows.size])
+    batch = causal_lm(rows, segs)
+    # a target is scored only if it continues the same document as its input token
+    doc_of = np.repeat(np.arange(len(docs)), [len(d) + 1 for d in docs])[:rows.size].reshape(rows.shape)
+    same_doc = doc_of[:, 1:] == doc_of[:, :-1]
+    np.testing.assert_array_equal(batch["loss_mask"] > 0, same_doc)
+    assert (segs[:, 0] == 1).all()
+
+
+def test_mlm_masking_statistics(tok, corpus):
+    ids = special_ids(tok)
+    chunks = [c[:120] for c in tok.encode_batch(corpus[:400]) if len(c) >= 8]
+    rngs = [np.random.default_rng(i) for i in range(len(chunks))]
+    b = bert_mlm_nsp(chunks, np.arange(len(chunks)), rngs, 128, ids, 0.15)
+    eligible = b["padding_mask"] & ~np.isin(b["mlm_targets"], list(ids.special))
+    masked = b["mlm_mask"] > 0
+    assert not (masked & ~eligible).any()  # never a special token or padding
+    assert abs(masked.sum() / eligible.sum() - 0.15) < 0.01
+    as_mask = (b["tokens"] == ids.mask) & masked
+    kept = (b["tokens"] == b["mlm_targets"]) & masked
+    assert abs(as_mask.sum() / masked.sum() - 0.8) < 0.02
+    assert abs(kept.sum() / masked.sum() - 0.1) < 0.02  # (a random token equal to the original counts as kept)
+    assert abs(b["nsp_labels"].mean() - 0.5) < 4 * 0.5 / np.sqrt(len(chunks))  # 4 sigma of a fair coin
+    first_sep = np.argmax(b["tokens"] == ids.sep, 1)
+    assert (b["token_type_ids"][np.arange(len(first_sep)), first_sep] == 0).all()
+    assert (b["tokens"][:, 0] == ids.cls).all()
+
+
+def test_span_corruption_is_invertible(tok):
+    ids = special_ids(tok)
+    rows = np.random.default_rng(0).integers(40, 1000, (16, 64)).astype(np.int32)
+    b = span_corruption(rows, [np.random.default_rng(i) for i in range(16)], ids, 0.15, 3.0)
+    noise, spans = span_lengths(64, 0.15, 3.0)
+    assert b["tgt"].shape == (16, noise + spans + 1) and (b["tgt_in"][:, 0] == ids.bos).all()
+    sentinel = {s: k for k, s in enumerate(ids.sentinels)}
+    for r in range(16):
+        pieces, current = {}, None
+        for t in b["tgt"][r][b["tgt_mask"][r] > 0]:
+            if t in sentinel:
+                current = sentinel[t]
+                pieces[current] = []
+            elif t != ids.eos:
+                pieces[current].append(t)
+        rebuilt = []
+        for t in b["src"][r][b["src_padding_mask"][r]]:
+            rebuilt += pieces[sentinel[t]] if t in sentinel else [t]
+        np.testing.assert_array_equal(rebuilt, rows[r])
+
+
+def _pool_batch(idx, rngs):
+    return {"idx": np.asarray(idx), "noise": np.array([g.integers(1 << 30) for g in rngs])}
+
+
+def test_loader_is_deterministic_sharded_and_covers_epochs():
+    one = Loader(10, 4, _pool_batch, seed=3)
+    again = Loader(10, 4, _pool_batch, seed=3)
+    for step in (0, 7):
+        for key in ("idx", "noise"):
+            np.testing.assert_array_equal(one.batch(step)[key], again.batch(step)[key])
+    halves = [Loader(10, 4, _pool_batch, seed=3, process_index=p, process_count=2) for p in (0, 1)]
+    for step in (0, 5):
+        for key in ("idx", "noise"):
+            np.testing.assert_array_equal(np.concatenate([h.batch(step)[key] for h in halves]), one.batch(step)[key])
+    seen = np.concatenate([Loader(12, 4, _pool_batch, seed=1).batch(s)["idx"] for s in range(3)])
+    assert sorted(seen) == list(range(12))  # one epoch = every example once
+    assert not np.array_equal(one.batch(1)["idx"], one.batch(2)["idx"])
+    with pytest.raises(ValueError, match="multiple of the process count"):
+        Loader(10, 5, _pool_batch, process_count=2)

@@ -1,0 +1,194 @@
+"""Training: the loss falls for every objective; 1 device == 8 devices (data, fsdp, tensor meshes) == pmap; a run
+killed with SIGKILL and restarted is bit-identical to an uninterrupted one; SIGTERM leaves a usable checkpoint; a
+checkpoint restores onto another mesh; a non-finite loss never reaches a checkpoint; optimizer schedules."""
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from flaxformer_lite.config import OptimConfig
+from flaxformer_lite.data import load_corpus
+from flaxformer_lite.training import Checkpoints, make_mesh, make_schedule, read_metrics
+from flaxformer_lite.training.optimizer import decay_mask
+
+ROOT = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("train_cli", ROOT / "train.py")
+train_cli = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(train_cli)
+
+TINY_MODEL = ["model.num_layers=2", "model.embed_dim=64", "model.num_heads=4", "model.mlp_dim=128",
+              "model.max_len=64", "model.dropout_rate=0.0", "model.attention_dropout_rate=0.0"]
+PRESET = {"causal_lm": "gpt-tiny", "prefix_lm": "gpt-tiny", "mlm": "bert-tiny", "span_corruption": "transformer-tiny",
+          "seq2seq": "transformer-tiny"}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A small real corpus (400 stdlib docstrings) and a source/target JSONL (reverse the words)."""
+    folder = tmp_path_factory.mktemp("corpus")
+    texts = list(load_corpus()["text"])[:400]
+    (folder / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    pairs = [" ".join(t.split()[:12]) for t in texts]
+    (folder / "pairs.jsonl").write_text("".join(json.dumps({"source": p, "target": " ".join(p.split()[::-1])}) + "\n"
+                                                for p in pairs))
+    return folder
+
+
+def overrides(corpus, run_dir, objective="causal_lm", steps=30, extra=()):
+    path = corpus / ("pairs.jsonl" if objective == "seq2seq" else "docs.jsonl")
+    return [f"model.preset={PRESET[objective]}", *TINY_MODEL, f"data.path={path}", f"data.objective={objective}",
+            "data.vocab_size=512", "train.seq_len=32", "train.batch_size=8", f"train.steps={steps}",
+            "train.log_every=1", "train.eval_every=0", "train.checkpoint_every=1000", "train.progress=false",
+            "train.samples=0", f"train.run_dir={run_dir}", "optim.lr=3e-3", "optim.warmup_steps=5", *extra]
+
+
+def losses(run_dir):
+    return [r["loss"] for r in read_metrics(Path(run_dir) / "metrics.jsonl") if "loss" in r]
+
+
+@pytest.mark.parametrize("objective", sorted(PRESET))
+def test_loss_falls_for_every_objective(corpus, tmp_path, objective):
+    assert train_cli.main(overrides(corpus, tmp_path, objective, steps=40, extra=["train.eval_every=40"])) == 0
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert {"step", "loss", "lr", "tokens_per_s", "mfu"} <= set(records[0])
+    got = losses(tmp_path)
+    assert np.mean(got[-5:]) < np.mean(got[:5]) - 1.0, (got[:5], got[-5:])
+    assert any(k.startswith("eval_") and k.endswith("_loss") for r in records for k in r)
+    assert {"config.yaml", "tokenizer.model", "metrics.jsonl", "checkpoints"} <= {p.name for p in tmp_path.iterdir()}
+
+
+PARALLEL = {"one_device": ["parallel.mesh=data=1"], "data8": ["parallel.mesh=data=8"],
+            "fsdp8": ["parallel.mesh=fsdp=8"], "mixed": ["parallel.mesh=data=2,fsdp=2,tensor=2"],
+            "pmap8": ["parallel.mode=pmap"]}
+
+
+@pytest.fixture(scope="module")
+def parallel_runs(corpus, tmp_path_factory):
+    out = {}
+    for name, extra in PARALLEL.items():
+        run = tmp_path_factory.mktemp(name)
+        assert train_cli.main(overrides(corpus, run, steps=4, extra=extra)) == 0
+        out[name] = (losses(run), run)
+    return out
+
+
+@pytest.mark.parametrize("name", [n for n in PARALLEL if n != "data8"])
+def test_parallel_layouts_agree(parallel_runs, name):
+    base, _ = parallel_runs["data8"]
+    got, _ = parallel_runs[name]
+    np.testing.assert_allclose(got, base, rtol=2e-5, atol=2e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(_params_of(parallel_runs[name][1], 4)),
+                    jax.tree_util.tree_leaves(_params_of(parallel_runs["data8"][1], 4))):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def _params_of(run_dir, step):
+    """Final params of a run as NumPy, restored onto one device."""
+    ckpt = Checkpoints(Path(run_dir) / "checkpoints")
+    meta_state = ckpt.manager.item_metadata(step)["state"]
+    target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), meta_state)
+    state, _ = ckpt.restore(step, target, jax.tree_util.tree_map(
+        lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), target))
+    ckpt.close()
+    return jax.tree_util.tree_map(np.asarray, state["params"])
+
+
+def _spawn(args, cwd):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _wait_for(path: Path, proc, timeout=240):
+    start = time.time()
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited early: {proc.stdout.read()[-2000:]}")
+        if time.time() - start > timeout:
+            proc.kill()
+            raise AssertionError(f"{path} never appeared")
+        time.sleep(0.1)
+
+
+def test_sigkill_then_resume_is_bit_identical(corpus, tmp_path):
+    steps, extra = 12, ["train.checkpoint_every=4", "parallel.mesh=data=2"]
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    proc = _spawn(overrides(corpus, whole, steps=steps, extra=extra), tmp_path)
+    assert proc.wait(timeout=400) == 0, proc.stdout.read()[-2000:]
+    proc = _spawn(overrides(corpus, broken, steps=steps, extra=extra), tmp_path)
+    _wait_for(broken / "checkpoints" / "8", proc)
+    os.killpg(proc.pid, signal.SIGKILL)  # only the process group we started
+    proc.wait(timeout=60)
+    resumed = _spawn(overrides(corpus, broken, steps=steps, extra=extra), tmp_path)
+    out = resumed.communicate(timeout=400)[0]
+    assert resumed.returncode == 0 and "resuming from step" in out, out[-2000:]
+    assert losses(broken) == losses(whole)  # bit-identical, step by step
+    for a, b in zip(jax.tree_util.tree_leaves(_params_of(broken, steps)), jax.tree_util.tree_leaves(_params_of(whole, steps))):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_sigterm_saves_a_usable_checkpoint(corpus, tmp_path):
+    proc = _spawn(overrides(corpus, tmp_path, steps=400, extra=["train.checkpoint_every=200"]), tmp_path)
+    _wait_for(tmp_path / "metrics.jsonl", proc)
+    time.sleep(1.0)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0 and "SIGTERM: saved step" in out, out[-2000:]
+    step = int(out.split("SIGTERM: saved step")[1].split(";")[0])
+    assert Checkpoints(tmp_path / "checkpoints").latest_step() == step < 400
+    assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(_params_of(tmp_path, step)))
+
+
+def test_restore_onto_another_mesh(parallel_runs):
+    _, run = parallel_runs["data8"]
+    ckpt = Checkpoints(run / "checkpoints")
+    meta = ckpt.manager.item_metadata(4)["state"]
+    target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), meta)
+    mesh = make_mesh("fsdp=4,tensor=2")
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    onto = jax.tree_util.tree_map(lambda m: NamedSharding(mesh, P("fsdp") if len(m.shape) and m.shape[0] % 4 == 0
+                                                          else P()), target)
+    state, meta_json = ckpt.restore(4, target, onto)
+    ckpt.close()
+    assert meta_json["step"] == 4
+    for a, b in zip(jax.tree_util.tree_leaves(state["params"]), jax.tree_util.tree_leaves(_params_of(run, 4))):
+        np.testing.assert_array_equal(np.asarray(a), b)
+    assert any(len(x.sharding.device_set) == 8 for x in jax.tree_util.tree_leaves(state["params"]))
+
+
+def test_non_finite_loss_never_reaches_a_checkpoint(corpus, tmp_path, capsys):
+    code = train_cli.main(overrides(corpus, tmp_path, steps=30, extra=["optim.lr=1e6", "optim.clip_norm=0.0",
+                                                                       "train.checkpoint_every=1"]))
+    err = capsys.readouterr().err
+    assert code == 3 and ("not finite" in err or "became nan" in err), err
+    latest = Checkpoints(tmp_path / "checkpoints").latest_step()
+    if latest is not None:  # whatever was saved before the blow-up is finite
+        assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(_params_of(tmp_path, latest)))
+
+
+def test_schedules_and_decay_mask():
+    noam = make_schedule(OptimConfig(schedule="noam", lr=1.0, warmup_steps=100), 1000, 512)
+    for step in (0, 50, 99, 100, 400):
+        s = step + 1
+        assert np.isclose(noam(step), 512 ** -0.5 * min(s ** -0.5, s * 100 ** -1.5), rtol=1e-6)
+    cosine = make_schedule(OptimConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1), 110, 64)
+    assert cosine(0) == 0.0 and np.isclose(cosine(10), 1.0) and np.isclose(cosine(110), 0.1)
+    mask = decay_mask({"dense": {"kernel": np.zeros((2, 3)), "bias": np.zeros(3)}, "norm": {"scale": np.zeros(3)}})
+    assert mask == {"dense": {"kernel": True, "bias": False}, "norm": {"scale": False}}
+    assert isinstance(optax.adamw(1e-3, mask=decay_mask), optax.GradientTransformation)
+
+
+def test_objective_model_mismatch_and_seq_len_errors(corpus, tmp_path, capsys):
+    args = overrides(corpus, tmp_path, "causal_lm", extra=["model.preset=bert-tiny"])
+    assert train_cli.main(args) == 2 and "trains a model.model='gpt'" in capsys.readouterr().err
+    assert train_cli.main(overrides(corpus, tmp_path, extra=["train.seq_len=100"])) == 2
+    assert "train.seq_len (100) > model.max_len (64)" in capsys.readouterr().err
