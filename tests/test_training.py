@@ -57,7 +57,8 @@ def losses(run_dir):
 
 @pytest.mark.parametrize("objective", sorted(PRESET))
 def test_loss_falls_for_every_objective(corpus, tmp_path, objective):
-    assert train_cli.main(overrides(corpus, tmp_path, objective, steps=40, extra=["train.eval_every=40"])) == 0
+    extra = ["train.eval_every=40"] + (["model.dtype=bfloat16"] if objective == "prefix_lm" else [])  # bf16 compute
+    assert train_cli.main(overrides(corpus, tmp_path, objective, steps=40, extra=extra)) == 0
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert {"step", "loss", "lr", "tokens_per_s", "mfu"} <= set(records[0])
     got = losses(tmp_path)
@@ -192,3 +193,66 @@ def test_objective_model_mismatch_and_seq_len_errors(corpus, tmp_path, capsys):
     assert train_cli.main(args) == 2 and "trains a model.model='gpt'" in capsys.readouterr().err
     assert train_cli.main(overrides(corpus, tmp_path, extra=["train.seq_len=100"])) == 2
     assert "train.seq_len (100) > model.max_len (64)" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_equal_one(corpus, tmp_path):
+    """2 processes x 2 CPU devices through jax.distributed on 127.0.0.1 == 4 devices in one process."""
+    base = overrides(corpus, tmp_path / "multi", steps=5, extra=["parallel.mesh=data=4"])
+    port = _free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "train.py"), *base,
+                               f"distributed.coordinator=127.0.0.1:{port}", "distributed.num_processes=2",
+                               f"distributed.process_id={i}"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True) for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:  # only the processes this test started
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    assert all(p.returncode == 0 for p in procs), [o[-1500:] for o in outs]
+    single_env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    single = subprocess.run([sys.executable, str(ROOT / "train.py"),
+                             *overrides(corpus, tmp_path / "single", steps=5, extra=["parallel.mesh=data=4"])],
+                            cwd=tmp_path, env=single_env, capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stdout[-1500:] + single.stderr[-1500:]
+    np.testing.assert_allclose(losses(tmp_path / "multi"), losses(tmp_path / "single"), rtol=1e-5, atol=1e-5)
+
+
+def test_gradient_accumulation_matches_one_big_batch(corpus, tmp_path):
+    one = tmp_path / "one"
+    two = tmp_path / "two"
+    assert train_cli.main(overrides(corpus, one, steps=3, extra=["parallel.mesh=data=1"])) == 0
+    assert train_cli.main(overrides(corpus, two, steps=3, extra=["parallel.mesh=data=1", "optim.grad_accum=2"])) == 0
+    np.testing.assert_allclose(losses(two), losses(one), rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(_params_of(two, 3)), jax.tree_util.tree_leaves(_params_of(one, 3))):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_tensorboard_events_when_installed(parallel_runs):
+    pytest.importorskip("tensorboardX")
+    _, run = parallel_runs["data8"]
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_cross_entropy_smoothing_and_z_loss():
+    from flaxformer_lite.training.losses import cross_entropy_sums
+    rng = np.random.default_rng(0)
+    logits, targets = rng.standard_normal((3, 5, 7)), rng.integers(0, 7, (3, 5))
+    weights = (rng.random((3, 5)) > 0.3).astype(np.float32)
+    lse = np.log(np.exp(logits).sum(-1))
+    logp = logits - lse[..., None]
+    nll = -np.take_along_axis(logp, targets[..., None], -1)[..., 0]
+    smooth = 0.9 * nll + 0.1 * (-logp.mean(-1))  # cross-entropy against (1-eps) one-hot + eps uniform
+    want = ((smooth + 1e-3 * lse ** 2) * weights).sum()
+    got = cross_entropy_sums(logits, targets, weights, label_smoothing=0.1, z_loss=1e-3)
+    np.testing.assert_allclose(float(got["loss"]), want, rtol=1e-5)
+    np.testing.assert_allclose(float(got["nll"]), (nll * weights).sum(), rtol=1e-5)
+    assert float(got["correct"]) == ((logits.argmax(-1) == targets) * weights).sum()

@@ -176,6 +176,7 @@ def train(cfg, model, data, task, *, sample_fn=None) -> Outcome:
                 console.print(f"SIGTERM: saved step {done}; exiting")
                 break
     ckpt.close()
+    log.close()
     stopped = done < tc.steps
     if sample_fn is not None and not stopped and jax.process_index() == 0:
         _write_samples(run_dir, sample_fn(params()))

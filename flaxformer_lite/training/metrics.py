@@ -13,12 +13,18 @@ import numpy as np
 
 class MetricsLog:
     """Appends JSON lines to ``path``. On resume from step s, lines past s (logged after the last checkpoint, then
-    lost) are dropped first, so the file reads as one uninterrupted run."""
+    lost) are dropped first, so the file reads as one uninterrupted run. When `tensorboardX` is installed (the
+    ``tensorboard`` extra) the same scalars also go to TensorBoard event files in ``<run>/tensorboard``."""
 
     def __init__(self, path: str | Path, resume_from: int = 0, enabled: bool = True):
-        self.path, self.enabled = Path(path), enabled
+        self.path, self.enabled, self.tb = Path(path), enabled, None
         if not enabled:
             return
+        try:
+            from tensorboardX import SummaryWriter
+            self.tb = SummaryWriter(str(self.path.parent / "tensorboard"), purge_step=resume_from + 1)
+        except ImportError:
+            pass
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
             kept = [line for line in self.path.read_text().splitlines()
@@ -27,9 +33,20 @@ class MetricsLog:
 
     def write(self, record: dict) -> None:
         """Append one record."""
-        if self.enabled:
-            with self.path.open("a") as f:
-                f.write(json.dumps({k: _plain(v) for k, v in record.items()}) + "\n")
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({k: _plain(v) for k, v in record.items()}) + "\n")
+        if self.tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(_plain(value), (int, float)):
+                    self.tb.add_scalar(key, _plain(value), record.get("step", 0))
+            self.tb.flush()
+
+    def close(self) -> None:
+        """Close the TensorBoard writer, if any."""
+        if self.tb is not None:
+            self.tb.close()
 
 
 def _plain(value):
