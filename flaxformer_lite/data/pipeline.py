@@ -70,15 +70,15 @@ def build_data(data, *, seq_len: int, batch_size: int, seed: int, run_dir: str |
     tok = prepare_tokenizer(texts, data, run_dir)
     ids = special_ids(tok)
     train_idx, eval_idx = split_documents(len(texts), data.eval_fraction, seed)
+    encoded = tok.encode_batch(texts)
     if data.objective == "seq2seq":
         if data.target_field not in ds.column_names:
             raise ValueError(f"data.target_field {data.target_field!r} is not a column; columns: {ds.column_names}")
-        targets = list(ds[data.target_field])
-        make = lambda idx: _seq2seq_pool([(tok.encode(texts[i]), tok.encode(targets[i])) for i in idx], seq_len, ids)
+        targets = tok.encode_batch(list(ds[data.target_field]))
+        make = lambda idx: _seq2seq_pool([(encoded[i], targets[i]) for i in idx], seq_len, ids)
     else:
-        make = lambda idx: _pool(data, tok.encode_batch([texts[i] for i in idx]), seq_len, ids)
-    train_tokens = tok.encode_batch([texts[i] for i in train_idx])
-    entropy = unigram_entropy(train_tokens, tok.vocab_size)
+        make = lambda idx: _pool(data, [encoded[i] for i in idx], seq_len, ids)
+    entropy = unigram_entropy([encoded[i] for i in train_idx], tok.vocab_size)
     loaders = []
     for idx, is_train in ((train_idx, True), (eval_idx, False)):
         size, make_batch = make(idx)
