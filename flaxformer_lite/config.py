@@ -24,7 +24,8 @@ class DataConfig:
 
     path: '' for the built-in corpus (docstrings of the installed Python standard library), else a file, glob,
     directory saved with ``save_to_disk``, or a hub dataset name. objective: causal_lm | prefix_lm | mlm |
-    span_corruption | seq2seq.
+    span_corruption | seq2seq. shards: contiguous reading shards (0: one per process); each process reads and
+    tokenizes only its block of shards, and each global batch takes an equal chunk from every shard.
     """
 
     path: str = ""
@@ -44,6 +45,7 @@ class DataConfig:
     noise_density: float = 0.15
     mean_span_length: float = 3.0
     prefix_fraction: float = 0.5
+    shards: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

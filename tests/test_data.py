@@ -143,3 +143,23 @@ def test_loader_is_deterministic_sharded_and_covers_epochs():
     assert not np.array_equal(one.batch(1)["idx"], one.batch(2)["idx"])
     with pytest.raises(ValueError, match="multiple of the process count"):
         Loader(10, 5, _pool_batch, process_count=2)
+
+
+def test_sharded_loader_slices_make_the_single_process_batch(tmp_path):
+    from flaxformer_lite.config import DataConfig
+    from flaxformer_lite.data import build_data
+    texts = [f"document {i} " + " ".join(str(j) for j in range(i % 17 + 5)) for i in range(120)]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    cfg = DataConfig(path=str(tmp_path / "docs.jsonl"), vocab_size=400, shards=4)
+    build = lambda p, n: build_data(cfg, seq_len=16, batch_size=8, seed=0, run_dir=tmp_path, process_index=p,
+                                    process_count=n)
+    single = build(0, 1)
+    halves = [build(p, 2) for p in (0, 1)]
+    assert sum(h.num_train_examples for h in halves) == single.num_train_examples
+    assert all(h.num_train_examples < single.num_train_examples for h in halves)  # each reads only its shards
+    for step in (0, 3):
+        for key, value in single.train.batch(step).items():
+            np.testing.assert_array_equal(np.concatenate([h.train.batch(step)[key] for h in halves]), value)
+    with pytest.raises(ValueError, match="data.shards"):
+        build_data(DataConfig(path=str(tmp_path / "docs.jsonl"), vocab_size=400, shards=3), seq_len=16,
+                   batch_size=8, seed=0, run_dir=tmp_path, process_index=0, process_count=2)

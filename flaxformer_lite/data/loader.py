@@ -54,3 +54,24 @@ class Loader:
         js = step * self.global_batch + self.offset + np.arange(self.local)
         rngs = [np.random.default_rng([self.seed, 1, int(j)]) for j in js]
         return self.make_batch(self.example_indices(step), rngs)
+
+
+class ShardedLoader:
+    """Global batches made of one equal chunk per reading shard, each drawn by its own `Loader` from that shard's
+    pool. A process holds only its shards (a contiguous block), so it reads and tokenizes only their documents;
+    the global batch depends on the number of shards, not on how many processes share them.
+
+    Args:
+      shard_loaders: ``{shard index: Loader}`` for this process's shards, each with ``global_batch / num_shards``.
+      num_shards: reading shards in all.
+    """
+
+    def __init__(self, shard_loaders: dict, num_shards: int):
+        self.loaders = dict(sorted(shard_loaders.items()))
+        self.num_shards = num_shards
+        self.num_examples = sum(ld.num_examples for ld in self.loaders.values())
+
+    def batch(self, step: int) -> dict:
+        """This process's rows of global batch ``step``: its shards' chunks, in shard order."""
+        parts = [ld.batch(step) for ld in self.loaders.values()]
+        return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}

@@ -12,7 +12,7 @@ import numpy as np
 
 from . import objectives
 from .corpus import load_corpus
-from .loader import Loader
+from .loader import Loader, ShardedLoader
 from .packing import pack_documents
 from .tokenizer import Tokenizer, train_tokenizer
 
@@ -24,6 +24,9 @@ def special_ids(tok: Tokenizer) -> objectives.SpecialIds:
     return objectives.SpecialIds(pad=tok.pad_id, bos=tok.bos_id, eos=tok.eos_id, mask=tok.mask_id, cls=tok.cls_id,
                                  sep=tok.sep_id, sentinels=tuple(tok.sentinel_ids), vocab_size=tok.vocab_size,
                                  special=frozenset(tok.special_ids))
+
+
+TOKENIZER_SAMPLE_DOCS = 50_000  # documents every host reads to train the same tokenizer
 
 
 def prepare_tokenizer(texts: list[str], data, run_dir: str | Path) -> Tokenizer:
@@ -43,14 +46,14 @@ def prepare_tokenizer(texts: list[str], data, run_dir: str | Path) -> Tokenizer:
 
 @dataclasses.dataclass
 class Data:
-    """What training needs from the data side."""
+    """What training needs from the data side (``train``/``eval`` hold this process's shards)."""
 
     tokenizer: Tokenizer
-    train: Loader
-    eval: Loader
+    train: ShardedLoader
+    eval: ShardedLoader
     objective: str
     num_train_examples: int
-    unigram_entropy: float  # nats per token of the training documents: the loss a model without context reaches
+    unigram_entropy: float  # nats per token of this process's training documents
 
 
 def split_documents(n: int, eval_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -60,31 +63,45 @@ def split_documents(n: int, eval_fraction: float, seed: int) -> tuple[np.ndarray
     return np.sort(order[n_eval:]), np.sort(order[:n_eval])
 
 
+def reading_shards(num_shards: int, batch_size: int, process_index: int, process_count: int) -> range:
+    """This process's contiguous block of reading shards; checks the divisibility the layout needs."""
+    shards = num_shards or process_count
+    if shards % process_count or batch_size % shards:
+        raise ValueError(f"data.shards ({shards}) must be a multiple of the process count ({process_count}) and "
+                         f"divide train.batch_size ({batch_size})")
+    per = shards // process_count
+    return range(process_index * per, (process_index + 1) * per)
+
+
 def build_data(data, *, seq_len: int, batch_size: int, seed: int, run_dir: str | Path, process_index: int = 0,
                process_count: int = 1) -> Data:
-    """Read the corpus, prepare the tokenizer, and make the train and eval loaders of ``data.objective``."""
+    """Read this process's shards of the corpus, prepare the tokenizer (the same on every host), and make the
+    train and eval loaders of ``data.objective``."""
     if data.objective not in OBJECTIVES:
         raise ValueError(f"data.objective must be one of {OBJECTIVES}, got {data.objective!r}")
     ds = load_corpus(data.path, data.format, data.text_field if data.objective != "seq2seq" else data.source_field)
-    texts = list(ds["text"])
-    tok = prepare_tokenizer(texts, data, run_dir)
+    if data.objective == "seq2seq" and data.target_field not in ds.column_names:
+        raise ValueError(f"data.target_field {data.target_field!r} is not a column; columns: {ds.column_names}")
+    tok = prepare_tokenizer(ds.select(range(min(len(ds), TOKENIZER_SAMPLE_DOCS)))["text"], data, run_dir)
     ids = special_ids(tok)
-    train_idx, eval_idx = split_documents(len(texts), data.eval_fraction, seed)
-    encoded = tok.encode_batch(texts)
-    if data.objective == "seq2seq":
-        if data.target_field not in ds.column_names:
-            raise ValueError(f"data.target_field {data.target_field!r} is not a column; columns: {ds.column_names}")
-        targets = tok.encode_batch(list(ds[data.target_field]))
-        make = lambda idx: _seq2seq_pool([(encoded[i], targets[i]) for i in idx], seq_len, ids)
-    else:
-        make = lambda idx: _pool(data, [encoded[i] for i in idx], seq_len, ids)
-    entropy = unigram_entropy([encoded[i] for i in train_idx], tok.vocab_size)
-    loaders = []
-    for idx, is_train in ((train_idx, True), (eval_idx, False)):
-        size, make_batch = make(idx)
-        loaders.append(Loader(size, batch_size, make_batch, seed=seed if is_train else seed + 1,
-                              process_index=process_index, process_count=process_count, shuffle=is_train))
-    return Data(tok, loaders[0], loaders[1], data.objective, loaders[0].num_examples, entropy)
+    mine = reading_shards(data.shards, batch_size, process_index, process_count)
+    num_shards = len(mine) * process_count
+    train, evals, entropy_docs = {}, {}, []
+    for k in mine:
+        part = ds.shard(num_shards, k, contiguous=True)
+        encoded = tok.encode_batch(list(part["text"]))
+        targets = tok.encode_batch(list(part[data.target_field])) if data.objective == "seq2seq" else None
+        train_idx, eval_idx = split_documents(len(encoded), data.eval_fraction, seed + k)
+        entropy_docs += [encoded[i] for i in train_idx]
+        for idx, is_train, out in ((train_idx, True, train), (eval_idx, False, evals)):
+            if targets is not None:
+                size, make_batch = _seq2seq_pool([(encoded[i], targets[i]) for i in idx], seq_len, ids)
+            else:
+                size, make_batch = _pool(data, [encoded[i] for i in idx], seq_len, ids)
+            out[k] = Loader(size, batch_size // num_shards, make_batch, seed=seed * 1000 + 2 * k + (not is_train),
+                            shuffle=is_train)
+    return Data(tok, ShardedLoader(train, num_shards), ShardedLoader(evals, num_shards), data.objective,
+                sum(ld.num_examples for ld in train.values()), unigram_entropy(entropy_docs, tok.vocab_size))
 
 
 def unigram_entropy(docs: list[list[int]], vocab_size: int) -> float:

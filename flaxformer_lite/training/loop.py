@@ -106,11 +106,13 @@ def _restore(ckpt: Checkpoints, setup: dict) -> tuple[int, dict | None]:
     return int(meta["step"]), meta
 
 
-def evaluate(task, params, loader, batches: int) -> dict:
-    """Mean loss, perplexity and accuracy over the first ``batches`` eval batches (deterministic)."""
+def evaluate(task, params, loader, batches: int, to_device=None) -> dict:
+    """Mean loss, perplexity and accuracy over the first ``batches`` eval batches (deterministic).
+    ``to_device`` turns a process's rows into the arrays the step takes (global arrays over a mesh)."""
+    to_device = to_device or (lambda b: jax.tree_util.tree_map(jnp.asarray, b))
     totals: dict = {}
     for i in range(batches):
-        sums, weights = eval_sums(task, params, jax.tree_util.tree_map(jnp.asarray, loader.batch(i)))
+        sums, weights = eval_sums(task, params, to_device(loader.batch(i)))
         for name, s in sums.items():
             t = totals.setdefault(name, {"nll": 0.0, "correct": 0.0, "weight": 0.0})
             t["nll"] += float(s["nll"])
@@ -168,7 +170,8 @@ def train(cfg, model, data, task, *, sample_fn=None) -> Outcome:
                 progress.update(bar, completed=done, loss=last_metrics["loss"], lr=last_metrics["lr"],
                                 tps=rate, mfu=100 * last_metrics["mfu"])
             if tc.eval_every and (done % tc.eval_every == 0 or last):
-                last_eval = evaluate(task, params(), data.eval, tc.eval_batches)
+                to_device = None if sharding is None else (lambda b: _global_batch(b, sharding))
+                last_eval = evaluate(task, params(), data.eval, tc.eval_batches, to_device)
                 log.write({"step": done, **last_eval})
             if done % tc.checkpoint_every == 0 or last:
                 _save(ckpt, setup, done, cfg)
