@@ -124,3 +124,15 @@ def test_check_shapes():
         m.check_shapes(3, 3, 5)
     with pytest.raises(ValueError, match="key length"):
         m.check_shapes(2, 3, 6)
+
+
+def test_every_row_sees_a_key_is_conservative():
+    seg = jnp.array([[0, 0, 1, 1]])
+    assert Mask(causal=True).every_row_sees_a_key and Mask().every_row_sees_a_key
+    assert Mask(causal=True, q_segment_ids=seg, kv_segment_ids=seg).every_row_sees_a_key
+    assert not Mask(causal=True, q_segment_ids=seg, kv_segment_ids=jnp.array([[0, 0, 1, 1]])).every_row_sees_a_key
+    assert not Mask(kv_lengths=jnp.array([3])).every_row_sees_a_key
+    assert not Mask(causal=True, q_offset=2).every_row_sees_a_key
+    for m in (Mask(causal=True), Mask(causal=True, q_segment_ids=seg, kv_segment_ids=seg),
+              Mask(prefix_lengths=jnp.array([2]))):
+        assert np.asarray(m.materialize(4, 4)).any(-1).all()  # the guarantee holds

@@ -147,6 +147,14 @@ class Mask:
         return self.q_segment_ids is not None
 
     @property
+    def every_row_sees_a_key(self) -> bool:
+        """True when the structure guarantees each query row may attend at least one key, so no row needs zeroing:
+        no padding, no query offset, and either no segments or the same segment array on both sides (self-attention:
+        a query always shares its own position's segment). Conservative: False means "not known"."""
+        segments_ok = not self.has_segments or self.q_segment_ids is self.kv_segment_ids
+        return not self.has_padding and self.q_offset is None and segments_ok
+
+    @property
     def is_trivial(self) -> bool:
         """True if the mask allows every (query, key) pair."""
         return not (self.causal or self.has_padding or self.has_segments)

@@ -24,6 +24,7 @@ from .dropout import dropout_seed, grouped_keep_mask
 from .masks import Mask
 
 IMPLS = ("auto", "reference", "xla", "blockwise", "cudnn")
+_MASKED = -1e30  # masked logits; exp(-1e30 - max) == 0 in float32
 # From this many logits per call (b * h * q * k), `auto` streams with `blockwise` instead of a dense impl. On CPU
 # blockwise is already faster from 8M logits (1024 tokens x 8 heads; 512 tokens is still faster dense), see
 # benchmarks/RESULTS.md. Elsewhere (no measurement yet) switch when the dense float32 logits reach 256 MiB.
@@ -81,21 +82,27 @@ def reference_attention(q, k, v, *, dims: Dims, mask: Mask, bias, scale: float, 
     """Dense softmax attention, computed in float32: the readable definition (inputs validated by the caller)."""
     b, lq, h, d = q.shape
     n, g = dims.kv_heads, dims.groups
-    qg = q.reshape(b, lq, n, g, d)
-    s = jnp.einsum("bqngd,bknd->bngqk", qg, k, preferred_element_type=jnp.float32) * scale
+    q = q * jnp.asarray(scale, q.dtype)  # scale the [b, q, h, d] queries, not the [b, h, q, k] logits
+    if g == 1:  # plain multi-head attention: 4-D contractions, no group axis for XLA to move around
+        s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)[:, :, None]
+    else:
+        s = jnp.einsum("bqngd,bknd->bngqk", q.reshape(b, lq, n, g, d), k, preferred_element_type=jnp.float32)
     if bias is not None:
         bb, hb, tq, tk = bias.shape
         s = s + bias.reshape(bb, n if hb > 1 else 1, g if hb > 1 else 1, tq, tk).astype(jnp.float32)
-    visible = mask.block(0, lq, 0, dims.lk)[:, :, None]  # [b|1, 1, 1, q, k]
-    s = jnp.where(visible, s, -jnp.inf)
-    m = jax.lax.stop_gradient(s.max(-1, keepdims=True))
-    p = jnp.exp(s - jnp.where(m == -jnp.inf, 0.0, m))
-    denom = p.sum(-1, keepdims=True)
-    probs = p / jnp.where(denom > 0, denom, 1.0)  # a row with no visible key is all zeros
+    visible = None if mask.is_trivial else mask.block(0, lq, 0, dims.lk)[:, :, None]  # [b|1, 1, 1, q, k]
+    if visible is not None:  # a finite floor, not -inf: a row with no visible key turns uniform, never NaN
+        s = jnp.where(visible, s, _MASKED)
+    probs = jax.nn.softmax(s, axis=-1)  # its custom derivative is far cheaper than differentiating exp / sum
+    if visible is not None and not (mask.every_row_sees_a_key and dims.lq == dims.lk):
+        probs = jnp.where(visible.any(-1, keepdims=True), probs, 0.0)  # ...and is zeroed here
     if dropout_rate > 0:
         keep = grouped_keep_mask(dropout_seed, dropout_rate, b, n, g, jnp.arange(lq), jnp.arange(dims.lk))
         probs = probs * keep / (1.0 - dropout_rate)
-    out = jnp.einsum("bngqk,bknv->bqngv", probs, v.astype(jnp.float32))
+    if g == 1:
+        out = jnp.einsum("bhqk,bkhv->bqhv", probs[:, :, 0], v.astype(jnp.float32))
+    else:
+        out = jnp.einsum("bngqk,bknv->bqngv", probs, v.astype(jnp.float32))
     return out.reshape(b, lq, h, dims.value_dim).astype(q.dtype)
 
 
@@ -151,11 +158,14 @@ def cudnn_unsupported(dims: Dims, dtype, mask: Mask, dropout_rate: float, backen
 
 
 def choose_impl(dims: Dims, dtype, mask: Mask, dropout_rate: float, backend: str) -> str:
-    """The impl ``"auto"`` runs: cuDNN on GPU where it applies, blockwise once the dense logits get large,
-    else XLA (the reference where XLA cannot take the call). Never cuDNN off GPU."""
+    """The impl ``"auto"`` runs: cuDNN on GPU where it applies, blockwise once the dense logits get large, else
+    the dense reference on CPU (fastest there in a whole training step, benchmarks/RESULTS.md) and XLA elsewhere
+    (the reference where XLA cannot take the call). Never cuDNN off GPU."""
     if cudnn_unsupported(dims, dtype, mask, dropout_rate, backend) is None:
         return "cudnn"
     threshold = AUTO_BLOCKWISE_MIN_LOGITS.get(backend, AUTO_BLOCKWISE_MIN_LOGITS_DEFAULT)
     if dims.batch * dims.heads * dims.lq * dims.lk >= threshold and dims.lq > 1:
         return "blockwise"
+    if backend == "cpu":  # measured: the dense reference (jax.nn.softmax's custom derivative) trains faster here
+        return "reference"
     return "xla" if xla_unsupported(dims, dtype, dropout_rate, backend) is None else "reference"

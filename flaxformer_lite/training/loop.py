@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from .checkpoint import Checkpoints
-from .metrics import MetricsLog, flops_per_token, matmul_ceiling, summarize
+from .metrics import MetricsLog, count_params, flops_per_token, matmul_ceiling, summarize
 from .optimizer import make_optimizer
 from .parallel import (batch_sharding, eval_sums, init_state, jit_train_step, make_mesh, pmap_train_step, replicate,
                        shard_for_pmap, unreplicate)
@@ -139,7 +139,7 @@ def train(cfg, model, data, task, *, sample_fn=None) -> Outcome:
     log = MetricsLog(run_dir / "metrics.jsonl", resume_from=start, enabled=jax.process_index() == 0)
     params = lambda: setup["state"]["params"] if setup["n"] is None else unreplicate(setup["state"])["params"]
     tokens_per_step = tc.batch_size * tc.seq_len
-    flops = flops_per_token(params(), model.cfg, tc.seq_len) * tokens_per_step
+    flops = flops_per_token(count_params(params(), exclude_positions=True), model.cfg, tc.seq_len) * tokens_per_step
     ceiling = matmul_ceiling()
     sharding = None if setup["mesh"] is None else batch_sharding(setup["mesh"])
     if start:

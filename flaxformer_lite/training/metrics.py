@@ -73,21 +73,21 @@ def summarize(sums: dict, **extra) -> dict:
     return out
 
 
-def count_params(params) -> int:
-    """Number of parameters in a tree."""
-    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
+def count_params(params, exclude_positions: bool = False) -> int:
+    """Number of parameters in a tree; optionally without a learned position table (which costs no FLOPs)."""
+    n = int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
+    if exclude_positions and isinstance(params, dict):
+        table = params.get("embedder", {}).get("position", {}).get("embedding")
+        n -= 0 if table is None else int(np.prod(table.shape))
+    return n
 
 
-def flops_per_token(params, model_cfg, seq_len: int) -> float:
-    """Training FLOPs per token: 6 N (N = parameters, position table excluded) plus attention 12 L T d
-    (Kaplan et al. / PaLM appendix B), forward and backward."""
-    n = count_params(params)
-    positions = params.get("embedder", {}).get("position", {}).get("embedding") if isinstance(params, dict) else None
-    if positions is not None:
-        n -= int(np.prod(positions.shape))
+def flops_per_token(num_params: int, model_cfg, seq_len: int) -> float:
+    """Training FLOPs per token: 6 N (N = parameters doing matmuls) plus attention 12 L T d (Kaplan et al. 2020,
+    PaLM appendix B), forward and backward."""
     layers = model_cfg.num_layers + (model_cfg.decoder_layers if model_cfg.model == "encoder_decoder" else 0)
     width = model_cfg.num_heads * model_cfg.resolved_head_dim
-    return 6.0 * n + 12.0 * layers * seq_len * width
+    return 6.0 * num_params + 12.0 * layers * seq_len * width
 
 
 def matmul_ceiling(size: int = 1024, repeats: int = 5) -> float:
