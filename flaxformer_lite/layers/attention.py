@@ -18,7 +18,6 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from ..attention import (FEATURE_MAPS, IMPLS, FeatureMap, Mask, linear_attention, linear_init_state,
@@ -80,22 +79,12 @@ class MultiHeadAttention(nn.Module):
             raise ValueError("dropout_rate must be 0 with attention='linear' (no attention probabilities to drop)")
         return kv_heads, self.head_dim or embed_dim // self.num_heads
 
-    def _weights(self, name: str, features: int, heads: int, head_dim: int, head_axis: str):
-        """The ``name`` projection's kernel ``[e, heads, d]`` and bias ``[heads, d]`` (or None)."""
-        return _Projection(heads, head_dim, head_axis, self.use_bias, self.param_dtype, self.kernel_init,
-                           name=name)(features)
-
-    def _project(self, x: jax.Array, weights: list, head_axis: str) -> list[jax.Array]:
-        """Apply one or more projections to ``x [b, l, e]`` as a single matmul (their kernels concatenated along
-        the head axis: one big GEMM runs faster than three small ones) -> ``[b, l, heads_i, d]`` each."""
-        kernel = jnp.concatenate([w[0] for w in weights], axis=1) if len(weights) > 1 else weights[0][0]
-        y = jnp.einsum("ble,ehd->blhd", x.astype(self.dtype), kernel.astype(self.dtype))
-        if self.use_bias:
-            y = y + (jnp.concatenate([w[1] for w in weights]) if len(weights) > 1 else weights[0][1]).astype(self.dtype)
-        splits = list(np.cumsum([w[0].shape[1] for w in weights])[:-1])
-        parts = jnp.split(y, splits, axis=2) if splits else [y]
-        return [nn.with_logical_constraint(p, ("batch", "length", axis, "head_dim"))
-                for p, axis in zip(parts, [head_axis] + ["kv_heads"] * (len(parts) - 1))]
+    def _project(self, name: str, x: jax.Array, heads: int, head_dim: int, head_axis: str) -> jax.Array:
+        y = nn.DenseGeneral(
+            (heads, head_dim), use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+            kernel_init=nn.with_logical_partitioning(self.kernel_init, ("embed", head_axis, "head_dim")),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (head_axis, "head_dim")), name=name)(x)
+        return nn.with_logical_constraint(y, ("batch", "length", head_axis, "head_dim"))
 
     @nn.compact
     def __call__(self, inputs_q: jax.Array, inputs_kv: jax.Array | None = None, *, mask: Mask | None = None,
@@ -118,15 +107,12 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
         kv_heads, head_dim = self._check(inputs_q.shape[-1])
         cross = inputs_kv is not None
-        e = inputs_q.shape[-1]
-        wq = self._weights("query", e, self.num_heads, head_dim, "heads")
+        q = self._project("query", inputs_q, self.num_heads, head_dim, "heads")
         if cross:
-            q, = self._project(inputs_q, [wq], "heads")
             k, v = self._cross_kv(inputs_kv, kv_heads, head_dim, decode)
         else:
-            wk = self._weights("key", e, kv_heads, head_dim, "kv_heads")
-            wv = self._weights("value", e, kv_heads, head_dim, "kv_heads")
-            q, k, v = self._project(inputs_q, [wq, wk, wv], "heads")
+            k = self._project("key", inputs_q, kv_heads, head_dim, "kv_heads")
+            v = self._project("value", inputs_q, kv_heads, head_dim, "kv_heads")
             if self.rotary_base is not None:
                 if positions is None:
                     positions = jnp.broadcast_to(jnp.arange(inputs_q.shape[1]), inputs_q.shape[:2])
@@ -156,9 +142,8 @@ class MultiHeadAttention(nn.Module):
         """Cross-attention keys/values; when decoding, projected once at prefill and cached."""
         if decode == "step":
             return self.get_variable("cache", "cross_key"), self.get_variable("cache", "cross_value")
-        e = inputs_kv.shape[-1]
-        k, v = self._project(inputs_kv, [self._weights("key", e, kv_heads, head_dim, "kv_heads"),
-                                         self._weights("value", e, kv_heads, head_dim, "kv_heads")], "kv_heads")
+        k = self._project("key", inputs_kv, kv_heads, head_dim, "kv_heads")
+        v = self._project("value", inputs_kv, kv_heads, head_dim, "kv_heads")
         if decode == "prefill" and self.is_mutable_collection("cache"):
             self.put_variable("cache", "cross_key", k)
             self.put_variable("cache", "cross_value", v)
@@ -194,25 +179,3 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"linear-attention decode steps take one token at a time, got {q.shape[1]}")
         out, state.value = linear_step(state.value, q[:, 0], k[:, 0], v[:, 0], feature_map=self.feature_map)
         return out[:, None]
-
-
-class _Projection(nn.Module):
-    """Holds one projection's parameters (``kernel [e, heads, d]``, ``bias [heads, d]``) under its role name, so
-    that `MultiHeadAttention` can fuse several projections into one matmul while the checkpoint layout stays
-    ``query/key/value`` (the same names and shapes as `nn.DenseGeneral`)."""
-
-    heads: int
-    head_dim: int
-    head_axis: str
-    use_bias: bool
-    param_dtype: Any
-    kernel_init: Callable
-
-    @nn.compact
-    def __call__(self, features: int):
-        kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, ("embed", self.head_axis,
-                                                                                       "head_dim")),
-                            (features, self.heads, self.head_dim), self.param_dtype)
-        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (self.head_axis, "head_dim")),
-                          (self.heads, self.head_dim), self.param_dtype) if self.use_bias else None
-        return kernel, bias
