@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# PyTorch's OpenMP threads otherwise spin for a while after each op, stealing the cores from whichever impl runs
+# next in the same process; passive waiting keeps the alternating timings fair. Must be set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -107,7 +111,7 @@ def hf_flax(cfg, batch: dict):
     return run, count_params(params)
 
 
-def hf_torch(cfg, batch: dict):
+def _torch_step_fn(cfg, batch: dict):
     """transformers' PyTorch GPT2LMHeadModel / BertForPreTraining with torch.optim.AdamW (CPU, float32)."""
     import torch
     import transformers
@@ -138,9 +142,45 @@ def hf_torch(cfg, batch: dict):
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        return out.loss.detach()
+        return out.loss.item()
 
     return run, sum(p.numel() for p in model.parameters())
+
+
+def _torch_worker(conn, cfg, batch):
+    """A separate process for PyTorch: its thread pool and XLA's must not share one process (measured: loading torch
+    next to XLA slowed our step by ~1.5x). Runs one step per request and replies with nothing but 'done'."""
+    try:
+        run, n = _torch_step_fn(cfg, batch)
+    except ImportError as err:
+        conn.send(("missing", err.name or str(err)))
+        return
+    conn.send(("ready", n))
+    try:
+        while conn.recv() == "step":
+            run()
+            conn.send("done")
+    except EOFError:  # the benchmark finished and closed the pipe
+        pass
+
+
+def hf_torch(cfg, batch: dict):
+    """The PyTorch peer, driven step by step in its own process (so timings still alternate with the others)."""
+    import multiprocessing
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_torch_worker, args=(child, cfg, batch), daemon=True)
+    proc.start()
+    status, info = parent.recv()
+    if status == "missing":
+        proc.join()
+        raise ImportError(f"{info} not installed", name=info)
+
+    def run():
+        parent.send("step")
+        return parent.recv()
+
+    return run, info
 
 
 PEERS = {"ours": ours, "hf-flax": hf_flax, "hf-torch": hf_torch}
@@ -197,8 +237,10 @@ def main(argv=None):
         _block(runners[name][0]())  # compile + first step
         console.print(f"  {name}: first step (compile) {time.perf_counter() - start:.1f} s")
     times = {name: [] for name in runners}
-    for _ in range(args.repeats):  # alternate, so that machine noise hits every impl alike
-        for name, (run, _) in runners.items():
+    order = list(runners)
+    for r in range(args.repeats):  # alternate, rotating the order, so that noise and neighbours hit all alike
+        for name in order[r % len(order):] + order[:r % len(order)]:
+            run = runners[name][0]
             times[name].append(_timed(lambda: _block(run())))
     ceiling = matmul_gflops()
     model_params = runners["ours"][1] if "ours" in runners else next(iter(runners.values()))[1]  # positions excluded
@@ -210,7 +252,7 @@ def main(argv=None):
                                 **{f"x vs {o}": base[o] / t for o in base if o != name and name == "ours"}})
     notes = [f"matmul ceiling (float32 2048^3, same run): {ceiling:.0f} GFLOP/s",
              f"FLOPs per step: {flops / 1e9:.0f} G (6N + 12 L T d per token, N = {model_params:,})",
-             f"median of {args.repeats} alternating steps after one warm-up step each"]
+             f"median of {args.repeats} steps each, impls alternating in rotating order after one warm-up step each"]
     cols = ["impl", "params", "step s", "tokens/s", "GFLOP/s", "MFU %"] + \
         [f"x vs {o}" for o in base if o != "ours"] + ["note"]
     stem = args.name or f"train_step-{args.preset}-{args.batch}x{args.seq_len}-{jax.default_backend()}"
