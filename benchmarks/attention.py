@@ -162,11 +162,24 @@ def target_notes(rows, args) -> list[str]:
     if len(lin_times) > 1 and all(t for _, t in lin_times):
         (l0, t0), (l1, t1) = lin_times[0], lin_times[-1]
         notes.append(f"linear-elu causal fwd+bwd time x{t1 / t0:.1f} for length x{l1 / l0:.0f} (linear growth: equal)")
+    for lin in ("linear-elu", "linear-favor"):
+        notes.append(_crossover(get, args.lengths, lin))
     dims = lambda l: Dims(args.batch, l, l, args.heads, args.kv_heads, args.head_dim, args.head_dim)
     picks = {l: choose_impl(dims(l), jnp.dtype(args.dtype), Mask(causal=True), 0.0, jax.default_backend())
              for l in args.lengths}
     notes.append("impl='auto' picks (causal): " + ", ".join(f"{l}: {p}" for l, p in picks.items()))
     return notes
+
+
+def _crossover(get: dict, lengths: list[int], linear: str) -> str:
+    """The shortest length at which ``linear`` runs fwd+bwd faster than every softmax impl timed (causal)."""
+    for l in lengths:
+        lin = get.get((linear, "causal", l), {}).get("fwd+bwd ms")
+        soft = [r["fwd+bwd ms"] for (impl, mask, n), r in get.items()
+                if impl in SOFTMAX and mask == "causal" and n == l and r.get("fwd+bwd ms")]
+        if lin and soft and lin < min(soft):
+            return f"crossover: {linear} is faster than the fastest softmax impl from length {l} on (fwd+bwd, causal)"
+    return f"crossover: {linear} never beat the fastest softmax impl at the lengths timed"
 
 
 def parse_args(argv=None):
