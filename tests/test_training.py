@@ -265,3 +265,21 @@ def test_cross_entropy_smoothing_and_z_loss():
     np.testing.assert_allclose(float(got["loss"]), want, rtol=1e-5)
     np.testing.assert_allclose(float(got["nll"]), (nll * weights).sum(), rtol=1e-5)
     assert float(got["correct"]) == ((logits.argmax(-1) == targets) * weights).sum()
+
+
+@pytest.mark.parametrize("smoothing,z", [(0.0, 0.0), (0.1, 1e-3)])
+def test_fused_lm_head_loss_matches_plain(smoothing, z):
+    """The fused, chunked loss over the vocabulary == logits then cross-entropy, in value and gradient."""
+    import jax.numpy as jnp
+    from flaxformer_lite.training.losses import cross_entropy_sums, lm_head_xent_sums
+    rng = np.random.default_rng(0)
+    h = jnp.asarray(rng.standard_normal((37, 16)), jnp.float32)  # 37 tokens: a ragged last chunk of 8
+    emb = jnp.asarray(rng.standard_normal((50, 16)), jnp.float32)
+    t, w = jnp.asarray(rng.integers(0, 50, 37)), jnp.asarray((rng.random(37) > 0.2).astype(np.float32))
+    plain = lambda h, e: cross_entropy_sums(h @ e.T, t, w, label_smoothing=smoothing, z_loss=z)
+    fused = lambda h, e: lm_head_xent_sums(h, e, t, w, smoothing, z, 8)
+    for key, value in plain(h, emb).items():
+        np.testing.assert_allclose(fused(h, emb)[key], value, rtol=1e-5)
+    for g, r in zip(jax.grad(lambda *a: fused(*a)["loss"], argnums=(0, 1))(h, emb),
+                    jax.grad(lambda *a: plain(*a)["loss"], argnums=(0, 1))(h, emb)):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)

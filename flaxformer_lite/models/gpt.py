@@ -69,6 +69,13 @@ class GPT(nn.Module):
         x = self.decoder(x, mask, None, None, positions, deterministic, decode, start)
         return x if self.final_norm is None else self.final_norm(x)
 
+    def output_embedding(self) -> jax.Array:
+        """The output projection as a ``[v, e]`` matrix (``logits = hidden @ output_embedding().T``): the tied token
+        embedding, or the untied head's kernel transposed. Lets a trainer fuse the loss over the vocabulary."""
+        if self.lm_head is None:
+            return self.embedder.token.embedding
+        return self.lm_head.variables["params"]["kernel"].T
+
     def logits(self, hidden: jax.Array) -> jax.Array:
         """``[b, l, e]`` -> float32 ``[b, l, v]``."""
         out = self.embedder.attend(hidden) if self.lm_head is None else self.lm_head(hidden)

@@ -12,7 +12,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from .losses import cross_entropy_sums
+from .losses import cross_entropy_sums, lm_head_xent_sums
 
 MODEL_FOR_OBJECTIVE = {"causal_lm": "gpt", "prefix_lm": "gpt", "mlm": "bert", "span_corruption": "encoder_decoder",
                        "seq2seq": "encoder_decoder"}
@@ -42,9 +42,13 @@ class Task:
         xent = lambda logits, targets, w: cross_entropy_sums(logits, targets, w, label_smoothing=self.label_smoothing,
                                                              z_loss=self.z_loss)
         if self.objective in ("causal_lm", "prefix_lm"):
-            logits = apply(batch["tokens"], segment_ids=batch["segment_ids"],
-                           prefix_lengths=batch.get("prefix_lengths"))
-            return {"lm": xent(logits, batch["targets"], batch["loss_mask"])}
+            # The loss over the vocabulary is fused with the output projection (no [tokens, vocab] logits).
+            hidden, emb = apply(batch["tokens"], segment_ids=batch["segment_ids"],
+                                prefix_lengths=batch.get("prefix_lengths"),
+                                method=lambda m, *a, **k: (m.hidden(*a, **k), m.output_embedding()))
+            e = hidden.shape[-1]
+            return {"lm": lm_head_xent_sums(hidden.reshape(-1, e), emb, batch["targets"].reshape(-1),
+                                            batch["loss_mask"].reshape(-1), self.label_smoothing, self.z_loss)}
         if self.objective == "mlm":
             out = apply(batch["tokens"], token_type_ids=batch["token_type_ids"], padding_mask=batch["padding_mask"])
             return {"mlm": xent(out.mlm_logits, batch["mlm_targets"], batch["mlm_mask"]),
