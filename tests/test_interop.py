@@ -1,0 +1,129 @@
+"""Hugging Face interop: parity with transformers' GPT2LMHeadModel, BertForPreTraining and BertModel (random
+weights from a config, offline) within 1e-4; load -> save -> load exact, and transformers reads what we save;
+sharded and PyTorch-pickle folders; clear errors."""
+import json
+import warnings
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import flaxformer_lite as ffl  # noqa: E402
+
+TOKENS = np.random.default_rng(0).integers(0, 97, (2, 12))
+TYPES = np.concatenate([np.zeros((2, 6), int), np.ones((2, 6), int)], 1)
+MASK = np.ones((2, 12), int)
+MASK[1, 9:] = 0
+BERT_CFG = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=97,
+                max_position_embeddings=32)
+
+
+def _gpt2(tmp_path, **save):
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=97,
+                                                              n_positions=32)).eval()
+    hf.save_pretrained(tmp_path, **save)
+    return hf
+
+
+def _logits(model, variables, tokens=TOKENS):
+    return np.asarray(model.apply(variables, jnp.asarray(tokens, jnp.int32)))
+
+
+def test_gpt2_parity_and_round_trip(tmp_path):
+    hf = _gpt2(tmp_path / "hf")
+    model, variables = ffl.interop.load_hf(tmp_path / "hf")
+    with torch.no_grad():
+        want = hf(torch.as_tensor(TOKENS)).logits.numpy()
+    np.testing.assert_allclose(_logits(model, variables), want, atol=1e-4, rtol=1e-4)
+    ffl.interop.save_hf(model, variables, tmp_path / "ours")
+    model2, variables2 = ffl.interop.load_hf(tmp_path / "ours")
+    assert model2.cfg == model.cfg
+    for a, b in zip(_leaves(variables), _leaves(variables2)):
+        np.testing.assert_array_equal(a, b)  # exact round trip
+    back = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "ours").eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(back(torch.as_tensor(TOKENS)).logits.numpy(), want, atol=1e-5)
+
+
+def _leaves(variables):
+    import jax
+    return [np.asarray(x) for x in jax.tree_util.tree_leaves(variables)]
+
+
+def test_gpt2_from_pytorch_pickle_and_shards(tmp_path):
+    hf = _gpt2(tmp_path / "hf")
+    (tmp_path / "bin").mkdir()  # an older checkpoint: a PyTorch pickle (read with weights_only=True)
+    hf.config.save_pretrained(tmp_path / "bin")
+    torch.save(hf.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
+    model, variables = ffl.interop.load_hf(tmp_path / "bin")
+    with torch.no_grad():
+        want = hf(torch.as_tensor(TOKENS)).logits.numpy()
+    np.testing.assert_allclose(_logits(model, variables), want, atol=1e-4, rtol=1e-4)
+    hf.save_pretrained(tmp_path / "shards", max_shard_size="100KB")
+    assert (tmp_path / "shards" / "model.safetensors.index.json").exists()
+    np.testing.assert_allclose(_logits(*ffl.interop.load_hf(tmp_path / "shards")), want, atol=1e-4, rtol=1e-4)
+
+
+def test_bert_for_pretraining_parity_and_round_trip(tmp_path):
+    torch.manual_seed(1)
+    hf = transformers.BertForPreTraining(transformers.BertConfig(**BERT_CFG)).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    model, variables = ffl.interop.load_hf(tmp_path / "hf")
+    with torch.no_grad():
+        want = hf(torch.as_tensor(TOKENS), token_type_ids=torch.as_tensor(TYPES),
+                  attention_mask=torch.as_tensor(MASK), output_hidden_states=True)
+    out = model.apply(variables, jnp.asarray(TOKENS, jnp.int32), token_type_ids=jnp.asarray(TYPES, jnp.int32),
+                      padding_mask=jnp.asarray(MASK, bool))
+    real = MASK.astype(bool)
+    np.testing.assert_allclose(np.asarray(out.hidden)[real], want.hidden_states[-1].numpy()[real], atol=1e-4)
+    np.testing.assert_allclose(np.asarray(out.mlm_logits)[real], want.prediction_logits.numpy()[real], atol=1e-4)
+    np.testing.assert_allclose(out.nsp_logits, want.seq_relationship_logits.numpy(), atol=1e-4)
+    ffl.interop.save_hf(model, variables, tmp_path / "ours")
+    _, variables2 = ffl.interop.load_hf(tmp_path / "ours")
+    for a, b in zip(_leaves(variables), _leaves(variables2)):
+        np.testing.assert_array_equal(a, b)
+    assert transformers.BertForPreTraining.from_pretrained(tmp_path / "ours") is not None
+
+
+def test_bert_model_without_prefix_initialises_missing_heads(tmp_path):
+    torch.manual_seed(2)
+    hf = transformers.BertModel(transformers.BertConfig(**BERT_CFG)).eval()
+    hf.save_pretrained(tmp_path)
+    names = json.loads((tmp_path / "config.json").read_text())["architectures"]
+    assert names == ["BertModel"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model, variables = ffl.interop.load_hf(tmp_path)
+    assert any("freshly initialised" in str(w.message) and "cls.predictions" in str(w.message) for w in caught)
+    with torch.no_grad():
+        want = hf(torch.as_tensor(TOKENS), token_type_ids=torch.as_tensor(TYPES), attention_mask=torch.as_tensor(MASK))
+    out = model.apply(variables, jnp.asarray(TOKENS, jnp.int32), token_type_ids=jnp.asarray(TYPES, jnp.int32),
+                      padding_mask=jnp.asarray(MASK, bool))
+    real = MASK.astype(bool)
+    np.testing.assert_allclose(np.asarray(out.hidden)[real], want.last_hidden_state.numpy()[real], atol=1e-4)
+    np.testing.assert_allclose(out.pooled, want.pooler_output.numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize("config,match", [
+    ({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}, "load_hf supports"),
+    ({"model_type": "bert", "vocab_size": 10, "position_embedding_type": "relative_key"}, "position_embedding_type"),
+    ({"model_type": "bert", "vocab_size": 10, "hidden_act": "mish"}, "hidden_act='mish' is not supported"),
+    ({"model_type": "gpt2", "vocab_size": 10, "scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse"),
+])
+def test_unsupported_configs_raise(tmp_path, config, match):
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=match):
+        ffl.interop.load_hf(tmp_path)
+
+
+def test_missing_files_raise(tmp_path):
+    with pytest.raises(ValueError, match="no config.json"):
+        ffl.interop.load_hf(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 10, "n_layer": 1,
+                                                      "n_head": 2, "n_embd": 8, "n_positions": 8}))
+    with pytest.raises(ValueError, match="no model.safetensors"):
+        ffl.interop.load_hf(tmp_path)
