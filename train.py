@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 from pathlib import Path
@@ -69,6 +70,48 @@ def _sample_fn(model, data, cfg):
     return sample
 
 
+def _load_pretrained(cfg, overrides):
+    """``train.init_from``'s weights, tokenizer and model config, or None."""
+    if not cfg.train.init_from:
+        return None
+    from flaxformer_lite.pretrained import load_pretrained
+    ignored = [o.split("=", 1)[0] for o in overrides if o.startswith("model.")]
+    if ignored:
+        print(f"train.py: note: the model comes from train.init_from; ignoring {', '.join(ignored)}", file=sys.stderr)
+    pretrained = load_pretrained(cfg.train.init_from)
+    print(f"starting from {pretrained.source} ({pretrained.cfg.model}, {pretrained.cfg.num_layers} layers)")
+    return pretrained
+
+
+def _model_and_task(cfg, data, pretrained):
+    """The model config (fitted to the tokenizer, or the pretrained one), the model, and its task."""
+    from flaxformer_lite.models import SequenceClassifier, build
+    from flaxformer_lite.training import make_task
+    tok = data.tokenizer
+    if pretrained is None:
+        model_cfg = dataclasses.replace(cfg.model, vocab_size=tok.vocab_size, pad_id=tok.pad_id, bos_id=tok.bos_id,
+                                        eos_id=tok.eos_id)
+    else:
+        model_cfg = pretrained.cfg
+        if tok.vocab_size > model_cfg.vocab_size:
+            raise ValueError(f"the tokenizer of {pretrained.source} has {tok.vocab_size} ids, more than the model's "
+                             f"vocabulary ({model_cfg.vocab_size})")
+    if cfg.train.seq_len > model_cfg.max_len:
+        raise ValueError(f"train.seq_len ({cfg.train.seq_len}) > model.max_len ({model_cfg.max_len})")
+    cfg = dataclasses.replace(cfg, model=model_cfg)
+    classify = cfg.data.objective == "classify"
+    model = SequenceClassifier(model_cfg, len(data.label_names)) if classify else build(model_cfg)
+    task = make_task(cfg.data.objective, model, model_cfg.model, label_smoothing=cfg.optim.label_smoothing,
+                     z_loss=cfg.optim.z_loss)
+    return cfg, model, task
+
+
+def _grafter(pretrained, objective):
+    """warm_start for the loop: the pretrained weights into the backbone (classify) or the whole model."""
+    from flaxformer_lite.pretrained import graft
+    return lambda params: graft(params, pretrained.params, "backbone" if objective == "classify" else None)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _parse(argv)
@@ -82,31 +125,27 @@ def main(argv=None) -> int:
     import jax
 
     from flaxformer_lite.data import build_data
-    from flaxformer_lite.models import build
     from flaxformer_lite.training import NonFiniteLoss, make_task, train
     run_dir = Path(cfg.train.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
+        pretrained = _load_pretrained(cfg, args.overrides)
         data = build_data(cfg.data, seq_len=cfg.train.seq_len, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
-                          run_dir=run_dir, process_index=jax.process_index(), process_count=jax.process_count())
-        tok = data.tokenizer
-        model_cfg = dataclasses.replace(cfg.model, vocab_size=tok.vocab_size, pad_id=tok.pad_id, bos_id=tok.bos_id,
-                                        eos_id=tok.eos_id)
-        if cfg.train.seq_len > model_cfg.max_len:
-            raise ValueError(f"train.seq_len ({cfg.train.seq_len}) > model.max_len ({model_cfg.max_len})")
-        cfg = dataclasses.replace(cfg, model=model_cfg)
-        model = build(model_cfg)
-        task = make_task(cfg.data.objective, model, model_cfg.model, label_smoothing=cfg.optim.label_smoothing,
-                         z_loss=cfg.optim.z_loss)
+                          run_dir=run_dir, process_index=jax.process_index(), process_count=jax.process_count(),
+                          tokenizer=None if pretrained is None else pretrained.tokenizer)
+        cfg, model, task = _model_and_task(cfg, data, pretrained)
     except ValueError as err:
         print(f"train.py: error: {err}", file=sys.stderr)
         return 2
     if jax.process_index() == 0:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        print(f"{data.num_train_examples:,} training examples; tokenizer {tok.vocab_size} ids; unigram entropy of the "
+        if data.label_names is not None:
+            (run_dir / "labels.json").write_text(json.dumps(data.label_names) + "\n")
+        print(f"{data.num_train_examples:,} training examples; tokenizer {data.tokenizer.vocab_size} ids; unigram entropy of the "
               f"training tokens {data.unigram_entropy:.3f} nats (a model that ignores context gets no lower)")
     try:
-        outcome = train(cfg, model, data, task, sample_fn=_sample_fn(model, data, cfg))
+        outcome = train(cfg, model, data, task, sample_fn=_sample_fn(model, data, cfg),
+                        warm_start=None if pretrained is None else _grafter(pretrained, cfg.data.objective))
     except NonFiniteLoss as err:
         print(f"train.py: stopped: {err}", file=sys.stderr)
         return 3

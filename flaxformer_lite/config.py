@@ -24,7 +24,8 @@ class DataConfig:
 
     path: '' for the built-in corpus (docstrings of the installed Python standard library), else a file, glob,
     directory saved with ``save_to_disk``, or a hub dataset name. objective: causal_lm | prefix_lm | mlm |
-    span_corruption | seq2seq. shards: contiguous reading shards (0: one per process); each process reads and
+    span_corruption | seq2seq | classify (fine-tuning: ``text_field`` and optional ``text_pair_field`` -> the
+    ``label_field`` column, ints or strings). shards: contiguous reading shards (0: one per process); each process reads and
     tokenizes only its block of shards, and each global batch takes an equal chunk from every shard.
     """
 
@@ -33,6 +34,8 @@ class DataConfig:
     text_field: str = "text"
     source_field: str = "source"
     target_field: str = "target"
+    text_pair_field: str = ""
+    label_field: str = "label"
     objective: str = "causal_lm"
     tokenizer: str = ""
     vocab_size: int = 4096
@@ -69,7 +72,9 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """The loop: steps, batch, length, logging, evaluation, checkpoints, run folder, seed, samples at the end."""
+    """The loop: steps, batch, length, logging, evaluation, checkpoints, run folder, seed, samples at the end.
+    init_from: start from pretrained weights: a Hugging Face model folder (config.json) or a train.py run folder
+    (config.yaml + checkpoints/); the model config and tokenizer come from it."""
 
     steps: int = 600
     batch_size: int = 16
@@ -84,6 +89,7 @@ class TrainConfig:
     samples: int = 3
     sample_tokens: int = 40
     progress: bool = True
+    init_from: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,7 +124,7 @@ class ExperimentConfig:
 
 CHOICES = {
     "data.format": ("auto", "text", "json", "csv", "parquet", "saved", "hub"),
-    "data.objective": ("causal_lm", "prefix_lm", "mlm", "span_corruption", "seq2seq"),
+    "data.objective": ("causal_lm", "prefix_lm", "mlm", "span_corruption", "seq2seq", "classify"),
     "data.tokenizer_type": ("unigram", "bpe"),
     "data.normalization": ("nmt_nfkc", "nfkc", "identity", "nmt_nfkc_cf", "nfkc_cf"),
     "optim.name": ("adamw", "adam"),

@@ -44,6 +44,14 @@ def softmax_attention(q, k, v, mask=None, bias=None, scale=None, keep=None, rate
     logits = np.einsum("bqhd,bkhd->bhqk", q, k) * scale
     if bias is not None:
         logits = logits + np.asarray(bias, np.float64)
+    return attend_logits(logits, v, mask, keep=keep, rate=rate)
+
+
+def attend_logits(logits, v, mask=None, head_mix=None, keep=None, rate=0.0):
+    """softmax over the visible keys of logits [b, h, lq, lk] (rows with none give 0), optionally mixed across heads
+    (P'[h'] = sum_h P[h] head_mix[h, h']), then applied to v [b, lk, n, dv] -> [b, lq, h, dv]."""
+    logits = np.asarray(logits, np.float64)
+    v = _expand_kv(np.asarray(v, np.float64), logits.shape[1])
     m = np.ones(logits.shape, bool) if mask is None else np.broadcast_to(np.asarray(mask)[:, None], logits.shape)
     logits = np.where(m, logits, -np.inf)
     row_max = logits.max(-1, keepdims=True)
@@ -51,9 +59,61 @@ def softmax_attention(q, k, v, mask=None, bias=None, scale=None, keep=None, rate
     p = np.where(m, np.exp(logits - row_max), 0.0)
     total = p.sum(-1, keepdims=True)
     probs = np.where(total > 0, p / np.where(total > 0, total, 1.0), 0.0)
+    if head_mix is not None:
+        probs = np.einsum("bhqk,hj->bjqk", probs, np.asarray(head_mix, np.float64))
     if keep is not None:
         probs = probs * np.asarray(keep) / (1.0 - rate)
     return np.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+def _dense(x, p):
+    """x [..., e] through a Flax DenseGeneral's kernel [e, *out] and bias [*out]."""
+    kernel = np.asarray(p["kernel"], np.float64)
+    out = np.tensordot(np.asarray(x, np.float64), kernel, axes=1)
+    return out + np.asarray(p["bias"], np.float64) if "bias" in p else out
+
+
+def attention_variant(params, x, kind, mask=None, talking_heads=False):
+    """Self-attention of one of the variants from the papers' equations, given a MultiHeadAttention's params:
+    additive (Bahdanau et al. 2015: s_ij = w . tanh(W_q x_i + W_k x_j)), synthesizer_dense (Tay et al. 2021:
+    s_i = W2 relu(W1 x_i + b1) + b2 over key positions), synthesizer_random (s = R, a table), softmax with
+    talking heads (Shazeer et al. 2020: mix logits across heads, softmax, mix weights). x [b, l, e] -> [b, l, e]."""
+    f = lambda a: np.asarray(a, np.float64)
+    b, l, _ = x.shape
+    v = _dense(x, params["value"])
+    head_mix = None
+    if kind == "additive":
+        q = _dense(x, params["query"])
+        k = _expand_kv(_dense(x, params["key"]), q.shape[2])
+        s = np.einsum("bqkhd,hd->bhqk", np.tanh(q[:, :, None] + k[:, None]), f(params["additive"]["energy"]))
+    elif kind == "synthesizer_dense":
+        hidden = np.maximum(_dense(x, params["synthesizer"]["hidden"]), 0.0)
+        s = np.einsum("bqhd,hdk->bhqk", hidden, f(params["synthesizer"]["scores_kernel"])[:, :, :l])
+        s = s + f(params["synthesizer"]["scores_bias"])[None, :, None, :l]
+    elif kind == "synthesizer_random":
+        s = np.broadcast_to(f(params["synthesizer"]["random_scores"])[:, :l, :l][None], (b,) + (
+            params["synthesizer"]["random_scores"].shape[0], l, l))
+    else:
+        q, k = _dense(x, params["query"]), _dense(x, params["key"])
+        k = _expand_kv(k, q.shape[2])
+        s = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+        if talking_heads:
+            s = np.einsum("bhqk,hj->bjqk", s, f(params["talking_heads"]["logits_mix"]))
+            head_mix = params["talking_heads"]["weights_mix"]
+    out = attend_logits(s, v, mask, head_mix)
+    wo = f(params["out"]["kernel"])
+    return np.einsum("bqhd,hde->bqe", out, wo) + f(params["out"]["bias"])
+
+
+def conditional_norm(x, condition, scale, scale_kernel, bias=None, bias_kernel=None, eps=1e-5):
+    """Conditional layer norm (bias given) or RMS norm: normalise(x) * (scale + c W_s) + (bias + c W_b) per example;
+    x [b, l, e], condition [b, c]."""
+    x, c = np.asarray(x, np.float64), np.asarray(condition, np.float64)
+    gain = (np.asarray(scale, np.float64) + c @ np.asarray(scale_kernel, np.float64))[:, None]
+    if bias is None:
+        return rms_norm(x, 1.0, eps) * gain
+    shift = (np.asarray(bias, np.float64) + c @ np.asarray(bias_kernel, np.float64))[:, None]
+    return layer_norm(x, 1.0, 0.0, eps) * gain + shift
 
 
 def elu_plus_one(x):

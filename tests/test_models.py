@@ -17,7 +17,8 @@ from flaxformer_lite.models import (BERT, GPT, EncoderDecoder, MultipleChoice, S
 BERT_HEADS = ("mlm_transform", "mlm_norm", "mlm_bias", "nsp")
 # Hugging Face's counts: GPT2LMHeadModel (tied), BertModel (with pooler) and BertForPreTraining.
 PUBLISHED = {"gpt2-small": 124_439_808, "gpt2-medium": 354_823_168, "gpt2-large": 774_030_080,
-             "gpt2-xl": 1_557_611_200, "bert-base": 109_482_240, "bert-large": 335_141_888, "bert-tiny": 4_385_920}
+             "gpt2-xl": 1_557_611_200, "bert-base": 109_482_240, "bert-large": 335_141_888, "bert-tiny": 4_385_920,
+             "albert-base": 11_683_584, "albert-large": 17_683_968}  # AlbertModel (v2), with pooler
 PUBLISHED_WITH_HEADS = {"bert-base": 110_106_428}
 
 

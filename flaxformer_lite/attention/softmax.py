@@ -90,20 +90,64 @@ def reference_attention(q, k, v, *, dims: Dims, mask: Mask, bias, scale: float, 
     if bias is not None:
         bb, hb, tq, tk = bias.shape
         s = s + bias.reshape(bb, n if hb > 1 else 1, g if hb > 1 else 1, tq, tk).astype(jnp.float32)
-    visible = None if mask.is_trivial else mask.block(0, lq, 0, dims.lk)[:, :, None]  # [b|1, 1, 1, q, k]
+    return _softmax_values(s, v, dims, mask, dropout_rate, dropout_seed).astype(q.dtype)
+
+
+def attend_scores(scores: jax.Array, v: jax.Array, *, mask: Mask | None = None, head_mix: jax.Array | None = None,
+                  dropout_rate: float = 0.0, dropout_rng: jax.Array | None = None) -> jax.Array:
+    """Softmax attention from logits made elsewhere: ``out[b, i, h] = sum_j P[b, h, i, j] v[b, j, h // g]``.
+
+    For attention whose logits are not ``q . k`` (additive, Synthesizer) or that mixes heads (talking-heads):
+    ``P = softmax_j(scores)`` over the keys the `Mask` allows, in float32, a row with no visible key giving zeros;
+    then, if ``head_mix`` is given, ``P[h'] = sum_h P[h] head_mix[h, h']`` (talking-heads' mixing after the softmax).
+
+    Args:
+      scores: logits ``[b, h, q, k]`` (any float dtype; computed in float32).
+      v: values ``[b, k, n, v]`` with ``h % n == 0``.
+      mask: a `Mask` (True = attend); None attends everywhere.
+      head_mix: ``[h, h]`` mixing of the probabilities across heads, or None.
+      dropout_rate, dropout_rng: attention-probability dropout, as in `softmax_attention`.
+
+    Returns:
+      ``[b, q, h, v]`` in v's dtype.
+    """
+    if getattr(scores, "ndim", None) != 4 or getattr(v, "ndim", None) != 4:
+        raise ValueError(f"scores must be [batch, heads, lq, lk] and v [batch, lk, kv_heads, value_dim]; got "
+                         f"{getattr(scores, 'shape', type(scores))} and {getattr(v, 'shape', type(v))}")
+    b, h, lq, lk = scores.shape
+    if v.shape[:2] != (b, lk) or h % v.shape[2]:
+        raise ValueError(f"v {v.shape} does not fit scores {scores.shape}: need batch {b}, length {lk}, and kv heads "
+                         f"dividing {h}")
+    if head_mix is not None and tuple(head_mix.shape) != (h, h):
+        raise ValueError(f"head_mix must be [heads, heads] = {[h, h]}, got {list(head_mix.shape)}")
+    dims = Dims(b, lq, lk, h, v.shape[2], v.shape[3], v.shape[3])
+    mask = check_mask(mask, dims)
+    dropout_rate = check_dropout(dropout_rate, dropout_rng)
+    seed = dropout_seed(dropout_rng) if dropout_rate > 0 else None
+    s = scores.astype(jnp.float32).reshape(b, dims.kv_heads, dims.groups, lq, lk)
+    return _softmax_values(s, v, dims, mask, dropout_rate, seed, head_mix).astype(v.dtype)
+
+
+def _softmax_values(s, v, dims: Dims, mask: Mask, dropout_rate: float, dropout_seed, head_mix=None) -> jax.Array:
+    """float32 logits ``[b, n, g, q, k]`` -> masked softmax (-> head mixing) (-> dropout) -> ``[b, q, h, v]`` float32."""
+    b, n, g, lq, lk = s.shape
+    visible = None if mask.is_trivial else mask.block(0, lq, 0, lk)[:, :, None]  # [b|1, 1, 1, q, k]
     if visible is not None:  # a finite floor, not -inf: a row with no visible key turns uniform, never NaN
         s = jnp.where(visible, s, _MASKED)
     probs = jax.nn.softmax(s, axis=-1)  # its custom derivative is far cheaper than differentiating exp / sum
-    if visible is not None and not (mask.every_row_sees_a_key and dims.lq == dims.lk):
+    if visible is not None and not (mask.every_row_sees_a_key and lq == lk):
         probs = jnp.where(visible.any(-1, keepdims=True), probs, 0.0)  # ...and is zeroed here
+    if head_mix is not None:
+        probs = jnp.einsum("bhqk,hj->bjqk", probs.reshape(b, n * g, lq, lk),
+                           head_mix.astype(jnp.float32)).reshape(b, n, g, lq, lk)
     if dropout_rate > 0:
-        keep = grouped_keep_mask(dropout_seed, dropout_rate, b, n, g, jnp.arange(lq), jnp.arange(dims.lk))
+        keep = grouped_keep_mask(dropout_seed, dropout_rate, b, n, g, jnp.arange(lq), jnp.arange(lk))
         probs = probs * keep / (1.0 - dropout_rate)
     if g == 1:
         out = jnp.einsum("bhqk,bkhv->bqhv", probs[:, :, 0], v.astype(jnp.float32))
     else:
         out = jnp.einsum("bngqk,bknv->bqngv", probs, v.astype(jnp.float32))
-    return out.reshape(b, lq, h, dims.value_dim).astype(q.dtype)
+    return out.reshape(b, lq, n * g, dims.value_dim)
 
 
 # -- jax.nn.dot_product_attention (xla, cudnn) --------------------------------------------------------------------

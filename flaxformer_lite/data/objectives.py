@@ -6,7 +6,8 @@ NumPy generator. Knows no model; training/tasks.py knows which model input each 
 - BERT: masked LM (15% of text tokens: 80% [MASK], 10% random, 10% kept) + next-sentence prediction (50% the real
   next segment, 50% a random one);
 - T5 span corruption: noise spans replaced by sentinels in the source, the target lists them;
-- seq2seq: (source, target) pairs, e.g. from a JSONL file.
+- seq2seq: (source, target) pairs, e.g. from a JSONL file;
+- classification (fine-tuning): a text or a text pair and its label.
 
 Shape key: b batch, l length, s source length, t target length.
 """
@@ -139,3 +140,28 @@ def seq2seq(pairs: list[tuple[list[int], list[int]]], src_len: int, tgt_len: int
     tgt_in = np.concatenate([np.full((len(pairs), 1), ids.bos, np.int32), tgt[:, :-1]], 1)
     return {"src": src, "src_padding_mask": src_valid, "tgt_in": tgt_in, "tgt": tgt,
             "tgt_mask": tgt_valid.astype(np.float32)}
+
+
+def classification(examples: list[tuple[list[int], list[int] | None, int]], length: int, ids: SpecialIds) -> dict:
+    """Sequence classification: ``(text ids, pair ids or None, label)`` -> ``[CLS] A [SEP] (B [SEP])`` rows ``[b, l]``
+    with ``token_type_ids`` (0 for A, 1 for B), ``padding_mask`` (True for real tokens) and ``labels [b]``.
+
+    Too-long inputs lose tokens from the end of the longer text first (BERT's longest-first truncation)."""
+    b = len(examples)
+    tokens = np.full((b, length), ids.pad, np.int32)
+    types = np.zeros((b, length), np.int32)
+    lengths = np.zeros((b,), np.int32)
+    for row, (a, pair, _) in enumerate(examples):
+        a, pair = list(a), (None if pair is None else list(pair))
+        budget = length - (3 if pair is not None else 2)
+        while len(a) + (len(pair) if pair is not None else 0) > budget:
+            longer = a if pair is None or len(a) > len(pair) else pair  # ties trim the pair, as HF does
+            longer.pop()
+        seq = [ids.cls] + a + [ids.sep]
+        if pair is not None:
+            types[row, len(seq):len(seq) + len(pair) + 1] = 1
+            seq += pair + [ids.sep]
+        tokens[row, :len(seq)] = seq
+        lengths[row] = len(seq)
+    return {"tokens": tokens, "token_type_ids": types, "padding_mask": np.arange(length)[None] < lengths[:, None],
+            "labels": np.array([label for _, _, label in examples], np.int32)}

@@ -16,7 +16,7 @@ from .loader import Loader, ShardedLoader
 from .packing import pack_documents
 from .tokenizer import Tokenizer, train_tokenizer
 
-OBJECTIVES = ("causal_lm", "prefix_lm", "mlm", "span_corruption", "seq2seq")
+OBJECTIVES = ("causal_lm", "prefix_lm", "mlm", "span_corruption", "seq2seq", "classify")
 
 
 def special_ids(tok: Tokenizer) -> objectives.SpecialIds:
@@ -54,6 +54,7 @@ class Data:
     objective: str
     num_train_examples: int
     unigram_entropy: float  # nats per token of this process's training documents
+    label_names: list[str] | None = None  # classify: label id i is label_names[i]
 
 
 def split_documents(n: int, eval_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -74,15 +75,17 @@ def reading_shards(num_shards: int, batch_size: int, process_index: int, process
 
 
 def build_data(data, *, seq_len: int, batch_size: int, seed: int, run_dir: str | Path, process_index: int = 0,
-               process_count: int = 1) -> Data:
-    """Read this process's shards of the corpus, prepare the tokenizer (the same on every host), and make the
-    train and eval loaders of ``data.objective``."""
+               process_count: int = 1, tokenizer=None) -> Data:
+    """Read this process's shards of the corpus, prepare the tokenizer (the same on every host; ``tokenizer``, e.g.
+    a pretrained model's, overrides it), and make the train and eval loaders of ``data.objective``."""
     if data.objective not in OBJECTIVES:
         raise ValueError(f"data.objective must be one of {OBJECTIVES}, got {data.objective!r}")
     ds = load_corpus(data.path, data.format, data.text_field if data.objective != "seq2seq" else data.source_field)
-    if data.objective == "seq2seq" and data.target_field not in ds.column_names:
-        raise ValueError(f"data.target_field {data.target_field!r} is not a column; columns: {ds.column_names}")
-    tok = prepare_tokenizer(ds.select(range(min(len(ds), TOKENIZER_SAMPLE_DOCS)))["text"], data, run_dir)
+    for key, column in _extra_columns(data):
+        if column not in ds.column_names:
+            raise ValueError(f"data.{key} {column!r} is not a column; columns: {ds.column_names}")
+    label_names = label_vocabulary(ds[data.label_field]) if data.objective == "classify" else None
+    tok = tokenizer or prepare_tokenizer(ds.select(range(min(len(ds), TOKENIZER_SAMPLE_DOCS)))["text"], data, run_dir)
     ids = special_ids(tok)
     mine = reading_shards(data.shards, batch_size, process_index, process_count)
     num_shards = len(mine) * process_count
@@ -91,17 +94,46 @@ def build_data(data, *, seq_len: int, batch_size: int, seed: int, run_dir: str |
         part = ds.shard(num_shards, k, contiguous=True)
         encoded = tok.encode_batch(list(part["text"]))
         targets = tok.encode_batch(list(part[data.target_field])) if data.objective == "seq2seq" else None
+        if data.objective == "classify":
+            pairs = tok.encode_batch(list(part[data.text_pair_field])) if data.text_pair_field else None
+            index = {name: i for i, name in enumerate(label_names)}
+            labels = [index[str(x)] for x in part[data.label_field]]
         train_idx, eval_idx = split_documents(len(encoded), data.eval_fraction, seed + k)
         entropy_docs += [encoded[i] for i in train_idx]
         for idx, is_train, out in ((train_idx, True, train), (eval_idx, False, evals)):
-            if targets is not None:
+            if data.objective == "classify":
+                examples = [(encoded[i], None if pairs is None else pairs[i], labels[i]) for i in idx]
+                size, make_batch = len(examples), lambda rows, rngs, ex=examples: objectives.classification(
+                    [ex[i] for i in rows], seq_len, ids)
+            elif targets is not None:
                 size, make_batch = _seq2seq_pool([(encoded[i], targets[i]) for i in idx], seq_len, ids)
             else:
                 size, make_batch = _pool(data, [encoded[i] for i in idx], seq_len, ids)
             out[k] = Loader(size, batch_size // num_shards, make_batch, seed=seed * 1000 + 2 * k + (not is_train),
                             shuffle=is_train)
     return Data(tok, ShardedLoader(train, num_shards), ShardedLoader(evals, num_shards), data.objective,
-                sum(ld.num_examples for ld in train.values()), unigram_entropy(entropy_docs, tok.vocab_size))
+                sum(ld.num_examples for ld in train.values()), unigram_entropy(entropy_docs, tok.vocab_size),
+                label_names)
+
+
+def _extra_columns(data) -> list[tuple[str, str]]:
+    """``(config key, column)`` of each column besides the text that ``data.objective`` reads (so must exist)."""
+    if data.objective == "seq2seq":
+        return [("target_field", data.target_field)]
+    if data.objective == "classify":
+        return [("label_field", data.label_field)] + ([("text_pair_field", data.text_pair_field)]
+                                                       if data.text_pair_field else [])
+    return []
+
+
+def label_vocabulary(values) -> list[str]:
+    """The sorted distinct labels as strings (numerically sorted when they are all integers); id i names entry i."""
+    distinct = set(values)
+    if not distinct:
+        raise ValueError("the classification data has no labels")
+    if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in distinct):
+        return [str(v) for v in sorted(distinct)]
+    return sorted(str(v) for v in distinct)
 
 
 def unigram_entropy(docs: list[list[int]], vocab_size: int) -> float:

@@ -20,11 +20,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ..attention import (FEATURE_MAPS, IMPLS, FeatureMap, Mask, linear_attention, linear_init_state,
+from ..attention import (FEATURE_MAPS, IMPLS, FeatureMap, Mask, attend_scores, linear_attention, linear_init_state,
                          linear_prefill_state, linear_step, softmax_attention)
+from .attention_scores import (AdditiveScores, DenseSynthesizerScores, RandomSynthesizerScores, TalkingHeads,
+                               dot_scores)
 from .embeddings import rotary
 
-ATTENTION_KINDS = ("softmax", "linear")
+ATTENTION_KINDS = ("softmax", "linear", "additive", "synthesizer_dense", "synthesizer_random")
+SYNTHESIZERS = ("synthesizer_dense", "synthesizer_random")  # logits from positions/tokens alone: no queries, no keys
 DECODE_MODES = (None, "prefill", "step")
 default_kernel_init = nn.initializers.normal(stddev=0.02)
 
@@ -38,10 +41,15 @@ class MultiHeadAttention(nn.Module):
       head_dim: d; None means ``embed_dim // num_heads``. It may differ from that (a wider head removes the
         low-rank bottleneck of small heads, Bhojanapalli et al. 2020).
       out_dim: output features; None means the query input's feature size.
-      attention: ``"softmax"`` or ``"linear"``.
-      attention_impl: softmax impl (``"auto"``, ``"reference"``, ``"xla"``, ``"blockwise"``, ``"cudnn"``).
+      attention: ``"softmax"``, ``"linear"``, or one of the dense variants (layers/attention_scores.py):
+        ``"additive"`` (Bahdanau), ``"synthesizer_dense"``, ``"synthesizer_random"`` (Tay et al.; self-attention
+        only, at most ``max_len`` keys).
+      attention_impl: softmax impl (``"auto"``, ``"reference"``, ``"xla"``, ``"blockwise"``, ``"cudnn"``); the dense
+        variants and talking-heads always compute dense logits.
+      talking_heads: mix the logits and the probabilities across heads (Shazeer et al. 2020); softmax only.
+      max_len: the longest key axis of the Synthesizer tables.
       feature_map: linear-attention feature map (``"elu"``, ``"relu"``, ``"favor"`` or a `FeatureMap`).
-      dropout_rate: attention-probability dropout (softmax only), active when ``deterministic=False``.
+      dropout_rate: attention-probability dropout (not linear), active when ``deterministic=False``.
       rotary_base: if set, rotary position embedding (base e.g. 10000) on self-attention queries and keys.
       use_bias: biases on the four projections.
       dtype: compute dtype; param_dtype: parameter dtype.
@@ -55,6 +63,8 @@ class MultiHeadAttention(nn.Module):
     attention: str = "softmax"
     attention_impl: str = "auto"
     feature_map: "str | FeatureMap" = "elu"
+    talking_heads: bool = False
+    max_len: int | None = None
     dropout_rate: float = 0.0
     rotary_base: float | None = None
     use_bias: bool = True
@@ -77,6 +87,10 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"feature_map must be one of {sorted(FEATURE_MAPS)}, got {self.feature_map!r}")
         if self.attention == "linear" and self.dropout_rate:
             raise ValueError("dropout_rate must be 0 with attention='linear' (no attention probabilities to drop)")
+        if self.talking_heads and self.attention != "softmax":
+            raise ValueError(f"talking_heads needs attention='softmax', got {self.attention!r}")
+        if self.attention in SYNTHESIZERS and not self.max_len:
+            raise ValueError(f"attention={self.attention!r} needs max_len (the size of its position tables)")
         return kv_heads, self.head_dim or embed_dim // self.num_heads
 
     def _project(self, name: str, x: jax.Array, heads: int, head_dim: int, head_axis: str) -> jax.Array:
@@ -107,13 +121,16 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
         kv_heads, head_dim = self._check(inputs_q.shape[-1])
         cross = inputs_kv is not None
-        q = self._project("query", inputs_q, self.num_heads, head_dim, "heads")
+        if cross and self.attention in SYNTHESIZERS:
+            raise ValueError(f"attention={self.attention!r} is self-attention only (its logits ignore the keys)")
+        keyless = self.attention in SYNTHESIZERS
+        q = None if keyless else self._project("query", inputs_q, self.num_heads, head_dim, "heads")
         if cross:
             k, v = self._cross_kv(inputs_kv, kv_heads, head_dim, decode)
         else:
-            k = self._project("key", inputs_q, kv_heads, head_dim, "kv_heads")
+            k = None if keyless else self._project("key", inputs_q, kv_heads, head_dim, "kv_heads")
             v = self._project("value", inputs_q, kv_heads, head_dim, "kv_heads")
-            if self.rotary_base is not None:
+            if self.rotary_base is not None and not keyless:
                 if positions is None:
                     positions = jnp.broadcast_to(jnp.arange(inputs_q.shape[1]), inputs_q.shape[:2])
                 q, k = rotary(q, positions, self.rotary_base), rotary(k, positions, self.rotary_base)
@@ -122,7 +139,7 @@ class MultiHeadAttention(nn.Module):
         else:
             if decode and not cross:
                 k, v = self._softmax_cache(k, v, cache_index)
-            out = self._attend(q, k, v, mask, bias, deterministic)
+            out = self._attend(q, k, v, mask, bias, deterministic, inputs_q)
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
         return nn.DenseGeneral(
             self.out_dim or inputs_q.shape[-1], axis=(-2, -1), use_bias=self.use_bias, dtype=self.dtype,
@@ -130,13 +147,34 @@ class MultiHeadAttention(nn.Module):
             kernel_init=nn.with_logical_partitioning(self.kernel_init, ("heads", "head_dim", "embed")),
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), name="out")(out)
 
-    def _attend(self, q, k, v, mask, bias, deterministic):
+    def _attend(self, q, k, v, mask, bias, deterministic, inputs_q):
         if self.attention == "linear":
             return linear_attention(q, k, v, mask=mask, feature_map=self.feature_map, bias=bias)
         rate = 0.0 if deterministic else self.dropout_rate
         rng = self.make_rng("dropout") if rate > 0 else None
-        return softmax_attention(q, k, v, mask=mask, bias=bias, impl=self.attention_impl, dropout_rate=rate,
-                                 dropout_rng=rng)
+        if self.attention == "softmax" and not self.talking_heads:
+            return softmax_attention(q, k, v, mask=mask, bias=bias, impl=self.attention_impl, dropout_rate=rate,
+                                     dropout_rng=rng)
+        scores, head_mix = self._variant_scores(q, k, v.shape[1], mask, inputs_q)
+        if bias is not None:
+            scores = scores + bias.astype(jnp.float32)
+        return attend_scores(scores, v, mask=mask, head_mix=head_mix, dropout_rate=rate, dropout_rng=rng)
+
+    def _variant_scores(self, q, k, lk, mask, inputs_q):
+        """``[b, h, q, k]`` logits of the dense variants, and talking-heads' post-softmax mixing (else None)."""
+        init = dict(param_dtype=self.param_dtype, kernel_init=self.kernel_init)
+        if self.attention == "additive":
+            return AdditiveScores(dtype=self.dtype, **init, name="additive")(q, k), None
+        if self.attention == "synthesizer_dense":
+            return DenseSynthesizerScores(self.num_heads, self.head_dim or inputs_q.shape[-1] // self.num_heads,
+                                          self.max_len,
+                                          dtype=self.dtype, **init, name="synthesizer")(inputs_q, lk), None
+        if self.attention == "synthesizer_random":
+            b, lq = inputs_q.shape[:2]
+            offset = 0 if mask is None or mask.q_offset is None else jnp.reshape(mask.q_offset, (-1, 1))
+            positions = jnp.broadcast_to(jnp.arange(lq)[None] + offset, (b, lq))
+            return RandomSynthesizerScores(self.num_heads, self.max_len, **init, name="synthesizer")(positions, lk), None
+        return TalkingHeads(self.num_heads, self.param_dtype, name="talking_heads")(dot_scores(q, k))
 
     def _cross_kv(self, inputs_kv, kv_heads, head_dim, decode):
         """Cross-attention keys/values; when decoding, projected once at prefill and cached."""
@@ -150,17 +188,19 @@ class MultiHeadAttention(nn.Module):
         return k, v
 
     def _softmax_cache(self, k, v, cache_index):
-        """Write this call's keys/values at ``cache_index``; return the whole cache (its shape is fixed at init)."""
-        initializing = not self.has_variable("cache", "cached_key")
-        cached_k = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
-        cached_v = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+        """Write this call's keys/values at ``cache_index``; return the whole cache (its shape is fixed at init).
+        ``k`` is None for the Synthesizers, which need no keys."""
+        entries = {"cached_key": k, "cached_value": v}
+        initializing = not self.has_variable("cache", "cached_value")
+        cached = {name: self.variable("cache", name, jnp.zeros, x.shape, x.dtype)
+                  for name, x in entries.items() if x is not None}
         if initializing:
             return k, v
         if cache_index is None:
             raise ValueError("decode needs cache_index (where this call's tokens go in the cache)")
-        cached_k.value = lax.dynamic_update_slice(cached_k.value, k.astype(cached_k.value.dtype), (0, cache_index, 0, 0))
-        cached_v.value = lax.dynamic_update_slice(cached_v.value, v.astype(cached_v.value.dtype), (0, cache_index, 0, 0))
-        return cached_k.value, cached_v.value
+        for name, var in cached.items():
+            var.value = lax.dynamic_update_slice(var.value, entries[name].astype(var.value.dtype), (0, cache_index, 0, 0))
+        return (cached["cached_key"].value if k is not None else None), cached["cached_value"].value
 
     def _linear_decode(self, q, k, v, mask, decode):
         """Linear self-attention against its recurrent state: prefill sums the prompt, a step adds one token."""

@@ -21,8 +21,11 @@ POSITIONS = ("learned", "sinusoidal", "rotary", "none")
 class Embedder(nn.Module):
     """Tokens ``[b, l]`` -> ``[b, l, e]``. ``token`` is the (tyable) `Embed`; call `attend` for tied logits.
 
-    Attributes: cfg (fields: vocab_size, embed_dim, max_len, position, type_vocab_size, embed_scale, embed_norm,
-    norm, norm_epsilon, dropout_rate, init_std, dtype, param_dtype).
+    With ``cfg.embedding_dim`` set (ALBERT's factorised embeddings) the tables are that narrower width E and a Dense
+    ``projection`` maps ``[b, l, E]`` to ``[b, l, e]`` after the norm and dropout; `attend` then takes ``[b, l, E]``.
+
+    Attributes: cfg (fields: vocab_size, embed_dim, embedding_dim, max_len, position, type_vocab_size, embed_scale,
+    embed_norm, norm, norm_epsilon, dropout_rate, init_std, dtype, param_dtype).
     """
 
     cfg: Any
@@ -31,15 +34,21 @@ class Embedder(nn.Module):
         cfg = self.cfg
         dtype, param_dtype = config_dtypes(cfg)
         init = nn.initializers.normal(cfg.init_std)
-        self.token = Embed(cfg.vocab_size, cfg.embed_dim, dtype, param_dtype, init)
+        width = cfg.embedding_dim or cfg.embed_dim
+        self.token = Embed(cfg.vocab_size, width, dtype, param_dtype, init)
         if cfg.position == "learned":
-            self.position = Embed(cfg.max_len, cfg.embed_dim, dtype, param_dtype, init, axes=("position", "embed"))
+            self.position = Embed(cfg.max_len, width, dtype, param_dtype, init, axes=("position", "embed"))
         if cfg.type_vocab_size:
-            self.token_type = Embed(cfg.type_vocab_size, cfg.embed_dim, dtype, param_dtype, init,
+            self.token_type = Embed(cfg.type_vocab_size, width, dtype, param_dtype, init,
                                     axes=("token_type", "embed"))
         if cfg.embed_norm:
             self.norm = make_norm(cfg.norm, epsilon=cfg.norm_epsilon, dtype=dtype, param_dtype=param_dtype)
         self.dropout = nn.Dropout(cfg.dropout_rate)
+        if cfg.embedding_dim:
+            self.projection = nn.Dense(
+                cfg.embed_dim, dtype=dtype, param_dtype=param_dtype,
+                kernel_init=nn.with_logical_partitioning(init, ("embed_factor", "embed")),
+                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, token_type_ids: jax.Array | None = None,
                  deterministic: bool = True) -> jax.Array:
@@ -47,16 +56,18 @@ class Embedder(nn.Module):
         cfg = self.cfg
         x = self.token(tokens)
         if cfg.embed_scale:
-            x = x * jnp.sqrt(jnp.asarray(cfg.embed_dim, x.dtype))
+            x = x * jnp.sqrt(jnp.asarray(x.shape[-1], x.dtype))
         if cfg.position == "learned":
             x = x + self.position(positions)
         elif cfg.position == "sinusoidal":
-            x = x + sinusoidal(positions, cfg.embed_dim).astype(x.dtype)
+            x = x + sinusoidal(positions, x.shape[-1]).astype(x.dtype)
         if cfg.type_vocab_size:
             x = x + self.token_type(jnp.zeros_like(tokens) if token_type_ids is None else token_type_ids)
         if cfg.embed_norm:
             x = self.norm(x)
         x = self.dropout(x, deterministic=deterministic)
+        if self.cfg.embedding_dim:
+            x = self.projection(x)
         return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
     def attend(self, x: jax.Array) -> jax.Array:

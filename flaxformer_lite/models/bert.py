@@ -15,8 +15,8 @@ from ..attention import Mask
 from ..layers.blocks import LayerStack, config_dtypes
 from ..layers.embedder import Embedder
 from ..layers.mlp import ACTIVATIONS
-from ..layers.norms import make_norm
-from .checks import check_mask_shape, check_tokens
+from ..layers.norms import apply_norm, make_norm
+from .checks import check_condition, check_mask_shape, check_tokens
 from .config import ModelConfig
 from .gpt import final_norm
 
@@ -50,29 +50,32 @@ class BERT(nn.Module):
         self.encoder = LayerStack(cfg, cfg.num_layers)
         self.final_norm = final_norm(cfg)
         self.pooler = dense(cfg, cfg.embed_dim, ("embed", "mlp"))
-        self.mlm_transform = dense(cfg, cfg.embed_dim, ("embed", "mlp"))
+        self.mlm_transform = dense(cfg, cfg.embedding_dim or cfg.embed_dim, ("embed", "mlp"))  # back to the table width
         self.mlm_norm = make_norm(cfg.norm, epsilon=cfg.norm_epsilon, dtype=dtype, param_dtype=param_dtype)
         self.mlm_bias = self.param("mlm_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
                                    (cfg.vocab_size,), param_dtype)
         self.nsp = dense(cfg, 2, ("embed", "classes"))
 
-    def encode(self, tokens, *, token_type_ids=None, padding_mask=None, deterministic=True):
+    def encode(self, tokens, *, token_type_ids=None, padding_mask=None, condition=None, deterministic=True):
         """``(hidden [b, l, e], pooled [b, e])``: the encoder output and tanh(Dense(hidden[:, 0]))."""
         check_tokens(tokens, self.cfg)
+        check_condition(condition, tokens, self.cfg)
         check_mask_shape(token_type_ids, tokens, "token_type_ids")
         check_mask_shape(padding_mask, tokens, "padding_mask")
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         mask = None if padding_mask is None else Mask(kv_valid=padding_mask.astype(bool))
         x = self.embedder(tokens, positions, token_type_ids, deterministic=deterministic)
-        x = self.encoder(x, mask, None, None, positions, deterministic)
+        x = self.encoder(x, mask, None, None, positions, deterministic, condition=condition)
         if self.final_norm is not None:
-            x = self.final_norm(x)
+            x = apply_norm(self.final_norm, x, condition)
         return x, jnp.tanh(self.pooler(x[:, 0]))
 
-    def __call__(self, tokens, *, token_type_ids=None, padding_mask=None, deterministic=True) -> BertOutput:
-        """``tokens [b, l]`` (with ``token_type_ids`` and ``padding_mask [b, l]``) -> `BertOutput`."""
+    def __call__(self, tokens, *, token_type_ids=None, padding_mask=None, condition=None,
+                 deterministic=True) -> BertOutput:
+        """``tokens [b, l]`` (with ``token_type_ids`` and ``padding_mask [b, l]``; ``condition [b, c]`` for
+        conditional norms, see `GPT`) -> `BertOutput`."""
         hidden, pooled = self.encode(tokens, token_type_ids=token_type_ids, padding_mask=padding_mask,
-                                     deterministic=deterministic)
+                                     condition=condition, deterministic=deterministic)
         h = self.mlm_norm(ACTIVATIONS[self.cfg.activation](self.mlm_transform(hidden)))
         mlm = self.embedder.attend(h) + self.mlm_bias.astype(jnp.float32)
         return BertOutput(hidden, pooled, mlm, self.nsp(pooled).astype(jnp.float32))

@@ -31,6 +31,19 @@ def check_mask_shape(mask, tokens, name: str) -> None:
         raise ValueError(f"{name} must have the shape of its tokens {tuple(tokens.shape)}, got {tuple(mask.shape)}")
 
 
+def check_condition(condition, tokens, cfg) -> None:
+    """Raise `ValueError` unless ``condition`` is None or ``[b, cfg.condition_dim]`` float for a conditional model."""
+    if condition is None:
+        return
+    if not cfg.condition_dim:
+        raise ValueError("condition was given but ModelConfig.condition_dim is 0 (no conditional norms)")
+    if getattr(condition, "ndim", None) != 2 or tuple(condition.shape) != (tokens.shape[0], cfg.condition_dim):
+        raise ValueError(f"condition must be [batch, condition_dim] = {[tokens.shape[0], cfg.condition_dim]}, got "
+                         f"{list(getattr(condition, 'shape', [type(condition).__name__]))}")
+    if not jnp.issubdtype(condition.dtype, jnp.floating):
+        raise ValueError(f"condition must be floating point, got dtype {condition.dtype}")
+
+
 def segment_positions(segment_ids: jax.Array) -> jax.Array:
     """Positions restarting at 0 at every segment boundary: int ``[b, l]`` -> ``[b, l]``."""
     idx = jnp.arange(segment_ids.shape[1])

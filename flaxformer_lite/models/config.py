@@ -31,14 +31,20 @@ class ModelConfig:
       num_decoder_layers: decoder depth of an encoder-decoder (None: ``num_layers``).
       num_kv_heads: GQA/MQA kv heads (None: ``num_heads``). head_dim: None means ``embed_dim // num_heads``.
       dropout_rate: embeddings, residuals and MLP hidden; attention_dropout_rate: attention probabilities.
-      attention: ``"softmax"`` or ``"linear"``; attention_impl: the softmax impl; feature_map: the linear map.
+      attention: ``"softmax"``, ``"linear"``, or a dense variant: ``"additive"`` (Bahdanau), ``"synthesizer_dense"``,
+        ``"synthesizer_random"`` (Tay et al.; self-attention only); attention_impl: the softmax impl; feature_map:
+        the linear map. talking_heads: mix logits and probabilities across heads (softmax; computed densely).
       position: ``"learned"``, ``"sinusoidal"``, ``"rotary"`` or ``"none"``; rope_base for rotary.
       norm: ``"layernorm"`` or ``"rmsnorm"``; norm_position ``"pre"`` or ``"post"``; norm_epsilon.
+      condition_dim: > 0 makes the layer-stack and final norms conditional on a ``condition [b, condition_dim]``
+        model input (γ, β predicted from it; GPT and BERT).
       activation: MLP activation (``relu``, ``gelu``, ``gelu_tanh``, ``silu``, ``swiglu``, ``geglu``).
       use_bias: biases in attention and MLP projections.
       tie_embeddings: output projection = token embedding transposed.
       embed_scale: multiply token embeddings by sqrt(embed_dim) (Vaswani et al.).
       embed_norm: normalise the embeddings (BERT); type_vocab_size: token types (BERT: 2; 0 for none).
+      embedding_dim: ALBERT's factorised embeddings: tables of this width projected to embed_dim (BERT; None: off).
+      share_layers: ALBERT's cross-layer sharing: one set of layer parameters used at every depth.
       init_std: std of the normal initialiser of kernels and embeddings.
       pad_id, bos_id, eos_id: special token ids (bos starts encoder-decoder decoding).
       dtype: compute dtype; param_dtype: parameter dtype.
@@ -58,6 +64,7 @@ class ModelConfig:
     dropout_rate: float = 0.1
     attention_dropout_rate: float = 0.1
     attention: str = "softmax"
+    talking_heads: bool = False
     attention_impl: str = "auto"
     feature_map: str = "elu"
     position: str = "learned"
@@ -65,12 +72,15 @@ class ModelConfig:
     norm: str = "layernorm"
     norm_position: str = "pre"
     norm_epsilon: float = 1e-5
+    condition_dim: int = 0
     activation: str = "gelu_tanh"
     use_bias: bool = True
     tie_embeddings: bool = True
     embed_scale: bool = False
     embed_norm: bool = False
     type_vocab_size: int = 0
+    embedding_dim: int | None = None
+    share_layers: bool = False
     init_std: float = 0.02
     pad_id: int = 0
     bos_id: int = 1
@@ -90,6 +100,7 @@ class ModelConfig:
         for name in ("dropout_rate", "attention_dropout_rate"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"ModelConfig.{name} must be in [0, 1), got {getattr(self, name)!r}")
+        self._check_variants()
         kv = self.num_kv_heads or self.num_heads
         if self.num_heads % kv:
             raise ValueError(f"ModelConfig.num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({kv})")
@@ -100,6 +111,20 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.position='sinusoidal' needs an even embed_dim, got {self.embed_dim}")
         if self.position == "rotary" and self.resolved_head_dim % 2:
             raise ValueError(f"ModelConfig.position='rotary' needs an even head_dim, got {self.resolved_head_dim}")
+
+    def _check_variants(self):
+        if self.talking_heads and self.attention != "softmax":
+            raise ValueError(f"ModelConfig.talking_heads needs attention='softmax', got {self.attention!r}")
+        if not isinstance(self.condition_dim, int) or self.condition_dim < 0:
+            raise ValueError(f"ModelConfig.condition_dim must be an int >= 0, got {self.condition_dim!r}")
+        if self.condition_dim and self.model not in ("gpt", "bert"):
+            raise ValueError(f"ModelConfig.condition_dim is supported for model 'gpt' and 'bert', not {self.model!r}")
+        if self.embedding_dim is not None:
+            if not isinstance(self.embedding_dim, int) or self.embedding_dim < 1:
+                raise ValueError(f"ModelConfig.embedding_dim must be a positive int or None, got {self.embedding_dim!r}")
+            if self.model != "bert":
+                raise ValueError(f"ModelConfig.embedding_dim (factorised embeddings) is supported for model 'bert' "
+                                 f"(ALBERT), not {self.model!r}")
 
     @property
     def resolved_head_dim(self) -> int:
@@ -140,6 +165,13 @@ PRESETS = {
     "bert-base": _bert(12, 12, 768),
     "bert-large": _bert(24, 16, 1024),
     "bert-tiny": _bert(2, 2, 128),  # Google's BERT-Tiny (L=2, H=128, A=2)
+    # ALBERT v2 (Lan et al. 2020): factorised 128-wide embeddings, one layer's parameters shared by every depth
+    "albert-base": dataclasses.replace(_bert(12, 12, 768, vocab=30000), embedding_dim=128, share_layers=True,
+                                       activation="gelu_tanh", dropout_rate=0.0, attention_dropout_rate=0.0,
+                                       bos_id=2, eos_id=3),
+    "albert-large": dataclasses.replace(_bert(24, 16, 1024, vocab=30000), embedding_dim=128, share_layers=True,
+                                        activation="gelu_tanh", dropout_rate=0.0, attention_dropout_rate=0.0,
+                                        bos_id=2, eos_id=3),
     "transformer-base": _transformer(512, 8, 2048, 0.1),
     "transformer-big": _transformer(1024, 16, 4096, 0.3),
     "transformer-tiny": _transformer(128, 4, 512, 0.1, layers=2, vocab=4096),

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 from ..attention import Mask
 from ..layers.blocks import LayerStack, config_dtypes
 from ..layers.embedder import CacheIndex, Embedder
-from ..layers.norms import make_norm
-from .checks import check_mask_shape, check_tokens, segment_positions
+from ..layers.norms import apply_norm, make_norm
+from .checks import check_condition, check_mask_shape, check_tokens, segment_positions
 from .config import ModelConfig
 
 
@@ -30,7 +30,8 @@ def final_norm(cfg: ModelConfig):
     if cfg.norm_position != "pre":
         return None
     dtype, param_dtype = config_dtypes(cfg)
-    return make_norm(cfg.norm, epsilon=cfg.norm_epsilon, dtype=dtype, param_dtype=param_dtype)
+    return make_norm(cfg.norm, epsilon=cfg.norm_epsilon, dtype=dtype, param_dtype=param_dtype,
+                     condition_dim=cfg.condition_dim)
 
 
 class GPT(nn.Module):
@@ -49,11 +50,12 @@ class GPT(nn.Module):
         self.lm_head = output_head(self.cfg)
         self.cache_index = CacheIndex()
 
-    def hidden(self, tokens, *, positions=None, segment_ids=None, prefix_lengths=None, deterministic=True,
-               decode=None) -> jax.Array:
+    def hidden(self, tokens, *, positions=None, segment_ids=None, prefix_lengths=None, condition=None,
+               deterministic=True, decode=None) -> jax.Array:
         """The final hidden states ``[b, l, e]`` (after the final norm); arguments as ``__call__``."""
         check_tokens(tokens, self.cfg)
         check_mask_shape(segment_ids, tokens, "segment_ids")
+        check_condition(condition, tokens, self.cfg)
         b, l = tokens.shape
         start = None
         if decode:
@@ -66,8 +68,8 @@ class GPT(nn.Module):
         mask = Mask(causal=True, prefix_lengths=prefix_lengths, q_segment_ids=segment_ids,
                     kv_segment_ids=segment_ids, q_offset=start)
         x = self.embedder(tokens, positions, deterministic=deterministic)
-        x = self.decoder(x, mask, None, None, positions, deterministic, decode, start)
-        return x if self.final_norm is None else self.final_norm(x)
+        x = self.decoder(x, mask, None, None, positions, deterministic, decode, start, condition)
+        return x if self.final_norm is None else apply_norm(self.final_norm, x, condition)
 
     def output_embedding(self) -> jax.Array:
         """The output projection as a ``[v, e]`` matrix (``logits = hidden @ output_embedding().T``): the tied token
@@ -81,16 +83,19 @@ class GPT(nn.Module):
         out = self.embedder.attend(hidden) if self.lm_head is None else self.lm_head(hidden)
         return nn.with_logical_constraint(out.astype(jnp.float32), ("batch", "length", "vocab"))
 
-    def __call__(self, tokens, *, positions=None, segment_ids=None, prefix_lengths=None, deterministic=True,
-                 decode=None) -> jax.Array:
+    def __call__(self, tokens, *, positions=None, segment_ids=None, prefix_lengths=None, condition=None,
+                 deterministic=True, decode=None) -> jax.Array:
         """``tokens [b, l]`` -> ``logits [b, l, v]``.
 
         Args:
           positions: int ``[b, l]`` (default ``0..l-1``, restarting per segment).
           segment_ids: int ``[b, l]`` packed-document ids.
           prefix_lengths: int ``[b]`` prefix-LM prefix lengths.
+          condition: ``[b, condition_dim]`` input of the conditional norms (``cfg.condition_dim > 0``); None acts
+            as a zero condition (the plain norms).
           deterministic: False enables dropout (needs a ``dropout`` rng).
           decode: None, ``"prefill"`` or ``"step"`` with the ``cache`` collection mutable (see `ffl.generate`).
         """
         return self.logits(self.hidden(tokens, positions=positions, segment_ids=segment_ids,
-                                       prefix_lengths=prefix_lengths, deterministic=deterministic, decode=decode))
+                                       prefix_lengths=prefix_lengths, condition=condition,
+                                       deterministic=deterministic, decode=decode))

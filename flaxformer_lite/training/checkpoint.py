@@ -39,6 +39,16 @@ class Checkpoints:
                                                                  meta=ocp.args.JsonRestore()))
         return out["state"], out["meta"]
 
+    def restore_params(self, step: int | None = None):
+        """``(params, meta)`` of ``step`` (default the latest) as saved, on the default device, without a target
+        state: for starting another run (e.g. fine-tuning) from this one's weights."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise ValueError(f"{self.directory} holds no checkpoint")
+        out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                                 meta=ocp.args.JsonRestore()))
+        return out["state"]["params"], out["meta"]
+
     def wait(self) -> None:
         """Block until pending saves are on disk."""
         self.manager.wait_until_finished()

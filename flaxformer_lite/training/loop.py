@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from .checkpoint import Checkpoints
-from .metrics import MetricsLog, count_params, flops_per_token, matmul_ceiling, summarize
+from .metrics import PRIMARY_TERMS, MetricsLog, count_params, flops_per_token, matmul_ceiling, summarize
 from .optimizer import make_optimizer
 from .parallel import (batch_sharding, eval_sums, init_state, jit_train_step, make_mesh, pmap_train_step, replicate,
                        shard_for_pmap, unreplicate)
@@ -121,7 +121,7 @@ def evaluate(task, params, loader, batches: int, to_device=None) -> dict:
     out = {}
     for name, t in totals.items():
         w = max(t["weight"], 1.0)
-        prefix = "eval" if name == "lm" else f"eval_{name}"
+        prefix = "eval" if name in PRIMARY_TERMS else f"eval_{name}"
         out[f"{prefix}_loss"] = t["nll"] / w
         out[f"{prefix}_accuracy"] = t["correct"] / w
         if name in ("lm", "mlm"):
@@ -129,13 +129,18 @@ def evaluate(task, params, loader, batches: int, to_device=None) -> dict:
     return out
 
 
-def train(cfg, model, data, task, *, sample_fn=None) -> Outcome:
-    """Run (or resume) training as ``cfg`` says; write metrics.jsonl and checkpoints under ``cfg.train.run_dir``."""
+def train(cfg, model, data, task, *, sample_fn=None, warm_start=None) -> Outcome:
+    """Run (or resume) training as ``cfg`` says; write metrics.jsonl and checkpoints under ``cfg.train.run_dir``.
+
+    ``warm_start(params) -> params`` (e.g. grafting pretrained weights) sets the initial parameters of a fresh run;
+    a resumed run restores its checkpoint instead."""
     tc = cfg.train
     run_dir = Path(tc.run_dir)
     setup = _setup(cfg, model, data, task)
     ckpt = Checkpoints(run_dir / "checkpoints", keep=tc.keep_checkpoints)
     start, _ = _restore(ckpt, setup)
+    if start == 0 and warm_start is not None:
+        _warm_start(setup, warm_start)
     log = MetricsLog(run_dir / "metrics.jsonl", resume_from=start, enabled=jax.process_index() == 0)
     params = lambda: setup["state"]["params"] if setup["n"] is None else unreplicate(setup["state"])["params"]
     tokens_per_step = tc.batch_size * tc.seq_len
@@ -184,6 +189,17 @@ def train(cfg, model, data, task, *, sample_fn=None) -> Outcome:
     if sample_fn is not None and not stopped and jax.process_index() == 0:
         _write_samples(run_dir, sample_fn(params()))
     return Outcome(done, stopped, last_metrics, last_eval)
+
+
+def _warm_start(setup: dict, fn) -> None:
+    """Replace the initial params by ``fn(params)``, laid out as before (mesh shardings, or replicated for pmap)."""
+    if setup["n"] is None:
+        params = fn(jax.device_get(setup["state"]["params"]))
+        setup["state"]["params"] = jax.device_put(params, setup["shardings"]["params"])
+    else:
+        single = unreplicate(setup["state"])
+        single["params"] = jax.tree_util.tree_map(jnp.asarray, fn(jax.device_get(single["params"])))
+        setup["state"] = replicate(single, setup["n"])
 
 
 def _save(ckpt: Checkpoints, setup: dict, step: int, cfg) -> None:

@@ -60,15 +60,18 @@ def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+PRIMARY_TERMS = ("lm", "classify")  # a run's main loss term: logged without a prefix (accuracy, eval_loss, ...)
+
+
 def summarize(sums: dict, **extra) -> dict:
     """A step's device sums -> ``loss``, per-term losses/accuracies, ``grad_norm`` and the given extras."""
     out = {**extra, "loss": float(sums["loss"]), "grad_norm": float(sums["grad_norm"])}
-    for term in ("lm", "mlm", "nsp"):
+    for term in ("lm", "mlm", "nsp", "classify"):
         if f"{term}_weight" in sums:
             w = max(float(sums[f"{term}_weight"]), 1.0)
-            prefix = "" if term == "lm" else f"{term}_"
+            prefix = "" if term in PRIMARY_TERMS else f"{term}_"
             out[f"{prefix}accuracy"] = float(sums[f"{term}_correct"]) / w
-            if term != "lm":
+            if term not in PRIMARY_TERMS:
                 out[f"{term}_loss"] = float(sums[f"{term}_nll"]) / w
     return out
 

@@ -23,7 +23,8 @@ MESH_AXES = ("data", "fsdp", "tensor")
 # activations shard the batch over data x fsdp. A mesh axis is used at most once per array (Flax skips repeats).
 RULES = (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"),
          ("kv_heads", "tensor"), ("vocab", "tensor"), ("length", None), ("head_dim", None), ("layers", None),
-         ("position", None), ("token_type", None), ("classes", None))
+         ("position", None), ("token_type", None), ("classes", None), ("heads_mix", None),
+         ("condition", None), ("embed_factor", None))
 
 
 def parse_mesh(spec: str, num_devices: int) -> dict[str, int]:

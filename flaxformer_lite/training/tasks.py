@@ -14,8 +14,9 @@ import jax.numpy as jnp
 
 from .losses import cross_entropy_sums, lm_head_xent_sums
 
-MODEL_FOR_OBJECTIVE = {"causal_lm": "gpt", "prefix_lm": "gpt", "mlm": "bert", "span_corruption": "encoder_decoder",
-                       "seq2seq": "encoder_decoder"}
+MODEL_FOR_OBJECTIVE = {"causal_lm": ("gpt",), "prefix_lm": ("gpt",), "mlm": ("bert",),
+                       "span_corruption": ("encoder_decoder",), "seq2seq": ("encoder_decoder",),
+                       "classify": ("bert", "gpt")}  # classify: a SequenceClassifier over this backbone
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +34,8 @@ class Task:
             return {"lm": jnp.sum(batch["loss_mask"])}
         if self.objective == "mlm":
             return {"mlm": jnp.sum(batch["mlm_mask"]), "nsp": jnp.asarray(batch["nsp_labels"].shape[0], jnp.float32)}
+        if self.objective == "classify":
+            return {"classify": jnp.asarray(batch["labels"].shape[0], jnp.float32)}
         return {"lm": jnp.sum(batch["tgt_mask"])}
 
     def sums(self, params, batch, rng, train: bool) -> dict[str, dict[str, jax.Array]]:
@@ -53,6 +56,9 @@ class Task:
             out = apply(batch["tokens"], token_type_ids=batch["token_type_ids"], padding_mask=batch["padding_mask"])
             return {"mlm": xent(out.mlm_logits, batch["mlm_targets"], batch["mlm_mask"]),
                     "nsp": xent(out.nsp_logits, batch["nsp_labels"], jnp.ones_like(batch["nsp_labels"], jnp.float32))}
+        if self.objective == "classify":
+            logits = apply(batch["tokens"], token_type_ids=batch["token_type_ids"], padding_mask=batch["padding_mask"])
+            return {"classify": xent(logits, batch["labels"], jnp.ones_like(batch["labels"], jnp.float32))}
         logits = apply(batch["src"], batch["tgt_in"], src_padding_mask=batch["src_padding_mask"],
                        tgt_padding_mask=batch["tgt_mask"] > 0)
         return {"lm": xent(logits, batch["tgt"], batch["tgt_mask"])}
@@ -62,7 +68,7 @@ class Task:
         if self.objective in ("causal_lm", "prefix_lm"):
             variables = self.model.init(rng, batch["tokens"], segment_ids=batch["segment_ids"],
                                         prefix_lengths=batch.get("prefix_lengths"))
-        elif self.objective == "mlm":
+        elif self.objective in ("mlm", "classify"):
             variables = self.model.init(rng, batch["tokens"], token_type_ids=batch["token_type_ids"],
                                         padding_mask=batch["padding_mask"])
         else:
@@ -81,7 +87,7 @@ def make_task(objective: str, model, model_kind: str, *, label_smoothing: float 
     want = MODEL_FOR_OBJECTIVE.get(objective)
     if want is None:
         raise ValueError(f"data.objective must be one of {sorted(MODEL_FOR_OBJECTIVE)}, got {objective!r}")
-    if model_kind != want:
-        raise ValueError(f"data.objective={objective!r} trains a model.model={want!r}, but the config builds "
-                         f"{model_kind!r}; pick a {want} preset (model.preset=...)")
+    if model_kind not in want:
+        raise ValueError(f"data.objective={objective!r} trains a model.model in {list(want)}, but the config builds "
+                         f"{model_kind!r}; pick a {want[0]} preset (model.preset=...)")
     return Task(objective, model, label_smoothing, z_loss)

@@ -1,0 +1,66 @@
+"""`HFTokenizer`: a Hugging Face model folder's own tokenizer (WordPiece for BERT, byte-level BPE for GPT-2) behind the
+interface of our SentencePiece `Tokenizer`, so a checkpoint imported with ``interop.load_hf`` is fine-tuned on the
+ids it was trained with. Needs ``transformers`` (it reads ``tokenizer.json`` / ``vocab.txt`` / ``vocab.json``).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class HFTokenizer:
+    """``encode``/``encode_batch``/``decode`` and the named special ids of a Hugging Face tokenizer.
+
+    Ids a tokenizer lacks fall back sensibly: GPT-2 has no pad/cls/sep, so its end-of-text id stands in for them.
+    """
+
+    def __init__(self, tokenizer):
+        self.hf = tokenizer
+        fallback = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+
+        def pick(*names):
+            for name in names:
+                value = getattr(tokenizer, f"{name}_token_id", None)
+                if value is not None:
+                    return int(value)
+            return int(fallback)
+
+        self.pad_id, self.unk_id = pick("pad"), pick("unk")
+        self.bos_id, self.eos_id = pick("bos", "cls"), pick("eos", "sep")
+        self.cls_id, self.sep_id, self.mask_id = pick("cls", "bos"), pick("sep", "eos"), pick("mask")
+        self.sentinel_ids: list[int] = []
+
+    @classmethod
+    def from_folder(cls, path: str | Path) -> "HFTokenizer":
+        """Load the tokenizer saved in a Hugging Face model folder; `ValueError` if there is none or no transformers."""
+        try:
+            from transformers import AutoTokenizer
+        except ImportError as err:
+            raise ValueError(f"{path} holds a Hugging Face model; reading its tokenizer needs `pip install "
+                             "transformers`") from err
+        try:
+            return cls(AutoTokenizer.from_pretrained(str(path)))
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{path}: no usable tokenizer files (tokenizer.json, vocab.txt or vocab.json + "
+                             f"merges.txt): {err}") from err
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids."""
+        return len(self.hf)
+
+    @property
+    def special_ids(self) -> set[int]:
+        """Ids that are not text."""
+        return {int(i) for i in self.hf.all_special_ids} | {self.pad_id, self.cls_id, self.sep_id}
+
+    def encode(self, text: str) -> list[int]:
+        """Text -> ids (no special tokens added)."""
+        return self.hf(text, add_special_tokens=False)["input_ids"]
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Texts -> ids, in one call."""
+        return self.hf(list(texts), add_special_tokens=False)["input_ids"] if texts else []
+
+    def decode(self, ids) -> str:
+        """Ids -> text, special tokens dropped."""
+        return self.hf.decode([int(i) for i in ids], skip_special_tokens=True)
