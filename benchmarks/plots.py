@@ -11,17 +11,16 @@ import json
 import sys
 from pathlib import Path
 
+from flaxformer_lite.plots import pyplot
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def _pyplot():
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        return plt
-    except ImportError:
-        sys.exit("benchmarks/plots.py needs matplotlib: pip install -e '.[plot]'")
+        return pyplot()
+    except ValueError as err:
+        sys.exit(f"benchmarks/plots.py: {err}")
 
 
 def plot_attention(path: Path) -> Path:

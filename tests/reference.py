@@ -73,36 +73,45 @@ def _dense(x, p):
     return out + np.asarray(p["bias"], np.float64) if "bias" in p else out
 
 
-def attention_variant(params, x, kind, mask=None, talking_heads=False):
-    """Self-attention of one of the variants from the papers' equations, given a MultiHeadAttention's params:
-    additive (Bahdanau et al. 2015: s_ij = w . tanh(W_q x_i + W_k x_j)), synthesizer_dense (Tay et al. 2021:
-    s_i = W2 relu(W1 x_i + b1) + b2 over key positions), synthesizer_random (s = R, a table), softmax with
-    talking heads (Shazeer et al. 2020: mix logits across heads, softmax, mix weights). x [b, l, e] -> [b, l, e]."""
+def variant_logits(params, x, kind, talking_heads=False):
+    """Logits [b, h, l, l] of one of the attention variants from the papers' equations, given a MultiHeadAttention's
+    params, and the post-softmax head mixing (talking heads) or None: additive (Bahdanau et al. 2015:
+    s_ij = w . tanh(W_q x_i + W_k x_j)), synthesizer_dense (Tay et al. 2021: s_i = W2 relu(W1 x_i + b1) + b2 over
+    key positions), synthesizer_random (s = R, a table), softmax with talking heads (Shazeer et al. 2020: logits
+    mixed across heads, weights mixed after the softmax)."""
     f = lambda a: np.asarray(a, np.float64)
     b, l, _ = x.shape
-    v = _dense(x, params["value"])
-    head_mix = None
     if kind == "additive":
         q = _dense(x, params["query"])
         k = _expand_kv(_dense(x, params["key"]), q.shape[2])
-        s = np.einsum("bqkhd,hd->bhqk", np.tanh(q[:, :, None] + k[:, None]), f(params["additive"]["energy"]))
-    elif kind == "synthesizer_dense":
+        return np.einsum("bqkhd,hd->bhqk", np.tanh(q[:, :, None] + k[:, None]), f(params["additive"]["energy"])), None
+    if kind == "synthesizer_dense":
         hidden = np.maximum(_dense(x, params["synthesizer"]["hidden"]), 0.0)
         s = np.einsum("bqhd,hdk->bhqk", hidden, f(params["synthesizer"]["scores_kernel"])[:, :, :l])
-        s = s + f(params["synthesizer"]["scores_bias"])[None, :, None, :l]
-    elif kind == "synthesizer_random":
-        s = np.broadcast_to(f(params["synthesizer"]["random_scores"])[:, :l, :l][None], (b,) + (
-            params["synthesizer"]["random_scores"].shape[0], l, l))
-    else:
-        q, k = _dense(x, params["query"]), _dense(x, params["key"])
-        k = _expand_kv(k, q.shape[2])
-        s = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
-        if talking_heads:
-            s = np.einsum("bhqk,hj->bjqk", s, f(params["talking_heads"]["logits_mix"]))
-            head_mix = params["talking_heads"]["weights_mix"]
-    out = attend_logits(s, v, mask, head_mix)
-    wo = f(params["out"]["kernel"])
-    return np.einsum("bqhd,hde->bqe", out, wo) + f(params["out"]["bias"])
+        return s + f(params["synthesizer"]["scores_bias"])[None, :, None, :l], None
+    if kind == "synthesizer_random":
+        table = f(params["synthesizer"]["random_scores"])
+        return np.broadcast_to(table[:, :l, :l][None], (b, table.shape[0], l, l)), None
+    q, k = _dense(x, params["query"]), _dense(x, params["key"])
+    s = np.einsum("bqhd,bkhd->bhqk", q, _expand_kv(k, q.shape[2])) / np.sqrt(q.shape[-1])
+    if not talking_heads:
+        return s, None
+    return np.einsum("bhqk,hj->bjqk", s, f(params["talking_heads"]["logits_mix"])), params["talking_heads"]["weights_mix"]
+
+
+def attention_variant(params, x, kind, mask=None, talking_heads=False):
+    """Self-attention x [b, l, e] -> [b, l, e] of a variant (see `variant_logits`) through the out projection."""
+    s, head_mix = variant_logits(params, x, kind, talking_heads)
+    out = attend_logits(s, _dense(x, params["value"]), mask, head_mix)
+    return np.einsum("bqhd,hde->bqe", out, np.asarray(params["out"]["kernel"], np.float64)) + \
+        np.asarray(params["out"]["bias"], np.float64)
+
+
+def attention_weights(logits, mask=None, head_mix=None):
+    """The weights [b, h, lq, lk] that `attend_logits` applies: attend over one-hot values."""
+    b, h, lq, lk = np.shape(logits)
+    eye = np.broadcast_to(np.eye(lk)[None, :, None, :], (b, lk, h, lk))
+    return np.moveaxis(attend_logits(logits, eye, mask, head_mix), 2, 1)
 
 
 def conditional_norm(x, condition, scale, scale_kernel, bias=None, bias_kernel=None, eps=1e-5):

@@ -128,8 +128,20 @@ def attend_scores(scores: jax.Array, v: jax.Array, *, mask: Mask | None = None, 
     return _softmax_values(s, v, dims, mask, dropout_rate, seed, head_mix).astype(v.dtype)
 
 
-def _softmax_values(s, v, dims: Dims, mask: Mask, dropout_rate: float, dropout_seed, head_mix=None) -> jax.Array:
-    """float32 logits ``[b, n, g, q, k]`` -> masked softmax (-> head mixing) (-> dropout) -> ``[b, q, h, v]`` float32."""
+def attention_probs(scores: jax.Array, *, mask: Mask | None = None, head_mix: jax.Array | None = None) -> jax.Array:
+    """The attention weights ``P [b, h, q, k]`` (float32) that `attend_scores` applies to the values, for inspection
+    (attention maps): softmax of ``scores [b, h, q, k]`` over the visible keys, zero rows where none is visible,
+    mixed across heads by ``head_mix [h, h]`` if given."""
+    if getattr(scores, "ndim", None) != 4:
+        raise ValueError(f"scores must be [batch, heads, lq, lk], got {getattr(scores, 'shape', type(scores))}")
+    b, h, lq, lk = scores.shape
+    mask = check_mask(mask, Dims(b, lq, lk, h, h, 1, 1))
+    return _masked_probs(scores.astype(jnp.float32)[:, :, None], mask, head_mix)[:, :, 0]
+
+
+def _masked_probs(s, mask: Mask, head_mix=None) -> jax.Array:
+    """float32 logits ``[b, n, g, q, k]`` -> softmax over the visible keys (rows with none zeroed), then mixed across
+    the ``n * g`` heads by ``head_mix``."""
     b, n, g, lq, lk = s.shape
     visible = None if mask.is_trivial else mask.block(0, lq, 0, lk)[:, :, None]  # [b|1, 1, 1, q, k]
     if visible is not None:  # a finite floor, not -inf: a row with no visible key turns uniform, never NaN
@@ -140,6 +152,13 @@ def _softmax_values(s, v, dims: Dims, mask: Mask, dropout_rate: float, dropout_s
     if head_mix is not None:
         probs = jnp.einsum("bhqk,hj->bjqk", probs.reshape(b, n * g, lq, lk),
                            head_mix.astype(jnp.float32)).reshape(b, n, g, lq, lk)
+    return probs
+
+
+def _softmax_values(s, v, dims: Dims, mask: Mask, dropout_rate: float, dropout_seed, head_mix=None) -> jax.Array:
+    """float32 logits ``[b, n, g, q, k]`` -> masked softmax (-> head mixing) (-> dropout) -> ``[b, q, h, v]`` float32."""
+    b, n, g, lq, lk = s.shape
+    probs = _masked_probs(s, mask, head_mix)
     if dropout_rate > 0:
         keep = grouped_keep_mask(dropout_seed, dropout_rate, b, n, g, jnp.arange(lq), jnp.arange(lk))
         probs = probs * keep / (1.0 - dropout_rate)

@@ -9,6 +9,9 @@ Decoding (``decode="prefill"`` then ``decode="step"``, with the ``cache`` collec
 input), later calls fill them. Softmax self-attention keeps a preallocated key/value cache written at
 ``cache_index``; linear self-attention keeps its recurrent state (prefill sums the prompt, a step adds one token);
 cross-attention projects the encoder output once, at prefill, and reuses it.
+
+With the ``intermediates`` collection mutable, every attention except linear sows its weights ``[b, h, q, k]`` as
+``attention_weights`` (computed densely, only then): what attention-map pictures read.
 """
 from __future__ import annotations
 
@@ -20,8 +23,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ..attention import (FEATURE_MAPS, IMPLS, FeatureMap, Mask, attend_scores, linear_attention, linear_init_state,
-                         linear_prefill_state, linear_step, softmax_attention)
+from ..attention import (FEATURE_MAPS, IMPLS, FeatureMap, Mask, attend_scores, attention_probs, linear_attention,
+                         linear_init_state, linear_prefill_state, linear_step, softmax_attention)
 from .attention_scores import (AdditiveScores, DenseSynthesizerScores, RandomSynthesizerScores, TalkingHeads,
                                dot_scores)
 from .embeddings import rotary
@@ -152,12 +155,18 @@ class MultiHeadAttention(nn.Module):
             return linear_attention(q, k, v, mask=mask, feature_map=self.feature_map, bias=bias)
         rate = 0.0 if deterministic else self.dropout_rate
         rng = self.make_rng("dropout") if rate > 0 else None
+        sowing = self.is_mutable_collection("intermediates")
         if self.attention == "softmax" and not self.talking_heads:
+            if sowing:
+                scores = dot_scores(q, k) if bias is None else dot_scores(q, k) + bias.astype(jnp.float32)
+                self.sow("intermediates", "attention_weights", attention_probs(scores, mask=mask))
             return softmax_attention(q, k, v, mask=mask, bias=bias, impl=self.attention_impl, dropout_rate=rate,
                                      dropout_rng=rng)
         scores, head_mix = self._variant_scores(q, k, v.shape[1], mask, inputs_q)
         if bias is not None:
             scores = scores + bias.astype(jnp.float32)
+        if sowing:
+            self.sow("intermediates", "attention_weights", attention_probs(scores, mask=mask, head_mix=head_mix))
         return attend_scores(scores, v, mask=mask, head_mix=head_mix, dropout_rate=rate, dropout_rng=rng)
 
     def _variant_scores(self, q, k, lk, mask, inputs_q):
