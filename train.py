@@ -4,8 +4,10 @@
     python train.py --config configs/bert-tiny.yaml train.steps=200
     python train.py --config configs/gpt-tiny.yaml data.path=../shared/data/tinyshakespeare.txt train.run_dir=runs/tiny
 
-Writes ``train.run_dir``: config.yaml, tokenizer.model, metrics.jsonl, checkpoints/, samples.txt. Running the same
-command again resumes from the latest checkpoint. ``--help`` lists every key.
+Writes ``train.run_dir``: config.yaml, tokenizer.model (``tokenizer/`` for a Hugging Face tokenizer), metrics.jsonl,
+checkpoints/, samples.txt (labels.json when classifying). Running the same command again resumes from the latest
+checkpoint. ``train.init_from=PATH`` starts from a Hugging Face folder's or another run's weights (fine-tuning with
+``data.objective=classify``). ``--help`` lists every key.
 """
 from __future__ import annotations
 
@@ -70,17 +72,33 @@ def _sample_fn(model, data, cfg):
     return sample
 
 
+RUNTIME_MODEL_KEYS = ("dtype", "remat", "dropout_rate", "attention_dropout_rate", "attention_impl")  # not architecture
+
+
 def _load_pretrained(cfg, overrides):
-    """``train.init_from``'s weights, tokenizer and model config, or None."""
+    """``train.init_from``'s weights, tokenizer and model config (with the ``model.*`` overrides that leave the
+    architecture alone), or None."""
     if not cfg.train.init_from:
         return None
     from flaxformer_lite.pretrained import load_pretrained
-    ignored = [o.split("=", 1)[0] for o in overrides if o.startswith("model.")]
-    if ignored:
-        print(f"train.py: note: the model comes from train.init_from; ignoring {', '.join(ignored)}", file=sys.stderr)
     pretrained = load_pretrained(cfg.train.init_from)
+    given = [o.split("=", 1)[0].strip()[len("model."):] for o in overrides if o.startswith("model.")]
+    kept = {k: getattr(cfg.model, k) for k in given if k in RUNTIME_MODEL_KEYS}
+    ignored = [f"model.{k}" for k in given if k not in RUNTIME_MODEL_KEYS]
+    if ignored:
+        print(f"train.py: note: the architecture comes from train.init_from; ignoring {', '.join(ignored)} "
+              f"(allowed: {', '.join('model.' + k for k in RUNTIME_MODEL_KEYS)})", file=sys.stderr)
+    pretrained.cfg = dataclasses.replace(pretrained.cfg, **kept)
     print(f"starting from {pretrained.source} ({pretrained.cfg.model}, {pretrained.cfg.num_layers} layers)")
     return pretrained
+
+
+def _save_tokenizer(tok, run_dir: Path) -> None:
+    """Keep the run's tokenizer in its folder (a pretrained or given one too), so the folder stands alone."""
+    if hasattr(tok, "save") and not (run_dir / "tokenizer.model").exists():
+        tok.save(run_dir / "tokenizer.model")
+    elif hasattr(tok, "hf") and not (run_dir / "tokenizer").exists():
+        tok.hf.save_pretrained(str(run_dir / "tokenizer"))
 
 
 def _model_and_task(cfg, data, pretrained):
@@ -139,6 +157,7 @@ def main(argv=None) -> int:
         return 2
     if jax.process_index() == 0:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        _save_tokenizer(data.tokenizer, run_dir)
         if data.label_names is not None:
             (run_dir / "labels.json").write_text(json.dumps(data.label_names) + "\n")
         print(f"{data.num_train_examples:,} training examples; tokenizer {data.tokenizer.vocab_size} ids; unigram entropy of the "

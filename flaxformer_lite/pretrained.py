@@ -34,7 +34,8 @@ def load_pretrained(path: str | Path) -> Pretrained:
         from .data.hf_tokenizer import HFTokenizer
         from .interop import load_hf
         model, variables = load_hf(folder)
-        return Pretrained(model.cfg, nn.unbox(variables["params"]), HFTokenizer.from_folder(folder), str(folder))
+        params = jax.device_get(nn.unbox(variables["params"]))  # host copies: grafting places them itself
+        return Pretrained(model.cfg, params, HFTokenizer.from_folder(folder), str(folder))
     if (folder / "config.yaml").is_file() and (folder / "checkpoints").is_dir():
         from .config import load_config
         from .data.tokenizer import Tokenizer
@@ -45,32 +46,48 @@ def load_pretrained(path: str | Path) -> Pretrained:
             params, _ = ckpt.restore_params()
         finally:
             ckpt.close()
-        return Pretrained(cfg, params, Tokenizer.load(folder / "tokenizer.model"), str(folder))
+        params = jax.device_get(params)
+        if "backbone" in params:  # a fine-tuned run (e.g. a SequenceClassifier): its backbone is the model
+            params = params["backbone"]
+        if (folder / "tokenizer.model").is_file():
+            tokenizer = Tokenizer.load(folder / "tokenizer.model")
+        elif (folder / "tokenizer").is_dir():
+            from .data.hf_tokenizer import HFTokenizer
+            tokenizer = HFTokenizer.from_folder(folder / "tokenizer")
+        else:
+            raise ValueError(f"{folder} has no tokenizer.model (nor a Hugging Face tokenizer/ folder)")
+        return Pretrained(cfg, params, tokenizer, str(folder))
     raise ValueError(f"train.init_from {str(path)!r} is neither a Hugging Face model folder (config.json) nor a "
                      "train.py run folder (config.yaml + checkpoints/)")
 
 
 def graft(params, pretrained, into: str | None = "backbone"):
-    """``params`` (a fine-tuning model's, e.g. a `SequenceClassifier`'s) with ``params[into]`` (the whole tree when
-    ``into`` is None) replaced by the matching ``pretrained`` params. Pretrained entries the model does not use
-    (e.g. pre-training heads) are left out; a model parameter missing from ``pretrained``, or of another shape,
-    raises `ValueError`."""
+    """``params`` (a fine-tuning model's, e.g. a `SequenceClassifier`'s; arrays or `jax.ShapeDtypeStruct`s) with
+    ``params[into]`` (the whole tree when ``into`` is None) replaced by the matching ``pretrained`` params, as host
+    arrays of the model's dtypes. Pretrained entries the model does not use (e.g. pre-training heads) are left out;
+    a model parameter missing from ``pretrained``, or of another shape, raises `ValueError`."""
     if into is None:
         return graft({"all": params}, pretrained, "all")["all"]
+    if into not in params:
+        raise ValueError(f"the model has no {into!r} parameters to start from pretrained weights")
     flat_target = _flatten(params[into])
     flat_source = _flatten(pretrained)
     missing = [k for k in flat_target if k not in flat_source]
     if missing:
         raise ValueError(f"the pretrained weights lack {len(missing)} parameters the model needs, e.g. "
                          f"{'/'.join(missing[0])}")
-    wrong = [k for k, v in flat_target.items() if tuple(np.shape(flat_source[k])) != tuple(np.shape(v))]
+    wrong = [k for k, v in flat_target.items() if _shape(flat_source[k]) != _shape(v)]
     if wrong:
         k = wrong[0]
-        raise ValueError(f"pretrained {'/'.join(k)} has shape {np.shape(flat_source[k])}, the model wants "
-                         f"{np.shape(flat_target[k])}")
+        raise ValueError(f"pretrained {'/'.join(k)} has shape {_shape(flat_source[k])}, the model wants "
+                         f"{_shape(flat_target[k])}")
     grafted = jax.tree_util.tree_map_with_path(
         lambda path, x: np.asarray(flat_source[tuple(_key(p) for p in path)], dtype=x.dtype), params[into])
     return {**params, into: grafted}
+
+
+def _shape(x) -> tuple:
+    return tuple(x.shape) if hasattr(x, "shape") else tuple(np.shape(x))
 
 
 def _key(entry) -> str:

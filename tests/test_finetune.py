@@ -8,6 +8,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+import yaml
 
 from flaxformer_lite.data.objectives import SpecialIds, classification
 from flaxformer_lite.data.pipeline import label_vocabulary
@@ -34,6 +35,28 @@ def test_classification_rows():
     np.testing.assert_array_equal(batch["token_type_ids"][0], [0, 0, 0, 0, 0, 1, 1, 1, 0, 0])
     np.testing.assert_array_equal(batch["padding_mask"].sum(1), [8, 10, 3])
     np.testing.assert_array_equal(batch["labels"], [1, 0, 2])
+
+
+def _longest_first(a, b, budget):
+    """Hugging Face's rule, one token at a time: drop from the longer side, from the pair on ties."""
+    a, b = list(a), list(b)
+    while len(a) + len(b) > budget:
+        (a if len(a) > len(b) else b).pop()
+    return a, b
+
+
+def test_truncation_equals_one_at_a_time_rule():
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        a, b = list(range(rng.integers(0, 30))), list(range(100, 100 + rng.integers(0, 30)))
+        length = int(rng.integers(4, 40))
+        row = classification([(a, b, 0)], length, IDS)
+        want_a, want_b = _longest_first(a, b, length - 3)
+        want = [5, *want_a, 6, *want_b, 6]
+        np.testing.assert_array_equal(row["tokens"][0, :len(want)], want)
+        assert row["padding_mask"][0].sum() == len(want)
+    with pytest.raises(ValueError, match="seq_len >= 4"):
+        classification([([1], None, 0)], 3, IDS)
 
 
 def test_label_vocabulary():
@@ -84,8 +107,14 @@ def test_finetune_from_our_pretraining_run(texts, tmp_path):
                            "train.steps=3", "train.eval_every=0", f"train.run_dir={pre}", *common]) == 0
     assert train_cli.main(["data.objective=classify", "data.text_pair_field=pair", f"train.init_from={pre}",
                            "train.steps=40", "train.eval_every=40", "optim.lr=2e-3", "optim.warmup_steps=5",
+                           "model.dropout_rate=0.0", "model.num_layers=5",  # the second changes the architecture
                            f"train.run_dir={fine}", *common]) == 0
     assert json.loads((fine / "labels.json").read_text()) == ["negative", "positive"]
+    model_cfg = yaml.safe_load((fine / "config.yaml").read_text())["model"]
+    assert model_cfg["num_layers"] == 2 and model_cfg["dropout_rate"] == 0.0
+    again = load_pretrained(fine)  # a fine-tuned folder is itself a starting point: its backbone, its tokenizer
+    assert "classifier" not in again.params and "embedder" in again.params
+    assert again.tokenizer.vocab_size == load_pretrained(pre).tokenizer.vocab_size
     records = _run_metrics(fine)
     assert "accuracy" in records[0]
     assert [r["eval_accuracy"] for r in records if "eval_accuracy" in r][-1] >= 0.9
@@ -118,3 +147,4 @@ def test_finetune_from_hugging_face_folder_starts_at_its_weights(texts, tmp_path
             source = source[entry.key]
         np.testing.assert_array_equal(leaf, source)
     assert any("eval_accuracy" in r for r in _run_metrics(run))
+    assert (run / "tokenizer" / "tokenizer.json").is_file()  # the HF tokenizer travels with the run

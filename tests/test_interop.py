@@ -127,3 +127,21 @@ def test_missing_files_raise(tmp_path):
                                                       "n_head": 2, "n_embd": 8, "n_positions": 8}))
     with pytest.raises(ValueError, match="no model.safetensors"):
         ffl.interop.load_hf(tmp_path)
+
+
+@pytest.mark.parametrize("fields,match", [
+    ({"model": "bert", "share_layers": True}, "share_layers"),
+    ({"model": "bert", "embedding_dim": 16}, "embedding_dim"),
+    ({"model": "gpt", "talking_heads": True}, "talking_heads"),
+    ({"model": "gpt", "attention": "synthesizer_dense"}, "attention"),
+    ({"model": "gpt", "num_kv_heads": 2}, "num_kv_heads"),
+    ({"model": "gpt", "scan_layers": True}, "scan_layers"),
+])
+def test_save_hf_refuses_what_the_layout_cannot_express(tmp_path, fields, match):
+    from flaxformer_lite.interop.hf import config_to_hf
+    from flaxformer_lite.models import ModelConfig
+    base = {"gpt": dict(norm_position="pre"), "bert": dict(norm_position="post", type_vocab_size=2,
+                                                              activation="gelu")}[fields["model"]]
+    cfg = ModelConfig(**{**base, **fields})
+    with pytest.raises(ValueError, match=match):
+        config_to_hf(cfg)

@@ -105,6 +105,15 @@ def test_gpt_switch_is_causal(gpt_switch):
     assert not np.allclose(before[:, 9:], after[:, 9:], atol=1e-3)
 
 
+def test_gpt_switch_packed_document_equals_alone(gpt_switch):
+    """A document packed after another (segment_ids; positions restart) gives the logits it gets alone."""
+    model, variables, apply, tokens = gpt_switch
+    segments = jnp.asarray([[0] * 6 + [1] * 10], jnp.int32)
+    packed = jax.jit(lambda t, s: model.apply(variables, t, segment_ids=s))(tokens[:1], segments)
+    alone = apply(variables, jnp.concatenate([tokens[:1, 6:], jnp.zeros((1, 6), jnp.int32)], 1))
+    np.testing.assert_allclose(packed[0, 6:], alone[0, :10], atol=1e-4, rtol=1e-4)
+
+
 def test_gpt_switch_cached_greedy_equals_recompute(gpt_switch):
     model, variables, apply, tokens = gpt_switch
 
@@ -192,3 +201,12 @@ def test_variant_layer_errors():
         MultiHeadAttention(num_heads=2, attention="synthesizer_dense", max_len=32).init(jax.random.key(0), x, x)
     with pytest.raises(ValueError, match="needs max_len"):
         MultiHeadAttention(num_heads=2, attention="synthesizer_dense").init(jax.random.key(0), x)
+
+
+def test_shared_layer_counts_once_per_depth_for_flops():
+    from flaxformer_lite.training.metrics import count_params
+    params = {"embedder": {"position": {"embedding": np.zeros((8, 4))}, "token": {"embedding": np.zeros((10, 4))}},
+              "encoder": {"shared_layer": {"w": np.zeros((4, 4))}}}
+    assert count_params(params) == 32 + 40 + 16
+    assert count_params(params, exclude_positions=True, shared_repeats=3) == 40 + 48
+    assert count_params({"backbone": params, "classifier": {"b": np.zeros(2)}}, exclude_positions=True) == 40 + 16 + 2

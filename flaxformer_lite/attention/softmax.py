@@ -135,6 +135,8 @@ def attention_probs(scores: jax.Array, *, mask: Mask | None = None, head_mix: ja
     if getattr(scores, "ndim", None) != 4:
         raise ValueError(f"scores must be [batch, heads, lq, lk], got {getattr(scores, 'shape', type(scores))}")
     b, h, lq, lk = scores.shape
+    if head_mix is not None and tuple(head_mix.shape) != (h, h):
+        raise ValueError(f"head_mix must be [heads, heads] = {[h, h]}, got {list(head_mix.shape)}")
     mask = check_mask(mask, Dims(b, lq, lk, h, h, 1, 1))
     return _masked_probs(scores.astype(jnp.float32)[:, :, None], mask, head_mix)[:, :, 0]
 

@@ -11,22 +11,25 @@ class HFTokenizer:
     """``encode``/``encode_batch``/``decode`` and the named special ids of a Hugging Face tokenizer.
 
     Ids a tokenizer lacks fall back sensibly: GPT-2 has no pad/cls/sep, so its end-of-text id stands in for them.
+    A missing mask token stays -1, and masked-LM training refuses such a tokenizer.
     """
 
     def __init__(self, tokenizer):
         self.hf = tokenizer
-        fallback = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
-
-        def pick(*names):
-            for name in names:
+        def pick(*names, fallback=True):
+            for name in names + (("eos", "sep") if fallback else ()):
                 value = getattr(tokenizer, f"{name}_token_id", None)
                 if value is not None:
                     return int(value)
-            return int(fallback)
+            return -1  # none: objectives that need it refuse (see `require`)
 
         self.pad_id, self.unk_id = pick("pad"), pick("unk")
         self.bos_id, self.eos_id = pick("bos", "cls"), pick("eos", "sep")
-        self.cls_id, self.sep_id, self.mask_id = pick("cls", "bos"), pick("sep", "eos"), pick("mask")
+        self.cls_id, self.sep_id = pick("cls", "bos"), pick("sep", "eos")
+        self.mask_id = pick("mask", fallback=False)  # never a stand-in: masking with a real token would be wrong
+        if min(self.pad_id, self.cls_id, self.sep_id) < 0:
+            raise ValueError("this Hugging Face tokenizer has no end-of-text or separator token to stand in for "
+                             "pad/cls/sep")
         self.sentinel_ids: list[int] = []
 
     @classmethod
@@ -38,10 +41,11 @@ class HFTokenizer:
             raise ValueError(f"{path} holds a Hugging Face model; reading its tokenizer needs `pip install "
                              "transformers`") from err
         try:
-            return cls(AutoTokenizer.from_pretrained(str(path)))
-        except (OSError, ValueError) as err:
+            loaded = AutoTokenizer.from_pretrained(str(path))
+        except Exception as err:  # transformers raises OSError, ValueError, TypeError... for missing/odd files
             raise ValueError(f"{path}: no usable tokenizer files (tokenizer.json, vocab.txt or vocab.json + "
                              f"merges.txt): {err}") from err
+        return cls(loaded)
 
     @property
     def vocab_size(self) -> int:

@@ -147,16 +147,15 @@ def classification(examples: list[tuple[list[int], list[int] | None, int]], leng
     with ``token_type_ids`` (0 for A, 1 for B), ``padding_mask`` (True for real tokens) and ``labels [b]``.
 
     Too-long inputs lose tokens from the end of the longer text first (BERT's longest-first truncation)."""
+    if length < 4:
+        raise ValueError(f"classification rows need seq_len >= 4 ([CLS] A [SEP] B [SEP]), got {length}")
     b = len(examples)
     tokens = np.full((b, length), ids.pad, np.int32)
     types = np.zeros((b, length), np.int32)
     lengths = np.zeros((b,), np.int32)
     for row, (a, pair, _) in enumerate(examples):
-        a, pair = list(a), (None if pair is None else list(pair))
         budget = length - (3 if pair is not None else 2)
-        while len(a) + (len(pair) if pair is not None else 0) > budget:
-            longer = a if pair is None or len(a) > len(pair) else pair  # ties trim the pair, as HF does
-            longer.pop()
+        a, pair = _truncate_longest_first(list(a), None if pair is None else list(pair), budget)
         seq = [ids.cls] + a + [ids.sep]
         if pair is not None:
             types[row, len(seq):len(seq) + len(pair) + 1] = 1
@@ -165,3 +164,20 @@ def classification(examples: list[tuple[list[int], list[int] | None, int]], leng
         lengths[row] = len(seq)
     return {"tokens": tokens, "token_type_ids": types, "padding_mask": np.arange(length)[None] < lengths[:, None],
             "labels": np.array([label for _, _, label in examples], np.int32)}
+
+
+def _truncate_longest_first(a: list[int], pair: list[int] | None, budget: int):
+    """Trim the longer of ``a`` and ``pair`` (the pair on ties, as Hugging Face does) until both fit ``budget``."""
+    if pair is None:
+        return a[:budget], None
+    excess = len(a) + len(pair) - budget
+    if excess <= 0:
+        return a, pair
+    # each removal takes from the longer side: first even them out, then alternate (pair first on a tie)
+    gap = min(excess, abs(len(a) - len(pair)))
+    if len(a) > len(pair):
+        a = a[:len(a) - gap]
+    else:
+        pair = pair[:len(pair) - gap]
+    rest = excess - gap
+    return a[:len(a) - rest // 2], pair[:len(pair) - (rest - rest // 2)]

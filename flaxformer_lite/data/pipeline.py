@@ -86,6 +86,8 @@ def build_data(data, *, seq_len: int, batch_size: int, seed: int, run_dir: str |
             raise ValueError(f"data.{key} {column!r} is not a column; columns: {ds.column_names}")
     label_names = label_vocabulary(ds[data.label_field]) if data.objective == "classify" else None
     tok = tokenizer or prepare_tokenizer(ds.select(range(min(len(ds), TOKENIZER_SAMPLE_DOCS)))["text"], data, run_dir)
+    if data.objective == "mlm" and tok.mask_id < 0:
+        raise ValueError("data.objective='mlm' needs a tokenizer with a mask token; this one has none")
     ids = special_ids(tok)
     mine = reading_shards(data.shards, batch_size, process_index, process_count)
     num_shards = len(mine) * process_count

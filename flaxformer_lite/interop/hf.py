@@ -77,8 +77,25 @@ def _choice(hf: dict, key: str, table: dict, default: str = "gelu") -> str:
     return table[value]
 
 
+def _check_exportable(cfg: ModelConfig) -> None:
+    """Raise `ValueError` naming the first field that GPT-2's or BERT's Hugging Face layout cannot express."""
+    fixed = {"attention": "softmax", "talking_heads": False, "condition_dim": 0, "share_layers": False,
+             "embedding_dim": None, "position": "learned", "norm": "layernorm", "use_bias": True,
+             "embed_scale": False, "scan_layers": False,
+             "norm_position": "pre" if cfg.model == "gpt" else "post"}
+    for field, want in fixed.items():
+        if getattr(cfg, field) != want:
+            raise ValueError(f"save_hf cannot express ModelConfig.{field}={getattr(cfg, field)!r} in Hugging Face's "
+                             f"{cfg.model} layout (it needs {want!r})")
+    if cfg.num_kv_heads not in (None, cfg.num_heads) or cfg.head_dim not in (None, cfg.embed_dim // cfg.num_heads):
+        raise ValueError("save_hf cannot express ModelConfig.num_kv_heads / head_dim other than plain multi-head "
+                         "attention in Hugging Face's layout")
+
+
 def config_to_hf(cfg: ModelConfig) -> dict:
     """config.json for ``cfg`` (GPT -> GPT2LMHeadModel, BERT -> BertForPreTraining)."""
+    if cfg.model in ("gpt", "bert"):
+        _check_exportable(cfg)
     inverse = lambda table: {v: k for k, v in reversed(list(table.items()))}
     if cfg.model == "gpt":
         return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": cfg.vocab_size,
@@ -295,8 +312,7 @@ def save_hf(model, variables, path: str | Path) -> Path:
     BERT -> BertForPreTraining) to folder ``path``; `load_hf` and `transformers` read it back."""
     from safetensors.numpy import save_file
     cfg = model.cfg
-    if cfg.scan_layers:
-        raise ValueError("save_hf takes unrolled layers (scan_layers=False)")
+    config = config_to_hf(cfg)  # raises for anything the layout cannot express
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     flat = {tuple(p.key for p in path): np.asarray(v, np.float32)
@@ -306,5 +322,5 @@ def save_hf(model, variables, path: str | Path) -> Path:
     tensors = {hf_key: np.ascontiguousarray(to_hf(flat[ours])) for hf_key, ours, _, to_hf in _mapping(cfg)
                if ours in flat}
     save_file(tensors, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=2))
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
     return folder

@@ -142,7 +142,7 @@ class MultiHeadAttention(nn.Module):
         else:
             if decode and not cross:
                 k, v = self._softmax_cache(k, v, cache_index)
-            out = self._attend(q, k, v, mask, bias, deterministic, inputs_q)
+            out = self._attend(q, k, v, mask, bias, deterministic, inputs_q, positions)
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
         return nn.DenseGeneral(
             self.out_dim or inputs_q.shape[-1], axis=(-2, -1), use_bias=self.use_bias, dtype=self.dtype,
@@ -150,7 +150,7 @@ class MultiHeadAttention(nn.Module):
             kernel_init=nn.with_logical_partitioning(self.kernel_init, ("heads", "head_dim", "embed")),
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), name="out")(out)
 
-    def _attend(self, q, k, v, mask, bias, deterministic, inputs_q):
+    def _attend(self, q, k, v, mask, bias, deterministic, inputs_q, positions):
         if self.attention == "linear":
             return linear_attention(q, k, v, mask=mask, feature_map=self.feature_map, bias=bias)
         rate = 0.0 if deterministic else self.dropout_rate
@@ -162,28 +162,37 @@ class MultiHeadAttention(nn.Module):
                 self.sow("intermediates", "attention_weights", attention_probs(scores, mask=mask))
             return softmax_attention(q, k, v, mask=mask, bias=bias, impl=self.attention_impl, dropout_rate=rate,
                                      dropout_rng=rng)
-        scores, head_mix = self._variant_scores(q, k, v.shape[1], mask, inputs_q)
-        if bias is not None:
-            scores = scores + bias.astype(jnp.float32)
+        scores, head_mix = self._variant_scores(q, k, v.shape[1], mask, bias, inputs_q, positions)
         if sowing:
             self.sow("intermediates", "attention_weights", attention_probs(scores, mask=mask, head_mix=head_mix))
         return attend_scores(scores, v, mask=mask, head_mix=head_mix, dropout_rate=rate, dropout_rng=rng)
 
-    def _variant_scores(self, q, k, lk, mask, inputs_q):
-        """``[b, h, q, k]`` logits of the dense variants, and talking-heads' post-softmax mixing (else None)."""
+    def _variant_scores(self, q, k, lk, mask, bias, inputs_q, positions):
+        """``[b, h, q, k]`` logits (bias added) of the dense variants, and talking-heads' post-softmax mixing."""
         init = dict(param_dtype=self.param_dtype, kernel_init=self.kernel_init)
+        add_bias = lambda s: s if bias is None else s + bias.astype(jnp.float32)
+        if self.attention == "softmax":  # talking heads: per-head logits (and biases), then mixed
+            return TalkingHeads(self.num_heads, self.param_dtype, name="talking_heads")(add_bias(dot_scores(q, k)))
         if self.attention == "additive":
-            return AdditiveScores(dtype=self.dtype, **init, name="additive")(q, k), None
+            return add_bias(AdditiveScores(dtype=self.dtype, **init, name="additive")(q, k)), None
+        q_pos, k_pos = self._synthesizer_positions(inputs_q, lk, mask, positions)
         if self.attention == "synthesizer_dense":
-            return DenseSynthesizerScores(self.num_heads, self.head_dim or inputs_q.shape[-1] // self.num_heads,
-                                          self.max_len,
-                                          dtype=self.dtype, **init, name="synthesizer")(inputs_q, lk), None
-        if self.attention == "synthesizer_random":
-            b, lq = inputs_q.shape[:2]
-            offset = 0 if mask is None or mask.q_offset is None else jnp.reshape(mask.q_offset, (-1, 1))
-            positions = jnp.broadcast_to(jnp.arange(lq)[None] + offset, (b, lq))
-            return RandomSynthesizerScores(self.num_heads, self.max_len, **init, name="synthesizer")(positions, lk), None
-        return TalkingHeads(self.num_heads, self.param_dtype, name="talking_heads")(dot_scores(q, k))
+            head_dim = self.head_dim or inputs_q.shape[-1] // self.num_heads
+            scores = DenseSynthesizerScores(self.num_heads, head_dim, self.max_len, dtype=self.dtype, **init,
+                                            name="synthesizer")(inputs_q, k_pos)
+        else:
+            scores = RandomSynthesizerScores(self.num_heads, self.max_len, **init, name="synthesizer")(q_pos, k_pos)
+        return add_bias(scores), None
+
+    def _synthesizer_positions(self, inputs_q, lk, mask, positions):
+        """Query and key positions ``[b, q]``, ``[b, k]`` that index the Synthesizer tables: positions within each
+        packed document (``positions``), or ``0..`` offset by the mask's ``q_offset`` against a decode cache."""
+        b, lq = inputs_q.shape[:2]
+        if positions is not None and lq == lk:
+            return positions, positions
+        offset = 0 if mask is None or mask.q_offset is None else jnp.reshape(mask.q_offset, (-1, 1))
+        q_pos = positions if positions is not None else jnp.broadcast_to(jnp.arange(lq)[None] + offset, (b, lq))
+        return q_pos, jnp.broadcast_to(jnp.arange(lk), (b, lk))
 
     def _cross_kv(self, inputs_kv, kv_heads, head_dim, decode):
         """Cross-attention keys/values; when decoding, projected once at prefill and cached."""

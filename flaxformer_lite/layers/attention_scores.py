@@ -60,8 +60,9 @@ class AdditiveScores(nn.Module):
 
 
 class DenseSynthesizerScores(nn.Module):
-    """Dense Synthesizer logits from the query-side input ``x [b, q, e]`` -> float32 ``[b, h, q, k]`` (``k <= max_len``
-    key positions).
+    """Dense Synthesizer logits from the query-side input ``x [b, q, e]`` and the key positions ``[b, k]`` (each
+    below ``max_len``) -> float32 ``[b, h, q, k]``: column ``j`` reads the predicted logit of key position
+    ``k_positions[b, j]`` (positions restart in each packed document).
 
     Attributes: num_heads (h), head_dim (d, the hidden width per head), max_len, dtype, param_dtype, kernel_init.
     """
@@ -74,8 +75,8 @@ class DenseSynthesizerScores(nn.Module):
     kernel_init: Callable = nn.initializers.normal(stddev=0.02)
 
     @nn.compact
-    def __call__(self, x: jax.Array, lk: int) -> jax.Array:
-        _positions_table_check(lk, self.max_len, "Dense Synthesizer")
+    def __call__(self, x: jax.Array, k_positions: jax.Array) -> jax.Array:
+        _positions_table_check(k_positions.shape[1], self.max_len, "Dense Synthesizer")
         h, d = self.num_heads, self.head_dim
         hidden = nn.DenseGeneral(
             (h, d), dtype=self.dtype, param_dtype=self.param_dtype,
@@ -85,13 +86,15 @@ class DenseSynthesizerScores(nn.Module):
             self.kernel_init, ("heads", "head_dim", "position")), (h, d, self.max_len), self.param_dtype)
         bias = self.param("scores_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "position")),
                           (h, self.max_len), self.param_dtype)
-        scores = jnp.einsum("bqhd,hdk->bhqk", jax.nn.relu(hidden), kernel[:, :, :lk].astype(self.dtype),
-                            preferred_element_type=jnp.float32)
-        return scores + bias[None, :, None, :lk].astype(jnp.float32)
+        table = jnp.einsum("bqhd,hdk->bhqk", jax.nn.relu(hidden), kernel.astype(self.dtype),
+                           preferred_element_type=jnp.float32) + bias[None, :, None].astype(jnp.float32)
+        columns = jnp.clip(k_positions, 0, self.max_len - 1)[:, None, None, :]  # [b, 1, 1, k]
+        return jnp.take_along_axis(table, jnp.broadcast_to(columns, table.shape[:3] + columns.shape[3:]), axis=-1)
 
 
 class RandomSynthesizerScores(nn.Module):
-    """Random Synthesizer logits for query positions ``[b, q]`` -> float32 ``[b, h, q, k]`` (rows of a learned table).
+    """Random Synthesizer logits: entries ``[q_positions, k_positions]`` (``[b, q]``, ``[b, k]``) of a learned
+    ``[h, max_len, max_len]`` table -> float32 ``[b, h, q, k]``.
 
     Attributes: num_heads (h), max_len, param_dtype, kernel_init (the paper draws the table at random; here it is
     trained too, its "Random" rather than "Fixed Random" variant).
@@ -103,13 +106,14 @@ class RandomSynthesizerScores(nn.Module):
     kernel_init: Callable = nn.initializers.normal(stddev=0.02)
 
     @nn.compact
-    def __call__(self, q_positions: jax.Array, lk: int) -> jax.Array:
-        _positions_table_check(lk, self.max_len, "Random Synthesizer")
+    def __call__(self, q_positions: jax.Array, k_positions: jax.Array) -> jax.Array:
+        _positions_table_check(k_positions.shape[1], self.max_len, "Random Synthesizer")
         table = self.param("random_scores", nn.with_logical_partitioning(
             self.kernel_init, ("heads", "position", "position")), (self.num_heads, self.max_len, self.max_len),
             self.param_dtype)
-        rows = jnp.take(table[:, :, :lk], jnp.clip(q_positions, 0, self.max_len - 1), axis=1)  # [h, b, q, k]
-        return jnp.moveaxis(rows, 0, 1).astype(jnp.float32)
+        rows = jnp.clip(q_positions, 0, self.max_len - 1)[:, :, None]  # [b, q, 1]
+        cols = jnp.clip(k_positions, 0, self.max_len - 1)[:, None, :]  # [b, 1, k]
+        return jnp.moveaxis(table[:, rows, cols], 0, 1).astype(jnp.float32)  # [h, b, q, k] -> [b, h, q, k]
 
 
 def _identity(key, shape, dtype=jnp.float32):

@@ -20,6 +20,8 @@ def make_norm(kind: str, *, epsilon: float = 1e-5, dtype: Any = jnp.float32, par
     Statistics are float32 whatever ``dtype``. ``condition_dim > 0`` makes it a `ConditionalNorm`."""
     if kind not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {kind!r}")
+    if not isinstance(condition_dim, int) or isinstance(condition_dim, bool) or condition_dim < 0:
+        raise ValueError(f"condition_dim must be an int >= 0, got {condition_dim!r}")
     if condition_dim:
         return ConditionalNorm(kind, condition_dim, epsilon, dtype, param_dtype, name=name)
     scale = nn.with_logical_partitioning(nn.initializers.ones, ("embed",))

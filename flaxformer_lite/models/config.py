@@ -107,20 +107,24 @@ class ModelConfig:
         if self.head_dim is None and self.embed_dim % self.num_heads:
             raise ValueError(f"ModelConfig.embed_dim ({self.embed_dim}) must be divisible by num_heads "
                              f"({self.num_heads}), or set head_dim")
-        if self.position == "sinusoidal" and self.embed_dim % 2:
-            raise ValueError(f"ModelConfig.position='sinusoidal' needs an even embed_dim, got {self.embed_dim}")
+        if self.position == "sinusoidal" and (self.embedding_dim or self.embed_dim) % 2:
+            raise ValueError(f"ModelConfig.position='sinusoidal' needs an even embed_dim (embedding_dim when set), "
+                             f"got {self.embedding_dim or self.embed_dim}")
         if self.position == "rotary" and self.resolved_head_dim % 2:
             raise ValueError(f"ModelConfig.position='rotary' needs an even head_dim, got {self.resolved_head_dim}")
 
     def _check_variants(self):
+        for name in ("talking_heads", "share_layers"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"ModelConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.talking_heads and self.attention != "softmax":
             raise ValueError(f"ModelConfig.talking_heads needs attention='softmax', got {self.attention!r}")
-        if not isinstance(self.condition_dim, int) or self.condition_dim < 0:
+        if not isinstance(self.condition_dim, int) or isinstance(self.condition_dim, bool) or self.condition_dim < 0:
             raise ValueError(f"ModelConfig.condition_dim must be an int >= 0, got {self.condition_dim!r}")
         if self.condition_dim and self.model not in ("gpt", "bert"):
             raise ValueError(f"ModelConfig.condition_dim is supported for model 'gpt' and 'bert', not {self.model!r}")
         if self.embedding_dim is not None:
-            if not isinstance(self.embedding_dim, int) or self.embedding_dim < 1:
+            if not isinstance(self.embedding_dim, int) or isinstance(self.embedding_dim, bool) or self.embedding_dim < 1:
                 raise ValueError(f"ModelConfig.embedding_dim must be a positive int or None, got {self.embedding_dim!r}")
             if self.model != "bert":
                 raise ValueError(f"ModelConfig.embedding_dim (factorised embeddings) is supported for model 'bert' "

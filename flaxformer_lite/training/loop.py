@@ -144,7 +144,9 @@ def train(cfg, model, data, task, *, sample_fn=None, warm_start=None) -> Outcome
     log = MetricsLog(run_dir / "metrics.jsonl", resume_from=start, enabled=jax.process_index() == 0)
     params = lambda: setup["state"]["params"] if setup["n"] is None else unreplicate(setup["state"])["params"]
     tokens_per_step = tc.batch_size * tc.seq_len
-    flops = flops_per_token(count_params(params(), exclude_positions=True), model.cfg, tc.seq_len) * tokens_per_step
+    matmul_params = count_params(params(), exclude_positions=True,
+                                 shared_repeats=model.cfg.num_layers if model.cfg.share_layers else 1)
+    flops = flops_per_token(matmul_params, model.cfg, tc.seq_len) * tokens_per_step
     ceiling = matmul_ceiling()
     sharding = None if setup["mesh"] is None else batch_sharding(setup["mesh"])
     if start:
@@ -192,13 +194,24 @@ def train(cfg, model, data, task, *, sample_fn=None, warm_start=None) -> Outcome
 
 
 def _warm_start(setup: dict, fn) -> None:
-    """Replace the initial params by ``fn(params)``, laid out as before (mesh shardings, or replicated for pmap)."""
+    """Replace the initial params by ``fn(params)``, laid out as before (mesh shardings, or replicated for pmap).
+
+    ``fn`` sees shape/dtype structs (no values: parameters may span hosts) and returns host arrays for the leaves
+    it sets; leaves it returns as structs keep their initial values."""
     if setup["n"] is None:
-        params = fn(jax.device_get(setup["state"]["params"]))
-        setup["state"]["params"] = jax.device_put(params, setup["shardings"]["params"])
+        current = setup["state"]["params"]
+    else:
+        current = unreplicate(setup["state"])["params"]
+    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), current)
+    new = fn(abstract)
+    if setup["n"] is None:
+        place = lambda n, old, s: old if isinstance(n, jax.ShapeDtypeStruct) else \
+            jax.make_array_from_callback(n.shape, s, lambda index: n[index])
+        setup["state"]["params"] = jax.tree_util.tree_map(place, new, current, setup["shardings"]["params"])
     else:
         single = unreplicate(setup["state"])
-        single["params"] = jax.tree_util.tree_map(jnp.asarray, fn(jax.device_get(single["params"])))
+        single["params"] = jax.tree_util.tree_map(
+            lambda n, old: old if isinstance(n, jax.ShapeDtypeStruct) else jnp.asarray(n), new, single["params"])
         setup["state"] = replicate(single, setup["n"])
 
 

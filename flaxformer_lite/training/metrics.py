@@ -76,11 +76,19 @@ def summarize(sums: dict, **extra) -> dict:
     return out
 
 
-def count_params(params, exclude_positions: bool = False) -> int:
-    """Number of parameters in a tree; optionally without a learned position table (which costs no FLOPs)."""
-    n = int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
+def count_params(params, exclude_positions: bool = False, shared_repeats: int = 1) -> int:
+    """Number of parameters in a tree; optionally without a learned position table (which costs no FLOPs), and with
+    a ``shared_layer`` (ALBERT sharing) counted ``shared_repeats`` times, once per depth it runs at."""
+    def count(tree, name=None) -> int:
+        if isinstance(tree, dict):
+            n = sum(count(v, k) for k, v in tree.items())
+            return n * shared_repeats if name == "shared_layer" else n
+        return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
+
+    n = count(params)
     if exclude_positions and isinstance(params, dict):
-        table = params.get("embedder", {}).get("position", {}).get("embedding")
+        root = params.get("backbone", params)  # a fine-tuning head's backbone
+        table = root.get("embedder", {}).get("position", {}).get("embedding")
         n -= 0 if table is None else int(np.prod(table.shape))
     return n
 

@@ -31,9 +31,16 @@ def make_schedule(opt, total_steps: int, embed_dim: int):
     raise ValueError(f"optim.schedule must be one of ['cosine', 'noam', 'constant'], got {opt.schedule!r}")
 
 
+NO_DECAY = ("logits_mix", "weights_mix")  # talking-heads mixings start at identity: decay would pull them to zero
+
+
 def decay_mask(params):
-    """True for parameters that get weight decay: matrices and embeddings, not biases or norm scales."""
-    return jax.tree_util.tree_map(lambda p: getattr(p, "ndim", 0) >= 2, params)
+    """True for parameters that get weight decay: matrices and embeddings, not biases, norm scales or the
+    talking-heads mixing matrices (``NO_DECAY``)."""
+    def decays(path, p):
+        names = {str(getattr(k, "key", k)) for k in path}
+        return getattr(p, "ndim", 0) >= 2 and not names & set(NO_DECAY)
+    return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def make_optimizer(opt, total_steps: int, embed_dim: int):
