@@ -210,3 +210,10 @@ def test_shared_layer_counts_once_per_depth_for_flops():
     assert count_params(params) == 32 + 40 + 16
     assert count_params(params, exclude_positions=True, shared_repeats=3) == 40 + 48
     assert count_params({"backbone": params, "classifier": {"b": np.zeros(2)}}, exclude_positions=True) == 40 + 16 + 2
+
+
+def test_talking_heads_mixings_get_no_weight_decay():
+    from flaxformer_lite.training.optimizer import decay_mask
+    mask = decay_mask({"talking_heads": {"logits_mix": np.eye(2), "weights_mix": np.eye(2)},
+                       "query": {"kernel": np.zeros((2, 2))}})
+    assert mask == {"talking_heads": {"logits_mix": False, "weights_mix": False}, "query": {"kernel": True}}

@@ -40,14 +40,16 @@ class Checkpoints:
         return out["state"], out["meta"]
 
     def restore_params(self, step: int | None = None):
-        """``(params, meta)`` of ``step`` (default the latest) as saved, on the default device, without a target
-        state: for starting another run (e.g. fine-tuning) from this one's weights."""
+        """``(params, meta)`` of ``step`` (default the latest) on one device, whatever mesh wrote it, without a
+        target state: for starting another run (e.g. fine-tuning) from this one's weights."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise ValueError(f"{self.directory} holds no checkpoint")
-        out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
-                                                                 meta=ocp.args.JsonRestore()))
-        return out["state"]["params"], out["meta"]
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        saved = self.manager.item_metadata(step)["state"]
+        target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved)
+        state, meta = self.restore(step, target)
+        return state["params"], meta
 
     def wait(self) -> None:
         """Block until pending saves are on disk."""
