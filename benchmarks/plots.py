@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from flaxformer_lite.plots import pyplot
+from flaxformer_lite.plots import pyplot, save_figure
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -40,11 +40,7 @@ def plot_attention(path: Path) -> Path:
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(f"{data['title']} (causal) - {data['device'].split(';')[0]}")
-    fig.tight_layout()
-    out = path.with_suffix(".png")
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, path.with_suffix(".png"))
 
 
 def plot_decode(path: Path) -> Path:
@@ -62,11 +58,7 @@ def plot_decode(path: Path) -> Path:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(f"{data['title']} - {data['device'].split(';')[0]}")
-    fig.tight_layout()
-    out = path.with_suffix(".png")
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, path.with_suffix(".png"))
 
 
 def main(argv=None):

@@ -65,6 +65,10 @@ class HFTokenizer:
         """Texts -> ids, in one call."""
         return self.hf(list(texts), add_special_tokens=False)["input_ids"] if texts else []
 
+    def pieces(self, ids) -> list[str]:
+        """The vocabulary piece of each id (for labelling pictures)."""
+        return self.hf.convert_ids_to_tokens([int(i) for i in ids])
+
     def decode(self, ids) -> str:
         """Ids -> text, special tokens dropped."""
         return self.hf.decode([int(i) for i in ids], skip_special_tokens=True)

@@ -52,6 +52,10 @@ class Tokenizer:
         skip = self.special_ids - {self.unk_id}
         return self.sp.decode([int(i) for i in ids if int(i) not in skip])
 
+    def pieces(self, ids) -> list[str]:
+        """The vocabulary piece of each id (for labelling pictures)."""
+        return [self.sp.id_to_piece(int(i)) for i in ids]
+
     def save(self, path: str | Path) -> Path:
         """Write the ``.model`` file (atomically)."""
         path = Path(path)

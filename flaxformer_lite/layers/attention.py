@@ -35,6 +35,11 @@ DECODE_MODES = (None, "prefill", "step")
 default_kernel_init = nn.initializers.normal(stddev=0.02)
 
 
+def _with_bias(scores: jax.Array, bias: jax.Array | None) -> jax.Array:
+    """float32 logits ``[b, h, q, k]`` plus an optional additive bias broadcastable to them."""
+    return scores if bias is None else scores + bias.astype(jnp.float32)
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head attention with GQA/MQA, a free head dim, and the kernel chosen by configuration.
 
@@ -158,7 +163,7 @@ class MultiHeadAttention(nn.Module):
         sowing = self.is_mutable_collection("intermediates")
         if self.attention == "softmax" and not self.talking_heads:
             if sowing:
-                scores = dot_scores(q, k) if bias is None else dot_scores(q, k) + bias.astype(jnp.float32)
+                scores = _with_bias(dot_scores(q, k), bias)
                 self.sow("intermediates", "attention_weights", attention_probs(scores, mask=mask))
             return softmax_attention(q, k, v, mask=mask, bias=bias, impl=self.attention_impl, dropout_rate=rate,
                                      dropout_rng=rng)
@@ -170,11 +175,11 @@ class MultiHeadAttention(nn.Module):
     def _variant_scores(self, q, k, lk, mask, bias, inputs_q, positions):
         """``[b, h, q, k]`` logits (bias added) of the dense variants, and talking-heads' post-softmax mixing."""
         init = dict(param_dtype=self.param_dtype, kernel_init=self.kernel_init)
-        add_bias = lambda s: s if bias is None else s + bias.astype(jnp.float32)
         if self.attention == "softmax":  # talking heads: per-head logits (and biases), then mixed
-            return TalkingHeads(self.num_heads, self.param_dtype, name="talking_heads")(add_bias(dot_scores(q, k)))
+            return TalkingHeads(self.num_heads, self.param_dtype, name="talking_heads")(
+                _with_bias(dot_scores(q, k), bias))
         if self.attention == "additive":
-            return add_bias(AdditiveScores(dtype=self.dtype, **init, name="additive")(q, k)), None
+            return _with_bias(AdditiveScores(dtype=self.dtype, **init, name="additive")(q, k), bias), None
         q_pos, k_pos = self._synthesizer_positions(inputs_q, lk, mask, positions)
         if self.attention == "synthesizer_dense":
             head_dim = self.head_dim or inputs_q.shape[-1] // self.num_heads
@@ -182,7 +187,7 @@ class MultiHeadAttention(nn.Module):
                                             name="synthesizer")(inputs_q, k_pos)
         else:
             scores = RandomSynthesizerScores(self.num_heads, self.max_len, **init, name="synthesizer")(q_pos, k_pos)
-        return add_bias(scores), None
+        return _with_bias(scores, bias), None
 
     def _synthesizer_positions(self, inputs_q, lk, mask, positions):
         """Query and key positions ``[b, q]``, ``[b, k]`` that index the Synthesizer tables: positions within each

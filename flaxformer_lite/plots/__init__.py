@@ -17,7 +17,18 @@ def pyplot():
     return plt
 
 
+def save_figure(fig, path) -> "Path":
+    """Lay out ``fig``, write it as a PNG to ``path`` (making its folder), close it; returns the path."""
+    from pathlib import Path
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+    return path
+
+
 from .attention_maps import attention_maps, plot_attention_maps  # noqa: E402
 from .curves import plot_curves  # noqa: E402
 
-__all__ = ["pyplot", "attention_maps", "plot_attention_maps", "plot_curves"]
+__all__ = ["pyplot", "save_figure", "attention_maps", "plot_attention_maps", "plot_curves"]

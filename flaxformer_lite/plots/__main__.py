@@ -12,13 +12,7 @@ def _tokens(pretrained, text: str, max_tokens: int):
     ids = tok.encode(text)[:max_tokens]
     if pretrained.cfg.model == "bert":
         ids = [tok.cls_id] + ids[:max_tokens - 2] + [tok.sep_id]
-    if hasattr(tok, "sp"):
-        pieces = [tok.sp.id_to_piece(i) for i in ids]
-    elif hasattr(tok, "hf"):
-        pieces = tok.hf.convert_ids_to_tokens(ids)
-    else:
-        pieces = [str(i) for i in ids]
-    return ids, pieces
+    return ids, tok.pieces(ids)
 
 
 def attention(args) -> Path:

@@ -39,7 +39,7 @@ def plot_attention_maps(maps: list[tuple[str, np.ndarray]], pieces: list[str], p
                         row: int = 0) -> Path:
     """Draw batch row ``row`` of ``maps`` (from `attention_maps`) as a layers x heads grid of heatmaps labelled with
     the token ``pieces``; write a PNG to ``path``."""
-    from . import pyplot
+    from . import pyplot, save_figure
     plt = pyplot()
     heads = max(w.shape[1] for _, w in maps)
     size = max(2.2, 0.18 * len(pieces))
@@ -59,9 +59,4 @@ def plot_attention_maps(maps: list[tuple[str, np.ndarray]], pieces: list[str], p
                 ax.set_yticks(ticks, pieces[:weights.shape[2]], fontsize=5)
     fig.supxlabel("key (attended to)")
     fig.supylabel("query")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

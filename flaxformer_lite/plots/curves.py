@@ -8,7 +8,7 @@ from pathlib import Path
 def plot_curves(run_dir: str | Path, path: str | Path | None = None) -> Path:
     """Read ``run_dir/metrics.jsonl`` and write the curves as a PNG (default ``run_dir/curves.png``)."""
     from ..training.metrics import read_metrics
-    from . import pyplot
+    from . import pyplot, save_figure
     run_dir = Path(run_dir)
     if not (run_dir / "metrics.jsonl").is_file():
         raise ValueError(f"{run_dir} has no metrics.jsonl (is it a train.py run folder?)")
@@ -29,9 +29,4 @@ def plot_curves(run_dir: str | Path, path: str | Path | None = None) -> Path:
         ax.set(xlabel="step", title=title)
         ax.legend(fontsize=8)
     fig.suptitle(run_dir.name)
-    fig.tight_layout()
-    path = Path(path) if path else run_dir / "curves.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path or run_dir / "curves.png")
