@@ -139,6 +139,8 @@ def main(argv=None) -> int:
     except ValueError as err:
         print(f"train.py: error: {err}", file=sys.stderr)
         return 2
+    from flaxformer_lite.training.host import keep_freed_memory
+    keep_freed_memory()  # before any JAX backend starts: XLA:CPU steps stop re-faulting their buffers
     _init_distributed(cfg.distributed)
     import jax
 

@@ -1,10 +1,11 @@
 """Linen modules with parameters, built on the attention kernels. Every parameter carries logical axis names."""
 from .attention import ATTENTION_KINDS, DECODE_MODES, MultiHeadAttention
 from .blocks import LayerStack, TransformerBlock
+from .dense import kernel_dot_general
 from .embedder import POSITIONS, CacheIndex, Embedder
 from .embeddings import Embed, rotary, sinusoidal
 from .mlp import ACTIVATIONS, MLP
 from .norms import NORMS, make_norm
 
 __all__ = ["MultiHeadAttention", "ATTENTION_KINDS", "DECODE_MODES", "TransformerBlock", "LayerStack", "Embedder",
-           "CacheIndex", "POSITIONS", "Embed", "rotary", "sinusoidal", "MLP", "ACTIVATIONS", "make_norm", "NORMS"]
+           "CacheIndex", "POSITIONS", "kernel_dot_general", "Embed", "rotary", "sinusoidal", "MLP", "ACTIVATIONS", "make_norm", "NORMS"]

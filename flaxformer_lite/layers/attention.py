@@ -27,6 +27,7 @@ from ..attention import (FEATURE_MAPS, IMPLS, FeatureMap, Mask, attend_scores, a
                          linear_init_state, linear_prefill_state, linear_step, softmax_attention)
 from .attention_scores import (AdditiveScores, DenseSynthesizerScores, RandomSynthesizerScores, TalkingHeads,
                                dot_scores)
+from .dense import kernel_dot_general
 from .embeddings import rotary
 
 ATTENTION_KINDS = ("softmax", "linear", "additive", "synthesizer_dense", "synthesizer_random")
@@ -104,6 +105,7 @@ class MultiHeadAttention(nn.Module):
     def _project(self, name: str, x: jax.Array, heads: int, head_dim: int, head_axis: str) -> jax.Array:
         y = nn.DenseGeneral(
             (heads, head_dim), use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+            dot_general=kernel_dot_general,
             kernel_init=nn.with_logical_partitioning(self.kernel_init, ("embed", head_axis, "head_dim")),
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (head_axis, "head_dim")), name=name)(x)
         return nn.with_logical_constraint(y, ("batch", "length", head_axis, "head_dim"))
@@ -151,7 +153,7 @@ class MultiHeadAttention(nn.Module):
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
         return nn.DenseGeneral(
             self.out_dim or inputs_q.shape[-1], axis=(-2, -1), use_bias=self.use_bias, dtype=self.dtype,
-            param_dtype=self.param_dtype,
+            param_dtype=self.param_dtype, dot_general=kernel_dot_general,
             kernel_init=nn.with_logical_partitioning(self.kernel_init, ("heads", "head_dim", "embed")),
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), name="out")(out)
 

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from .blocks import config_dtypes
+from .dense import kernel_dot_general
 from .embeddings import Embed, sinusoidal
 from .norms import make_norm
 
@@ -46,7 +47,7 @@ class Embedder(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout_rate)
         if cfg.embedding_dim:
             self.projection = nn.Dense(
-                cfg.embed_dim, dtype=dtype, param_dtype=param_dtype,
+                cfg.embed_dim, dtype=dtype, param_dtype=param_dtype, dot_general=kernel_dot_general,
                 kernel_init=nn.with_logical_partitioning(init, ("embed_factor", "embed")),
                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))
 

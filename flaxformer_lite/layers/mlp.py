@@ -11,6 +11,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from .dense import kernel_dot_general
+
 ACTIVATIONS: dict[str, Callable] = {
     "relu": jax.nn.relu,
     "gelu": functools.partial(jax.nn.gelu, approximate=False),  # exact erf form (BERT)
@@ -45,6 +47,7 @@ class MLP(nn.Module):
 
     def _dense(self, features, axes, name):
         return nn.Dense(features, use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+                        dot_general=kernel_dot_general,
                         kernel_init=nn.with_logical_partitioning(self.kernel_init, axes),
                         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]), name=name)
 

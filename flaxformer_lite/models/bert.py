@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from ..attention import Mask
 from ..layers.blocks import LayerStack, config_dtypes
+from ..layers.dense import kernel_dot_general
 from ..layers.embedder import Embedder
 from ..layers.mlp import ACTIVATIONS
 from ..layers.norms import apply_norm, make_norm
@@ -33,7 +34,7 @@ class BertOutput(NamedTuple):
 def dense(cfg: ModelConfig, features: int, axes: tuple[str, str], name: str | None = None) -> nn.Dense:
     """A Dense layer with the config's dtypes and initialiser and logical axis names ``axes`` on its kernel."""
     dtype, param_dtype = config_dtypes(cfg)
-    return nn.Dense(features, dtype=dtype, param_dtype=param_dtype,
+    return nn.Dense(features, dtype=dtype, param_dtype=param_dtype, dot_general=kernel_dot_general,
                     kernel_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), axes),
                     bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]), name=name)
 
