@@ -20,6 +20,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # PyTorch's OpenMP threads otherwise spin for a while after each op, stealing the cores from whichever impl runs
@@ -32,6 +33,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from harness import console, show_and_write  # noqa: E402
 
+from flaxformer_lite.layers import dense  # noqa: E402
 from flaxformer_lite.models import build, preset  # noqa: E402
 from flaxformer_lite.training.host import keep_freed_memory  # noqa: E402
 from flaxformer_lite.training.metrics import count_params, flops_per_token  # noqa: E402
@@ -54,8 +56,9 @@ def lm_batch(cfg, batch: int, seq_len: int, seed: int = 0) -> dict:
             "loss_mask": np.ones((batch, seq_len), np.float32)}
 
 
-def ours(cfg, batch: dict):
-    """flaxformer_lite's jitted, donated AdamW step (the same code path as train.py)."""
+def ours(cfg, batch: dict, reorder_kernels: bool = True):
+    """flaxformer_lite's jitted, donated AdamW step (the same code path as train.py). ``reorder_kernels=False``
+    compiles it with `kernel_dot_general`'s CPU kernel reordering off (the ``ours-plain-dot`` ablation)."""
     model = build(cfg)
     task = make_task("mlm" if cfg.model == "bert" else "causal_lm", model, cfg.model)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(**OPT))
@@ -69,7 +72,15 @@ def ours(cfg, batch: dict):
         holder["state"], metrics = step(holder["state"], jbatch)
         return metrics["loss"]
 
+    if not reorder_kernels:  # trace and compile now, with the reordering threshold out of reach
+        with mock.patch.object(dense, "MIN_ROWS", 1 << 62):
+            _block(run())
     return run, count_params(state["params"], exclude_positions=True)
+
+
+def ours_plain_dot(cfg, batch: dict):
+    """Ours with every projection a plain ``lax.dot_general`` (kernels kept ``[in, out]``), to measure the reordering."""
+    return ours(cfg, batch, reorder_kernels=False)
 
 
 def hf_flax(cfg, batch: dict):
@@ -189,7 +200,7 @@ def hf_torch(cfg, batch: dict, malloc: str = "keep"):
     return run, info
 
 
-PEERS = {"ours": ours, "hf-flax": hf_flax, "hf-torch": hf_torch}
+PEERS = {"ours": ours, "ours-plain-dot": ours_plain_dot, "hf-flax": hf_flax, "hf-torch": hf_torch}
 
 
 def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
@@ -239,7 +250,7 @@ def main(argv=None):
     for name in names:
         try:
             extra = {"malloc": args.malloc} if name == "hf-torch" else {}
-            runners[name] = PEERS[name](ours_cfg if name == "ours" else cfg, batch, **extra)
+            runners[name] = PEERS[name](ours_cfg if name.startswith("ours") else cfg, batch, **extra)
         except ImportError as err:
             rows.append({"impl": name, "note": f"skipped: {err.name or err} not installed"})
             continue
