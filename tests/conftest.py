@@ -1,5 +1,10 @@
-"""Test set-up: 8 CPU devices for sharding tests (before JAX initialises), and jitted kernels shared by tests."""
+"""Test set-up: 8 CPU devices for sharding tests and kept freed memory (both before JAX initialises), and jitted
+kernels shared by tests."""
 import jax
+
+from flaxformer_lite.training.host import keep_freed_memory
+
+keep_freed_memory()  # as train.py does: XLA:CPU's buffers are reused instead of page-faulted in again
 
 jax.config.update("jax_num_cpu_devices", 8)
 
