@@ -24,10 +24,16 @@ def run(fn, impl, q, k, v, **kw):
     return fn(q, k, v, impl=impl, **kw)
 
 
-@pytest.mark.parametrize("kv_heads", [4, 2, 1], ids=["mha", "gqa", "mqa"])
-@pytest.mark.parametrize("name", sorted(MASK_CASES))
+# Every mask with grouped heads (GQA: the general case); MHA and MQA, the two ends of the grouping, on the masks
+# whose tiles differ most (dense causal, packed segments, cross-attention with padding). Full grid: 144 compiles.
+HEAD_CASES = ([("gqa", 2, name) for name in sorted(MASK_CASES)]
+              + [(ids, n, name) for ids, n in (("mha", 4), ("mqa", 1))
+                 for name in ("causal", "segments_causal", "cross_padding")])
+
+
+@pytest.mark.parametrize("heads,kv_heads,name", HEAD_CASES, ids=[f"{h}-{n}" for h, _, n in HEAD_CASES])
 @pytest.mark.parametrize("impl", IMPLS)
-def test_matches_reference(softmax_fn, impl, name, kv_heads):
+def test_matches_reference(softmax_fn, impl, heads, kv_heads, name):
     lq, lk, mask, dense = build(name)
     (qn, kn, vn), (q, k, v) = qkv(lq, lk, kv_heads=kv_heads, seed=kv_heads)
     out = run(softmax_fn, impl, q, k, v, mask=mask)
