@@ -44,11 +44,9 @@ def keep_freed_memory() -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False
-    gnu = getattr(libc, "gnu_get_libc_version", None)
-    if gnu is None:  # musl and others: mallopt is a no-op stub or absent
+    if not hasattr(libc, "gnu_get_libc_version"):  # musl and others: mallopt is a no-op stub or absent
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    # A trim threshold of -1 disables trimming (mallopt(3)).
-    ok = all(mallopt(param, value) == 1 for param, value in ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1)))
-    _applied = ok
-    return ok
+    settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))  # -1: never trim (mallopt(3))
+    _applied = all(mallopt(param, value) == 1 for param, value in settings)
+    return _applied
