@@ -83,13 +83,12 @@ def reference_attention(q, k, v, *, dims: Dims, mask: Mask, bias, scale: float, 
     b, lq, h, d = q.shape
     n, g = dims.kv_heads, dims.groups
     q = q * jnp.asarray(scale, q.dtype)  # scale the [b, q, h, d] queries, not the [b, h, q, k] logits
-    if g == 1:  # plain multi-head attention: 4-D contractions, no group axis for XLA to move around
-        s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)[:, :, None]
+    if g == 1:  # plain multi-head attention stays 4-D: a unit group axis makes XLA:CPU's fusions ~25% slower
+        s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
     else:
         s = jnp.einsum("bqngd,bknd->bngqk", q.reshape(b, lq, n, g, d), k, preferred_element_type=jnp.float32)
     if bias is not None:
-        bb, hb, tq, tk = bias.shape
-        s = s + bias.reshape(bb, n if hb > 1 else 1, g if hb > 1 else 1, tq, tk).astype(jnp.float32)
+        s = s + bias.reshape(_logits_shape(bias.shape, g)).astype(jnp.float32)
     return _softmax_values(s, v, dims, mask, dropout_rate, dropout_seed).astype(q.dtype)
 
 
@@ -124,7 +123,7 @@ def attend_scores(scores: jax.Array, v: jax.Array, *, mask: Mask | None = None, 
     mask = check_mask(mask, dims)
     dropout_rate = check_dropout(dropout_rate, dropout_rng)
     seed = dropout_seed(dropout_rng) if dropout_rate > 0 else None
-    s = scores.astype(jnp.float32).reshape(b, dims.kv_heads, dims.groups, lq, lk)
+    s = scores.astype(jnp.float32).reshape(_logits_shape(scores.shape, dims.groups))
     return _softmax_values(s, v, dims, mask, dropout_rate, seed, head_mix).astype(v.dtype)
 
 
@@ -138,37 +137,47 @@ def attention_probs(scores: jax.Array, *, mask: Mask | None = None, head_mix: ja
     if head_mix is not None and tuple(head_mix.shape) != (h, h):
         raise ValueError(f"head_mix must be [heads, heads] = {[h, h]}, got {list(head_mix.shape)}")
     mask = check_mask(mask, Dims(b, lq, lk, h, h, 1, 1))
-    return _masked_probs(scores.astype(jnp.float32)[:, :, None], mask, head_mix)[:, :, 0]
+    return _masked_probs(scores.astype(jnp.float32), mask, head_mix)
+
+
+def _logits_shape(shape, groups: int) -> tuple:
+    """``[b, h, q, k]`` (``h`` may be 1 for a broadcast bias) -> the logits layout: itself for one query head per kv
+    head, else ``[b, n, g, q, k]``."""
+    b, h, lq, lk = shape
+    return (b, h, lq, lk) if groups == 1 else (b, h // groups if h > 1 else 1, groups if h > 1 else 1, lq, lk)
 
 
 def _masked_probs(s, mask: Mask, head_mix=None) -> jax.Array:
-    """float32 logits ``[b, n, g, q, k]`` -> softmax over the visible keys (rows with none zeroed), then mixed across
-    the ``n * g`` heads by ``head_mix``."""
-    b, n, g, lq, lk = s.shape
-    visible = None if mask.is_trivial else mask.block(0, lq, 0, lk)[:, :, None]  # [b|1, 1, 1, q, k]
+    """float32 logits ``[b, h, q, k]`` or ``[b, n, g, q, k]`` -> softmax over the visible keys (rows with none
+    zeroed), then mixed across the ``h = n * g`` heads by ``head_mix``."""
+    b, lq, lk = s.shape[0], s.shape[-2], s.shape[-1]
+    visible = None if mask.is_trivial else mask.block(0, lq, 0, lk)  # [b|1, 1, q, k]
     if visible is not None:  # a finite floor, not -inf: a row with no visible key turns uniform, never NaN
+        visible = visible.reshape(visible.shape[:2] + (1,) * (s.ndim - 4) + visible.shape[2:])
         s = jnp.where(visible, s, _MASKED)
-    probs = jax.nn.softmax(s, axis=-1)  # its custom derivative is far cheaper than differentiating exp / sum
+    probs = jax.nn.softmax(s, axis=-1)
     if visible is not None and not (mask.every_row_sees_a_key and lq == lk):
         probs = jnp.where(visible.any(-1, keepdims=True), probs, 0.0)  # ...and is zeroed here
     if head_mix is not None:
-        probs = jnp.einsum("bhqk,hj->bjqk", probs.reshape(b, n * g, lq, lk),
-                           head_mix.astype(jnp.float32)).reshape(b, n, g, lq, lk)
+        probs = jnp.einsum("bhqk,hj->bjqk", probs.reshape(b, -1, lq, lk),
+                           head_mix.astype(jnp.float32)).reshape(s.shape)
     return probs
 
 
 def _softmax_values(s, v, dims: Dims, mask: Mask, dropout_rate: float, dropout_seed, head_mix=None) -> jax.Array:
-    """float32 logits ``[b, n, g, q, k]`` -> masked softmax (-> head mixing) (-> dropout) -> ``[b, q, h, v]`` float32."""
-    b, n, g, lq, lk = s.shape
+    """float32 logits ``[b, h, q, k]`` (one query head per kv head) or ``[b, n, g, q, k]`` -> masked softmax
+    (-> head mixing) (-> dropout) -> ``[b, q, h, v]`` float32."""
+    b, lq, lk = s.shape[0], s.shape[-2], s.shape[-1]
     probs = _masked_probs(s, mask, head_mix)
     if dropout_rate > 0:
-        keep = grouped_keep_mask(dropout_seed, dropout_rate, b, n, g, jnp.arange(lq), jnp.arange(lk))
-        probs = probs * keep / (1.0 - dropout_rate)
-    if g == 1:
-        out = jnp.einsum("bhqk,bkhv->bqhv", probs[:, :, 0], v.astype(jnp.float32))
+        keep = grouped_keep_mask(dropout_seed, dropout_rate, b, dims.kv_heads, dims.groups, jnp.arange(lq),
+                                 jnp.arange(lk))
+        probs = probs * keep.reshape(probs.shape) / (1.0 - dropout_rate)
+    if probs.ndim == 4:
+        out = jnp.einsum("bhqk,bkhv->bqhv", probs, v.astype(jnp.float32))
     else:
         out = jnp.einsum("bngqk,bknv->bqngv", probs, v.astype(jnp.float32))
-    return out.reshape(b, lq, n * g, dims.value_dim)
+    return out.reshape(b, lq, dims.heads, dims.value_dim)
 
 
 # -- jax.nn.dot_product_attention (xla, cudnn) --------------------------------------------------------------------
