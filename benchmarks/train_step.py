@@ -79,7 +79,8 @@ def ours(cfg, batch: dict, reorder_kernels: bool = True):
 
 
 def ours_plain_dot(cfg, batch: dict):
-    """Ours with every projection a plain ``lax.dot_general`` (kernels kept ``[in, out]``), to measure the reordering."""
+    """Ours with every projection a plain ``lax.dot_general`` (kernels kept ``[in, out]``): measures the
+    reordering."""
     return ours(cfg, batch, reorder_kernels=False)
 
 

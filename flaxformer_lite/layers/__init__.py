@@ -8,4 +8,5 @@ from .mlp import ACTIVATIONS, MLP
 from .norms import NORMS, make_norm
 
 __all__ = ["MultiHeadAttention", "ATTENTION_KINDS", "DECODE_MODES", "TransformerBlock", "LayerStack", "Embedder",
-           "CacheIndex", "POSITIONS", "kernel_dot_general", "Embed", "rotary", "sinusoidal", "MLP", "ACTIVATIONS", "make_norm", "NORMS"]
+           "CacheIndex", "POSITIONS", "kernel_dot_general", "Embed", "rotary", "sinusoidal", "MLP", "ACTIVATIONS",
+           "make_norm", "NORMS"]

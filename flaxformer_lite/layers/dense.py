@@ -3,11 +3,13 @@ rows, the kernel is first copied into ``[out..., in...]`` order (the PyTorch ``L
 
 XLA:CPU's matmuls (YNNPACK) run the backward pass of ``x @ W`` faster when ``W`` is laid out that way: GPT-2 small's
 MLP, fwd+bwd at 1024 x 768, takes 88 ms instead of 101 ms, copy included, and a whole block 169 instead of 185 ms
-(2% on the whole training step, where XLA already reorders some kernels itself). The copy costs one read and write of the
-kernel, so it is skipped for few rows (decoding), and off CPU (cuBLAS/cuDNN pick layouts themselves). The result is
-the same product; only the memory order of one operand changes. Measured in benchmarks/RESULTS.md.
+(2% on the whole training step, where XLA already reorders some kernels itself). The copy costs one read and write
+of the kernel, so it is skipped for few rows (decoding), and off CPU (cuBLAS/cuDNN pick layouts themselves). The
+result is the same product; only the memory order of one operand changes. Measured in benchmarks/RESULTS.md.
 """
 from __future__ import annotations
+
+import math
 
 import jax
 from jax import lax
@@ -19,10 +21,7 @@ def _transpose_pays(lhs, rhs, dimension_numbers) -> bool:
     (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
     if lhs_batch or rhs_batch or jax.default_backend() != "cpu":
         return False
-    rows = 1
-    for d in range(lhs.ndim):
-        if d not in lhs_contract:
-            rows *= lhs.shape[d]
+    rows = math.prod(n for d, n in enumerate(lhs.shape) if d not in lhs_contract)
     # already [out..., in...]: nothing to gain
     return rows >= MIN_ROWS and tuple(rhs_contract) != tuple(range(rhs.ndim - len(rhs_contract), rhs.ndim))
 

@@ -8,6 +8,6 @@ from .optimizer import make_optimizer, make_schedule
 from .parallel import RULES, make_mesh, parse_mesh
 from .tasks import MODEL_FOR_OBJECTIVE, Task, make_task
 
-__all__ = ["Checkpoints", "keep_freed_memory", "NonFiniteLoss", "Outcome", "evaluate", "train", "MetricsLog", "read_metrics",
-           "make_optimizer", "make_schedule", "RULES", "make_mesh", "parse_mesh", "MODEL_FOR_OBJECTIVE", "Task",
-           "make_task"]
+__all__ = ["Checkpoints", "keep_freed_memory", "NonFiniteLoss", "Outcome", "evaluate", "train", "MetricsLog",
+           "read_metrics", "make_optimizer", "make_schedule", "RULES", "make_mesh", "parse_mesh", "MODEL_FOR_OBJECTIVE",
+           "Task", "make_task"]
