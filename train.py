@@ -65,6 +65,8 @@ def _sample_fn(model, data, cfg):
         batch = data.eval.batch(0)
         prompts = jnp.asarray((batch["tokens"] if "tokens" in batch else batch["src"])[:cfg.train.samples, :16])
         n = min(cfg.train.sample_tokens, model.cfg.max_len - (0 if "src" in batch else 16) - 1)
+        if n < 1:
+            return []  # no room after the 16-token prompt: nothing to sample
         out = ffl.generate(model, {"params": params}, prompts, n, temperature=0.8, top_k=40,
                            rng=jax.random.PRNGKey(cfg.train.seed), eos_id=tok.eos_id)
         start = 0 if "src" in batch else 16
@@ -73,6 +75,17 @@ def _sample_fn(model, data, cfg):
 
 
 RUNTIME_MODEL_KEYS = ("dtype", "remat", "dropout_rate", "attention_dropout_rate", "attention_impl")  # not architecture
+TOKENIZER_MODEL_KEYS = ("vocab_size", "pad_id", "bos_id", "eos_id")  # set from the run's tokenizer
+
+
+def _model_overrides(overrides) -> list[str]:
+    """The ``model.*`` keys given on the command line, without the prefix."""
+    return [o.split("=", 1)[0].strip()[len("model."):] for o in overrides if o.startswith("model.")]
+
+
+def _note_ignored(keys, why: str) -> None:
+    if keys:
+        print(f"train.py: note: {why}; ignoring {', '.join('model.' + k for k in keys)}", file=sys.stderr)
 
 
 def _load_pretrained(cfg, overrides):
@@ -82,12 +95,10 @@ def _load_pretrained(cfg, overrides):
         return None
     from flaxformer_lite.pretrained import load_pretrained
     pretrained = load_pretrained(cfg.train.init_from)
-    given = [o.split("=", 1)[0].strip()[len("model."):] for o in overrides if o.startswith("model.")]
+    given = _model_overrides(overrides)
     kept = {k: getattr(cfg.model, k) for k in given if k in RUNTIME_MODEL_KEYS}
-    ignored = [f"model.{k}" for k in given if k not in RUNTIME_MODEL_KEYS]
-    if ignored:
-        print(f"train.py: note: the architecture comes from train.init_from; ignoring {', '.join(ignored)} "
-              f"(allowed: {', '.join('model.' + k for k in RUNTIME_MODEL_KEYS)})", file=sys.stderr)
+    _note_ignored([k for k in given if k not in RUNTIME_MODEL_KEYS], "the architecture comes from train.init_from "
+                  f"(allowed: {', '.join('model.' + k for k in RUNTIME_MODEL_KEYS)})")
     pretrained.cfg = dataclasses.replace(pretrained.cfg, **kept)
     print(f"starting from {pretrained.source} ({pretrained.cfg.model}, {pretrained.cfg.num_layers} layers)")
     return pretrained
@@ -101,12 +112,14 @@ def _save_tokenizer(tok, run_dir: Path) -> None:
         tok.hf.save_pretrained(str(run_dir / "tokenizer"))
 
 
-def _model_and_task(cfg, data, pretrained):
+def _model_and_task(cfg, data, pretrained, overrides=()):
     """The model config (fitted to the tokenizer, or the pretrained one), the model, and its task."""
     from flaxformer_lite.models import SequenceClassifier, build
     from flaxformer_lite.training import make_task
     tok = data.tokenizer
     if pretrained is None:
+        _note_ignored([k for k in _model_overrides(overrides) if k in TOKENIZER_MODEL_KEYS],
+                      "the vocabulary and special ids come from the tokenizer (set data.vocab_size instead)")
         model_cfg = dataclasses.replace(cfg.model, vocab_size=tok.vocab_size, pad_id=tok.pad_id, bos_id=tok.bos_id,
                                         eos_id=tok.eos_id)
     else:
@@ -122,6 +135,21 @@ def _model_and_task(cfg, data, pretrained):
     task = make_task(cfg.data.objective, model, model_cfg.model, label_smoothing=cfg.optim.label_smoothing,
                      z_loss=cfg.optim.z_loss)
     return cfg, model, task
+
+
+def _check_resume(run_dir: Path, cfg) -> None:
+    """Refuse, before anything in ``run_dir`` is rewritten, to resume checkpoints of another architecture."""
+    from flaxformer_lite.config import to_dict
+    saved, checkpoints = run_dir / "config.yaml", run_dir / "checkpoints"
+    if not saved.is_file() or not checkpoints.is_dir() or not any(checkpoints.iterdir()):
+        return
+    old = (yaml.safe_load(saved.read_text()) or {}).get("model", {})
+    new = yaml.safe_load(yaml.safe_dump(to_dict(cfg)["model"]))
+    changed = [f"model.{k}: {old.get(k)!r} -> {v!r}" for k, v in new.items()
+               if k not in RUNTIME_MODEL_KEYS and old.get(k) != v]
+    if changed:
+        raise ValueError(f"{run_dir} holds checkpoints of another model ({'; '.join(changed)}); resume with the "
+                         f"same model, or give a new train.run_dir")
 
 
 def _grafter(pretrained, objective):
@@ -153,7 +181,8 @@ def main(argv=None) -> int:
         data = build_data(cfg.data, seq_len=cfg.train.seq_len, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
                           run_dir=run_dir, process_index=jax.process_index(), process_count=jax.process_count(),
                           tokenizer=None if pretrained is None else pretrained.tokenizer)
-        cfg, model, task = _model_and_task(cfg, data, pretrained)
+        cfg, model, task = _model_and_task(cfg, data, pretrained, args.overrides)
+        _check_resume(run_dir, cfg)
     except ValueError as err:
         print(f"train.py: error: {err}", file=sys.stderr)
         return 2
@@ -170,6 +199,9 @@ def main(argv=None) -> int:
     except NonFiniteLoss as err:
         print(f"train.py: stopped: {err}", file=sys.stderr)
         return 3
+    except ValueError as err:  # a setting only checkable now, e.g. parallel.mesh against the devices
+        print(f"train.py: error: {err}", file=sys.stderr)
+        return 2
     print(f"done: step {outcome.step}; " + ", ".join(f"{k} {v:.4g}" for k, v in {**outcome.last_metrics,
                                                                                   **outcome.last_eval}.items()
                                                      if isinstance(v, float)))

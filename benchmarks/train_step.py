@@ -4,7 +4,7 @@ installed). A peer that is not installed is reported as skipped.
 
     python benchmarks/train_step.py                                   # GPT-2 small, batch 4 x 256, float32
     python benchmarks/train_step.py --preset bert-base --batch 8 --seq-len 128
-    python benchmarks/train_step.py --preset gpt-tiny --repeats 10 --peers flax
+    python benchmarks/train_step.py --preset gpt-tiny --repeats 10 --peers ours,hf-flax
 
 MFU = (6 N + 12 L T d) x tokens / step time, over a float32 matmul ceiling measured in the same run.
 

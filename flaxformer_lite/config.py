@@ -2,12 +2,13 @@
 
     cfg = load_config("configs/gpt-tiny.yaml", ["train.steps=100", "model.attention=linear"])
 
-Every key is typed; an unknown key or a value of the wrong type fails before any work, listing the valid keys or
-choices. ``model.preset`` names a `ModelConfig` preset and the other ``model.*`` keys override it.
+Every key is typed; an unknown key, a value of the wrong type or one out of its range (`RANGES`) fails before any
+work, listing the valid keys, choices or bounds. ``model.preset`` names a `ModelConfig` preset and the other ``model.*`` keys override it.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -133,17 +134,79 @@ CHOICES = {
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class Interval:
+    """Numbers from ``low`` to ``high``; ``open`` names the ends left out ("low", "high" or "both")."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    open: str = ""
+
+    def __contains__(self, value) -> bool:
+        above = value > self.low if self.open in ("low", "both") else value >= self.low
+        below = value < self.high if self.open in ("high", "both") else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        left = "(" if self.open in ("low", "both") or self.low == -math.inf else "["
+        right = ")" if self.open in ("high", "both") or self.high == math.inf else "]"
+        return f"{left}{self.low:g}, {self.high:g}{right}"
+
+
+POSITIVE, NON_NEGATIVE, FRACTION = Interval(1), Interval(0), Interval(0, 1, "high")
+RANGES = {  # numeric keys with bounds (0 means "off" where allowed: eval_every, samples, clip_norm, shards)
+    "data.eval_fraction": FRACTION,
+    "data.mlm_probability": Interval(0, 1, "low"),
+    "data.noise_density": Interval(0, 1, "both"),
+    "data.mean_span_length": Interval(1),
+    "data.prefix_fraction": Interval(0, 1, "both"),
+    "data.shards": NON_NEGATIVE,
+    "optim.lr": Interval(0, open="low"),
+    "optim.warmup_steps": NON_NEGATIVE,
+    "optim.min_lr_ratio": Interval(0, 1),
+    "optim.b1": FRACTION,
+    "optim.b2": FRACTION,
+    "optim.eps": NON_NEGATIVE,
+    "optim.weight_decay": NON_NEGATIVE,
+    "optim.clip_norm": NON_NEGATIVE,
+    "optim.grad_accum": POSITIVE,
+    "optim.label_smoothing": FRACTION,
+    "optim.z_loss": NON_NEGATIVE,
+    "train.steps": POSITIVE,
+    "train.batch_size": POSITIVE,
+    "train.seq_len": Interval(2),
+    "train.log_every": POSITIVE,
+    "train.eval_every": NON_NEGATIVE,
+    "train.eval_batches": POSITIVE,
+    "train.checkpoint_every": POSITIVE,
+    "train.keep_checkpoints": POSITIVE,
+    "train.samples": NON_NEGATIVE,
+    "train.sample_tokens": POSITIVE,
+    "distributed.num_processes": NON_NEGATIVE,
+    "distributed.process_id": Interval(-1),
+}
+
+
 def _field_type(cls, name):
     return typing.get_type_hints(cls)[name]
 
 
 def _coerce(key: str, value: Any, kind) -> Any:
-    """Check (and where lossless, convert) ``value`` to the annotated type ``kind``."""
+    """Check (and where lossless, convert) ``value`` to the annotated type ``kind``, then its choices or range."""
     if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
         options = [k for k in typing.get_args(kind) if k is not type(None)]
-        if value is None:
-            return None
-        return _coerce(key, value, options[0])
+        return None if value is None else _coerce(key, value, options[0])
+    value = _convert(key, value, kind)
+    if key in CHOICES and value not in CHOICES[key]:
+        raise ValueError(f"{key} must be one of {list(CHOICES[key])}, got {value!r}")
+    if key in RANGES and not (math.isfinite(value) and value in RANGES[key]):
+        raise ValueError(f"{key} must be in {RANGES[key]}, got {value!r}")
+    return value
+
+
+def _convert(key: str, value: Any, kind) -> Any:
+    """``value`` as ``kind`` where that is lossless (int -> float, "1e-4" -> float, "true" -> bool), else a
+    `ValueError` for a value of another type."""
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if kind is float and isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
@@ -155,8 +218,6 @@ def _coerce(key: str, value: Any, kind) -> Any:
         return value.lower() == "true"
     if kind in (int, float, bool, str) and not (isinstance(value, kind) and not (kind is int and isinstance(value, bool))):
         raise ValueError(f"{key} must be {kind.__name__}, got {value!r} ({type(value).__name__})")
-    if key in CHOICES and value not in CHOICES[key]:
-        raise ValueError(f"{key} must be one of {list(CHOICES[key])}, got {value!r}")
     return value
 
 
@@ -199,7 +260,12 @@ def parse_overrides(items: list[str]) -> dict:
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like key.sub=value (see --help for the keys)")
         key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as err:
+            raise ValueError(f"override {item!r}: the value is not valid YAML ({err.problem}); quote it, "
+                             f"e.g. {key.strip()}='\"...\"'") from None
+        _set_dotted(tree, key.strip(), value)
     return tree
 
 
@@ -217,7 +283,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"--config {path}: no such file")
-        values = yaml.safe_load(path.read_text()) or {}
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"--config {path}: not valid YAML: {err}") from None
         if not isinstance(values, dict):
             raise ValueError(f"--config {path}: the top level must be a mapping of sections")
     values = _merge(values, parse_overrides(overrides or []))
@@ -239,9 +308,10 @@ def describe_keys() -> list[tuple[str, str, str]]:
             if dataclasses.is_dataclass(kind):
                 walk(kind, value, f"{prefix}{f.name}.")
             else:
-                choices = CHOICES.get(f"{prefix}{f.name}")
+                key = f"{prefix}{f.name}"
                 name = getattr(kind, "__name__", str(kind).replace("typing.", ""))
-                rows.append((f"{prefix}{f.name}", name + (f" {list(choices)}" if choices else ""), repr(value)))
+                bounds = f" {list(CHOICES[key])}" if key in CHOICES else f" in {RANGES[key]}" if key in RANGES else ""
+                rows.append((key, name + bounds, repr(value)))
         if cls is ModelConfig:
             rows.append((f"{prefix}preset", "str (a ModelConfig preset)", "'gpt-tiny'"))
 

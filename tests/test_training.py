@@ -192,6 +192,18 @@ def test_objective_model_mismatch_and_seq_len_errors(corpus, tmp_path, capsys):
     assert "train.seq_len (100) > model.max_len (64)" in capsys.readouterr().err
 
 
+def test_resume_of_another_model_and_late_setting_errors(parallel_runs, corpus, tmp_path, capsys):
+    run = parallel_runs["one_device"][1]
+    saved = (run / "config.yaml").read_text()
+    assert train_cli.main(overrides(corpus, run, steps=4, extra=["parallel.mesh=data=1", "model.num_layers=3"])) == 2
+    assert "holds checkpoints of another model (model.num_layers: 2 -> 3)" in capsys.readouterr().err
+    assert (run / "config.yaml").read_text() == saved  # nothing rewritten
+    assert train_cli.main(overrides(corpus, tmp_path, extra=["parallel.mesh=dat=2", "model.vocab_size=99"])) == 2
+    err = capsys.readouterr().err
+    assert "note: the vocabulary and special ids come from the tokenizer" in err and "ignoring model.vocab_size" in err
+    assert "parallel.mesh 'dat=2': each part must be axis=size" in err
+
+
 def _free_port() -> int:
     import socket
     with socket.socket() as s:

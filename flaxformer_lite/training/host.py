@@ -29,7 +29,7 @@ def keep_freed_memory() -> bool:
 
     Call it once at the start of a program, before JAX starts a backend (before the first array, device query or
     ``jax.distributed.initialize``): the arena limit only holds for threads started afterwards, and XLA's thread
-    pools are started with the backend. ``train.py`` and the benchmarks call it first thing.
+    pools are started with the backend. ``train.py`` and ``benchmarks/train_step.py`` call it first thing.
 
     The process then keeps its peak heap for its lifetime instead of returning it to the OS between steps, which is
     what a training or benchmark process wants. Returns True when applied, False (changing nothing) off Linux/glibc
