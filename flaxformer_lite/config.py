@@ -161,7 +161,7 @@ RANGES = {  # numeric keys with bounds (0 means "off" where allowed: eval_every,
     "data.mean_span_length": Interval(1),
     "data.prefix_fraction": Interval(0, 1, "both"),
     "data.shards": NON_NEGATIVE,
-    "optim.lr": Interval(0, open="low"),
+    "optim.lr": NON_NEGATIVE,  # 0 freezes the weights (a check, or to evaluate)
     "optim.warmup_steps": NON_NEGATIVE,
     "optim.min_lr_ratio": Interval(0, 1),
     "optim.b1": FRACTION,

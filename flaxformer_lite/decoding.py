@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from .models.checks import check_tokens
 from .models.encoder_decoder import EncoderDecoder
 from .models.gpt import GPT
 
@@ -30,22 +32,45 @@ class _Task:
         return isinstance(self.model, EncoderDecoder)
 
 
-def _check(model, prompt, max_new_tokens, prefix_lengths, src_padding_mask):
+def _as_array(name: str, x):
+    """``x`` (an array or array-like: list, NumPy) as a jax array; None stays None."""
+    if x is None:
+        return None
+    try:
+        return jnp.asarray(x)
+    except (TypeError, ValueError) as err:  # not numeric, or ragged nested lists
+        raise ValueError(f"{name} must be a numeric array or rectangular array-like, got {type(x).__name__} "
+                         f"({str(err).splitlines()[0]})") from None
+
+
+def _check(model, variables, prompt, max_new_tokens, prefix_lengths, src_padding_mask):
+    """Validate the arguments shared by `generate` and `beam_search` (token ids too, when the prompt is concrete);
+    return ``(prompt, prefix_lengths, src_padding_mask)`` as jax arrays."""
     if not isinstance(model, (GPT, EncoderDecoder)):
         raise ValueError(f"generation takes a GPT or EncoderDecoder model, got {type(model).__name__}")
-    if getattr(prompt, "ndim", None) != 2 or not jnp.issubdtype(prompt.dtype, jnp.integer):
-        raise ValueError(f"prompt must be int [batch, length], got {getattr(prompt, 'shape', type(prompt))}")
+    if not isinstance(variables, Mapping) or "params" not in variables:
+        keys = list(variables) if isinstance(variables, Mapping) else type(variables).__name__
+        raise ValueError(f"variables must be the model's {{'params': ...}} (what model.init returns), got {keys}")
+    cfg = model.cfg
+    prompt = _as_array("prompt", prompt)
+    check_tokens(prompt, cfg, "prompt")
+    if prompt.shape[1] < 1:
+        raise ValueError(f"prompt must hold at least one token per row, got shape {prompt.shape}")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    cfg = model.cfg
     target = (1 if isinstance(model, EncoderDecoder) else prompt.shape[1]) + max_new_tokens
     if target > cfg.max_len:
         raise ValueError(f"prompt + max_new_tokens = {target} tokens > max_len {cfg.max_len}")
-    if prefix_lengths is not None and (isinstance(model, EncoderDecoder) or prefix_lengths.shape != prompt.shape[:1]):
-        raise ValueError(f"prefix_lengths must be [batch] = {prompt.shape[:1]} and only for GPT, got "
-                         f"{getattr(prefix_lengths, 'shape', None)}")
-    if src_padding_mask is not None and (not isinstance(model, EncoderDecoder) or src_padding_mask.shape != prompt.shape):
+    prefix_lengths = _as_array("prefix_lengths", prefix_lengths)
+    if prefix_lengths is not None and (isinstance(model, EncoderDecoder) or prefix_lengths.shape != prompt.shape[:1]
+                                       or not jnp.issubdtype(prefix_lengths.dtype, jnp.integer)):
+        raise ValueError(f"prefix_lengths must be int [batch] = {list(prompt.shape[:1])} and only for GPT, got "
+                         f"{prefix_lengths.dtype} {list(prefix_lengths.shape)} for {type(model).__name__}")
+    src_padding_mask = _as_array("src_padding_mask", src_padding_mask)
+    if src_padding_mask is not None and (not isinstance(model, EncoderDecoder)
+                                         or src_padding_mask.shape != prompt.shape):
         raise ValueError(f"src_padding_mask must match the source {prompt.shape} of an EncoderDecoder")
+    return prompt, prefix_lengths, src_padding_mask
 
 
 def _init_cache(task: _Task, params, prompt, total: int, batch: int):
@@ -109,11 +134,11 @@ def sample_logits(logits, rng, temperature: float = 0.0, top_k: int | None = Non
     return jax.random.categorical(rng, logits).astype(jnp.int32)
 
 
-def _check_sampling(temperature, top_k, top_p, rng):
+def _check_sampling(temperature, top_k, top_p, rng, vocab_size: int):
     if not temperature >= 0.0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+    if top_k is not None and (not isinstance(top_k, int) or not 1 <= top_k <= vocab_size):
+        raise ValueError(f"top_k must be an int in [1, vocab_size = {vocab_size}] or None, got {top_k!r}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
     if temperature > 0 and rng is None:
@@ -127,17 +152,20 @@ def generate(model, variables, prompt, max_new_tokens: int, *, temperature: floa
 
     Args:
       model: a `GPT` or `EncoderDecoder`; variables: its ``{"params": ...}``.
-      prompt: int ``[b, p]``: the context for GPT, the source for an encoder-decoder.
-      temperature, top_k, top_p, rng: sampling (`sample_logits`); ``temperature=0`` is greedy.
+      prompt: int ``[b, p]`` (an array or array-like), ``p >= 1``, ids in ``[0, vocab_size)``: the context for GPT,
+        the source for an encoder-decoder.
+      temperature, top_k, top_p, rng: sampling (`sample_logits`); ``temperature=0`` is greedy;
+        ``1 <= top_k <= vocab_size``.
       eos_id: rows that produce it stop; later positions hold ``cfg.pad_id``.
-      prefix_lengths: int ``[b]``, a prefix-LM prompt (GPT): bidirectional over its first tokens.
+      prefix_lengths: int ``[b]`` (array-like), a prefix-LM prompt (GPT): bidirectional over its first tokens.
       src_padding_mask: bool ``[b, p]`` source padding (encoder-decoder).
 
     Returns:
       GPT: ``[b, p + n]`` (prompt then new tokens). Encoder-decoder: ``[b, 1 + n]`` (``bos_id`` then new tokens).
     """
-    _check(model, prompt, max_new_tokens, prefix_lengths, src_padding_mask)
-    _check_sampling(temperature, top_k, top_p, rng)
+    prompt, prefix_lengths, src_padding_mask = _check(model, variables, prompt, max_new_tokens, prefix_lengths,
+                                                      src_padding_mask)
+    _check_sampling(temperature, top_k, top_p, rng, model.cfg.vocab_size)
     task = _Task(model, max_new_tokens)
     rng = jax.random.key(0) if rng is None else rng
     return _generate(task, (float(temperature), top_k, top_p, eos_id), variables["params"], prompt, rng,
@@ -197,7 +225,8 @@ def beam_search(model, variables, prompt, max_new_tokens: int, *, beam_size: int
       ``(sequences, scores)``: ``[b, beam_size, p + n]`` (GPT; ``[b, beam_size, 1 + n]`` for an encoder-decoder) and
       length-normalised scores ``[b, beam_size]``, best first.
     """
-    _check(model, prompt, max_new_tokens, prefix_lengths, src_padding_mask)
+    prompt, prefix_lengths, src_padding_mask = _check(model, variables, prompt, max_new_tokens, prefix_lengths,
+                                                      src_padding_mask)
     if not isinstance(beam_size, int) or not 1 <= beam_size <= model.cfg.vocab_size:
         raise ValueError(f"beam_size must be an int in [1, vocab_size], got {beam_size!r}")
     task = _Task(model, max_new_tokens)

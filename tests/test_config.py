@@ -40,7 +40,7 @@ def test_yaml_then_overrides(tmp_path):
     ("train.steps", "must look like key.sub=value"),
     ("data.objective=clm", "data.objective must be one of"),
     ("train.keep_checkpoints=0", r"train.keep_checkpoints must be in \[1, inf\), got 0"),
-    ("optim.lr=-1", r"optim.lr must be in \(0, inf\), got -1.0"),
+    ("optim.lr=-1", r"optim.lr must be in \[0, inf\), got -1.0"),
     ("data.eval_fraction=1.5", r"data.eval_fraction must be in \[0, 1\)"),
     ("optim.b2=nan", r"optim.b2 must be in \[0, 1\), got nan"),
     ("data.path=[x", "data.path=\\[x': the value is not valid YAML"),

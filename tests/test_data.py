@@ -58,6 +58,29 @@ def test_tokenizer_specials_save_load(tok, tmp_path, corpus):
         train_tokenizer(corpus[:50], vocab_size=20)
     with pytest.raises(ValueError, match="no such file"):
         Tokenizer.load(tmp_path / "nope.model")
+    (tmp_path / "junk.model").write_text("not a model")
+    with pytest.raises(ValueError, match="junk.model is not a SentencePiece model"):
+        Tokenizer.load(tmp_path / "junk.model")
+    with pytest.raises(ValueError, match=rf"id {tok.vocab_size} is outside the vocabulary \[0, {tok.vocab_size}\)"):
+        tok.decode([5, tok.vocab_size])
+
+
+def _build_mlm(seq_len):
+    from flaxformer_lite.config import DataConfig
+    from flaxformer_lite.data import build_data
+    build_data(DataConfig(path="unread.txt", objective="mlm"), seq_len=seq_len, batch_size=8, seed=0, run_dir=".")
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: train_tokenizer(["a b c"], vocab_size="100"), "vocab_size must exceed 40 .* got '100'"),
+    (lambda: train_tokenizer(["a b c"], character_coverage=0.9), r"character_coverage .* \[0.98, 1\]"),
+    (lambda: train_tokenizer(["", " \n"]), "corpus is empty"),
+    (lambda: _build_mlm(3), "train.seq_len must be at least 11"),
+    (lambda: _build_mlm(10), "train.seq_len must be at least 11"),
+], ids=["vocab_str", "coverage", "empty_corpus", "mlm_seq_len_3", "mlm_seq_len_10"])
+def test_bad_arguments_raise_before_any_work(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
 
 
 @pytest.mark.skipif(not (SHARED / "zh_classics.txt").exists(), reason="needs ../shared/data")

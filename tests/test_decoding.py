@@ -64,6 +64,8 @@ def test_gpt_prefix_lm_prompt_equals_recompute(gpt):
     want = reference.greedy(lambda t: apply(t, jnp.array([5, 5, 5])), np.asarray(prompt), 6)
     got = ffl.generate(model, variables, prompt, 6, prefix_lengths=prefix)
     np.testing.assert_array_equal(got, want)
+    lists = ffl.generate(model, variables, prompt.tolist(), 6, prefix_lengths=[5, 5])  # array-likes: the same call
+    np.testing.assert_array_equal(lists, want)
 
 
 def test_gpt_beam_search_equals_recompute(gpt):
@@ -161,21 +163,25 @@ def test_linear_decode_state_does_not_grow():
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(prompt=jnp.zeros((5,), jnp.int32)), "prompt must be int"),
+    (dict(prompt=jnp.array([[1, 99]], jnp.int32)), "prompt holds id 99 outside .*97"),
+    (dict(prompt=jnp.array([[-1, 4]], jnp.int32)), "id -1 outside"),
+    (dict(prompt=jnp.zeros((2, 0), jnp.int32)), "at least one token"),
+    (dict(variables={"cache": {}}), "variables must be"),
     (dict(max_new_tokens=0), "max_new_tokens"),
     (dict(max_new_tokens=44), "> max_len 48"),
     (dict(prefix_lengths=jnp.array([1, 2, 3])), "prefix_lengths"),
     (dict(temperature=-1.0), "temperature"),
     (dict(temperature=1.0), "needs rng"),
     (dict(top_k=0, temperature=1.0, rng=jax.random.key(0)), "top_k"),
+    (dict(top_k=98, temperature=1.0, rng=jax.random.key(0)), r"top_k must be an int in \[1, vocab_size = 97\]"),
     (dict(top_p=1.5, temperature=1.0, rng=jax.random.key(0)), "top_p"),
 ])
-def test_generate_bad_input(kwargs, match):
-    model = GPT(tiny_config())
-    variables = model.init(jax.random.key(0), _prompt())
-    args = dict(prompt=_prompt(), max_new_tokens=4)
+def test_generate_bad_input(gpt_softmax, kwargs, match):
+    model, variables, _ = gpt_softmax
+    args = dict(variables=variables, prompt=_prompt(), max_new_tokens=4)
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
-        ffl.generate(model, variables, args.pop("prompt"), args.pop("max_new_tokens"), **args)
+        ffl.generate(model, args.pop("variables"), args.pop("prompt"), args.pop("max_new_tokens"), **args)
 
 
 def test_beam_and_model_kind_errors():

@@ -1,9 +1,12 @@
 """Hugging Face interop: parity with transformers' GPT2LMHeadModel, BertForPreTraining and BertModel (random
 weights from a config, offline) within 1e-4; load -> save -> load exact, and transformers reads what we save;
 sharded and PyTorch-pickle folders; clear errors."""
+import dataclasses
 import json
 import warnings
 
+import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -24,7 +27,7 @@ BERT_CFG = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, inte
 def _gpt2(tmp_path, **save):
     torch.manual_seed(0)
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=97,
-                                                              n_positions=32)).eval()
+                                                              n_positions=32)).eval()  # ids 50256 > vocab
     hf.save_pretrained(tmp_path, **save)
     return hf
 
@@ -35,7 +38,9 @@ def _logits(model, variables, tokens=TOKENS):
 
 def test_gpt2_parity_and_round_trip(tmp_path):
     hf = _gpt2(tmp_path / "hf")
-    model, variables = ffl.interop.load_hf(tmp_path / "hf")
+    with pytest.warns(UserWarning, match=r"eos_token_id=50256 is outside the vocabulary \(97 ids\); using 96"):
+        model, variables = ffl.interop.load_hf(tmp_path / "hf")
+    assert (model.cfg.bos_id, model.cfg.eos_id, model.cfg.pad_id) == (96, 96, 96)
     with torch.no_grad():
         want = hf(torch.as_tensor(TOKENS)).logits.numpy()
     np.testing.assert_allclose(_logits(model, variables), want, atol=1e-4, rtol=1e-4)
@@ -109,23 +114,33 @@ def test_bert_model_without_prefix_initialises_missing_heads(tmp_path):
 
 
 @pytest.mark.parametrize("config,match", [
+    ("{not json", r"config\.json: not valid JSON"),
+    ([1, 2], "must hold a JSON object"),
+    ({"model_type": "gpt2"}, "has no vocab_size"),
+    ({"model_type": "bert", "vocab_size": 10, "tie_word_embeddings": False}, "tie_word_embeddings"),
     ({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}, "load_hf supports"),
     ({"model_type": "bert", "vocab_size": 10, "position_embedding_type": "relative_key"}, "position_embedding_type"),
     ({"model_type": "bert", "vocab_size": 10, "hidden_act": "mish"}, "hidden_act='mish' is not supported"),
     ({"model_type": "gpt2", "vocab_size": 10, "scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse"),
 ])
 def test_unsupported_configs_raise(tmp_path, config, match):
-    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "config.json").write_text(config if isinstance(config, str) else json.dumps(config))
     with pytest.raises(ValueError, match=match):
         ffl.interop.load_hf(tmp_path)
 
 
-def test_missing_files_raise(tmp_path):
+def test_missing_or_misshapen_files_raise(tmp_path):
+    from safetensors.numpy import save_file
     with pytest.raises(ValueError, match="no config.json"):
         ffl.interop.load_hf(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 10, "n_layer": 1,
-                                                      "n_head": 2, "n_embd": 8, "n_positions": 8}))
+                                                      "n_head": 2, "n_embd": 8, "n_positions": 8,
+                                                      "bos_token_id": 0, "eos_token_id": 0}))
     with pytest.raises(ValueError, match="no model.safetensors"):
+        ffl.interop.load_hf(tmp_path)
+    save_file({"transformer.h.0.attn.c_attn.weight": np.zeros((8, 20), np.float32)},
+              str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"c_attn\.weight has shape \(8, 20\), but config\.json needs \(8, 24\)"):
         ffl.interop.load_hf(tmp_path)
 
 
@@ -136,12 +151,48 @@ def test_missing_files_raise(tmp_path):
     ({"model": "gpt", "attention": "synthesizer_dense"}, "attention"),
     ({"model": "gpt", "num_kv_heads": 2}, "num_kv_heads"),
     ({"model": "gpt", "scan_layers": True}, "scan_layers"),
+    ({"model": "gpt", "embed_norm": True}, r"embed_norm=True .*\(accepted: False\)"),
+    ({"model": "bert", "embed_norm": False}, r"embed_norm=False .*\(accepted: True\)"),
+    ({"model": "gpt", "type_vocab_size": 2}, r"type_vocab_size=2 .*\(accepted: 0\)"),
+    ({"model": "bert", "type_vocab_size": 0}, r"type_vocab_size=0 .*\(accepted: an int >= 1\)"),
+    ({"model": "gpt", "activation": "silu"}, r"activation='silu' .*\(accepted: 'gelu', 'gelu_tanh', 'relu'\)"),
+    ({"model": "bert", "activation": "swiglu"}, r"activation='swiglu'"),
+    ({"model": "bert", "tie_embeddings": False}, "tie_embeddings"),
 ])
 def test_save_hf_refuses_what_the_layout_cannot_express(tmp_path, fields, match):
     from flaxformer_lite.interop.hf import config_to_hf
     from flaxformer_lite.models import ModelConfig
     base = {"gpt": dict(norm_position="pre"), "bert": dict(norm_position="post", type_vocab_size=2,
-                                                              activation="gelu")}[fields["model"]]
+                                                              activation="gelu", embed_norm=True)}[fields["model"]]
+    assert config_to_hf(ModelConfig(**base, model=fields["model"]))  # only the one field is at fault
     cfg = ModelConfig(**{**base, **fields})
     with pytest.raises(ValueError, match=match):
         config_to_hf(cfg)
+
+
+@pytest.mark.parametrize("cfg", [
+    dataclasses.replace(ffl.models.preset("gpt2-small"), pad_id=0, init_std=0.01, tie_embeddings=False),
+    ffl.models.preset("bert-tiny"),  # bos_id=101, eos_id=102
+])
+def test_config_round_trip_is_exact(cfg):
+    from flaxformer_lite.interop.hf import config_from_hf, config_to_hf
+    assert config_from_hf(json.loads(json.dumps(config_to_hf(cfg)))) == cfg
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda params: {"params": {}}, r"missing: \['decoder/layer_0/.*\] \(and \d+ more\)"),
+    (lambda params: {"params": {**params, "extra": np.zeros(3)}}, r"unexpected: \['extra'\]"),
+    (lambda params: {"params": {**params, "embedder": {**params["embedder"],
+                                                       "token": {"embedding": np.zeros((11, 8))}}}},
+     r"wrong shape: \['embedder/token/embedding \(11, 8\) \(model: \(10, 8\)\)'\]"),
+    (lambda params: {"cache": {}}, r"'params' collection .*got keys \['cache'\]"),
+], ids=["empty", "extra", "wrong-shape", "no-params"])
+def test_save_hf_refuses_variables_unlike_the_model(tmp_path, edit, match):
+    model = ffl.models.GPT(ffl.models.ModelConfig(vocab_size=10, num_layers=1, num_heads=2, embed_dim=8, mlp_dim=16,
+                                                  max_len=8))
+    shapes = nn.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))["params"])
+    params = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), shapes)  # the right tree, without running init
+    ffl.interop.save_hf(model, {"params": params}, tmp_path / "ok")  # the unedited tree is accepted
+    with pytest.raises(ValueError, match=match):
+        ffl.interop.save_hf(model, edit(params), tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # refused before writing anything

@@ -9,7 +9,8 @@ import pytest
 
 import reference
 from cases import B, LINEAR_UNSUPPORTED, MASK_CASES, build, qkv
-from flaxformer_lite.attention import FavorFeatureMap, Mask, linear_attention, linear_init_state, linear_step
+from flaxformer_lite.attention import (FavorFeatureMap, Mask, linear_attention, linear_init_state, linear_prefill_state,
+                                       linear_step, softmax_attention)
 
 HEAD_DIM = 16
 PHI = {"elu": reference.elu_plus_one, "relu": reference.relu,
@@ -165,6 +166,20 @@ def test_bad_input_raises(kwargs, match):
         linear_attention(q, k, v, **kwargs)
 
 
+@pytest.mark.parametrize("q,kv,match", [
+    (jnp.zeros((1, 3, 2, 16)), jnp.zeros((1, 3, 2, 16), jnp.bfloat16), "share one dtype, got float32, bfloat16"),
+    (jnp.zeros((1, 3, 2, 16)), jnp.zeros((1, 3, 0, 16)), "at least 1 head"),
+    (jnp.zeros((1, 3, 2, 0)), jnp.zeros((1, 3, 2, 0)), "head_dim >= 1"),
+], ids=["mixed_dtypes", "no_kv_heads", "no_head_dim"])
+def test_qkv_checks_shared_by_every_kernel(q, kv, match):
+    """The shared entry check answers alike for every kernel (impl='reference' used to take the mixed dtypes that
+    'xla' rejected)."""
+    for kernel in (linear_attention, functools.partial(softmax_attention, impl="reference"),
+                   functools.partial(softmax_attention, impl="xla")):
+        with pytest.raises(ValueError, match=match):
+            kernel(q, kv, kv)
+
+
 @pytest.mark.parametrize("mask", [Mask(causal=True), Mask(prefix_lengths=jnp.array([2, 2]))])
 def test_causal_cross_attention_raises(mask):
     _, (q, k, v) = qkv(5, 9)
@@ -176,5 +191,15 @@ def test_step_shape_errors():
     state = linear_init_state(2, 2, HEAD_DIM, HEAD_DIM)
     with pytest.raises(ValueError, match="one position"):
         linear_step(state, jnp.zeros((2, 1, 4, HEAD_DIM)), jnp.zeros((2, 2, HEAD_DIM)), jnp.zeros((2, 2, HEAD_DIM)))
+    one = lambda d, b=2: (jnp.zeros((b, 4, d)), jnp.zeros((b, 2, d)), jnp.zeros((b, 2, d)))
     with pytest.raises(ValueError, match="state is for"):
-        linear_step(state, jnp.zeros((3, 4, HEAD_DIM)), jnp.zeros((3, 2, HEAD_DIM)), jnp.zeros((3, 2, HEAD_DIM)))
+        linear_step(state, *one(HEAD_DIM, b=3))
+    with pytest.raises(ValueError, match=r"state is for other shapes.*linear_init_state\(2, 2, 8, 8"):
+        linear_step(state, *one(8))  # a state built for another head_dim
+    with pytest.raises(ValueError, match="state is for other shapes"):
+        linear_step(state, *one(HEAD_DIM), feature_map="favor")  # ... or another feature map
+    k = jnp.zeros((2, 5, 2, HEAD_DIM))
+    with pytest.raises(ValueError, match=r"k must have shape .* \(rank 4\)"):
+        linear_prefill_state(k[:, :, 0], k)
+    with pytest.raises(ValueError, match=r"kv_valid must be bool \[2, 5\]"):
+        linear_prefill_state(k, k, kv_valid=jnp.ones((2, 4), bool))

@@ -176,7 +176,7 @@ def test_bfloat16_compute():
 
 @pytest.mark.parametrize("tokens,match", [
     (np.zeros((2, 49), np.int32), "length 49 > max_len 48"),
-    (np.full((2, 4), 97, np.int32), "id 97 outside the vocabulary"),
+    (np.full((2, 4), 97, np.int32), r"id 97 outside \[0, vocab_size=97\)"),
     (np.full((2, 4), -1, np.int32), "id -1 outside"),
     (np.zeros((4,), np.int32), r"int \[batch, length\]"),
     (np.zeros((2, 4), np.float32), "integer token ids"),
@@ -187,10 +187,23 @@ def test_bad_tokens_raise(tokens, match):
         model.init(jax.random.key(0), jnp.asarray(tokens))
 
 
-def test_bad_structure_raises():
-    model = GPT(tiny_config())
-    with pytest.raises(ValueError, match="segment_ids must have the shape"):
-        model.init(jax.random.key(0), _tokens(), segment_ids=jnp.zeros((2, 5), jnp.int32))
+def _ids(shape, value=0):
+    return jnp.full(shape, value, jnp.int32)
+
+
+@pytest.mark.parametrize("make,kwargs,match", [
+    (lambda: GPT(tiny_config()), dict(segment_ids=_ids((2, 5))), "segment_ids must have the shape"),
+    (lambda: GPT(tiny_config()), dict(positions=_ids((2, 11))), r"positions must have the shape of its tokens \(2, 12"),
+    (lambda: GPT(tiny_config()), dict(positions=_ids((2, 12), 48)), r"positions holds id 48 outside \[0, max_len=48\)"),
+    (lambda: BERT(tiny_config("bert")), dict(token_type_ids=_ids((2, 12), 2)), r"outside \[0, type_vocab_size=2\)"),
+    (lambda: BERT(tiny_config("bert", type_vocab_size=0)), dict(token_type_ids=_ids((2, 12))), "type_vocab_size is 0"),
+    (lambda: SequenceClassifier(tiny_config(), num_labels=2), dict(padding_mask=jnp.ones((2, 14), bool)),
+     r"padding_mask must have the shape of its tokens \(2, 12\)"),
+])
+def test_bad_structure_raises(make, kwargs, match):
+    """Per-token inputs are checked against the tokens (shape) and the config (table sizes) before any compute."""
+    with pytest.raises(ValueError, match=match):
+        make().init(jax.random.key(0), _tokens(), **kwargs)
 
 
 @pytest.mark.parametrize("overrides,match", [
@@ -200,9 +213,22 @@ def test_bad_structure_raises():
     (dict(position="alibi"), "position must be one of"),
     (dict(attention="sparse"), "attention must be one of"),
     (dict(norm_position="middle"), "norm_position must be one of"),
-    (dict(dropout_rate=1.0), "dropout_rate must be in"),
+    (dict(dropout_rate=1.0), r"dropout_rate must be a number in \[0, 1\)"),
     (dict(num_layers=0), "num_layers must be a positive int"),
     (dict(dtype="float64"), "dtype must be one of"),
+    (dict(num_kv_heads=-2), "num_kv_heads must be a positive int or None"),
+    (dict(num_kv_heads=0), "num_kv_heads must be a positive int or None"),
+    (dict(head_dim=0), "head_dim must be a positive int or None"),
+    (dict(num_decoder_layers=-1), "num_decoder_layers must be a positive int or None"),
+    (dict(type_vocab_size=-1), "type_vocab_size must be an int >= 0"),
+    (dict(vocab_size=True), "vocab_size must be a positive int"),
+    (dict(norm_epsilon=0.0), "norm_epsilon must be a finite number > 0"),
+    (dict(init_std=-0.02), "init_std must be a finite number > 0"),
+    (dict(rope_base=0.0), "rope_base must be a finite number > 1"),
+    (dict(dropout_rate="0.1"), "dropout_rate must be a number in"),
+    (dict(eos_id=97), r"eos_id must be an int in \[0, vocab_size=97\)"),
+    (dict(pad_id=-1), "pad_id must be an int in"),
+    (dict(use_bias="no"), "use_bias must be a bool"),
 ])
 def test_bad_config_raises(overrides, match):
     with pytest.raises(ValueError, match=match):

@@ -68,8 +68,7 @@ def test_loss_falls_for_every_objective(corpus, tmp_path, objective):
 
 
 PARALLEL = {"one_device": ["parallel.mesh=data=1"], "data8": ["parallel.mesh=data=8"],
-            "fsdp8": ["parallel.mesh=fsdp=8"], "mixed": ["parallel.mesh=data=2,fsdp=2,tensor=2"],
-            "pmap8": ["parallel.mode=pmap"]}
+            "mixed": ["parallel.mesh=data=2,fsdp=2,tensor=2"], "pmap8": ["parallel.mode=pmap"]}
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .checks import Dims
+from .checks import Dims, check_block_size
 from .dropout import grouped_keep_mask
 from .masks import Mask
 
@@ -44,9 +44,7 @@ def blockwise_attention(q, k, v, *, dims: Dims, mask: Mask, bias, scale: float, 
     Inputs are validated by `softmax_attention`; call that instead. Any lengths work: the sequence is padded to a
     multiple of the block size and padded keys are excluded.
     """
-    if block_q < 1 or block_kv < 1:
-        raise ValueError(f"block_q and block_kv must be positive, got {block_q}, {block_kv}")
-    bq, bk = min(block_q, dims.lq), min(block_kv, dims.lk)
+    bq, bk = min(check_block_size("block_q", block_q), dims.lq), min(check_block_size("block_kv", block_kv), dims.lk)
     nq, nk = -(-dims.lq // bq), -(-dims.lk // bk)
     lq_pad, lk_pad = nq * bq, nk * bk
     q = _pad_axis(q, 1, lq_pad)

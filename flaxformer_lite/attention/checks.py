@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -32,13 +33,18 @@ class Dims:
 
 
 def check_qkv(q: jax.Array, k: jax.Array, v: jax.Array) -> Dims:
-    """Validate ``q [b, q, h, d]``, ``k [b, k, n, d]``, ``v [b, k, n, v]`` with ``h % n == 0``; return the sizes."""
+    """Validate ``q [b, q, h, d]``, ``k [b, k, n, d]``, ``v [b, k, n, v]`` of one floating dtype, with ``h``, ``n``,
+    ``d``, ``v`` at least 1 and ``h % n == 0``; return the sizes."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if getattr(x, "ndim", None) != 4:
             raise ValueError(f"{name} must have shape [batch, length, heads, head_dim] (rank 4), "
                              f"got shape {getattr(x, 'shape', type(x))}")
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise ValueError(f"{name} must be a floating-point array, got dtype {x.dtype}")
+    dtypes = [jax.dtypes.canonicalize_dtype(x.dtype) for x in (q, k, v)]  # NumPy float64 is float32 without x64
+    if len(set(dtypes)) > 1:  # impls disagree on mixed dtypes (xla rejects them): one rule for all
+        raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}; cast them first, "
+                         "e.g. k.astype(q.dtype)")
     b, lq, h, d = q.shape
     _, lk, n, _ = k.shape
     if k.shape[0] != b or v.shape[0] != b:
@@ -47,6 +53,9 @@ def check_qkv(q: jax.Array, k: jax.Array, v: jax.Array) -> Dims:
         raise ValueError(f"q and k head_dim differ: {d} vs {k.shape[3]}")
     if v.shape[:3] != k.shape[:3]:
         raise ValueError(f"v must match k in batch, length and heads: k {k.shape}, v {v.shape}")
+    sizes = {"heads": h, "kv heads": n, "head_dim": d, "value head_dim": v.shape[3]}
+    if min(sizes.values()) < 1:
+        raise ValueError(f"q, k, v need at least 1 head and head_dim >= 1, got {sizes}")
     if h % n != 0:
         raise ValueError(f"query heads ({h}) must be a multiple of kv heads ({n}) for GQA/MQA")
     return Dims(b, lq, lk, h, n, d, v.shape[3])
@@ -93,3 +102,10 @@ def check_dropout(rate: float, rng: jax.Array | None) -> float:
     if rate > 0 and rng is None:
         raise ValueError("dropout_rate > 0 needs dropout_rng (a PRNG key); pass dropout_rate=0.0 for inference")
     return float(rate)
+
+
+def check_block_size(name: str, size) -> int:
+    """Validate a tile or chunk length (a static Python int >= 1, e.g. ``block_q``, ``chunk_size``); return it."""
+    if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
+        raise ValueError(f"{name} must be a positive int, got {size!r}")
+    return int(size)

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .checks import check_mask, check_qkv
+from .checks import check_block_size, check_mask, check_qkv
 from .feature_maps import FeatureMap, get_feature_map
 from .masks import Mask
 
@@ -85,8 +85,7 @@ def _check_unsupported(mask: Mask, dims, chunk_size, bias, scale, dropout_rate):
         raise ValueError("linear_attention cannot honour scale: the feature map is applied to raw q and k")
     if dropout_rate:
         raise ValueError("linear_attention cannot honour dropout_rate (there are no attention probabilities)")
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    check_block_size("chunk_size", chunk_size)
     if (mask.causal or mask.has_segments) and dims.lq != dims.lk:
         raise ValueError(f"linear_attention with a causal, prefix or segment mask needs lq == lk "
                          f"(got {dims.lq} vs {dims.lk}); decode one token at a time with step()")
@@ -185,18 +184,30 @@ class LinearState(NamedTuple):
     scale: jax.Array
 
 
+def _state_shapes(batch: int, kv_heads: int, features: int, value_dim: int) -> LinearState:
+    """The shape of each `LinearState` field."""
+    return LinearState((batch, kv_heads, features, value_dim), (batch, kv_heads, features), (batch, kv_heads))
+
+
 def init_state(batch: int, kv_heads: int, head_dim: int, value_dim: int,
                feature_map: "str | FeatureMap" = "elu") -> LinearState:
     """The empty state (no keys seen yet) for `step`."""
-    f = get_feature_map(feature_map).num_features(head_dim)
-    return LinearState(jnp.zeros((batch, kv_heads, f, value_dim), jnp.float32),
-                       jnp.zeros((batch, kv_heads, f), jnp.float32), jnp.full((batch, kv_heads), _FLOOR, jnp.float32))
+    shapes = _state_shapes(batch, kv_heads, get_feature_map(feature_map).num_features(head_dim), value_dim)
+    return LinearState(jnp.zeros(shapes.state, jnp.float32), jnp.zeros(shapes.norm, jnp.float32),
+                       jnp.full(shapes.scale, _FLOOR, jnp.float32))
 
 
 def prefill_state(k: jax.Array, v: jax.Array, *, feature_map: "str | FeatureMap" = "elu",
                   kv_valid: jax.Array | None = None) -> LinearState:
     """The state after keys/values ``k [b, l, n, d]``, ``v [b, l, n, v]`` (``kv_valid [b, l]`` marks real ones):
     what `step` would have accumulated over them, in one pass. Used to prefill a prompt before decoding."""
+    for name, x in (("k", k), ("v", v)):
+        if getattr(x, "ndim", None) != 4:
+            raise ValueError(f"{name} must have shape [batch, length, kv_heads, dim] (rank 4), "
+                             f"got shape {getattr(x, 'shape', type(x))}")
+    if v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"v must match k in batch, length and kv heads: k {k.shape}, v {v.shape}")
+    kv_valid = _check_valid("kv_valid", kv_valid, k.shape[:2])
     kf, ka = get_feature_map(feature_map)(k, is_query=False)
     ka = jnp.zeros(kf.shape[:-1], jnp.float32) if ka is None else ka
     if kv_valid is not None:
@@ -217,14 +228,9 @@ def step(state: LinearState, q_t: jax.Array, k_t: jax.Array, v_t: jax.Array, *,
     Returns:
       ``(out_t [b, h, v], new_state)``; out_t equals `linear_attention` with ``Mask(causal=True)`` at position t.
     """
-    if q_t.ndim != 3 or k_t.ndim != 3 or v_t.ndim != 3:
-        raise ValueError(f"step takes one position: q_t [b, h, d], k_t [b, n, d], v_t [b, n, v]; got shapes "
-                         f"{q_t.shape}, {k_t.shape}, {v_t.shape}")
     fmap = get_feature_map(feature_map)
-    b, h, d = q_t.shape
-    n = k_t.shape[1]
-    if h % n or state.state.shape[:2] != (b, n):
-        raise ValueError(f"state is for batch/kv heads {state.state.shape[:2]}, got q_t {q_t.shape}, k_t {k_t.shape}")
+    b, h, d, n = _check_step(state, q_t, k_t, v_t, fmap)
+    valid = _check_valid("valid", valid, (b,))
     qf = fmap(q_t.reshape(b, n, h // n, d), is_query=True)[0]
     kf, ka = fmap(k_t, is_query=False)
     ka = jnp.zeros((b, n), jnp.float32) if ka is None else ka
@@ -237,3 +243,34 @@ def step(state: LinearState, q_t: jax.Array, k_t: jax.Array, v_t: jax.Array, *,
     num, den = jnp.einsum("bngf,bnfv->bngv", qf, s), jnp.einsum("bngf,bnf->bng", qf, z)
     out = num / jnp.where(den > 0, den, 1.0)[..., None]
     return out.reshape(b, h, -1).astype(q_t.dtype), LinearState(s, z, c_new)
+
+
+def _check_step(state, q_t, k_t, v_t, fmap: FeatureMap) -> tuple[int, int, int, int]:
+    """Check `step`'s inputs against each other and the state's shapes; return ``(b, h, d, n)``."""
+    if any(getattr(x, "ndim", None) != 3 for x in (q_t, k_t, v_t)):
+        raise ValueError("step takes one position: q_t [b, h, d], k_t [b, n, d], v_t [b, n, v]; got shapes "
+                         f"{[getattr(x, 'shape', type(x)) for x in (q_t, k_t, v_t)]}")
+    b, h, d = q_t.shape
+    n, dv = k_t.shape[1], v_t.shape[2]
+    if k_t.shape != (b, n, d) or v_t.shape[:2] != (b, n) or not 0 < n <= h or h % n:
+        raise ValueError(f"q_t [b, h, d], k_t [b, n, d], v_t [b, n, v] disagree (h must be a multiple of n >= 1): "
+                         f"got {q_t.shape}, {k_t.shape}, {v_t.shape}")
+    want = _state_shapes(b, n, fmap.num_features(d), dv)
+    got = LinearState(*(tuple(getattr(x, "shape", ())) for x in state)) if isinstance(state, LinearState) else None
+    if got != want:
+        raise ValueError(f"state is for other shapes: expected state/norm/scale {tuple(want)} for these inputs and "
+                         f"feature map, got {tuple(got) if got else type(state).__name__}; build it with "
+                         f"linear_init_state({b}, {n}, {d}, {dv}, feature_map) or linear_prefill_state with the same "
+                         "feature map")
+    return b, h, d, n
+
+
+def _check_valid(name: str, valid, shape: tuple) -> jax.Array | None:
+    """``valid`` as a bool array of ``shape``, or None."""
+    if valid is None:
+        return None
+    valid = jnp.asarray(valid)
+    if valid.shape != tuple(shape) or valid.dtype != jnp.bool_:
+        raise ValueError(f"{name} must be bool {list(shape)} (True = a real position), got {valid.dtype} "
+                         f"{list(valid.shape)}")
+    return valid

@@ -17,6 +17,9 @@ from .packing import pack_documents
 from .tokenizer import Tokenizer, train_tokenizer
 
 OBJECTIVES = ("causal_lm", "prefix_lm", "mlm", "span_corruption", "seq2seq", "classify")
+MLM_SPECIAL_TOKENS = 3  # [CLS] A [SEP] B [SEP]
+MLM_MIN_CHUNK = 8  # MLM makes examples only of document chunks this long (shorter tails are dropped)
+MLM_MIN_SEQ_LEN = MLM_MIN_CHUNK + MLM_SPECIAL_TOKENS
 
 
 def special_ids(tok: Tokenizer) -> objectives.SpecialIds:
@@ -80,6 +83,9 @@ def build_data(data, *, seq_len: int, batch_size: int, seed: int, run_dir: str |
     a pretrained model's, overrides it), and make the train and eval loaders of ``data.objective``."""
     if data.objective not in OBJECTIVES:
         raise ValueError(f"data.objective must be one of {OBJECTIVES}, got {data.objective!r}")
+    if data.objective == "mlm" and seq_len < MLM_MIN_SEQ_LEN:
+        raise ValueError(f"train.seq_len must be at least {MLM_MIN_SEQ_LEN} for data.objective='mlm' (a chunk of "
+                         f"{MLM_MIN_CHUNK} tokens in [CLS] A [SEP] B [SEP]), got {seq_len}")
     ds = load_corpus(data.path, data.format, data.text_field if data.objective != "seq2seq" else data.source_field)
     for key, column in _extra_columns(data):
         if column not in ds.column_names:
@@ -153,8 +159,8 @@ def _pool(data, docs: list[list[int]], seq_len: int, ids) -> tuple[int, callable
             return len(rows), lambda idx, rngs: objectives.causal_lm(rows[idx], segs[idx])
         return len(rows), lambda idx, rngs: objectives.prefix_lm(rows[idx], segs[idx], rngs, data.prefix_fraction)
     if data.objective == "mlm":
-        step = seq_len - 3
-        chunks = [d[i:i + step] for d in docs for i in range(0, len(d), step) if len(d[i:i + step]) >= 8]
+        step = seq_len - MLM_SPECIAL_TOKENS
+        chunks = [d[i:i + step] for d in docs for i in range(0, len(d), step) if len(d[i:i + step]) >= MLM_MIN_CHUNK]
         return len(chunks), lambda idx, rngs: objectives.bert_mlm_nsp(chunks, idx, rngs, seq_len, ids,
                                                                         data.mlm_probability)
     rows, _ = pack_documents(docs, seq_len, ids.eos)

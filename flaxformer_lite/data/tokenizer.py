@@ -7,6 +7,8 @@ Ids: pad 0, unk 1, bos 2, eos 3, then ``<mask>``, ``<cls>``, ``<sep>`` (BERT) an
 from __future__ import annotations
 
 import io
+import itertools
+import numbers
 import os
 from pathlib import Path
 from typing import Iterable
@@ -48,13 +50,21 @@ class Tokenizer:
         return self.sp.encode(texts)
 
     def decode(self, ids) -> str:
-        """Ids -> text; special ids other than unk are dropped."""
+        """Ids (each in ``[0, vocab_size)``) -> text; special ids other than unk are dropped."""
         skip = self.special_ids - {self.unk_id}
-        return self.sp.decode([int(i) for i in ids if int(i) not in skip])
+        return self.sp.decode([i for i in self._checked_ids(ids) if i not in skip])
 
     def pieces(self, ids) -> list[str]:
         """The vocabulary piece of each id (for labelling pictures)."""
-        return [self.sp.id_to_piece(int(i)) for i in ids]
+        return [self.sp.id_to_piece(i) for i in self._checked_ids(ids)]
+
+    def _checked_ids(self, ids) -> list[int]:
+        """``ids`` as ints; `ValueError` for one outside the vocabulary (SentencePiece raises an IndexError)."""
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"id {bad[0]} is outside the vocabulary [0, {self.vocab_size}) of this tokenizer")
+        return ids
 
     def save(self, path: str | Path) -> Path:
         """Write the ``.model`` file (atomically)."""
@@ -71,7 +81,10 @@ class Tokenizer:
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"tokenizer {path}: no such file")
-        tok = cls(path.read_bytes())
+        try:
+            tok = cls(path.read_bytes())
+        except RuntimeError as err:  # SentencePiece's parse error
+            raise ValueError(f"tokenizer {path} is not a SentencePiece model file ({str(err).strip()})") from None
         if tok.sp.id_to_piece(tok.eos_id) != "</s>" or tok.mask_id == tok.unk_id:
             raise ValueError(f"tokenizer {path} lacks this project's special tokens (pad/unk/bos/eos = 0/1/2/3 and "
                              f"{USER_SYMBOLS[:3]}); train one with flaxformer_lite.data.train_tokenizer")
@@ -83,17 +96,20 @@ def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 4096, model_type:
                     normalization: str = "nmt_nfkc", max_sentences: int = 2_000_000) -> Tokenizer:
     """Train a SentencePiece model on ``texts`` (each split into lines).
 
-    Args: vocab_size; model_type ``"unigram"`` or ``"bpe"``; character_coverage (1.0 for scripts with many
-    characters, e.g. Chinese); byte_fallback (unknown characters become bytes, so nothing is lost);
-    normalization (``"identity"`` keeps text byte-exact).
+    Args: vocab_size; model_type ``"unigram"`` or ``"bpe"``; character_coverage in ``[0.98, 1]`` (SentencePiece's
+    range; 1.0 for scripts with many characters, e.g. Chinese); byte_fallback (unknown characters become bytes, so
+    nothing is lost); normalization (``"identity"`` keeps text byte-exact). An empty corpus raises `ValueError`.
     """
     if model_type not in ("unigram", "bpe"):
         raise ValueError(f"tokenizer_type must be 'unigram' or 'bpe', got {model_type!r}")
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
     minimum = len(SPECIAL) + len(USER_SYMBOLS) + 1
-    if vocab_size <= minimum:
-        raise ValueError(f"vocab_size must exceed {minimum} (special tokens), got {vocab_size}")
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, numbers.Integral) or vocab_size <= minimum:
+        raise ValueError(f"vocab_size must exceed {minimum} (special tokens) as an int, got {vocab_size!r}")
+    if not isinstance(character_coverage, numbers.Real) or not 0.98 <= character_coverage <= 1.0:
+        raise ValueError(f"character_coverage must be a number in [0.98, 1] (SentencePiece's range), "
+                         f"got {character_coverage!r}")
 
     def lines():
         for text in texts:
@@ -101,10 +117,14 @@ def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 4096, model_type:
                 if line.strip():
                     yield line
 
+    sentences = lines()
+    first = next(sentences, None)  # SentencePiece fails on an empty corpus with an opaque RuntimeError
+    if first is None:
+        raise ValueError("the tokenizer corpus is empty: texts hold no non-blank line")
     model = io.BytesIO()
     try:
-        _train(model, lines(), vocab_size, model_type, character_coverage, byte_fallback, normalization,
-               max_sentences)
+        _train(model, itertools.chain([first], sentences), vocab_size, model_type, character_coverage, byte_fallback,
+               normalization, max_sentences)
     except RuntimeError as err:
         if "required_chars" in str(err) or "Vocabulary size" in str(err):
             raise ValueError(f"vocab_size {vocab_size} is too small for character_coverage {character_coverage} on "

@@ -5,13 +5,15 @@ sentence-transformers) into our model and variables; `save_hf` writes the same l
 
 One mapping per architecture (HF tensor name <-> our parameter path, with the transposes between PyTorch's
 ``[out, in]`` Linear / GPT-2's ``[in, out]`` Conv1D and our ``[in, heads, head_dim]`` kernels) serves both
-directions, so load -> save -> load is exact.
+directions, so load -> save -> load is exact. Both directions check before converting: a config field the layout
+cannot express, a missing or extra parameter, or a tensor of the wrong shape raises `ValueError` naming it.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import flax.linen as nn
@@ -29,39 +31,56 @@ _BERT_ACT = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu
 
 # -- configs ---------------------------------------------------------------------------------------------------------
 def config_from_hf(hf: dict) -> ModelConfig:
-    """A `ModelConfig` from a config.json dict; a field we cannot honour raises `ValueError` naming it."""
+    """A `ModelConfig` from a config.json dict; a field we cannot honour (or a missing ``vocab_size``) raises
+    `ValueError` naming it."""
+    if not isinstance(hf, Mapping):
+        raise ValueError(f"config.json must hold a JSON object (a dict), got {type(hf).__name__}")
     kind = hf.get("model_type")
     archs = hf.get("architectures") or []
     if kind not in SUPPORTED or (archs and not set(archs) & set(SUPPORTED[kind])):
         raise ValueError(f"load_hf supports {', '.join(a for v in SUPPORTED.values() for a in v)}; this folder holds "
                          f"model_type={kind!r} architectures={archs}")
+    if "vocab_size" not in hf:
+        raise ValueError(f"config.json (model_type={kind!r}) has no vocab_size, which is required")
     if kind == "gpt2":
         _require(hf, {"add_cross_attention": False, "scale_attn_by_inverse_layer_idx": False,
                       "scale_attn_weights": True})
         act = _choice(hf, "activation_function", _GPT2_ACT, "gelu_new")
-        embed = hf.get("n_embd", 768)
+        embed, eos = hf.get("n_embd", 768), _id(hf, "eos_token_id", 50256)
         return ModelConfig(model="gpt", vocab_size=hf["vocab_size"], num_layers=hf.get("n_layer", 12),
                            num_heads=hf.get("n_head", 12), embed_dim=embed, mlp_dim=hf.get("n_inner") or 4 * embed,
                            max_len=hf.get("n_positions", 1024), activation=act,
                            norm_epsilon=hf.get("layer_norm_epsilon", 1e-5), dropout_rate=hf.get("resid_pdrop", 0.1),
                            attention_dropout_rate=hf.get("attn_pdrop", 0.1), norm_position="pre",
                            tie_embeddings=hf.get("tie_word_embeddings", True), position="learned",
-                           bos_id=_id(hf, "bos_token_id", 50256), eos_id=_id(hf, "eos_token_id", 50256),
-                           pad_id=_id(hf, "pad_token_id", _id(hf, "eos_token_id", 50256)))
-    _require(hf, {"position_embedding_type": "absolute", "is_decoder": False, "add_cross_attention": False})
+                           init_std=hf.get("initializer_range", 0.02),
+                           bos_id=_id(hf, "bos_token_id", 50256), eos_id=eos, pad_id=_id(hf, "pad_token_id", eos))
+    # our BERT always ties its MLM output to the token embedding
+    _require(hf, {"position_embedding_type": "absolute", "is_decoder": False, "add_cross_attention": False,
+                  "tie_word_embeddings": True})
     return ModelConfig(model="bert", vocab_size=hf["vocab_size"], num_layers=hf.get("num_hidden_layers", 12),
                        num_heads=hf.get("num_attention_heads", 12), embed_dim=hf.get("hidden_size", 768),
                        mlp_dim=hf.get("intermediate_size", 3072), max_len=hf.get("max_position_embeddings", 512),
                        type_vocab_size=hf.get("type_vocab_size", 2), activation=_choice(hf, "hidden_act", _BERT_ACT),
                        norm_epsilon=hf.get("layer_norm_eps", 1e-12), dropout_rate=hf.get("hidden_dropout_prob", 0.1),
                        attention_dropout_rate=hf.get("attention_probs_dropout_prob", 0.1), norm_position="post",
-                       embed_norm=True, position="learned", tie_embeddings=hf.get("tie_word_embeddings", True),
-                       pad_id=_id(hf, "pad_token_id", 0))
+                       embed_norm=True, position="learned", tie_embeddings=True,
+                       init_std=hf.get("initializer_range", 0.02), pad_id=_id(hf, "pad_token_id", 0),
+                       bos_id=_id(hf, "bos_token_id", ModelConfig.bos_id),
+                       eos_id=_id(hf, "eos_token_id", ModelConfig.eos_id))
 
 
 def _id(hf, key, default):
+    """A special token id from ``config.json``. transformers writes GPT-2's default 50256 even for a smaller
+    vocabulary (it only uses the ids to generate), so an id outside ``[0, vocab_size)`` becomes the last id."""
     value = hf.get(key, default)
-    return default if value is None else int(value)
+    value = default if value is None else int(value)
+    vocab = int(hf["vocab_size"])
+    if not 0 <= value < vocab:
+        warnings.warn(f"config.json {key}={value} is outside the vocabulary ({vocab} ids); using {vocab - 1}",
+                      stacklevel=3)
+        value = vocab - 1
+    return value
 
 
 def _require(hf: dict, expected: dict) -> None:
@@ -78,22 +97,30 @@ def _choice(hf: dict, key: str, table: dict, default: str = "gelu") -> str:
 
 
 def _check_exportable(cfg: ModelConfig) -> None:
-    """Raise `ValueError` naming the first field that GPT-2's or BERT's Hugging Face layout cannot express."""
-    fixed = {"attention": "softmax", "talking_heads": False, "condition_dim": 0, "share_layers": False,
-             "embedding_dim": None, "position": "learned", "norm": "layernorm", "use_bias": True,
-             "embed_scale": False, "scan_layers": False,
-             "norm_position": "pre" if cfg.model == "gpt" else "post"}
-    for field, want in fixed.items():
-        if getattr(cfg, field) != want:
+    """Raise `ValueError` naming the first field that GPT-2's or BERT's Hugging Face layout cannot express, with
+    the values it accepts."""
+    gpt = cfg.model == "gpt"
+    accepted = {"attention": ("softmax",), "talking_heads": (False,), "condition_dim": (0,), "share_layers": (False,),
+                "embedding_dim": (None,), "position": ("learned",), "norm": ("layernorm",), "use_bias": (True,),
+                "embed_scale": (False,), "scan_layers": (False,), "num_kv_heads": (None, cfg.num_heads),
+                "head_dim": (None, cfg.embed_dim // cfg.num_heads), "norm_position": ("pre" if gpt else "post",),
+                "embed_norm": (not gpt,), "activation": tuple(sorted(set((_GPT2_ACT if gpt else _BERT_ACT).values())))}
+    if gpt:
+        accepted["type_vocab_size"] = (0,)
+    else:
+        accepted["tie_embeddings"] = (True,)  # our BERT ties its MLM output to the token embedding whatever the flag
+    for field, values in accepted.items():
+        if getattr(cfg, field) not in values:
             raise ValueError(f"save_hf cannot express ModelConfig.{field}={getattr(cfg, field)!r} in Hugging Face's "
-                             f"{cfg.model} layout (it needs {want!r})")
-    if cfg.num_kv_heads not in (None, cfg.num_heads) or cfg.head_dim not in (None, cfg.embed_dim // cfg.num_heads):
-        raise ValueError("save_hf cannot express ModelConfig.num_kv_heads / head_dim other than plain multi-head "
-                         "attention in Hugging Face's layout")
+                             f"{cfg.model} layout (accepted: {', '.join(map(repr, values))})")
+    if not gpt and cfg.type_vocab_size < 1:
+        raise ValueError(f"save_hf cannot express ModelConfig.type_vocab_size={cfg.type_vocab_size!r} in Hugging "
+                         "Face's bert layout (accepted: an int >= 1)")
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:
-    """config.json for ``cfg`` (GPT -> GPT2LMHeadModel, BERT -> BertForPreTraining)."""
+    """config.json for ``cfg`` (GPT -> GPT2LMHeadModel, BERT -> BertForPreTraining); a field the layout cannot
+    express raises `ValueError` naming it and the accepted values."""
     if cfg.model in ("gpt", "bert"):
         _check_exportable(cfg)
     inverse = lambda table: {v: k for k, v in reversed(list(table.items()))}
@@ -103,7 +130,8 @@ def config_to_hf(cfg: ModelConfig) -> dict:
                 "n_positions": cfg.max_len, "activation_function": inverse(_GPT2_ACT)[cfg.activation],
                 "layer_norm_epsilon": cfg.norm_epsilon, "resid_pdrop": cfg.dropout_rate, "embd_pdrop": cfg.dropout_rate,
                 "attn_pdrop": cfg.attention_dropout_rate, "tie_word_embeddings": cfg.tie_embeddings,
-                "bos_token_id": cfg.bos_id, "eos_token_id": cfg.eos_id}
+                "initializer_range": cfg.init_std, "bos_token_id": cfg.bos_id, "eos_token_id": cfg.eos_id,
+                "pad_token_id": cfg.pad_id}
     if cfg.model == "bert":
         return {"model_type": "bert", "architectures": ["BertForPreTraining"], "vocab_size": cfg.vocab_size,
                 "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
@@ -111,12 +139,12 @@ def config_to_hf(cfg: ModelConfig) -> dict:
                 "max_position_embeddings": cfg.max_len, "type_vocab_size": cfg.type_vocab_size,
                 "hidden_act": inverse(_BERT_ACT)[cfg.activation], "layer_norm_eps": cfg.norm_epsilon,
                 "hidden_dropout_prob": cfg.dropout_rate, "attention_probs_dropout_prob": cfg.attention_dropout_rate,
-                "pad_token_id": cfg.pad_id, "position_embedding_type": "absolute",
-                "tie_word_embeddings": cfg.tie_embeddings}
+                "initializer_range": cfg.init_std, "pad_token_id": cfg.pad_id, "bos_token_id": cfg.bos_id,
+                "eos_token_id": cfg.eos_id, "position_embedding_type": "absolute", "tie_word_embeddings": True}
     raise ValueError(f"save_hf writes GPT and BERT models, not cfg.model={cfg.model!r}")
 
 
-# -- the parameter mappings ---------------------------------------------------------------------------------------------
+# -- the parameter mappings -----------------------------------------------------------------------------------------
 # Each entry: (HF tensor name, our path, to_ours(hf array) -> array, to_hf(our array) -> array).
 def _linear(heads_out=None, heads_in=None, conv1d=False):
     """Converters for a projection stored as torch Linear ([out, in]) or GPT-2 Conv1D ([in, out])."""
@@ -155,7 +183,8 @@ def _gpt2_map(cfg: ModelConfig) -> list:
         out += _norm(f"{p}.ln_1", ours + ("self_attention_norm",)) + _norm(f"{p}.ln_2", ours + ("mlp_norm",))
         out += [(f"{p}.attn.c_attn.weight", ours + ("self_attention", "qkv_kernel"), *_linear(3 * h, conv1d=True)),
                 (f"{p}.attn.c_attn.bias", ours + ("self_attention", "qkv_bias"), *_bias(3 * h)),
-                (f"{p}.attn.c_proj.weight", ours + ("self_attention", "out", "kernel"), *_linear(heads_in=h, conv1d=True)),
+                (f"{p}.attn.c_proj.weight", ours + ("self_attention", "out", "kernel"),
+                 *_linear(heads_in=h, conv1d=True)),
                 (f"{p}.attn.c_proj.bias", ours + ("self_attention", "out", "bias"), *_SAME),
                 (f"{p}.mlp.c_fc.weight", ours + ("mlp", "wi", "kernel"), *_linear(conv1d=True)),
                 (f"{p}.mlp.c_fc.bias", ours + ("mlp", "wi", "bias"), *_SAME),
@@ -180,7 +209,8 @@ def _bert_map(cfg: ModelConfig, prefix: str) -> list:
         for role in ("query", "key", "value"):
             out += [(f"{p}.attention.self.{role}.weight", ours + ("self_attention", role, "kernel"), *_linear(h)),
                     (f"{p}.attention.self.{role}.bias", ours + ("self_attention", role, "bias"), *_bias(h))]
-        out += [(f"{p}.attention.output.dense.weight", ours + ("self_attention", "out", "kernel"), *_linear(heads_in=h)),
+        out += [(f"{p}.attention.output.dense.weight", ours + ("self_attention", "out", "kernel"),
+                 *_linear(heads_in=h)),
                 (f"{p}.attention.output.dense.bias", ours + ("self_attention", "out", "bias"), *_SAME),
                 *_norm(f"{p}.attention.output.LayerNorm", ours + ("self_attention_norm",)),
                 (f"{p}.intermediate.dense.weight", ours + ("mlp", "wi", "kernel"), *_linear()),
@@ -215,16 +245,45 @@ def _split_qkv(flat: dict) -> dict:
     return out
 
 
-def _join_qkv(flat: dict) -> dict:
+def _join_qkv(flat: dict) -> dict:  # jnp, not np: `_layouts` traces it
     out = dict(flat)
     for path in [p for p in flat if p[-2:] == ("query", "kernel") or p[-2:] == ("query", "bias")]:
         base, kind = path[:-2], path[-1]
         parts = [out.pop(base + (role, kind)) for role in ("query", "key", "value")]
-        out[base + (f"qkv_{kind}",)] = np.concatenate(parts, axis=1 if kind == "kernel" else 0)
+        out[base + (f"qkv_{kind}",)] = jnp.concatenate(parts, axis=1 if kind == "kernel" else 0)
     return out
 
 
+def _to_hf(cfg: ModelConfig, flat: dict, prefix: str = "bert.") -> dict:
+    """HF tensor name -> array, from our parameters as a flat ``{path: array}``."""
+    flat = _join_qkv(flat) if cfg.model == "gpt" else flat
+    return {hf_key: to_hf(flat[ours]) for hf_key, ours, _, to_hf in _mapping(cfg, prefix)}
+
+
+def _flatten(params) -> dict:
+    return {tuple(p.key for p in path): v for path, v in jax.tree_util.tree_flatten_with_path(nn.unbox(params))[0]}
+
+
+def _layouts(model, prefix: str = "bert.") -> tuple[dict, dict]:
+    """``({our path: shape}, {HF tensor name: shape})`` of ``model``'s parameters, traced (nothing computed)."""
+    def init():
+        params = _flatten(model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"])
+        return params, _to_hf(model.cfg, params, prefix)
+    return tuple({k: v.shape for k, v in tree.items()} for tree in jax.eval_shape(init))
+
+
+def _listing(names: list, limit: int = 5) -> str:
+    return f"{names[:limit]} (and {len(names) - limit} more)" if len(names) > limit else str(names)
+
+
 # -- reading and writing -------------------------------------------------------------------------------------------
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
 def _read_tensors(folder: Path) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
     st = folder / "model.safetensors"
@@ -232,7 +291,10 @@ def _read_tensors(folder: Path) -> dict[str, np.ndarray]:
         return load_file(str(st))
     index = folder / "model.safetensors.index.json"
     if index.exists():  # large checkpoints are saved in shards
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        contents = _read_json(index)
+        if not isinstance(contents, dict) or not isinstance(contents.get("weight_map"), dict):
+            raise ValueError(f"{index}: no weight_map object")
+        shards = sorted(set(contents["weight_map"].values()))
         return {k: v for shard in shards for k, v in load_file(str(folder / shard)).items()}
     pt = folder / "pytorch_model.bin"
     if pt.exists():
@@ -260,37 +322,35 @@ def load_hf(path: str | Path, *, dtype: str = "float32"):
     folder = Path(path)
     if not (folder / "config.json").is_file():
         raise ValueError(f"{folder}: not a Hugging Face model folder (no config.json)")
-    hf = json.loads((folder / "config.json").read_text())
-    cfg = dataclasses.replace(config_from_hf(hf), dtype=dtype)
+    cfg = dataclasses.replace(config_from_hf(_read_json(folder / "config.json")), dtype=dtype)
     tensors = _read_tensors(folder)
     prefix = "bert." if any(k.startswith("bert.") for k in tensors) else ""
     model = GPT(cfg) if cfg.model == "gpt" else BERT(cfg)
-    init = nn.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))["params"])
+    shapes, hf_shapes = _layouts(model, prefix)
     flat, missing = {}, []
     for hf_key, ours, to_ours, _ in _mapping(cfg, prefix):
-        if hf_key in tensors:
-            flat[ours] = np.asarray(to_ours(tensors[hf_key]), np.float32)
-        else:
+        if hf_key not in tensors:
             missing.append(hf_key)
+        elif tuple(tensors[hf_key].shape) != hf_shapes[hf_key]:
+            raise ValueError(f"{folder}: tensor {hf_key} has shape {tuple(tensors[hf_key].shape)}, but config.json "
+                             f"needs {hf_shapes[hf_key]}")
+        else:
+            flat[ours] = np.asarray(to_ours(tensors[hf_key]), np.float32)
     flat = _split_qkv(flat)
     missing_required = [k for k in missing if not k.startswith("cls.")]
     if missing_required:
-        raise ValueError(f"{folder}: weights missing for {missing_required[:5]} (and {len(missing_required) - 5} "
-                         "more)" if len(missing_required) > 5 else f"{folder}: weights missing for {missing_required}")
-    params = _fill(init, flat, model, missing)
+        raise ValueError(f"{folder}: weights missing for {_listing(missing_required)}")
+    params = _fill(shapes, flat, model, missing)
     return model, {"params": params}
 
 
-def _fill(init, flat: dict, model, missing: list):
-    """Our param tree from the converted tensors; absent (head) params come from a fresh init."""
+def _fill(shapes: dict, flat: dict, model, missing: list):
+    """Our param tree from the converted tensors (shapes already checked); absent (head) params come from a fresh
+    init."""
     fresh = None
     out = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(init)[0]:
-        key = tuple(p.key for p in path)
+    for key in shapes:
         if key in flat:
-            if flat[key].shape != leaf.shape:
-                raise ValueError(f"shape mismatch for {'/'.join(key)}: checkpoint {flat[key].shape}, "
-                                 f"config {leaf.shape}")
             _set(out, key, jnp.asarray(flat[key]))
         else:
             if fresh is None:
@@ -309,18 +369,35 @@ def _get(tree: dict, path: tuple):
 
 def save_hf(model, variables, path: str | Path) -> Path:
     """Write ``model``'s config.json and model.safetensors in Hugging Face's layout (GPT -> GPT2LMHeadModel,
-    BERT -> BertForPreTraining) to folder ``path``; `load_hf` and `transformers` read it back."""
+    BERT -> BertForPreTraining) to folder ``path``; `load_hf` and `transformers` read it back.
+
+    Before writing anything, raises `ValueError` for a config field the layout cannot express (see `config_to_hf`)
+    and for ``variables["params"]`` that do not match ``model``'s parameters (missing, extra or wrong-shaped ones
+    are named)."""
     from safetensors.numpy import save_file
     cfg = model.cfg
-    config = config_to_hf(cfg)  # raises for anything the layout cannot express
+    config = config_to_hf(cfg)
+    if not isinstance(variables, Mapping) or "params" not in variables:
+        got = f"keys {list(variables)}" if isinstance(variables, Mapping) else type(variables).__name__
+        raise ValueError(f"save_hf needs variables with a 'params' collection (as model.init returns), got {got}")
+    flat = {k: np.asarray(v, np.float32) for k, v in _flatten(variables["params"]).items()}
+    _check_params(flat, _layouts(model)[0])
+    tensors = {k: np.ascontiguousarray(v, np.float32) for k, v in _to_hf(cfg, flat).items()}
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    flat = {tuple(p.key for p in path): np.asarray(v, np.float32)
-            for path, v in jax.tree_util.tree_flatten_with_path(nn.unbox(variables["params"]))[0]}
-    if cfg.model == "gpt":
-        flat = _join_qkv(flat)
-    tensors = {hf_key: np.ascontiguousarray(to_hf(flat[ours])) for hf_key, ours, _, to_hf in _mapping(cfg)
-               if ours in flat}
     save_file(tensors, str(folder / "model.safetensors"))
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     return folder
+
+
+def _check_params(flat: dict, shapes: dict) -> None:
+    """Raise `ValueError` naming the parameters of ``flat`` that are missing from, extra to, or shaped unlike
+    ``shapes`` (both keyed by our parameter paths)."""
+    name = "/".join
+    problems = {"missing": sorted(name(k) for k in shapes.keys() - flat.keys()),
+                "unexpected": sorted(name(k) for k in flat.keys() - shapes.keys()),
+                "wrong shape": sorted(f"{name(k)} {flat[k].shape} (model: {shapes[k]})"
+                                      for k in shapes.keys() & flat.keys() if flat[k].shape != shapes[k])}
+    if any(problems.values()):
+        raise ValueError("save_hf: variables['params'] do not match the model's parameters; "
+                         + "; ".join(f"{kind}: {_listing(names)}" for kind, names in problems.items() if names))

@@ -17,7 +17,7 @@ from ..layers.dense import kernel_dot_general
 from ..layers.embedder import Embedder
 from ..layers.mlp import ACTIVATIONS
 from ..layers.norms import apply_norm, make_norm
-from .checks import check_condition, check_mask_shape, check_tokens
+from .checks import check_condition, check_ids, check_mask_shape, check_tokens
 from .config import ModelConfig
 from .gpt import final_norm
 
@@ -40,7 +40,8 @@ def dense(cfg: ModelConfig, features: int, axes: tuple[str, str], name: str | No
 
 
 class BERT(nn.Module):
-    """``tokens [b, l]`` -> `BertOutput`. ``padding_mask [b, l]`` is True for real tokens."""
+    """``tokens [b, l]`` -> `BertOutput`. ``token_type_ids [b, l]`` are in ``[0, type_vocab_size)`` (None: all 0);
+    ``padding_mask [b, l]`` is True for real tokens."""
 
     cfg: ModelConfig
 
@@ -61,7 +62,7 @@ class BERT(nn.Module):
         """``(hidden [b, l, e], pooled [b, e])``: the encoder output and tanh(Dense(hidden[:, 0]))."""
         check_tokens(tokens, self.cfg)
         check_condition(condition, tokens, self.cfg)
-        check_mask_shape(token_type_ids, tokens, "token_type_ids")
+        check_ids(token_type_ids, tokens, self.cfg, "token_type_ids", "type_vocab_size")
         check_mask_shape(padding_mask, tokens, "padding_mask")
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         mask = None if padding_mask is None else Mask(kv_valid=padding_mask.astype(bool))

@@ -1,4 +1,5 @@
-"""Input checks shared by the models: token arrays, lengths, id ranges (on the host, when values are known)."""
+"""Input checks shared by the models: token arrays, lengths, per-token arrays, id ranges (on the host, when values
+are known)."""
 from __future__ import annotations
 
 import jax
@@ -17,18 +18,38 @@ def check_tokens(tokens, cfg, name: str = "tokens", max_len: int | None = None) 
     if tokens.shape[1] > limit:
         raise ValueError(f"{name} has length {tokens.shape[1]} > max_len {limit}; raise ModelConfig.max_len "
                          "or feed shorter sequences")
-    if not isinstance(tokens, jax.core.Tracer) and tokens.size:
-        values = np.asarray(tokens)  # a host copy: jnp reductions would be staged inside an outer trace
-        low, high = int(values.min()), int(values.max())
-        if low < 0 or high >= cfg.vocab_size:
-            bad = low if low < 0 else high
-            raise ValueError(f"{name} holds id {bad} outside the vocabulary [0, {cfg.vocab_size})")
+    _check_range(tokens, name, cfg, "vocab_size")
+
+
+def check_ids(ids, tokens, cfg, name: str, field: str) -> None:
+    """Raise `ValueError` unless the optional per-token ids ``ids`` (positions, token types) are int with ``tokens``'
+    shape ``[b, l]``, index a table ``cfg.<field>`` that exists (> 0) and, when concrete (not traced), lie in
+    ``[0, cfg.<field>)``."""
+    if ids is None:
+        return
+    if not getattr(cfg, field):
+        raise ValueError(f"{name} was given but ModelConfig.{field} is 0 (the model has no such embedding)")
+    check_mask_shape(ids, tokens, name)
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise ValueError(f"{name} must hold integer ids, got dtype {ids.dtype}")
+    _check_range(ids, name, cfg, field)
+
+
+def _check_range(ids, name: str, cfg, field: str) -> None:
+    """Raise `ValueError` if ``ids`` are concrete (not traced) and one lies outside ``[0, cfg.<field>)``."""
+    if isinstance(ids, jax.core.Tracer) or not ids.size:
+        return
+    values = np.asarray(ids)  # a host copy: jnp reductions would be staged inside an outer trace
+    low, high = int(values.min()), int(values.max())
+    limit = getattr(cfg, field)
+    if low < 0 or high >= limit:
+        raise ValueError(f"{name} holds id {low if low < 0 else high} outside [0, {field}={limit})")
 
 
 def check_mask_shape(mask, tokens, name: str) -> None:
-    """Raise `ValueError` unless an optional per-token array matches ``tokens``' ``[b, l]``."""
-    if mask is not None and tuple(mask.shape) != tuple(tokens.shape):
-        raise ValueError(f"{name} must have the shape of its tokens {tuple(tokens.shape)}, got {tuple(mask.shape)}")
+    """Raise `ValueError` unless an optional per-token array matches ``tokens``' shape (``[b, l]``)."""
+    if mask is not None and np.shape(mask) != np.shape(tokens):
+        raise ValueError(f"{name} must have the shape of its tokens {np.shape(tokens)}, got {np.shape(mask)}")
 
 
 def check_condition(condition, tokens, cfg) -> None:

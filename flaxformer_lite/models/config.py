@@ -6,6 +6,7 @@ config is built, and a bad value raises `ValueError` naming the field and the ac
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from ..attention import FEATURE_MAPS, IMPLS
 from ..layers.attention import ATTENTION_KINDS
@@ -18,6 +19,36 @@ DTYPES = ("float32", "bfloat16", "float16")
 _CHOICES = {"model": MODELS, "attention": ATTENTION_KINDS, "attention_impl": IMPLS, "position": POSITIONS,
             "norm": NORMS, "norm_position": ("pre", "post"), "activation": tuple(sorted(ACTIVATIONS)),
             "dtype": DTYPES, "param_dtype": DTYPES, "feature_map": tuple(sorted(FEATURE_MAPS))}
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:  # Python numbers only (no NumPy scalars): the config is dumped to YAML
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# field -> (the accepted values in words, `str.format`ted with vocab_size; their test of (value, config)). Checked in
+# this order, so vocab_size is known valid before the token ids are compared with it.
+_POSITIVE_INT = ("a positive int", lambda v, c: _is_int(v) and v >= 1)
+_POSITIVE_INT_OR_NONE = ("a positive int or None", lambda v, c: v is None or (_is_int(v) and v >= 1))
+_COUNT = ("an int >= 0", lambda v, c: _is_int(v) and v >= 0)
+_FRACTION = ("a number in [0, 1)", lambda v, c: _is_number(v) and 0 <= v < 1)
+_POSITIVE = ("a finite number > 0", lambda v, c: _is_number(v) and v > 0)
+_TOKEN_ID = ("an int in [0, vocab_size={vocab_size})", lambda v, c: _is_int(v) and 0 <= v < c.vocab_size)
+_BOOL = ("a bool", lambda v, c: isinstance(v, bool))
+_FIELDS = {
+    **dict.fromkeys(("vocab_size", "num_layers", "num_heads", "embed_dim", "mlp_dim", "max_len"), _POSITIVE_INT),
+    **dict.fromkeys(("num_decoder_layers", "num_kv_heads", "head_dim", "embedding_dim"), _POSITIVE_INT_OR_NONE),
+    **dict.fromkeys(("condition_dim", "type_vocab_size"), _COUNT),
+    **dict.fromkeys(("dropout_rate", "attention_dropout_rate"), _FRACTION),
+    **dict.fromkeys(("norm_epsilon", "init_std"), _POSITIVE),
+    "rope_base": ("a finite number > 1", lambda v, c: _is_number(v) and v > 1),  # base 1: one frequency for all
+    **dict.fromkeys(("pad_id", "bos_id", "eos_id"), _TOKEN_ID),
+    **dict.fromkeys(("talking_heads", "use_bias", "tie_embeddings", "embed_scale", "embed_norm", "share_layers",
+                     "remat", "scan_layers"), _BOOL),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,8 +65,8 @@ class ModelConfig:
       attention: ``"softmax"``, ``"linear"``, or a dense variant: ``"additive"`` (Bahdanau), ``"synthesizer_dense"``,
         ``"synthesizer_random"`` (Tay et al.; self-attention only); attention_impl: the softmax impl; feature_map:
         the linear map. talking_heads: mix logits and probabilities across heads (softmax; computed densely).
-      position: ``"learned"``, ``"sinusoidal"``, ``"rotary"`` or ``"none"``; rope_base for rotary.
-      norm: ``"layernorm"`` or ``"rmsnorm"``; norm_position ``"pre"`` or ``"post"``; norm_epsilon.
+      position: ``"learned"``, ``"sinusoidal"``, ``"rotary"`` or ``"none"``; rope_base (> 1) for rotary.
+      norm: ``"layernorm"`` or ``"rmsnorm"``; norm_position ``"pre"`` or ``"post"``; norm_epsilon (> 0).
       condition_dim: > 0 makes the layer-stack and final norms conditional on a ``condition [b, condition_dim]``
         model input (γ, β predicted from it; GPT and BERT).
       activation: MLP activation (``relu``, ``gelu``, ``gelu_tanh``, ``silu``, ``swiglu``, ``geglu``).
@@ -45,8 +76,8 @@ class ModelConfig:
       embed_norm: normalise the embeddings (BERT); type_vocab_size: token types (BERT: 2; 0 for none).
       embedding_dim: ALBERT's factorised embeddings: tables of this width projected to embed_dim (BERT; None: off).
       share_layers: ALBERT's cross-layer sharing: one set of layer parameters used at every depth.
-      init_std: std of the normal initialiser of kernels and embeddings.
-      pad_id, bos_id, eos_id: special token ids (bos starts encoder-decoder decoding).
+      init_std: std (> 0) of the normal initialiser of kernels and embeddings.
+      pad_id, bos_id, eos_id: special token ids in ``[0, vocab_size)`` (bos starts encoder-decoder decoding).
       dtype: compute dtype; param_dtype: parameter dtype.
       remat: rematerialise each layer in the backward pass; scan_layers: one `nn.scan` over layers.
     """
@@ -94,14 +125,14 @@ class ModelConfig:
         for name, choices in _CHOICES.items():
             if getattr(self, name) not in choices:
                 raise ValueError(f"ModelConfig.{name} must be one of {list(choices)}, got {getattr(self, name)!r}")
-        for name in ("vocab_size", "num_layers", "num_heads", "embed_dim", "mlp_dim", "max_len"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"ModelConfig.{name} must be a positive int, got {getattr(self, name)!r}")
-        for name in ("dropout_rate", "attention_dropout_rate"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"ModelConfig.{name} must be in [0, 1), got {getattr(self, name)!r}")
-        self._check_variants()
-        kv = self.num_kv_heads or self.num_heads
+        for name, (accepted, valid) in _FIELDS.items():
+            if not valid(getattr(self, name), self):
+                raise ValueError(f"ModelConfig.{name} must be {accepted.format(vocab_size=self.vocab_size)}, "
+                                 f"got {getattr(self, name)!r}")
+        self._check_combinations()
+
+    def _check_combinations(self):
+        kv = self.num_heads if self.num_kv_heads is None else self.num_kv_heads
         if self.num_heads % kv:
             raise ValueError(f"ModelConfig.num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({kv})")
         if self.head_dim is None and self.embed_dim % self.num_heads:
@@ -112,33 +143,23 @@ class ModelConfig:
                              f"got {self.embedding_dim or self.embed_dim}")
         if self.position == "rotary" and self.resolved_head_dim % 2:
             raise ValueError(f"ModelConfig.position='rotary' needs an even head_dim, got {self.resolved_head_dim}")
-
-    def _check_variants(self):
-        for name in ("talking_heads", "share_layers"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"ModelConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.talking_heads and self.attention != "softmax":
             raise ValueError(f"ModelConfig.talking_heads needs attention='softmax', got {self.attention!r}")
-        if not isinstance(self.condition_dim, int) or isinstance(self.condition_dim, bool) or self.condition_dim < 0:
-            raise ValueError(f"ModelConfig.condition_dim must be an int >= 0, got {self.condition_dim!r}")
         if self.condition_dim and self.model not in ("gpt", "bert"):
             raise ValueError(f"ModelConfig.condition_dim is supported for model 'gpt' and 'bert', not {self.model!r}")
-        if self.embedding_dim is not None:
-            if not isinstance(self.embedding_dim, int) or isinstance(self.embedding_dim, bool) or self.embedding_dim < 1:
-                raise ValueError(f"ModelConfig.embedding_dim must be a positive int or None, got {self.embedding_dim!r}")
-            if self.model != "bert":
-                raise ValueError(f"ModelConfig.embedding_dim (factorised embeddings) is supported for model 'bert' "
-                                 f"(ALBERT), not {self.model!r}")
+        if self.embedding_dim is not None and self.model != "bert":
+            raise ValueError(f"ModelConfig.embedding_dim (factorised embeddings) is supported for model 'bert' "
+                             f"(ALBERT), not {self.model!r}")
 
     @property
     def resolved_head_dim(self) -> int:
         """head_dim, or embed_dim // num_heads when unset."""
-        return self.head_dim or self.embed_dim // self.num_heads
+        return self.embed_dim // self.num_heads if self.head_dim is None else self.head_dim
 
     @property
     def decoder_layers(self) -> int:
         """Decoder depth of an encoder-decoder."""
-        return self.num_decoder_layers or self.num_layers
+        return self.num_layers if self.num_decoder_layers is None else self.num_decoder_layers
 
 
 def _gpt2(layers, heads, embed):

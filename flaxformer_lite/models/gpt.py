@@ -12,7 +12,7 @@ from ..attention import Mask
 from ..layers.blocks import LayerStack, config_dtypes
 from ..layers.embedder import CacheIndex, Embedder
 from ..layers.norms import apply_norm, make_norm
-from .checks import check_condition, check_mask_shape, check_tokens, segment_positions
+from .checks import check_condition, check_ids, check_mask_shape, check_tokens, segment_positions
 from .config import ModelConfig
 
 
@@ -54,6 +54,7 @@ class GPT(nn.Module):
                deterministic=True, decode=None) -> jax.Array:
         """The final hidden states ``[b, l, e]`` (after the final norm); arguments as ``__call__``."""
         check_tokens(tokens, self.cfg)
+        check_ids(positions, tokens, self.cfg, "positions", "max_len")
         check_mask_shape(segment_ids, tokens, "segment_ids")
         check_condition(condition, tokens, self.cfg)
         b, l = tokens.shape
@@ -88,7 +89,7 @@ class GPT(nn.Module):
         """``tokens [b, l]`` -> ``logits [b, l, v]``.
 
         Args:
-          positions: int ``[b, l]`` (default ``0..l-1``, restarting per segment).
+          positions: int ``[b, l]`` in ``[0, max_len)`` (default ``0..l-1``, restarting per segment).
           segment_ids: int ``[b, l]`` packed-document ids.
           prefix_lengths: int ``[b]`` prefix-LM prefix lengths.
           condition: ``[b, condition_dim]`` input of the conditional norms (``cfg.condition_dim > 0``); None acts

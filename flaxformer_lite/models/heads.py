@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from .bert import BERT, dense
+from .checks import check_mask_shape
 from .config import ModelConfig
 from .gpt import GPT
 
@@ -21,6 +22,7 @@ def _features(cfg: ModelConfig, tokens, token_type_ids, padding_mask, determinis
         return BERT(cfg, name="backbone").encode(tokens, token_type_ids=token_type_ids, padding_mask=padding_mask,
                                                  deterministic=deterministic)[1]
     if cfg.model == "gpt":
+        check_mask_shape(padding_mask, tokens, "padding_mask")  # GPT reads it here, not in the backbone
         hidden = GPT(cfg, name="backbone").hidden(tokens, deterministic=deterministic)
         last = (tokens.shape[1] if padding_mask is None else padding_mask.astype(jnp.int32).sum(-1)) - 1
         return jnp.take_along_axis(hidden, jnp.broadcast_to(jnp.asarray(last), (tokens.shape[0],))[:, None, None],
@@ -50,6 +52,8 @@ class MultipleChoice(nn.Module):
     def __call__(self, tokens, *, token_type_ids=None, padding_mask=None, deterministic=True) -> jax.Array:
         if tokens.ndim != 3:
             raise ValueError(f"MultipleChoice takes tokens [batch, choices, length], got shape {tokens.shape}")
+        check_mask_shape(token_type_ids, tokens, "token_type_ids")  # before flattening hides a mismatch
+        check_mask_shape(padding_mask, tokens, "padding_mask")
         b, c, l = tokens.shape
         flat = lambda x: None if x is None else x.reshape(b * c, l)
         x = _features(self.cfg, flat(tokens), flat(token_type_ids), flat(padding_mask), deterministic)
