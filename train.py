@@ -145,8 +145,8 @@ def _check_resume(run_dir: Path, cfg) -> None:
         return
     old = (yaml.safe_load(saved.read_text()) or {}).get("model", {})
     new = yaml.safe_load(yaml.safe_dump(to_dict(cfg)["model"]))
-    changed = [f"model.{k}: {old.get(k)!r} -> {v!r}" for k, v in new.items()
-               if k not in RUNTIME_MODEL_KEYS and old.get(k) != v]
+    changed = [f"model.{k}: {old[k]!r} -> {v!r}" for k, v in new.items()
+               if k in old and k not in RUNTIME_MODEL_KEYS and old[k] != v]  # a key newer than the run: no say
     if changed:
         raise ValueError(f"{run_dir} holds checkpoints of another model ({'; '.join(changed)}); resume with the "
                          f"same model, or give a new train.run_dir")
