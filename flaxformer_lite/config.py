@@ -3,7 +3,8 @@
     cfg = load_config("configs/gpt-tiny.yaml", ["train.steps=100", "model.attention=linear"])
 
 Every key is typed; an unknown key, a value of the wrong type or one out of its range (`RANGES`) fails before any
-work, listing the valid keys, choices or bounds. ``model.preset`` names a `ModelConfig` preset and the other ``model.*`` keys override it.
+work, listing the valid keys, choices or bounds. ``model.preset`` names a `ModelConfig` preset and the other
+``model.*`` keys override it.
 """
 from __future__ import annotations
 
