@@ -32,13 +32,17 @@ class Dims:
         return self.heads // self.kv_heads
 
 
+def check_rank4(name: str, x, layout: str) -> None:
+    """Raise `ValueError` unless ``x`` is an array of rank 4 (``layout`` names its axes in the message)."""
+    if getattr(x, "ndim", None) != 4:
+        raise ValueError(f"{name} must have shape {layout} (rank 4), got shape {getattr(x, 'shape', type(x))}")
+
+
 def check_qkv(q: jax.Array, k: jax.Array, v: jax.Array) -> Dims:
     """Validate ``q [b, q, h, d]``, ``k [b, k, n, d]``, ``v [b, k, n, v]`` of one floating dtype, with ``h``, ``n``,
     ``d``, ``v`` at least 1 and ``h % n == 0``; return the sizes."""
     for name, x in (("q", q), ("k", k), ("v", v)):
-        if getattr(x, "ndim", None) != 4:
-            raise ValueError(f"{name} must have shape [batch, length, heads, head_dim] (rank 4), "
-                             f"got shape {getattr(x, 'shape', type(x))}")
+        check_rank4(name, x, "[batch, length, heads, head_dim]")
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise ValueError(f"{name} must be a floating-point array, got dtype {x.dtype}")
     dtypes = [jax.dtypes.canonicalize_dtype(x.dtype) for x in (q, k, v)]  # NumPy float64 is float32 without x64

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .checks import check_block_size, check_mask, check_qkv
+from .checks import check_block_size, check_mask, check_qkv, check_rank4
 from .feature_maps import FeatureMap, get_feature_map
 from .masks import Mask
 
@@ -202,9 +202,7 @@ def prefill_state(k: jax.Array, v: jax.Array, *, feature_map: "str | FeatureMap"
     """The state after keys/values ``k [b, l, n, d]``, ``v [b, l, n, v]`` (``kv_valid [b, l]`` marks real ones):
     what `step` would have accumulated over them, in one pass. Used to prefill a prompt before decoding."""
     for name, x in (("k", k), ("v", v)):
-        if getattr(x, "ndim", None) != 4:
-            raise ValueError(f"{name} must have shape [batch, length, kv_heads, dim] (rank 4), "
-                             f"got shape {getattr(x, 'shape', type(x))}")
+        check_rank4(name, x, "[batch, length, kv_heads, dim]")
     if v.shape[:3] != k.shape[:3]:
         raise ValueError(f"v must match k in batch, length and kv heads: k {k.shape}, v {v.shape}")
     kv_valid = _check_valid("kv_valid", kv_valid, k.shape[:2])
