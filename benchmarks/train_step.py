@@ -204,9 +204,23 @@ def hf_torch(cfg, batch: dict, malloc: str = "keep"):
 PEERS = {"ours": ours, "ours-plain-dot": ours_plain_dot, "hf-flax": hf_flax, "hf-torch": hf_torch}
 
 
-def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
-    """float32 matmul throughput (GFLOP/s) on this machine, best of ``repeats``: the MFU ceiling."""
-    x = jnp.ones((size, size), jnp.float32)
+# Dense (no sparsity) peak TFLOP/s by device kind substring, from the vendors' datasheets: (bfloat16, float32).
+PEAK_TFLOPS = {"H200": (989, 67), "H100": (989, 67), "A100": (312, 19.5), "L4": (121, 30), "TPU v4": (275, 275),
+               "TPU v5 lite": (197, 197), "TPU v5p": (459, 459), "TPU v6": (918, 918)}
+
+
+def device_peak_tflops(dtype: str) -> float | None:
+    """The datasheet peak of this process's first device for ``dtype`` compute, or None (CPU, unknown kind)."""
+    kind = getattr(jax.devices()[0], "device_kind", "")
+    for name, (bf16, f32) in PEAK_TFLOPS.items():
+        if name.lower() in kind.lower():
+            return bf16 if dtype in ("bfloat16", "float16") else f32
+    return None
+
+
+def matmul_gflops(size: int = 2048, repeats: int = 5, dtype: str = "float32") -> float:
+    """``dtype`` matmul throughput (GFLOP/s) on this machine, best of ``repeats``: the measured MFU ceiling."""
+    x = jnp.ones((size, size), dtype)
     f = jax.jit(lambda a: a @ a)
     f(x).block_until_ready()
     best = min(_timed(lambda: f(x).block_until_ready()) for _ in range(repeats))
@@ -246,7 +260,7 @@ def main(argv=None):
                                            else v == "true" for k, v in overrides.items()})
     batch = lm_batch(cfg, args.batch, args.seq_len)
     tokens = args.batch * args.seq_len
-    console.print(f"{args.preset}: batch {args.batch} x {args.seq_len}, float32, {jax.default_backend()}")
+    console.print(f"{args.preset}: batch {args.batch} x {args.seq_len}, {ours_cfg.dtype}, {jax.default_backend()}")
     runners, rows = {}, []
     for name in names:
         try:
@@ -258,26 +272,30 @@ def main(argv=None):
         start = time.perf_counter()
         _block(runners[name][0]())  # compile + first step
         console.print(f"  {name}: first step (compile) {time.perf_counter() - start:.1f} s")
-    ceiling = matmul_gflops()  # measured before and after the steps; the better figure is the ceiling
+    size = 2048 if jax.default_backend() == "cpu" else 8192
+    ceiling = matmul_gflops(size, dtype=ours_cfg.dtype)  # measured before and after the steps; the better is kept
     times = {name: [] for name in runners}
     order = list(runners)
     for r in range(args.repeats):  # alternate, rotating the order, so that noise and neighbours hit all alike
         for name in order[r % len(order):] + order[:r % len(order)]:
             run = runners[name][0]
             times[name].append(_timed(lambda: _block(run())))
-    ceiling = max(ceiling, matmul_gflops())
+    ceiling = max(ceiling, matmul_gflops(size, dtype=ours_cfg.dtype))
+    peak = device_peak_tflops(ours_cfg.dtype)
     model_params = runners["ours"][1] if "ours" in runners else next(iter(runners.values()))[1]  # positions excluded
     flops = flops_per_token(model_params, cfg, args.seq_len) * tokens
     base = {n: statistics.median(t) for n, t in times.items()}
     for name, t in base.items():
         rows.insert(len(rows), {"impl": name, "params": runners[name][1], "step s": t, "tokens/s": tokens / t,
                                 "GFLOP/s": flops / t / 1e9, "MFU %": 100 * flops / t / 1e9 / ceiling,
+                                "MFU % of peak": 100 * flops / t / 1e12 / peak if peak else None,
                                 **{f"x vs {o}": base[o] / t for o in base if o != name and name == "ours"}})
-    notes = [f"matmul ceiling (float32 2048^3, same run, best of before and after the steps): {ceiling:.0f} GFLOP/s",
+    notes = [f"matmul ceiling ({ours_cfg.dtype} {size}^3, same run, best of before and after the steps): "
+             f"{ceiling:.0f} GFLOP/s; datasheet peak: {f'{peak} TFLOP/s' if peak else 'unknown device'}",
              f"FLOPs per step: {flops / 1e9:.0f} G (6N + 12 L T d per token, N = {model_params:,})",
              f"host malloc: {'freed memory kept (keep_freed_memory)' if kept else 'system default'}",
              f"median of {args.repeats} steps each, impls alternating in rotating order after one warm-up step each"]
-    cols = ["impl", "params", "step s", "tokens/s", "GFLOP/s", "MFU %"] + \
+    cols = ["impl", "params", "step s", "tokens/s", "GFLOP/s", "MFU %"] + (["MFU % of peak"] if peak else []) + \
         [f"x vs {o}" for o in base if o != "ours"] + ["note"]
     stem = args.name or f"train_step-{args.preset}-{args.batch}x{args.seq_len}-{jax.default_backend()}"
     show_and_write(stem, f"Train step, {args.preset}, batch {args.batch} x {args.seq_len}", cols, rows, notes)
