@@ -22,7 +22,7 @@ import yaml
 
 
 def _help_text() -> str:
-    from flaxformer_lite.config import describe_keys
+    from flaxformer_lite.experiment import describe_keys
     rows = describe_keys()
     width = max(len(k) for k, _, _ in rows)
     return "config keys (key=value overrides; defaults shown):\n" + "\n".join(
@@ -52,24 +52,25 @@ def _init_distributed(dist) -> None:
 
 
 def _sample_fn(model, data, cfg):
-    """Continuations of a few held-out prompts (language models only)."""
+    """Continuations of a few held-out prompts (objectives that declare a prompt key), or None."""
     import jax
     import jax.numpy as jnp
 
     import flaxformer_lite as ffl
-    if cfg.train.samples <= 0 or data.objective not in ("causal_lm", "prefix_lm", "span_corruption"):
+    from flaxformer_lite.data import get_objective
+    key = get_objective(data.objective).prompt_key
+    if cfg.train.samples <= 0 or key is None:
         return None
     tok = data.tokenizer
+    start = 16 if key == "tokens" else 0  # a decoder continues its prompt; an encoder-decoder answers it
 
     def sample(params):
-        batch = data.eval.batch(0)
-        prompts = jnp.asarray((batch["tokens"] if "tokens" in batch else batch["src"])[:cfg.train.samples, :16])
-        n = min(cfg.train.sample_tokens, model.cfg.max_len - (0 if "src" in batch else 16) - 1)
+        prompts = jnp.asarray(data.eval.batch(0)[key][:cfg.train.samples, :16])
+        n = min(cfg.train.sample_tokens, model.cfg.max_len - start - 1)
         if n < 1:
             return []  # no room after the 16-token prompt: nothing to sample
         out = ffl.generate(model, {"params": params}, prompts, n, temperature=0.8, top_k=40,
                            rng=jax.random.PRNGKey(cfg.train.seed), eos_id=tok.eos_id)
-        start = 0 if "src" in batch else 16
         return [f"{tok.decode(p)} ||| {tok.decode(o[start:])}" for p, o in zip(prompts.tolist(), out.tolist())]
     return sample
 
@@ -106,10 +107,49 @@ def _load_pretrained(cfg, overrides):
 
 def _save_tokenizer(tok, run_dir: Path) -> None:
     """Keep the run's tokenizer in its folder (a pretrained or given one too), so the folder stands alone."""
-    if hasattr(tok, "save") and not (run_dir / "tokenizer.model").exists():
-        tok.save(run_dir / "tokenizer.model")
+    if hasattr(tok, "save"):  # written aside and renamed: a crash never leaves half a tokenizer
+        tok.save(run_dir / "tokenizer.model.tmp")
+        os.replace(run_dir / "tokenizer.model.tmp", run_dir / "tokenizer.model")
     elif hasattr(tok, "hf") and not (run_dir / "tokenizer").exists():
         tok.hf.save_pretrained(str(run_dir / "tokenizer"))
+
+
+TOKENIZER_DATA_KEYS = ("path", "format", "text_field", "source_field", "tokenizer", "vocab_size", "tokenizer_type",
+                       "character_coverage", "byte_fallback", "normalization")  # what the tokenizer is trained from
+
+
+def _saved_config(run_dir: Path) -> dict:
+    """The run folder's config.yaml as a dict ({} if there is none or it cannot be read)."""
+    try:
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return {}
+    return saved if isinstance(saved, dict) else {}
+
+
+def _has_checkpoints(run_dir: Path) -> bool:
+    folder = run_dir / "checkpoints"
+    return folder.is_dir() and any(p.name.isdigit() for p in folder.iterdir())
+
+
+def _run_tokenizer(run_dir: Path, cfg):
+    """The run folder's tokenizer when it was trained from these data settings (a resumed run), else None (one is
+    trained). One from other settings is refused if checkpoints were trained with it, else replaced."""
+    path = run_dir / "tokenizer.model"
+    if not path.is_file():
+        return None
+    from flaxformer_lite.data import Tokenizer
+    from flaxformer_lite.experiment import to_dict
+    old = _saved_config(run_dir).get("data", {})
+    new = to_dict(cfg)["data"]
+    changed = [f"data.{k}: {old.get(k)!r} -> {new[k]!r}" for k in TOKENIZER_DATA_KEYS if old.get(k) != new[k]]
+    if not changed:
+        return Tokenizer.load(path)
+    if _has_checkpoints(run_dir):
+        raise ValueError(f"{run_dir} holds checkpoints trained with a tokenizer of other data settings "
+                         f"({'; '.join(changed)}); resume with the same settings, or give a new train.run_dir")
+    print(f"train.py: note: training a new tokenizer ({'; '.join(changed)})", file=sys.stderr)
+    return None
 
 
 def _model_and_task(cfg, data, pretrained, overrides=()):
@@ -127,8 +167,6 @@ def _model_and_task(cfg, data, pretrained, overrides=()):
         if tok.vocab_size > model_cfg.vocab_size:
             raise ValueError(f"the tokenizer of {pretrained.source} has {tok.vocab_size} ids, more than the model's "
                              f"vocabulary ({model_cfg.vocab_size})")
-    if cfg.train.seq_len > model_cfg.max_len:
-        raise ValueError(f"train.seq_len ({cfg.train.seq_len}) > model.max_len ({model_cfg.max_len})")
     cfg = dataclasses.replace(cfg, model=model_cfg)
     classify = cfg.data.objective == "classify"
     model = SequenceClassifier(model_cfg, len(data.label_names)) if classify else build(model_cfg)
@@ -137,16 +175,27 @@ def _model_and_task(cfg, data, pretrained, overrides=()):
     return cfg, model, task
 
 
-def _check_resume(run_dir: Path, cfg) -> None:
-    """Refuse, before anything in ``run_dir`` is rewritten, to resume checkpoints of another architecture."""
-    from flaxformer_lite.config import to_dict
-    saved, checkpoints = run_dir / "config.yaml", run_dir / "checkpoints"
-    if not saved.is_file() or not checkpoints.is_dir() or not any(checkpoints.iterdir()):
+def _preflight(cfg, pretrained) -> None:
+    """Every check that needs no data, run before any corpus is read or tokenizer trained."""
+    from flaxformer_lite.data import get_objective
+    from flaxformer_lite.training import check_layout
+    model_cfg = cfg.model if pretrained is None else pretrained.cfg
+    get_objective(cfg.data.objective).check(model_kind=model_cfg.model, seq_len=cfg.train.seq_len)
+    if cfg.train.seq_len > model_cfg.max_len:
+        raise ValueError(f"train.seq_len ({cfg.train.seq_len}) > model.max_len ({model_cfg.max_len})")
+    check_layout(cfg.parallel, cfg.train.batch_size, cfg.optim.grad_accum)
+
+
+def _check_resume(run_dir: Path, cfg, skip=()) -> None:
+    """Refuse, before anything in ``run_dir`` is rewritten, to resume checkpoints of another architecture (keys in
+    ``skip`` are not compared yet: those the tokenizer sets)."""
+    from flaxformer_lite.experiment import to_dict
+    if not _has_checkpoints(run_dir):
         return
-    old = (yaml.safe_load(saved.read_text()) or {}).get("model", {})
+    old = _saved_config(run_dir).get("model", {})
     new = yaml.safe_load(yaml.safe_dump(to_dict(cfg)["model"]))
     changed = [f"model.{k}: {old[k]!r} -> {v!r}" for k, v in new.items()
-               if k in old and k not in RUNTIME_MODEL_KEYS and old[k] != v]  # a key newer than the run: no say
+               if k in old and k not in RUNTIME_MODEL_KEYS and k not in skip and old[k] != v]  # a newer key: no say
     if changed:
         raise ValueError(f"{run_dir} holds checkpoints of another model ({'; '.join(changed)}); resume with the "
                          f"same model, or give a new train.run_dir")
@@ -158,10 +207,65 @@ def _grafter(pretrained, objective):
     return lambda params: graft(params, pretrained.params, "backbone" if objective == "classify" else None)
 
 
+def _write_run_files(run_dir: Path, cfg, data) -> None:
+    """The tokenizer, then config.yaml (so a tokenizer never looks trained from settings it was not), and
+    labels.json: written only once every check has passed."""
+    from flaxformer_lite.experiment import to_dict
+    _save_tokenizer(data.tokenizer, run_dir)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    if data.label_names is not None:
+        (run_dir / "labels.json").write_text(json.dumps(data.label_names) + "\n")
+    print(f"{data.num_train_examples:,} training examples; tokenizer {data.tokenizer.vocab_size} ids; unigram "
+          f"entropy of the training tokens {data.unigram_entropy:.3f} nats (a model that ignores context gets no lower)")
+
+
+def _run(cfg, overrides, run_dir: Path) -> int:
+    """Checks, data, model, training; the exit status."""
+    import jax
+
+    from flaxformer_lite.data import build_data
+    from flaxformer_lite.training import NonFiniteLoss, train
+    pretrained = _load_pretrained(cfg, overrides)
+    _preflight(cfg, pretrained)
+    if pretrained is None:
+        _check_resume(run_dir, cfg, skip=TOKENIZER_MODEL_KEYS)
+    tokenizer = pretrained.tokenizer if pretrained is not None else _run_tokenizer(run_dir, cfg)
+    data = build_data(cfg.data, seq_len=cfg.train.seq_len, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
+                      process_index=jax.process_index(), process_count=jax.process_count(), tokenizer=tokenizer)
+    cfg, model, task = _model_and_task(cfg, data, pretrained, overrides)
+    _check_resume(run_dir, cfg)
+    if jax.process_index() == 0:
+        _write_run_files(run_dir, cfg, data)
+    try:
+        outcome = train(cfg, model, data, task, sample_fn=_sample_fn(model, data, cfg),
+                        warm_start=None if pretrained is None else _grafter(pretrained, cfg.data.objective))
+    except NonFiniteLoss as err:
+        print(f"train.py: stopped: {err}", file=sys.stderr)
+        return 3
+    return _report(outcome)
+
+
+def _report(outcome) -> int:
+    """The closing line and exit status: 0 done, 143 stopped by SIGTERM (as schedulers expect), 1 when the final
+    checkpoint could not be written."""
+    final = dict(outcome.unsaved).get(outcome.step)
+    saved = "checkpoint saved" if final is None else f"checkpoint NOT saved: {final}"
+    if outcome.stopped_by_signal:
+        print(f"train.py: stopped by SIGTERM at step {outcome.step} ({saved})", file=sys.stderr)
+        return 143
+    if final is not None:
+        print(f"train.py: error: the final checkpoint (step {outcome.step}) was not saved: {final}", file=sys.stderr)
+        return 1
+    print(f"done: step {outcome.step}; " + ", ".join(f"{k} {v:.4g}" for k, v in {**outcome.last_metrics,
+                                                                                  **outcome.last_eval}.items()
+                                                     if isinstance(v, float)))
+    return 0
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _parse(argv)
-    from flaxformer_lite.config import load_config, to_dict
+    from flaxformer_lite.experiment import load_config
     try:
         cfg = load_config(args.config, args.overrides)
     except ValueError as err:
@@ -172,40 +276,19 @@ def main(argv=None) -> int:
     _init_distributed(cfg.distributed)
     import jax
 
-    from flaxformer_lite.data import build_data
-    from flaxformer_lite.training import NonFiniteLoss, make_task, train
+    from flaxformer_lite.training.run_lock import RunLock
     run_dir = Path(cfg.train.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(run_dir) if jax.process_index() == 0 else None  # one run per folder (process 0 holds it)
     try:
-        pretrained = _load_pretrained(cfg, args.overrides)
-        data = build_data(cfg.data, seq_len=cfg.train.seq_len, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
-                          run_dir=run_dir, process_index=jax.process_index(), process_count=jax.process_count(),
-                          tokenizer=None if pretrained is None else pretrained.tokenizer)
-        cfg, model, task = _model_and_task(cfg, data, pretrained, args.overrides)
-        _check_resume(run_dir, cfg)
-    except ValueError as err:
+        if lock is not None:
+            lock.acquire()
+        return _run(cfg, args.overrides, run_dir)
+    except ValueError as err:  # bad settings or data, found before (or, like a mesh, while) building the run
         print(f"train.py: error: {err}", file=sys.stderr)
         return 2
-    if jax.process_index() == 0:
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        _save_tokenizer(data.tokenizer, run_dir)
-        if data.label_names is not None:
-            (run_dir / "labels.json").write_text(json.dumps(data.label_names) + "\n")
-        print(f"{data.num_train_examples:,} training examples; tokenizer {data.tokenizer.vocab_size} ids; unigram entropy of the "
-              f"training tokens {data.unigram_entropy:.3f} nats (a model that ignores context gets no lower)")
-    try:
-        outcome = train(cfg, model, data, task, sample_fn=_sample_fn(model, data, cfg),
-                        warm_start=None if pretrained is None else _grafter(pretrained, cfg.data.objective))
-    except NonFiniteLoss as err:
-        print(f"train.py: stopped: {err}", file=sys.stderr)
-        return 3
-    except ValueError as err:  # a setting only checkable now, e.g. parallel.mesh against the devices
-        print(f"train.py: error: {err}", file=sys.stderr)
-        return 2
-    print(f"done: step {outcome.step}; " + ", ".join(f"{k} {v:.4g}" for k, v in {**outcome.last_metrics,
-                                                                                  **outcome.last_eval}.items()
-                                                     if isinstance(v, float)))
-    return 0
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 if __name__ == "__main__":

@@ -88,7 +88,7 @@ def bench_case(impl, mask_name, l, args, budget_bytes, repeats, time_budget):
     if impl == "blockwise":
         kernel = functools.partial(kernel, block_q=args.block, block_kv=args.block)
     elif impl.startswith("linear"):
-        kernel = functools.partial(kernel, chunk_size=args.chunk)
+        kernel = functools.partial(kernel, block_size=args.chunk)
     fwd = lambda q, k, v, m: kernel(q, k, v, mask=m) if impl != "flax (peer)" else kernel(q, k, v, m)
     loss = lambda q, k, v, m: fwd(q, k, v, m).astype(jnp.float32).sum()
     row = {"impl": impl, "mask": mask_name, "length": l}

@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from .layers.blocks import LAYER_STACKS
 from .models.checks import check_tokens
 from .models.encoder_decoder import EncoderDecoder
 from .models.gpt import GPT
@@ -29,6 +30,7 @@ class _Task:
 
     @property
     def seq2seq(self) -> bool:
+        """Whether the model is an `EncoderDecoder` (the prompt is its source)."""
         return isinstance(self.model, EncoderDecoder)
 
 
@@ -158,7 +160,7 @@ def generate(model, variables, prompt, max_new_tokens: int, *, temperature: floa
         ``1 <= top_k <= vocab_size``.
       eos_id: rows that produce it stop; later positions hold ``cfg.pad_id``.
       prefix_lengths: int ``[b]`` (array-like), a prefix-LM prompt (GPT): bidirectional over its first tokens.
-      src_padding_mask: bool ``[b, p]`` source padding (encoder-decoder).
+      src_padding_mask: bool ``[b, p]`` (encoder-decoder): True = a real source token, False = padding.
 
     Returns:
       GPT: ``[b, p + n]`` (prompt then new tokens). Encoder-decoder: ``[b, 1 + n]`` (``bos_id`` then new tokens).
@@ -199,10 +201,11 @@ def _generate(task: _Task, sampling, params, prompt, rng, prefix_lengths, src_pa
 
 # -- beam search ---------------------------------------------------------------------------------------------------
 def _map_rows(cache, fn):
-    """Apply ``fn(leaf, batch_axis)`` to every cache leaf with a batch axis: axis 0, or axis 1 under scanned
-    layers (whose leaves are stacked per layer); scalars (the decode index) are left alone."""
+    """Apply ``fn(leaf, batch_axis)`` to every cache leaf with a batch axis: axis 0, or axis 1 under a scanned or
+    shared layer stack (`LAYER_STACKS`, whose cache leaves are ``[layers, b, ...]``); scalars (the decode index) are
+    left alone."""
     def visit(path, leaf):
-        scanned = any(getattr(p, "key", None) == "layers" for p in path)
+        scanned = any(getattr(p, "key", None) in LAYER_STACKS for p in path)
         return leaf if leaf.ndim <= int(scanned) else fn(leaf, int(scanned))
 
     return jax.tree_util.tree_map_with_path(visit, cache)

@@ -1,7 +1,7 @@
 """Starting a run from pretrained weights (``train.init_from``): a Hugging Face model folder or a train.py run folder
 -> its `ModelConfig`, parameters and tokenizer; and grafting those parameters into a fine-tuning model.
 
-Glue between interop/, training/checkpoint.py, data/ and config.py; models know nothing of it.
+Glue between interop/, training/checkpoint.py, data/ and experiment.py; models know nothing of it.
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def load_pretrained(path: str | Path) -> Pretrained:
         params = jax.device_get(nn.unbox(variables["params"]))  # host copies: grafting places them itself
         return Pretrained(model.cfg, params, HFTokenizer.from_folder(folder), str(folder))
     if (folder / "config.yaml").is_file() and (folder / "checkpoints").is_dir():
-        from .config import load_config
+        from .experiment import load_config
         from .data.tokenizer import Tokenizer
         from .training.checkpoint import Checkpoints
         cfg = load_config(folder / "config.yaml").model

@@ -28,7 +28,7 @@ MASK_CASES = {
     "cross_padding": (LQ, LK, {"kv_lengths": np.array([29, 3])}),
     "cross_causal_offset": (LQ, LK, {"causal": True, "q_offset": np.array([16, 10])}),
 }
-LINEAR_UNSUPPORTED = {"cross_causal_offset"}  # linear attention decodes with step() instead
+LINEAR_UNSUPPORTED = {"cross_causal_offset"}  # linear attention decodes with linear_step() instead
 
 
 def build(name):

@@ -23,7 +23,7 @@ def softmax_fn():
 @pytest.fixture(scope="session")
 def linear_fn():
     """jit(linear_attention) with static knobs."""
-    return jax.jit(linear_attention, static_argnames=("feature_map", "chunk_size"))
+    return jax.jit(linear_attention, static_argnames=("feature_map", "block_size"))
 
 
 

@@ -96,7 +96,8 @@ def variant_logits(params, x, kind, talking_heads=False):
     s = np.einsum("bqhd,bkhd->bhqk", q, _expand_kv(k, q.shape[2])) / np.sqrt(q.shape[-1])
     if not talking_heads:
         return s, None
-    return np.einsum("bhqk,hj->bjqk", s, f(params["talking_heads"]["logits_mix"])), params["talking_heads"]["weights_mix"]
+    mixed = np.einsum("bhqk,hj->bjqk", s, f(params["talking_heads"]["logits_mix"]))
+    return mixed, params["talking_heads"]["weights_mix"]
 
 
 def attention_variant(params, x, kind, mask=None, talking_heads=False):

@@ -21,7 +21,7 @@ def mesh():
 KERNELS = {
     "blockwise": lambda q, k, v, m: softmax_attention(q, k, v, mask=m, impl="blockwise", block_q=16, block_kv=16),
     "xla": lambda q, k, v, m: softmax_attention(q, k, v, mask=m, impl="xla"),
-    "linear_favor": lambda q, k, v, m: linear_attention(q, k, v, mask=m, feature_map="favor", chunk_size=16),
+    "linear_favor": lambda q, k, v, m: linear_attention(q, k, v, mask=m, feature_map="favor", block_size=16),
 }
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from flaxformer_lite.config import describe_keys, load_config, parse_overrides
+from flaxformer_lite.experiment import describe_keys, load_config, parse_overrides
 
 ROOT = Path(__file__).resolve().parent.parent
 

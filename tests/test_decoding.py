@@ -1,6 +1,6 @@
 """Decoding: cached greedy and beam search == recomputing the full forward pass at every step (tests/reference.py),
-for GPT (softmax, linear, GQA + rotary, scanned layers, prefix-LM prompts) and EncoderDecoder; sampling, EOS, the
-constant-size linear state, and bad input."""
+for GPT (softmax, linear, GQA + rotary, scanned layers, ALBERT-style shared layers, prefix-LM prompts) and
+EncoderDecoder; sampling, EOS, the constant-size linear state, and bad input."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +17,7 @@ GPT_VARIANTS = {
     "linear": {"attention": "linear", "feature_map": "favor"},
     "gqa_rotary": {"num_kv_heads": 2, "position": "rotary"},
     "scan_sinusoidal": {"scan_layers": True, "position": "sinusoidal"},
+    "shared": {"share_layers": True},  # caches [layers, b, ...] under SHARED_LAYER: beams must reorder axis 1
 }
 
 
@@ -152,12 +153,12 @@ def test_linear_decode_state_does_not_grow():
     """Linear attention caches a recurrent state: its size does not depend on how long the sequence gets."""
     model = GPT(tiny_config(attention="linear"))
     params = model.init(jax.random.key(0), _prompt())["params"]
-    sizes = {n: sum(x.size for x in jax.tree_util.tree_leaves(_init_cache(_Task(model, n), params, _prompt(), 5 + n, 2)))
-             for n in (8, 40)}
+    cache_size = lambda m, n: sum(x.size for x in jax.tree_util.tree_leaves(
+        _init_cache(_Task(m, n), params, _prompt(), 5 + n, 2)))
+    sizes = {n: cache_size(model, n) for n in (8, 40)}
     assert sizes[8] == sizes[40]
     softmax = GPT(tiny_config())
-    grow = [sum(x.size for x in jax.tree_util.tree_leaves(_init_cache(_Task(softmax, n), params, _prompt(), 5 + n, 2)))
-            for n in (8, 40)]
+    grow = [cache_size(softmax, n) for n in (8, 40)]
     assert grow[1] > grow[0]
 
 

@@ -146,7 +146,7 @@ def test_missing_or_misshapen_files_raise(tmp_path):
 
 @pytest.mark.parametrize("fields,match", [
     ({"model": "bert", "share_layers": True}, "share_layers"),
-    ({"model": "bert", "embedding_dim": 16}, "embedding_dim"),
+    ({"model": "bert", "table_dim": 16}, "table_dim"),
     ({"model": "gpt", "talking_heads": True}, "talking_heads"),
     ({"model": "gpt", "attention": "synthesizer_dense"}, "attention"),
     ({"model": "gpt", "num_kv_heads": 2}, "num_kv_heads"),

@@ -9,7 +9,7 @@ import pytest
 import reference
 from cases import tiny_config
 from flaxformer_lite.attention import Mask
-from flaxformer_lite.layers import MLP, LayerStack, make_norm, rotary, sinusoidal
+from flaxformer_lite.layers import MLP, SCANNED_LAYERS, LayerStack, layer_name, make_norm, rotary, sinusoidal
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -79,8 +79,8 @@ def _stack(cfg, cross=False):
 
 def _stack_params_to_scan(params, num_layers):
     """Unrolled {'layer_i': tree} -> scanned {'layers': tree with a leading layer axis}."""
-    layers = [params[f"layer_{i}"] for i in range(num_layers)]
-    return {"layers": jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *layers)}
+    layers = [params[layer_name(i)] for i in range(num_layers)]
+    return {SCANNED_LAYERS: jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *layers)}
 
 
 @pytest.mark.parametrize("norm_position", ["pre", "post"])
@@ -88,16 +88,17 @@ def _stack_params_to_scan(params, num_layers):
 def test_scan_equals_unrolled(norm_position, cross):
     cfg = tiny_config("encoder_decoder" if cross else "gpt", norm_position=norm_position, position="rotary")
     x, enc = _x(), _x((2, 7, 64), seed=1)
-    args = (Mask(causal=True), enc if cross else None, None, jnp.broadcast_to(jnp.arange(9), (2, 9)))
+    kwargs = dict(mask=Mask(causal=True), encoded=enc if cross else None,
+                  positions=jnp.broadcast_to(jnp.arange(9), (2, 9)))
     plain = _stack(cfg, cross)
-    params = nn.unbox(plain.init(jax.random.key(0), x, *args))["params"]
+    params = nn.unbox(plain.init(jax.random.key(0), x, **kwargs))["params"]
     scanned = _stack(tiny_config("encoder_decoder" if cross else "gpt", norm_position=norm_position,
                                  position="rotary", scan_layers=True), cross)
     scan_params = _stack_params_to_scan(params, cfg.num_layers)
     assert jax.tree_util.tree_structure(scan_params) == jax.tree_util.tree_structure(
-        nn.unbox(scanned.init(jax.random.key(0), x, *args))["params"])
-    np.testing.assert_allclose(scanned.apply({"params": scan_params}, x, *args),
-                               plain.apply({"params": params}, x, *args), **TOL)
+        nn.unbox(scanned.init(jax.random.key(0), x, **kwargs))["params"])
+    np.testing.assert_allclose(scanned.apply({"params": scan_params}, x, **kwargs),
+                               plain.apply({"params": params}, x, **kwargs), **TOL)
 
 
 @pytest.mark.parametrize("scan", [False, True])
@@ -105,10 +106,10 @@ def test_remat_equals_plain(scan):
     cfg = tiny_config(scan_layers=scan)
     x = _x()
     plain, remat = _stack(cfg), _stack(tiny_config(scan_layers=scan, remat=True))
-    params = plain.init(jax.random.key(0), x, Mask(causal=True))["params"]
-    loss = lambda module, p, x: jnp.sum(module.apply({"params": p}, x, Mask(causal=True)) ** 2)
-    np.testing.assert_allclose(remat.apply({"params": params}, x, Mask(causal=True)),
-                               plain.apply({"params": params}, x, Mask(causal=True)), **TOL)
+    params = plain.init(jax.random.key(0), x, mask=Mask(causal=True))["params"]
+    loss = lambda module, p, x: jnp.sum(module.apply({"params": p}, x, mask=Mask(causal=True)) ** 2)
+    np.testing.assert_allclose(remat.apply({"params": params}, x, mask=Mask(causal=True)),
+                               plain.apply({"params": params}, x, mask=Mask(causal=True)), **TOL)
     for g, w in zip(jax.tree_util.tree_leaves(jax.grad(loss, argnums=(1, 2))(remat, params, x)),
                     jax.tree_util.tree_leaves(jax.grad(loss, argnums=(1, 2))(plain, params, x))):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
@@ -119,5 +120,5 @@ def test_post_ln_output_is_normalised_pre_ln_is_not():
     for position, normalised in (("post", True), ("pre", False)):
         cfg = tiny_config(norm_position=position)
         stack = _stack(cfg)
-        out = stack.apply(stack.init(jax.random.key(0), x, Mask(causal=True)), x, Mask(causal=True))
+        out = stack.apply(stack.init(jax.random.key(0), x, mask=Mask(causal=True)), x, mask=Mask(causal=True))
         assert np.allclose(np.asarray(out).mean(-1), 0, atol=1e-4) == normalised

@@ -1,4 +1,4 @@
-"""linear_attention: every mask kind x feature map x MHA/MQA against the float64 reference, chunking, gradients,
+"""linear_attention: every mask kind x feature map x MHA/MQA against the float64 reference, block sizes, gradients,
 recurrent decoding, invariances, FAVOR+ stability, low precision, and the documented errors."""
 import functools
 
@@ -25,16 +25,16 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 def test_matches_reference(linear_fn, name, fmap, kv_heads):
     lq, lk, mask, dense = build(name)
     (qn, kn, vn), (q, k, v) = qkv(lq, lk, kv_heads=kv_heads, value_dim=8, seed=kv_heads)
-    out = linear_fn(q, k, v, mask=mask, feature_map=fmap, chunk_size=8)
+    out = linear_fn(q, k, v, mask=mask, feature_map=fmap, block_size=8)
     assert out.shape == (B, lq, 4, 8) and out.dtype == q.dtype
     np.testing.assert_allclose(out, reference.linear_attention(qn, kn, vn, dense, PHI[fmap]), **TOL)
 
 
 @pytest.mark.parametrize("name", ["causal", "segments_causal", "segments", "prefix_padding"])
-def test_chunk_size_does_not_change_the_result(linear_fn, name):
+def test_block_size_does_not_change_the_result(linear_fn, name):
     lq, lk, mask, _ = build(name)
     _, (q, k, v) = qkv(lq, lk, kv_heads=2)
-    outs = [linear_fn(q, k, v, mask=mask, feature_map="favor", chunk_size=c) for c in (1, 5, 64)]
+    outs = [linear_fn(q, k, v, mask=mask, feature_map="favor", block_size=c) for c in (1, 5, 64)]
     for out in outs[1:]:
         np.testing.assert_allclose(out, outs[0], **TOL)
 
@@ -46,7 +46,7 @@ def test_grads_match_finite_differences(linear_fn, name, fmap):
     arrays, jax_arrays = qkv(lq, lk, kv_heads=2, seed=11)
     rng = np.random.default_rng(12)
     w = rng.standard_normal((B, lq, 4, HEAD_DIM))
-    grads = jax.grad(lambda q, k, v: jnp.sum(linear_fn(q, k, v, mask=mask, feature_map=fmap, chunk_size=8) * w),
+    grads = jax.grad(lambda q, k, v: jnp.sum(linear_fn(q, k, v, mask=mask, feature_map=fmap, block_size=8) * w),
                      argnums=(0, 1, 2))(*jax_arrays)
     for idx in range(3):
         assert np.isfinite(grads[idx]).all()
@@ -81,14 +81,14 @@ def _decode(q, k, v, fmap, valid=None):
 def test_recurrent_step_equals_causal(linear_fn, fmap):
     _, (q, k, v) = qkv(37, 37, kv_heads=2, value_dim=8)
     k = k * jnp.linspace(0.5, 3.0, 37)[None, :, None, None]  # keys of growing norm move the FAVOR+ running scale
-    want = linear_fn(q, k, v, mask=Mask(causal=True), feature_map=fmap, chunk_size=8)
+    want = linear_fn(q, k, v, mask=Mask(causal=True), feature_map=fmap, block_size=8)
     np.testing.assert_allclose(jax.jit(_decode, static_argnums=3)(q, k, v, fmap), want, **TOL)
 
 
 def test_recurrent_step_skips_invalid_positions(linear_fn):
     _, _, mask, _ = build("causal_kv_valid")
     _, (q, k, v) = qkv(37, 37, kv_heads=2)
-    want = linear_fn(q, k, v, mask=mask, feature_map="elu", chunk_size=8)
+    want = linear_fn(q, k, v, mask=mask, feature_map="elu", block_size=8)
     got = _decode(q, k, v, "elu", valid=mask.kv_valid)
     np.testing.assert_allclose(got, want, **TOL)
 
@@ -98,13 +98,13 @@ def test_future_keys_do_not_change_past_outputs(linear_fn, fmap):
     """Past keys of large norm (FAVOR+ log-scales near -150) then ordinary future keys: a stabiliser taken over the
     whole sequence (as Performer's) would underflow every past key to 0; ours must leave past rows untouched."""
     _, (q, k, v) = qkv(37, 37, kv_heads=2)
-    t = 21  # inside a chunk of 8, so the same chunk holds past and future positions
+    t = 21  # inside a block of 8, so the same block holds past and future positions
     later = jnp.arange(37)[None, :, None, None] >= t
     k_past_big = k * 10.0
     k2 = jnp.where(later, k, k_past_big)
     v2 = jnp.where(later, v + 5.0, v)
-    out = linear_fn(q, k_past_big, v, mask=Mask(causal=True), feature_map=fmap, chunk_size=8)
-    out2 = linear_fn(q, k2, v2, mask=Mask(causal=True), feature_map=fmap, chunk_size=8)
+    out = linear_fn(q, k_past_big, v, mask=Mask(causal=True), feature_map=fmap, block_size=8)
+    out2 = linear_fn(q, k2, v2, mask=Mask(causal=True), feature_map=fmap, block_size=8)
     assert np.abs(np.asarray(out[:, :t])).max() > 0.1
     np.testing.assert_allclose(out2[:, :t], out[:, :t], rtol=0, atol=1e-6)
     assert not np.allclose(out2[:, t:], out[:, t:])
@@ -117,17 +117,64 @@ def test_padded_keys_change_nothing(linear_fn, name):
     padded = ~mask.kv_valid_mask(lk)[:, :, None, None]
     noise = jnp.asarray(np.random.default_rng(1).standard_normal(k.shape), jnp.float32) * 10
     for fmap in sorted(PHI):
-        out = linear_fn(q, k, v, mask=mask, feature_map=fmap, chunk_size=8)
+        out = linear_fn(q, k, v, mask=mask, feature_map=fmap, block_size=8)
         out2 = linear_fn(q, jnp.where(padded, noise, k), jnp.where(padded, noise, v), mask=mask, feature_map=fmap,
-                         chunk_size=8)
+                         block_size=8)
         np.testing.assert_allclose(out2, out, rtol=0, atol=1e-6)
+
+
+# (which inputs get the poison, the poison): NaN or inf planted where the mask hides keys.
+POISONS = [("key", np.nan), ("value", np.nan), ("both", np.inf)]
+
+
+def _plant(valid, k, v, which, poison):
+    """k, v with ``poison`` where ``valid [b, l]`` is False."""
+    hidden = ~valid[:, :, None, None]
+    return (jnp.where(hidden, poison, k) if which in ("key", "both") else k,
+            jnp.where(hidden, poison, v) if which in ("value", "both") else v)
+
+
+@pytest.mark.parametrize("which,poison", POISONS, ids=[p[0] for p in POISONS])
+@pytest.mark.parametrize("name", ["cross_padding", "causal_kv_valid", "prefix_padding"])
+@pytest.mark.parametrize("fmap", sorted(PHI))
+def test_nan_in_padded_keys_leaks_nowhere(linear_fn, fmap, name, which, poison):
+    """0 * nan = nan: weight-0 padded keys alone would let a NaN in a padded key or value reach every output row and
+    the gradients of the visible inputs. Outputs and gradients must equal the clean run's."""
+    lq, lk, mask, _ = build(name)
+    _, (q, k, v) = qkv(lq, lk, seed=13)
+    kp, vp = _plant(mask.kv_valid_mask(lk), k, v, which, poison)
+    f = lambda q, k, v: linear_fn(q, k, v, mask=mask, feature_map=fmap, block_size=8)
+    out_p = f(q, kp, vp)
+    assert np.isfinite(out_p).all()
+    np.testing.assert_allclose(out_p, f(q, k, v), rtol=0, atol=1e-6)
+    w = jnp.asarray(np.random.default_rng(14).standard_normal(out_p.shape), jnp.float32)
+    grads = lambda *a: jax.grad(lambda *a: jnp.sum(f(*a) * w), argnums=(0, 1, 2))(*a)
+    for g_p, g in zip(grads(q, kp, vp), grads(q, k, v)):
+        assert np.isfinite(g_p).all()
+        np.testing.assert_allclose(g_p, g, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("which,poison", POISONS, ids=[p[0] for p in POISONS])
+@pytest.mark.parametrize("fmap", sorted(PHI))
+def test_nan_in_invalid_decode_positions_leaks_nowhere(fmap, which, poison):
+    """The recurrent form too: `linear_prefill_state` (``kv_valid``) and `linear_step` (``valid``)."""
+    _, _, mask, _ = build("causal_kv_valid")
+    _, (q, k, v) = qkv(37, 37, kv_heads=2, seed=16)
+    kp, vp = _plant(mask.kv_valid, k, v, which, poison)
+    prefill = jax.jit(lambda k, v: linear_prefill_state(k, v, feature_map=fmap, kv_valid=mask.kv_valid))
+    for got, want in zip(prefill(kp, vp), prefill(k, v)):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    decode = jax.jit(_decode, static_argnums=3)
+    got = decode(q, kp, vp, fmap, mask.kv_valid)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, decode(q, k, v, fmap, mask.kv_valid), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_fully_masked_rows_are_zero_with_finite_grads(linear_fn, causal):
     mask = Mask(causal=causal, kv_lengths=jnp.array([7, 0]))
     _, (q, k, v) = qkv(37, 37)
-    f = lambda q, k, v: linear_fn(q, k, v, mask=mask, feature_map="favor", chunk_size=8)
+    f = lambda q, k, v: linear_fn(q, k, v, mask=mask, feature_map="favor", block_size=8)
     np.testing.assert_array_equal(f(q, k, v)[1], 0.0)
     assert all(np.isfinite(g).all() for g in jax.grad(lambda *a: f(*a).sum(), argnums=(0, 1, 2))(q, k, v))
 
@@ -136,7 +183,7 @@ def test_fully_masked_rows_are_zero_with_finite_grads(linear_fn, causal):
 def test_bfloat16_inputs_accumulate_in_float32(linear_fn, fmap):
     lq, lk, mask, dense = build("segments_causal")
     _, (q, k, v) = qkv(lq, lk, dtype=jnp.bfloat16)
-    out = linear_fn(q, k, v, mask=mask, feature_map=fmap, chunk_size=8)
+    out = linear_fn(q, k, v, mask=mask, feature_map=fmap, block_size=8)
     assert out.dtype == jnp.bfloat16
     want = reference.linear_attention(*(np.asarray(x, np.float64) for x in (q, k, v)), dense, PHI[fmap])
     np.testing.assert_allclose(np.asarray(out, np.float32), want, atol=2e-2, rtol=2e-2)
@@ -156,7 +203,7 @@ def test_favor_estimates_softmax_attention():
     (dict(bias=jnp.zeros((1, 1, 5, 5))), "bias"),
     (dict(scale=0.5), "scale"),
     (dict(dropout_rate=0.1), "dropout_rate"),
-    (dict(chunk_size=0), "chunk_size"),
+    (dict(block_size=0), "block_size"),
     (dict(feature_map="softmax"), "feature_map"),
     (dict(mask=Mask(causal=True, q_offset=2)), "q_offset"),
 ])

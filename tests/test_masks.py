@@ -7,8 +7,18 @@ import numpy as np
 import pytest
 
 import reference
-from cases import B, MASK_CASES, build
-from flaxformer_lite.attention import Mask
+from cases import B, MASK_CASES, build, qkv
+from flaxformer_lite.attention import Mask, attend_scores, attention_weights, linear_attention, softmax_attention
+
+# Every kernel entry point, called on q [2, 16, 4, 16], k/v [2, 16, 2, 16] (logits [2, 4, 16, 16]).
+KERNELS = {
+    "softmax": lambda q, k, v, mask: softmax_attention(q, k, v, mask=mask, impl="reference"),
+    "blockwise": lambda q, k, v, mask: softmax_attention(q, k, v, mask=mask, impl="blockwise", block_q=8,
+                                                         block_kv=8),
+    "linear": lambda q, k, v, mask: linear_attention(q, k, v, mask=mask),
+    "attend_scores": lambda q, k, v, mask: attend_scores(jnp.zeros((2, 4, 16, 16)), v, mask=mask),
+    "attention_weights": lambda q, k, v, mask: attention_weights(jnp.zeros((2, 4, 16, 16)), mask=mask),
+}
 
 
 @pytest.mark.parametrize("name", sorted(MASK_CASES))
@@ -136,3 +146,31 @@ def test_every_row_sees_a_key_is_conservative():
     for m in (Mask(causal=True), Mask(causal=True, q_segment_ids=seg, kv_segment_ids=seg),
               Mask(prefix_lengths=jnp.array([2]))):
         assert np.asarray(m.materialize(4, 4)).any(-1).all()  # the guarantee holds
+
+
+@pytest.mark.parametrize("field,values,bad", [
+    ("kv_lengths", [40, 3], 40),  # past the 16 keys
+    ("kv_lengths", [5, -1], -1),
+    ("prefix_lengths", [-2, 3], -2),
+    ("prefix_lengths", [4, 17], 17),
+], ids=["kv_lengths_too_long", "kv_lengths_negative", "prefix_negative", "prefix_too_long"])
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
+def test_lengths_out_of_range_raise(kernel, field, values, bad):
+    """Lengths outside [0, lk] used to be clamped silently; concrete ones now fail at the kernel entry."""
+    _, (q, k, v) = qkv(16, 16)
+    mask = Mask(**{field: jnp.array(values)})
+    with pytest.raises(ValueError, match=rf"^Mask\.{field} must be in \[0, 16\] \(the key length\), got {bad} "):
+        KERNELS[kernel](q, k, v, mask)
+
+
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
+def test_lengths_in_range_pass_eagerly_and_under_jit(kernel):
+    """The bounds 0 and lk are valid; under jit the values are tracers, not checked, and the call still works."""
+    _, (q, k, v) = qkv(16, 16)
+    mask = Mask(prefix_lengths=jnp.array([0, 16]), kv_lengths=jnp.array([16, 0]))
+    eager = KERNELS[kernel](q, k, v, mask)
+    jitted = jax.jit(KERNELS[kernel])(q, k, v, mask)
+    assert np.isfinite(eager).all()
+    np.testing.assert_allclose(jitted, eager, rtol=1e-6, atol=1e-6)
+    bad = Mask(kv_lengths=jnp.array([40, 3]))
+    jax.jit(KERNELS[kernel])(q, k, v, bad)  # traced: cannot be read, so not checked

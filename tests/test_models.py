@@ -11,6 +11,7 @@ import pytest
 
 import reference
 from cases import tiny_config
+from flaxformer_lite.layers import SCANNED_LAYERS
 from flaxformer_lite.models import (BERT, GPT, EncoderDecoder, MultipleChoice, SequenceClassifier, TokenClassifier,
                                     build, list_presets, preset)
 
@@ -69,7 +70,7 @@ def test_every_param_has_logical_names(kind, scan):
     leaves = jax.tree_util.tree_leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
     assert leaves and all(isinstance(p, nn.LogicallyPartitioned) and len(p.names) == p.value.ndim for p in leaves)
     if scan:
-        assert any(p.names[0] == "layers" for p in leaves)
+        assert any(p.names[0] == SCANNED_LAYERS for p in leaves)
 
 
 @pytest.fixture(scope="module", params=["softmax", "linear"])

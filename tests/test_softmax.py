@@ -7,7 +7,7 @@ import pytest
 
 import reference
 from cases import B, MASK_CASES, build, qkv
-from flaxformer_lite.attention import Mask, softmax_attention
+from flaxformer_lite.attention import Mask, attend_scores, softmax_attention
 from flaxformer_lite.attention.checks import Dims
 from flaxformer_lite.attention.dropout import dropout_seed, keep_mask
 from flaxformer_lite.attention.softmax import (AUTO_BLOCKWISE_MIN_LOGITS, AUTO_BLOCKWISE_MIN_LOGITS_DEFAULT,
@@ -178,6 +178,67 @@ def test_padded_keys_change_nothing(softmax_fn, impl):
     out = run(softmax_fn, impl, q, k, v, mask=mask)
     out2 = run(softmax_fn, impl, q, jnp.where(padded, noise, k), jnp.where(padded, noise, v), mask=mask)
     np.testing.assert_allclose(out2, out, rtol=0, atol=1e-6)
+
+
+# (which inputs get the poison, the poison): NaN or inf planted where the mask hides keys.
+POISONS = [("key", np.nan), ("value", np.nan), ("both", np.inf)]
+
+
+def plant(mask, lk, k, v, which, poison):
+    """k, v with ``poison`` at the key positions that ``kv_lengths``/``kv_valid`` hide."""
+    hidden = ~mask.kv_valid_mask(lk)[:, :, None, None]
+    k = jnp.where(hidden, poison, k) if which in ("key", "both") else k
+    v = jnp.where(hidden, poison, v) if which in ("value", "both") else v
+    return k, v
+
+
+@pytest.mark.parametrize("which,poison", POISONS, ids=[p[0] for p in POISONS])
+@pytest.mark.parametrize("name", ["cross_padding", "causal_kv_valid"])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_nan_in_padded_keys_leaks_nowhere(softmax_fn, impl, name, which, poison):
+    """0 * nan = nan: masked logits alone would let a NaN in a padded key or value reach every output row and the
+    gradients of the visible inputs. Outputs and gradients must equal the clean run's."""
+    lq, lk, mask, _ = build(name)
+    _, (q, k, v) = qkv(lq, lk, seed=13)
+    kp, vp = plant(mask, lk, k, v, which, poison)
+    out, out_p = run(softmax_fn, impl, q, k, v, mask=mask), run(softmax_fn, impl, q, kp, vp, mask=mask)
+    assert np.isfinite(out_p).all()
+    np.testing.assert_allclose(out_p, out, rtol=0, atol=1e-6)
+    w = jnp.asarray(np.random.default_rng(14).standard_normal(q.shape), jnp.float32)
+    for g_p, g in zip(_loss_grads(softmax_fn, impl, q, kp, vp, w, mask=mask),
+                      _loss_grads(softmax_fn, impl, q, k, v, w, mask=mask)):
+        assert np.isfinite(g_p).all()
+        np.testing.assert_allclose(g_p, g, rtol=0, atol=1e-6)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN needs a GPU")
+@pytest.mark.parametrize("which,poison", POISONS, ids=[p[0] for p in POISONS])
+def test_nan_in_padded_keys_leaks_nowhere_cudnn(which, poison):
+    lq, lk, mask, _ = build("cross_padding")
+    _, (q, k, v) = qkv(lq, lk, seed=13, dtype=jnp.bfloat16)
+    kp, vp = plant(mask, lk, k, v, which, poison)
+    f = jax.jit(lambda q, k, v: softmax_attention(q, k, v, mask=mask, impl="cudnn"))
+    out_p = np.asarray(f(q, kp, vp), np.float32)
+    assert np.isfinite(out_p).all()
+    np.testing.assert_allclose(out_p, np.asarray(f(q, k, v), np.float32), rtol=0, atol=1e-6)
+    grads = jax.grad(lambda *a: f(*a).astype(jnp.float32).sum(), argnums=(0, 1, 2))(q, kp, vp)
+    assert all(np.isfinite(np.asarray(g, np.float32)).all() for g in grads)
+
+
+@pytest.mark.parametrize("which,poison", [("value", np.nan), ("logits", np.nan), ("both", np.inf)])
+def test_nan_in_padded_keys_leaks_nowhere_attend_scores(which, poison):
+    lq, lk, mask, _ = build("cross_padding")
+    _, (q, k, v) = qkv(lq, lk, seed=15)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, jnp.repeat(k, 2, axis=2))
+    hidden = ~mask.kv_valid_mask(lk)
+    sp = jnp.where(hidden[:, None, None, :], poison, scores) if which != "value" else scores
+    vp = jnp.where(hidden[:, :, None, None], poison, v) if which != "logits" else v
+    f = jax.jit(lambda s, v: attend_scores(s, v, mask=mask))
+    np.testing.assert_allclose(f(sp, vp), f(scores, v), rtol=0, atol=1e-6)
+    for g_p, g in zip(jax.grad(lambda *a: f(*a).sum(), argnums=(0, 1))(sp, vp),
+                      jax.grad(lambda *a: f(*a).sum(), argnums=(0, 1))(scores, v)):
+        assert np.isfinite(g_p).all()
+        np.testing.assert_allclose(g_p, g, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

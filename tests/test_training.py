@@ -1,8 +1,6 @@
 """Training: the loss falls for every objective; 1 device == 8 devices (data, fsdp, tensor meshes) == pmap; a run
 killed with SIGKILL and restarted is bit-identical to an uninterrupted one; SIGTERM leaves a usable checkpoint; a
 checkpoint restores onto another mesh; a non-finite loss never reaches a checkpoint; optimizer schedules."""
-import importlib.util
-import json
 import os
 import signal
 import subprocess
@@ -14,45 +12,16 @@ import jax
 import numpy as np
 import optax
 import pytest
+from runs import PRESET, ROOT, losses, overrides, train_cli, write_corpus
 
-from flaxformer_lite.config import OptimConfig
-from flaxformer_lite.data import load_corpus
+from flaxformer_lite.experiment import OptimConfig
 from flaxformer_lite.training import Checkpoints, make_mesh, make_schedule, read_metrics
 from flaxformer_lite.training.optimizer import decay_mask
-
-ROOT = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("train_cli", ROOT / "train.py")
-train_cli = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(train_cli)
-
-TINY_MODEL = ["model.num_layers=2", "model.embed_dim=64", "model.num_heads=4", "model.mlp_dim=128",
-              "model.max_len=64", "model.dropout_rate=0.0", "model.attention_dropout_rate=0.0"]
-PRESET = {"causal_lm": "gpt-tiny", "prefix_lm": "gpt-tiny", "mlm": "bert-tiny", "span_corruption": "transformer-tiny",
-          "seq2seq": "transformer-tiny"}
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    """A small real corpus (400 stdlib docstrings) and a source/target JSONL (reverse the words)."""
-    folder = tmp_path_factory.mktemp("corpus")
-    texts = list(load_corpus()["text"])[:400]
-    (folder / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    pairs = [" ".join(t.split()[:12]) for t in texts]
-    (folder / "pairs.jsonl").write_text("".join(json.dumps({"source": p, "target": " ".join(p.split()[::-1])}) + "\n"
-                                                for p in pairs))
-    return folder
-
-
-def overrides(corpus, run_dir, objective="causal_lm", steps=30, extra=()):
-    path = corpus / ("pairs.jsonl" if objective == "seq2seq" else "docs.jsonl")
-    return [f"model.preset={PRESET[objective]}", *TINY_MODEL, f"data.path={path}", f"data.objective={objective}",
-            "data.vocab_size=512", "train.seq_len=32", "train.batch_size=8", f"train.steps={steps}",
-            "train.log_every=1", "train.eval_every=0", "train.checkpoint_every=1000", "train.progress=false",
-            "train.samples=0", f"train.run_dir={run_dir}", "optim.lr=3e-3", "optim.warmup_steps=5", *extra]
-
-
-def losses(run_dir):
-    return [r["loss"] for r in read_metrics(Path(run_dir) / "metrics.jsonl") if "loss" in r]
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 @pytest.mark.parametrize("objective", sorted(PRESET))
@@ -134,14 +103,17 @@ def test_sigkill_then_resume_is_bit_identical(corpus, tmp_path):
 
 
 def test_sigterm_saves_a_usable_checkpoint(corpus, tmp_path):
-    proc = _spawn(overrides(corpus, tmp_path, steps=400, extra=["train.checkpoint_every=200"]), tmp_path)
+    proc = _spawn(overrides(corpus, tmp_path, steps=400, extra=["train.checkpoint_every=200",
+                                                                "train.eval_every=300"]), tmp_path)
     _wait_for(tmp_path / "metrics.jsonl", proc)
     time.sleep(1.0)
     os.killpg(proc.pid, signal.SIGTERM)
     out = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 0 and "SIGTERM: saved step" in out, out[-2000:]
-    step = int(out.split("SIGTERM: saved step")[1].split(";")[0])
-    assert Checkpoints(tmp_path / "checkpoints").latest_step() == step < 400
+    said = "train.py: stopped by SIGTERM at step "
+    assert proc.returncode == 143 and said in out and "(checkpoint saved)" in out, out[-2000:]
+    step = int(out.split(said)[1].split()[0])
+    assert Checkpoints(tmp_path / "checkpoints").latest_step() == step < 300
+    assert not any("eval_loss" in r for r in read_metrics(tmp_path / "metrics.jsonl"))  # stopping is no finish
     assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(_params_of(tmp_path, step)))
 
 
@@ -168,8 +140,8 @@ def test_non_finite_loss_never_reaches_a_checkpoint(corpus, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 3 and ("not finite" in err or "became nan" in err), err
     latest = Checkpoints(tmp_path / "checkpoints").latest_step()
-    if latest is not None:  # whatever was saved before the blow-up is finite
-        assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(_params_of(tmp_path, latest)))
+    assert latest is not None and latest < 30  # the steps before the blow-up were saved, and are finite
+    assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(_params_of(tmp_path, latest)))
 
 
 def test_schedules_and_decay_mask():
@@ -181,7 +153,11 @@ def test_schedules_and_decay_mask():
     assert cosine(0) == 0.0 and np.isclose(cosine(10), 1.0) and np.isclose(cosine(110), 0.1)
     mask = decay_mask({"dense": {"kernel": np.zeros((2, 3)), "bias": np.zeros(3)}, "norm": {"scale": np.zeros(3)}})
     assert mask == {"dense": {"kernel": True, "bias": False}, "norm": {"scale": False}}
-    assert isinstance(optax.adamw(1e-3, mask=decay_mask), optax.GradientTransformation)
+    params = {"dense": {"kernel": np.ones((2, 3)), "bias": np.ones(3)}, "norm": {"scale": np.ones(3)}}
+    tx = optax.adamw(0.1, weight_decay=0.5, mask=decay_mask)
+    updates, _ = tx.update(jax.tree_util.tree_map(np.zeros_like, params), tx.init(params), params)
+    np.testing.assert_allclose(updates["dense"]["kernel"], -0.1 * 0.5)  # decayed: -lr * wd * w
+    assert not np.any(updates["dense"]["bias"]) and not np.any(updates["norm"]["scale"])  # exempt
 
 
 def test_objective_model_mismatch_and_seq_len_errors(corpus, tmp_path, capsys):

@@ -13,7 +13,7 @@ import flaxformer_lite as ffl
 import reference
 from cases import B, build, tiny_config
 from flaxformer_lite.attention import attend_scores, softmax_attention
-from flaxformer_lite.layers import MultiHeadAttention
+from flaxformer_lite.layers import SHARED_LAYER, MultiHeadAttention, layer_name
 from flaxformer_lite.layers.norms import make_norm
 from flaxformer_lite.models import BERT, GPT, EncoderDecoder, ModelConfig
 
@@ -158,13 +158,13 @@ def test_conditional_gpt_condition_input():
 
 
 def test_albert_sharing_equals_copied_weights():
-    cfg = tiny_config("bert", embedding_dim=16, share_layers=True, num_layers=3)
+    cfg = tiny_config("bert", table_dim=16, share_layers=True, num_layers=3)
     tokens = jnp.asarray(np.random.default_rng(0).integers(3, 97, (2, 10)), jnp.int32)
     shared = BERT(cfg)
     variables = _perturb(shared.init(jax.random.key(0), tokens), scale=0.05)
-    layer = variables["params"]["encoder"]["shared_layer"]
+    layer = variables["params"]["encoder"][SHARED_LAYER]
     unrolled_params = dict(variables["params"])
-    unrolled_params["encoder"] = {f"layer_{i}": layer for i in range(3)}
+    unrolled_params["encoder"] = {layer_name(i): layer for i in range(3)}
     unrolled = BERT(dataclasses.replace(cfg, share_layers=False))
     got, want = shared.apply(variables, tokens), unrolled.apply({"params": unrolled_params}, tokens)
     np.testing.assert_allclose(got.mlm_logits, want.mlm_logits, atol=1e-5, rtol=1e-5)
@@ -184,7 +184,7 @@ def test_synthesizer_encoder_decoder_keeps_dot_product_cross_attention():
 
 @pytest.mark.parametrize("fields,match", [
     ({"attention": "linear", "talking_heads": True}, "talking_heads needs"),
-    ({"model": "gpt", "embedding_dim": 32}, "embedding_dim"),
+    ({"model": "gpt", "table_dim": 32}, "table_dim"),
     ({"model": "encoder_decoder", "condition_dim": 4}, "condition_dim"),
     ({"condition_dim": -1}, "condition_dim"),
 ])
@@ -206,7 +206,7 @@ def test_variant_layer_errors():
 def test_shared_layer_counts_once_per_depth_for_flops():
     from flaxformer_lite.training.metrics import count_params
     params = {"embedder": {"position": {"embedding": np.zeros((8, 4))}, "token": {"embedding": np.zeros((10, 4))}},
-              "encoder": {"shared_layer": {"w": np.zeros((4, 4))}}}
+              "encoder": {SHARED_LAYER: {"w": np.zeros((4, 4))}}}
     assert count_params(params) == 32 + 40 + 16
     assert count_params(params, exclude_positions=True, shared_repeats=3) == 40 + 48
     assert count_params({"backbone": params, "classifier": {"b": np.zeros(2)}}, exclude_positions=True) == 40 + 16 + 2

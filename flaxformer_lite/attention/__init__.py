@@ -3,7 +3,7 @@
 - `Mask`: the structured mask (causal, prefix-LM, padding, packed segments).
 - `softmax_attention(q, k, v, *, mask, bias, scale, impl)`: reference | xla | blockwise | cudnn | auto;
   `attend_scores(scores, v, *, mask, head_mix)` for logits made elsewhere (additive, Synthesizer, talking-heads);
-  `attention_probs` for the weights themselves (attention maps).
+  `attention_weights` for the weights themselves (attention maps).
 - `linear_attention(q, k, v, *, mask, feature_map)`: elu | relu | favor; non-causal, causal, prefix, segments;
   `linear_init_state` / `linear_step` for recurrent decoding.
 """
@@ -13,10 +13,10 @@ from .linear import init_state as linear_init_state
 from .linear import prefill_state as linear_prefill_state
 from .linear import step as linear_step
 from .masks import Mask
-from .softmax import IMPLS, attend_scores, attention_probs, choose_impl, softmax_attention
+from .softmax import IMPLS, attend_scores, attention_weights, choose_impl, softmax_attention
 
 __all__ = [
-    "Mask", "softmax_attention", "attend_scores", "attention_probs", "IMPLS", "choose_impl", "linear_attention", "linear_init_state", "linear_step",
-    "linear_prefill_state", "LinearState", "FeatureMap", "EluFeatureMap", "ReluFeatureMap", "FavorFeatureMap",
-    "FEATURE_MAPS", "get_feature_map",
+    "Mask", "softmax_attention", "attend_scores", "attention_weights", "IMPLS", "choose_impl", "linear_attention",
+    "linear_init_state", "linear_step", "linear_prefill_state", "LinearState", "FeatureMap", "EluFeatureMap",
+    "ReluFeatureMap", "FavorFeatureMap", "FEATURE_MAPS", "get_feature_map",
 ]

@@ -160,6 +160,23 @@ def _reduce_to_bias(ds, bias):
     return ds.sum(axes, keepdims=True)
 
 
+def _tile_grads(plan: _Plan, qi, kj, vj, doi, bias, visible, lse_i, delta_i, seed, i, j):
+    """Tile (i, j) of the backward pass from recomputed weights: ``ds`` (the logits' gradient, [b, n, g, bq, bk])
+    and the contributions ``dq [b, bq, n, g, d]``, ``dk [b, bk, n, d]``, ``dv [b, bk, n, v]``, all float32."""
+    s = _scores(plan, qi, kj, bias, visible, i, j)
+    p = jnp.exp(s - lse_i[..., None])
+    keep = _keep_tile(plan, seed, p.shape, i, j) if plan.dropout_rate > 0 else None
+    pd = p if keep is None else p * keep
+    dv = jnp.einsum("bngqk,bqngv->bknv", pd.astype(doi.dtype), doi, preferred_element_type=jnp.float32)
+    dp = jnp.einsum("bqngv,bknv->bngqk", doi, vj, preferred_element_type=jnp.float32)
+    if keep is not None:
+        dp = dp * keep
+    ds = p * (dp - delta_i[..., None])
+    dq = jnp.einsum("bngqk,bknd->bqngd", ds, kj.astype(jnp.float32)) * plan.scale
+    dk = jnp.einsum("bngqk,bqngd->bknd", ds, qi.astype(jnp.float32)) * plan.scale
+    return ds, dq, dk, dv
+
+
 def _backward(plan: _Plan, res, dout):
     q, k, v, mask, bias, seed, out, lse = res
     b, lq, h, d = q.shape
@@ -185,23 +202,11 @@ def _backward(plan: _Plan, res, dout):
 
             def compute(inner):
                 dk_j, dv_j, dq, dbias = inner
-                qi, doi = qb[i], dob[i]
-                s = _scores(plan, qi, kj, bias, visible, i, j)
-                p = jnp.exp(s - lse_safe[i][..., None])
-                keep = _keep_tile(plan, seed, p.shape, i, j) if plan.dropout_rate > 0 else None
-                pd = p if keep is None else p * keep
-                dv_j = dv_j + jnp.einsum("bngqk,bqngv->bknv", pd.astype(doi.dtype), doi,
-                                         preferred_element_type=jnp.float32)
-                dp = jnp.einsum("bqngv,bknv->bngqk", doi, vj, preferred_element_type=jnp.float32)
-                if keep is not None:
-                    dp = dp * keep
-                ds = p * (dp - delta[i][..., None])
-                dq_i = jnp.einsum("bngqk,bknd->bqngd", ds, kj.astype(jnp.float32)) * plan.scale
-                dq = dq.at[i].add(dq_i)
-                dk_j = dk_j + jnp.einsum("bngqk,bqngd->bknd", ds, qi.astype(jnp.float32)) * plan.scale
+                ds, dq_i, dk_ij, dv_ij = _tile_grads(plan, qb[i], kj, vj, dob[i], bias, visible, lse_safe[i],
+                                                     delta[i], seed, i, j)
                 if bias is not None:
                     dbias = _add_bias_grad(plan, dbias, _reduce_to_bias(ds, bias), i, j)
-                return dk_j, dv_j, dq, dbias
+                return dk_j + dk_ij, dv_j + dv_ij, dq.at[i].add(dq_i), dbias
 
             return _maybe_skip(plan, visible, compute, inner)
 

@@ -10,6 +10,7 @@ import numbers
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .masks import Mask
 
@@ -66,14 +67,30 @@ def check_qkv(q: jax.Array, k: jax.Array, v: jax.Array) -> Dims:
 
 
 def check_mask(mask: Mask | None, dims: Dims) -> Mask:
-    """Default a missing mask to 'attend everywhere' and check it fits the call."""
+    """Default a missing mask to 'attend everywhere' and check it fits the call: shapes always, and the lengths
+    ``kv_lengths``/``prefix_lengths [b]`` in ``[0, lk]`` when their values are concrete (under `jax.jit` they are
+    tracers and cannot be read)."""
     if mask is None:
         return Mask()
     if not isinstance(mask, Mask):
         raise ValueError(f"mask must be a flaxformer_lite Mask (True = attend), got {type(mask).__name__}; "
                          "build one with Mask(causal=..., kv_lengths=..., ...)")
     mask.check_shapes(dims.batch, dims.lq, dims.lk)
+    for name in ("kv_lengths", "prefix_lengths"):
+        _check_lengths_in_range(name, getattr(mask, name), dims.lk)
     return mask
+
+
+def _check_lengths_in_range(name: str, lengths, lk: int) -> None:
+    """Raise `ValueError` if concrete ``lengths [b]`` leave ``[0, lk]``: the kernels would clamp them silently."""
+    concrete = isinstance(lengths, (jax.Array, np.ndarray)) and not isinstance(lengths, jax.core.Tracer)
+    if not concrete or not getattr(lengths, "is_fully_addressable", True):  # traced, or other hosts hold some rows
+        return
+    values = np.asarray(lengths)
+    bad = np.flatnonzero((values < 0) | (values > lk))
+    if bad.size:
+        raise ValueError(f"Mask.{name} must be in [0, {lk}] (the key length), got {values[bad[0]]} "
+                         f"(batch row {bad[0]})")
 
 
 def check_bias(bias: jax.Array | None, dims: Dims) -> jax.Array | None:
@@ -100,7 +117,7 @@ def check_scale(scale: float | None, dims: Dims) -> float:
 
 
 def check_dropout(rate: float, rng: jax.Array | None) -> float:
-    """Validate attention-probability dropout: ``0 <= rate < 1`` and an rng whenever ``rate > 0``."""
+    """Validate dropout on the attention weights: ``0 <= rate < 1`` and an rng whenever ``rate > 0``."""
     if not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
         raise ValueError(f"dropout_rate must be a number in [0, 1), got {rate!r}")
     if rate > 0 and rng is None:
@@ -109,7 +126,8 @@ def check_dropout(rate: float, rng: jax.Array | None) -> float:
 
 
 def check_block_size(name: str, size) -> int:
-    """Validate a tile or chunk length (a static Python int >= 1, e.g. ``block_q``, ``chunk_size``); return it."""
+    """Validate a block length, a tile along the sequence (a static Python int >= 1: ``block_q``, ``block_kv``,
+    ``block_size``); return it."""
     if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
         raise ValueError(f"{name} must be a positive int, got {size!r}")
     return int(size)

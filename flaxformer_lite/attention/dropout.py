@@ -1,4 +1,4 @@
-"""Attention-probability dropout that every kernel reproduces exactly, tile by tile.
+"""Dropout on the attention weights that every kernel reproduces exactly, tile by tile.
 
 Whether the probability of (batch row, head, query position, key position) is kept is a hash of those four
 integers and a seed. So the dense reference and a blockwise kernel (its forward and its recomputing backward) drop
@@ -26,7 +26,7 @@ def dropout_seed(rng: jax.Array) -> jax.Array:
 
 
 def keep_mask(seed: jax.Array, rate: float, batch_idx, head_idx, q_idx, kv_idx) -> jax.Array:
-    """Keep decisions for attention probabilities: bool, the broadcast shape of the four index arrays.
+    """Keep decisions for attention weights: bool, the broadcast shape of the four index arrays.
 
     Args:
       seed: ``uint32[2]`` from `dropout_seed`.

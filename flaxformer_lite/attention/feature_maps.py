@@ -34,6 +34,7 @@ class EluFeatureMap:
     """``phi(x) = elu(x) + 1`` (Katharopoulos et al. 2020, "Transformers are RNNs")."""
 
     def num_features(self, head_dim: int) -> int:
+        """f = d: one feature per input dimension."""
         return head_dim
 
     def __call__(self, x, *, is_query):
@@ -45,6 +46,7 @@ class ReluFeatureMap:
     """``phi(x) = relu(x)``; a query or key with no positive entry attends / is attended with weight 0."""
 
     def num_features(self, head_dim: int) -> int:
+        """f = d: one feature per input dimension."""
         return head_dim
 
     def __call__(self, x, *, is_query):
@@ -65,6 +67,7 @@ class FavorFeatureMap:
     orthogonal: bool = True
 
     def num_features(self, head_dim: int) -> int:
+        """f: ``features``, else ``int(d * ln d)``."""
         return self.features or max(1, int(head_dim * math.log(max(head_dim, 2))))
 
     def projection(self, head_dim: int) -> np.ndarray:
@@ -99,7 +102,8 @@ FEATURE_MAPS = {"elu": EluFeatureMap(), "relu": ReluFeatureMap(), "favor": Favor
 
 
 def get_feature_map(spec: "str | FeatureMap") -> FeatureMap:
-    """Resolve a name in ``FEATURE_MAPS`` or pass a `FeatureMap` object (e.g. ``FavorFeatureMap(features=256, seed=1)``)."""
+    """Resolve a name in ``FEATURE_MAPS`` or pass a `FeatureMap` object through (e.g.
+    ``FavorFeatureMap(features=256, seed=1)``)."""
     if isinstance(spec, str):
         if spec not in FEATURE_MAPS:
             raise ValueError(f"feature_map must be one of {sorted(FEATURE_MAPS)} or a FeatureMap, got {spec!r}")

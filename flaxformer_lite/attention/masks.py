@@ -50,8 +50,9 @@ class Mask:
 
     Attributes:
       causal: static Python bool; key ``j`` visible to query ``i`` only if ``j <= i + q_offset``.
-      prefix_lengths: int ``[b]``; prefix-LM mask (implies ``causal``).
-      kv_lengths: int ``[b]``; keys at positions ``>= kv_lengths`` are padding.
+      prefix_lengths: int ``[b]`` in ``[0, k]``; prefix-LM mask (implies ``causal``).
+      kv_lengths: int ``[b]`` in ``[0, k]``; keys at positions ``>= kv_lengths`` are padding. Kernels reject concrete
+        lengths outside ``[0, k]`` (traced ones, under `jax.jit`, cannot be checked).
       kv_valid: bool ``[b, k]``; False marks a padding key.
       q_segment_ids: int ``[b, q]``; with ``kv_segment_ids [b, k]``, attend only within equal ids.
       kv_segment_ids: int ``[b, k]``.
@@ -176,6 +177,16 @@ class Mask:
         if self.kv_valid is not None:
             valid = self.kv_valid if valid is None else valid & self.kv_valid
         return valid
+
+    def zero_invalid_keys(self, *xs: jax.Array) -> tuple[jax.Array, ...]:
+        """``xs`` (each ``[b, k, ...]``: keys, values) with the positions that ``kv_lengths``/``kv_valid`` hide set to
+        0; unchanged without padding. Masked logits exclude those keys, but ``0 * nan`` is nan: a NaN or inf left in a
+        padded key or value would still reach every output row and the gradients of the visible inputs."""
+        valid = self.kv_valid_mask(xs[0].shape[1]) if xs else None
+        if valid is None:
+            return xs
+        return tuple(jnp.where(valid.reshape(valid.shape + (1,) * (x.ndim - 2)), x, jnp.zeros((), x.dtype))
+                     for x in xs)
 
     # -- dense forms -------------------------------------------------------------------------------------------
     def block(self, q_start, q_size: int, kv_start, kv_size: int) -> jax.Array:

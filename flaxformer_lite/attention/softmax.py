@@ -2,7 +2,8 @@
 
 ``out[b, i, h] = sum_j P[b, h, i, j] v[b, j, h // g]`` with
 ``P = softmax_j(scale * q_i . k_j + bias)`` over the keys the `Mask` allows; a query row that may attend no key
-returns zeros. Softmax statistics are float32 whatever the input dtype.
+returns zeros. Softmax statistics are float32 whatever the input dtype. Keys and values that padding hides
+(``kv_lengths``/``kv_valid``) are zeroed first, so a NaN or inf there reaches no output and no gradient.
 
 Implementations (``impl=``):
   - ``"reference"``: einsum + softmax over the dense ``[b, h, q, k]`` logits; the readable definition.
@@ -46,7 +47,7 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask | 
       bias: additive logits bias broadcastable to ``[b, h, q, k]`` (e.g. relative positions), or None.
       scale: logit scale; default ``1 / sqrt(d)``.
       impl: one of ``IMPLS``.
-      dropout_rate: attention-probability dropout; needs ``dropout_rng``. Not supported by ``"cudnn"``.
+      dropout_rate: dropout on the attention weights; needs ``dropout_rng``. Not supported by ``"cudnn"``.
       dropout_rng: PRNG key for dropout.
       block_q, block_kv: tile sizes of ``"blockwise"`` (performance hints; other impls ignore them).
 
@@ -63,6 +64,7 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask | 
     if impl == "auto":
         impl = choose_impl(dims, q.dtype, mask, dropout_rate, jax.default_backend())
     seed = dropout_seed(dropout_rng) if dropout_rate > 0 else None
+    k, v = mask.zero_invalid_keys(k, v)  # once for every impl: a NaN in a padded key/value must not leak
     if impl == "blockwise":
         return blockwise_attention(q, k, v, dims=dims, mask=mask, bias=bias, scale=scale, dropout_rate=dropout_rate,
                                    dropout_seed=seed, block_q=block_q, block_kv=block_kv)
@@ -104,8 +106,8 @@ def attend_scores(scores: jax.Array, v: jax.Array, *, mask: Mask | None = None, 
       scores: logits ``[b, h, q, k]`` (any float dtype; computed in float32).
       v: values ``[b, k, n, v]`` with ``h % n == 0``.
       mask: a `Mask` (True = attend); None attends everywhere.
-      head_mix: ``[h, h]`` mixing of the probabilities across heads, or None.
-      dropout_rate, dropout_rng: attention-probability dropout, as in `softmax_attention`.
+      head_mix: ``[h, h]`` mixing of the attention weights across heads, or None.
+      dropout_rate, dropout_rng: dropout on the attention weights, as in `softmax_attention`.
 
     Returns:
       ``[b, q, h, v]`` in v's dtype.
@@ -123,11 +125,13 @@ def attend_scores(scores: jax.Array, v: jax.Array, *, mask: Mask | None = None, 
     mask = check_mask(mask, dims)
     dropout_rate = check_dropout(dropout_rate, dropout_rng)
     seed = dropout_seed(dropout_rng) if dropout_rate > 0 else None
+    (v,) = mask.zero_invalid_keys(v)  # padded logits are masked below; a NaN in a padded value must not leak
     s = scores.astype(jnp.float32).reshape(_logits_shape(scores.shape, dims.groups))
     return _softmax_values(s, v, dims, mask, dropout_rate, seed, head_mix).astype(v.dtype)
 
 
-def attention_probs(scores: jax.Array, *, mask: Mask | None = None, head_mix: jax.Array | None = None) -> jax.Array:
+def attention_weights(scores: jax.Array, *, mask: Mask | None = None,
+                      head_mix: jax.Array | None = None) -> jax.Array:
     """The attention weights ``P [b, h, q, k]`` (float32) that `attend_scores` applies to the values, for inspection
     (attention maps): softmax of ``scores [b, h, q, k]`` over the visible keys, zero rows where none is visible,
     mixed across heads by ``head_mix [h, h]`` if given."""
@@ -137,7 +141,7 @@ def attention_probs(scores: jax.Array, *, mask: Mask | None = None, head_mix: ja
     if head_mix is not None and tuple(head_mix.shape) != (h, h):
         raise ValueError(f"head_mix must be [heads, heads] = {[h, h]}, got {list(head_mix.shape)}")
     mask = check_mask(mask, Dims(b, lq, lk, h, h, 1, 1))
-    return _masked_probs(scores.astype(jnp.float32), mask, head_mix)
+    return _masked_weights(scores.astype(jnp.float32), mask, head_mix)
 
 
 def _logits_shape(shape, groups: int) -> tuple:
@@ -147,7 +151,7 @@ def _logits_shape(shape, groups: int) -> tuple:
     return (b, h, lq, lk) if groups == 1 else (b, h // groups if h > 1 else 1, groups if h > 1 else 1, lq, lk)
 
 
-def _masked_probs(s, mask: Mask, head_mix=None) -> jax.Array:
+def _masked_weights(s, mask: Mask, head_mix=None) -> jax.Array:
     """float32 logits ``[b, h, q, k]`` or ``[b, n, g, q, k]`` -> softmax over the visible keys (rows with none
     zeroed), then mixed across the ``h = n * g`` heads by ``head_mix``."""
     b, lq, lk = s.shape[0], s.shape[-2], s.shape[-1]
@@ -155,28 +159,28 @@ def _masked_probs(s, mask: Mask, head_mix=None) -> jax.Array:
     if visible is not None:  # a finite floor, not -inf: a row with no visible key turns uniform, never NaN
         visible = visible.reshape(visible.shape[:2] + (1,) * (s.ndim - 4) + visible.shape[2:])
         s = jnp.where(visible, s, _MASKED)
-    probs = jax.nn.softmax(s, axis=-1)
+    weights = jax.nn.softmax(s, axis=-1)
     if visible is not None and not (mask.every_row_sees_a_key and lq == lk):
-        probs = jnp.where(visible.any(-1, keepdims=True), probs, 0.0)  # ...and is zeroed here
+        weights = jnp.where(visible.any(-1, keepdims=True), weights, 0.0)  # ...and is zeroed here
     if head_mix is not None:
-        probs = jnp.einsum("bhqk,hj->bjqk", probs.reshape(b, -1, lq, lk),
-                           head_mix.astype(jnp.float32)).reshape(s.shape)
-    return probs
+        weights = jnp.einsum("bhqk,hj->bjqk", weights.reshape(b, -1, lq, lk),
+                             head_mix.astype(jnp.float32)).reshape(s.shape)
+    return weights
 
 
 def _softmax_values(s, v, dims: Dims, mask: Mask, dropout_rate: float, dropout_seed, head_mix=None) -> jax.Array:
     """float32 logits ``[b, h, q, k]`` (one query head per kv head) or ``[b, n, g, q, k]`` -> masked softmax
     (-> head mixing) (-> dropout) -> ``[b, q, h, v]`` float32."""
     b, lq, lk = s.shape[0], s.shape[-2], s.shape[-1]
-    probs = _masked_probs(s, mask, head_mix)
+    weights = _masked_weights(s, mask, head_mix)
     if dropout_rate > 0:
         keep = grouped_keep_mask(dropout_seed, dropout_rate, b, dims.kv_heads, dims.groups, jnp.arange(lq),
                                  jnp.arange(lk))
-        probs = probs * keep.reshape(probs.shape) / (1.0 - dropout_rate)
-    if probs.ndim == 4:
-        out = jnp.einsum("bhqk,bkhv->bqhv", probs, v.astype(jnp.float32))
+        weights = weights * keep.reshape(weights.shape) / (1.0 - dropout_rate)
+    if weights.ndim == 4:
+        out = jnp.einsum("bhqk,bkhv->bqhv", weights, v.astype(jnp.float32))
     else:
-        out = jnp.einsum("bngqk,bknv->bqngv", probs, v.astype(jnp.float32))
+        out = jnp.einsum("bngqk,bknv->bqngv", weights, v.astype(jnp.float32))
     return out.reshape(b, lq, dims.heads, dims.value_dim)
 
 

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..layers.blocks import layer_name
 from ..models import BERT, GPT, ModelConfig
 
 SUPPORTED = {"gpt2": ("GPT2LMHeadModel", "GPT2Model"),
@@ -101,7 +102,7 @@ def _check_exportable(cfg: ModelConfig) -> None:
     the values it accepts."""
     gpt = cfg.model == "gpt"
     accepted = {"attention": ("softmax",), "talking_heads": (False,), "condition_dim": (0,), "share_layers": (False,),
-                "embedding_dim": (None,), "position": ("learned",), "norm": ("layernorm",), "use_bias": (True,),
+                "table_dim": (None,), "position": ("learned",), "norm": ("layernorm",), "use_bias": (True,),
                 "embed_scale": (False,), "scan_layers": (False,), "num_kv_heads": (None, cfg.num_heads),
                 "head_dim": (None, cfg.embed_dim // cfg.num_heads), "norm_position": ("pre" if gpt else "post",),
                 "embed_norm": (not gpt,), "activation": tuple(sorted(set((_GPT2_ACT if gpt else _BERT_ACT).values())))}
@@ -179,7 +180,7 @@ def _gpt2_map(cfg: ModelConfig) -> list:
            ("transformer.wpe.weight", ("embedder", "position", "embedding"), *_SAME),
            *_norm("transformer.ln_f", ("final_norm",))]
     for i in range(cfg.num_layers):
-        p, ours = f"transformer.h.{i}", ("decoder", f"layer_{i}")
+        p, ours = f"transformer.h.{i}", ("decoder", layer_name(i))
         out += _norm(f"{p}.ln_1", ours + ("self_attention_norm",)) + _norm(f"{p}.ln_2", ours + ("mlp_norm",))
         out += [(f"{p}.attn.c_attn.weight", ours + ("self_attention", "qkv_kernel"), *_linear(3 * h, conv1d=True)),
                 (f"{p}.attn.c_attn.bias", ours + ("self_attention", "qkv_bias"), *_bias(3 * h)),
@@ -205,7 +206,7 @@ def _bert_map(cfg: ModelConfig, prefix: str) -> list:
            (f"{prefix}pooler.dense.weight", ("pooler", "kernel"), *_linear()),
            (f"{prefix}pooler.dense.bias", ("pooler", "bias"), *_SAME)]
     for i in range(cfg.num_layers):
-        p, ours = f"{prefix}encoder.layer.{i}", ("encoder", f"layer_{i}")
+        p, ours = f"{prefix}encoder.layer.{i}", ("encoder", layer_name(i))
         for role in ("query", "key", "value"):
             out += [(f"{p}.attention.self.{role}.weight", ours + ("self_attention", role, "kernel"), *_linear(h)),
                     (f"{p}.attention.self.{role}.bias", ours + ("self_attention", role, "bias"), *_bias(h))]
@@ -288,14 +289,14 @@ def _read_tensors(folder: Path) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
     st = folder / "model.safetensors"
     if st.exists():
-        return load_file(str(st))
+        return _load_safetensors(load_file, st)
     index = folder / "model.safetensors.index.json"
     if index.exists():  # large checkpoints are saved in shards
         contents = _read_json(index)
         if not isinstance(contents, dict) or not isinstance(contents.get("weight_map"), dict):
             raise ValueError(f"{index}: no weight_map object")
         shards = sorted(set(contents["weight_map"].values()))
-        return {k: v for shard in shards for k, v in load_file(str(folder / shard)).items()}
+        return {k: v for shard in shards for k, v in _load_safetensors(load_file, folder / shard).items()}
     pt = folder / "pytorch_model.bin"
     if pt.exists():
         try:
@@ -303,9 +304,25 @@ def _read_tensors(folder: Path) -> dict[str, np.ndarray]:
         except ImportError:
             raise ValueError(f"{pt} is a PyTorch pickle; install torch to read it, or convert it to "
                              "model.safetensors") from None
-        state = torch.load(str(pt), map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(str(pt), map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001  torch raises UnpicklingError, RuntimeError, EOFError, ...
+            raise ValueError(f"{pt}: not loaded: it is not a plain PyTorch state dict of tensors, or it is damaged "
+                             f"({type(err).__name__}); only weights-only pickles are read. Convert it to "
+                             "model.safetensors") from None
         return {k: v.float().numpy() if v.dtype.is_floating_point else v.numpy() for k, v in state.items()}
     raise ValueError(f"{folder}: no model.safetensors (or pytorch_model.bin) found")
+
+
+def _load_safetensors(load_file, path: Path) -> dict[str, np.ndarray]:
+    """`safetensors.numpy.load_file`, with a damaged or foreign file reported as a one-line `ValueError`."""
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file (named by the safetensors index)")
+    try:
+        return load_file(str(path))
+    except Exception as err:  # noqa: BLE001  SafetensorError and friends have no common public base
+        raise ValueError(f"{path}: not a readable safetensors file ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0][:120] if str(err) else 'no detail'})") from None
 
 
 def _set(tree: dict, path: tuple, value) -> None:

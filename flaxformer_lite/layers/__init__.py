@@ -1,12 +1,13 @@
 """Linen modules with parameters, built on the attention kernels. Every parameter carries logical axis names."""
 from .attention import ATTENTION_KINDS, DECODE_MODES, MultiHeadAttention
-from .blocks import LayerStack, TransformerBlock
+from .blocks import LAYER_STACKS, SCANNED_LAYERS, SHARED_LAYER, BlockInputs, LayerStack, TransformerBlock, layer_name
 from .dense import kernel_dot_general
 from .embedder import POSITIONS, CacheIndex, Embedder
 from .embeddings import Embed, rotary, sinusoidal
 from .mlp import ACTIVATIONS, MLP
 from .norms import NORMS, make_norm
 
-__all__ = ["MultiHeadAttention", "ATTENTION_KINDS", "DECODE_MODES", "TransformerBlock", "LayerStack", "Embedder",
+__all__ = ["MultiHeadAttention", "ATTENTION_KINDS", "DECODE_MODES", "TransformerBlock", "LayerStack", "BlockInputs",
+           "SCANNED_LAYERS", "SHARED_LAYER", "LAYER_STACKS", "layer_name", "Embedder",
            "CacheIndex", "POSITIONS", "kernel_dot_general", "Embed", "rotary", "sinusoidal", "MLP", "ACTIVATIONS",
            "make_norm", "NORMS"]

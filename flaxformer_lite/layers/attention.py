@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ..attention import (FEATURE_MAPS, IMPLS, FeatureMap, Mask, attend_scores, attention_probs, linear_attention,
+from ..attention import (FEATURE_MAPS, IMPLS, FeatureMap, Mask, attend_scores, attention_weights, linear_attention,
                          linear_init_state, linear_prefill_state, linear_step, softmax_attention)
 from .attention_scores import (AdditiveScores, DenseSynthesizerScores, RandomSynthesizerScores, TalkingHeads,
                                dot_scores)
@@ -166,12 +166,12 @@ class MultiHeadAttention(nn.Module):
         if self.attention == "softmax" and not self.talking_heads:
             if sowing:
                 scores = _with_bias(dot_scores(q, k), bias)
-                self.sow("intermediates", "attention_weights", attention_probs(scores, mask=mask))
+                self.sow("intermediates", "attention_weights", attention_weights(scores, mask=mask))
             return softmax_attention(q, k, v, mask=mask, bias=bias, impl=self.attention_impl, dropout_rate=rate,
                                      dropout_rng=rng)
         scores, head_mix = self._variant_scores(q, k, v.shape[1], mask, bias, inputs_q, positions)
         if sowing:
-            self.sow("intermediates", "attention_weights", attention_probs(scores, mask=mask, head_mix=head_mix))
+            self.sow("intermediates", "attention_weights", attention_weights(scores, mask=mask, head_mix=head_mix))
         return attend_scores(scores, v, mask=mask, head_mix=head_mix, dropout_rate=rate, dropout_rng=rng)
 
     def _variant_scores(self, q, k, lk, mask, bias, inputs_q, positions):
@@ -224,7 +224,8 @@ class MultiHeadAttention(nn.Module):
         if cache_index is None:
             raise ValueError("decode needs cache_index (where this call's tokens go in the cache)")
         for name, var in cached.items():
-            var.value = lax.dynamic_update_slice(var.value, entries[name].astype(var.value.dtype), (0, cache_index, 0, 0))
+            var.value = lax.dynamic_update_slice(var.value, entries[name].astype(var.value.dtype),
+                                                 (0, cache_index, 0, 0))
         return (cached["cached_key"].value if k is not None else None), cached["cached_value"].value
 
     def _linear_decode(self, q, k, v, mask, decode):

@@ -11,10 +11,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from .blocks import config_dtypes
-from .dense import kernel_dot_general
+from .common import config_dtypes, config_norm, dense
 from .embeddings import Embed, sinusoidal
-from .norms import make_norm
 
 POSITIONS = ("learned", "sinusoidal", "rotary", "none")
 
@@ -22,10 +20,10 @@ POSITIONS = ("learned", "sinusoidal", "rotary", "none")
 class Embedder(nn.Module):
     """Tokens ``[b, l]`` -> ``[b, l, e]``. ``token`` is the (tyable) `Embed`; call `attend` for tied logits.
 
-    With ``cfg.embedding_dim`` set (ALBERT's factorised embeddings) the tables are that narrower width E and a Dense
+    With ``cfg.table_dim`` set (ALBERT's factorised embeddings) the tables are that narrower width E and a Dense
     ``projection`` maps ``[b, l, E]`` to ``[b, l, e]`` after the norm and dropout; `attend` then takes ``[b, l, E]``.
 
-    Attributes: cfg (fields: vocab_size, embed_dim, embedding_dim, max_len, position, type_vocab_size, embed_scale,
+    Attributes: cfg (fields: vocab_size, embed_dim, table_dim, max_len, position, type_vocab_size, embed_scale,
     embed_norm, norm, norm_epsilon, dropout_rate, init_std, dtype, param_dtype).
     """
 
@@ -35,7 +33,7 @@ class Embedder(nn.Module):
         cfg = self.cfg
         dtype, param_dtype = config_dtypes(cfg)
         init = nn.initializers.normal(cfg.init_std)
-        width = cfg.embedding_dim or cfg.embed_dim
+        width = cfg.table_dim or cfg.embed_dim
         self.token = Embed(cfg.vocab_size, width, dtype, param_dtype, init)
         if cfg.position == "learned":
             self.position = Embed(cfg.max_len, width, dtype, param_dtype, init, axes=("position", "embed"))
@@ -43,13 +41,10 @@ class Embedder(nn.Module):
             self.token_type = Embed(cfg.type_vocab_size, width, dtype, param_dtype, init,
                                     axes=("token_type", "embed"))
         if cfg.embed_norm:
-            self.norm = make_norm(cfg.norm, epsilon=cfg.norm_epsilon, dtype=dtype, param_dtype=param_dtype)
+            self.norm = config_norm(cfg, conditional=False)
         self.dropout = nn.Dropout(cfg.dropout_rate)
-        if cfg.embedding_dim:
-            self.projection = nn.Dense(
-                cfg.embed_dim, dtype=dtype, param_dtype=param_dtype, dot_general=kernel_dot_general,
-                kernel_init=nn.with_logical_partitioning(init, ("embed_factor", "embed")),
-                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))
+        if cfg.table_dim:
+            self.projection = dense(cfg, cfg.embed_dim, ("embed_factor", "embed"))
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, token_type_ids: jax.Array | None = None,
                  deterministic: bool = True) -> jax.Array:
@@ -67,7 +62,7 @@ class Embedder(nn.Module):
         if cfg.embed_norm:
             x = self.norm(x)
         x = self.dropout(x, deterministic=deterministic)
-        if self.cfg.embedding_dim:
+        if self.cfg.table_dim:
             x = self.projection(x)
         return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 

@@ -42,7 +42,8 @@ class Embed(nn.Module):
 
 
 def sinusoidal(positions: jax.Array, features: int, max_timescale: float = 10_000.0) -> jax.Array:
-    """Vaswani et al. 2017: ``PE[p, 2i] = sin(p / T^(2i/e))``, ``PE[p, 2i+1] = cos(...)``. ``[b, l]`` -> ``[b, l, e]``."""
+    """Vaswani et al. 2017: ``PE[p, 2i] = sin(p / T^(2i/e))``, ``PE[p, 2i+1] = cos(...)``.
+    ``positions [b, l]`` -> ``[b, l, e]`` (float32)."""
     if features % 2:
         raise ValueError(f"sinusoidal positions need an even embed_dim, got {features}")
     inv = 1.0 / max_timescale ** (np.arange(0, features, 2) / features)

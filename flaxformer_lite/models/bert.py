@@ -12,14 +12,13 @@ import jax
 import jax.numpy as jnp
 
 from ..attention import Mask
-from ..layers.blocks import LayerStack, config_dtypes
-from ..layers.dense import kernel_dot_general
+from ..layers.blocks import LayerStack
+from ..layers.common import config_dtypes, config_norm, dense, final_norm
 from ..layers.embedder import Embedder
 from ..layers.mlp import ACTIVATIONS
-from ..layers.norms import apply_norm, make_norm
+from ..layers.norms import apply_norm
 from .checks import check_condition, check_ids, check_mask_shape, check_tokens
 from .config import ModelConfig
-from .gpt import final_norm
 
 
 class BertOutput(NamedTuple):
@@ -31,35 +30,30 @@ class BertOutput(NamedTuple):
     nsp_logits: jax.Array
 
 
-def dense(cfg: ModelConfig, features: int, axes: tuple[str, str], name: str | None = None) -> nn.Dense:
-    """A Dense layer with the config's dtypes and initialiser and logical axis names ``axes`` on its kernel."""
-    dtype, param_dtype = config_dtypes(cfg)
-    return nn.Dense(features, dtype=dtype, param_dtype=param_dtype, dot_general=kernel_dot_general,
-                    kernel_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), axes),
-                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]), name=name)
-
-
 class BERT(nn.Module):
     """``tokens [b, l]`` -> `BertOutput`. ``token_type_ids [b, l]`` are in ``[0, type_vocab_size)`` (None: all 0);
-    ``padding_mask [b, l]`` is True for real tokens."""
+    ``padding_mask [b, l]`` is a valid mask despite its name: True = a real (non-padding) token, False = padding
+    (None: every token is real)."""
 
     cfg: ModelConfig
 
     def setup(self):
         cfg = self.cfg
-        dtype, param_dtype = config_dtypes(cfg)
         self.embedder = Embedder(cfg)
         self.encoder = LayerStack(cfg, cfg.num_layers)
         self.final_norm = final_norm(cfg)
         self.pooler = dense(cfg, cfg.embed_dim, ("embed", "mlp"))
-        self.mlm_transform = dense(cfg, cfg.embedding_dim or cfg.embed_dim, ("embed", "mlp"))  # back to the table width
-        self.mlm_norm = make_norm(cfg.norm, epsilon=cfg.norm_epsilon, dtype=dtype, param_dtype=param_dtype)
+        self.mlm_transform = dense(cfg, cfg.table_dim or cfg.embed_dim, ("embed", "mlp"))  # back to the table width
+        self.mlm_norm = config_norm(cfg, conditional=False)
         self.mlm_bias = self.param("mlm_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
-                                   (cfg.vocab_size,), param_dtype)
+                                   (cfg.vocab_size,), config_dtypes(cfg)[1])
         self.nsp = dense(cfg, 2, ("embed", "classes"))
 
     def encode(self, tokens, *, token_type_ids=None, padding_mask=None, condition=None, deterministic=True):
-        """``(hidden [b, l, e], pooled [b, e])``: the encoder output and tanh(Dense(hidden[:, 0]))."""
+        """``(hidden [b, l, e], pooled [b, e])``: the encoder output and tanh(Dense(hidden[:, 0])).
+
+        ``padding_mask [b, l]``: True = a real (non-padding) token, which keys may attend; None: all real.
+        Other arguments as ``__call__``."""
         check_tokens(tokens, self.cfg)
         check_condition(condition, tokens, self.cfg)
         check_ids(token_type_ids, tokens, self.cfg, "token_type_ids", "type_vocab_size")
@@ -67,15 +61,15 @@ class BERT(nn.Module):
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         mask = None if padding_mask is None else Mask(kv_valid=padding_mask.astype(bool))
         x = self.embedder(tokens, positions, token_type_ids, deterministic=deterministic)
-        x = self.encoder(x, mask, None, None, positions, deterministic, condition=condition)
+        x = self.encoder(x, mask=mask, positions=positions, deterministic=deterministic, condition=condition)
         if self.final_norm is not None:
             x = apply_norm(self.final_norm, x, condition)
         return x, jnp.tanh(self.pooler(x[:, 0]))
 
     def __call__(self, tokens, *, token_type_ids=None, padding_mask=None, condition=None,
                  deterministic=True) -> BertOutput:
-        """``tokens [b, l]`` (with ``token_type_ids`` and ``padding_mask [b, l]``; ``condition [b, c]`` for
-        conditional norms, see `GPT`) -> `BertOutput`."""
+        """``tokens [b, l]`` (with ``token_type_ids [b, l]`` and ``padding_mask [b, l]``, True = a real
+        (non-padding) token; ``condition [b, c]`` for conditional norms, see `GPT`) -> `BertOutput`."""
         hidden, pooled = self.encode(tokens, token_type_ids=token_type_ids, padding_mask=padding_mask,
                                      condition=condition, deterministic=deterministic)
         h = self.mlm_norm(ACTIVATIONS[self.cfg.activation](self.mlm_transform(hidden)))

@@ -40,7 +40,7 @@ _TOKEN_ID = ("an int in [0, vocab_size={vocab_size})", lambda v, c: _is_int(v) a
 _BOOL = ("a bool", lambda v, c: isinstance(v, bool))
 _FIELDS = {
     **dict.fromkeys(("vocab_size", "num_layers", "num_heads", "embed_dim", "mlp_dim", "max_len"), _POSITIVE_INT),
-    **dict.fromkeys(("num_decoder_layers", "num_kv_heads", "head_dim", "embedding_dim"), _POSITIVE_INT_OR_NONE),
+    **dict.fromkeys(("num_decoder_layers", "num_kv_heads", "head_dim", "table_dim"), _POSITIVE_INT_OR_NONE),
     **dict.fromkeys(("condition_dim", "type_vocab_size"), _COUNT),
     **dict.fromkeys(("dropout_rate", "attention_dropout_rate"), _FRACTION),
     **dict.fromkeys(("norm_epsilon", "init_std"), _POSITIVE),
@@ -74,7 +74,8 @@ class ModelConfig:
       tie_embeddings: output projection = token embedding transposed.
       embed_scale: multiply token embeddings by sqrt(embed_dim) (Vaswani et al.).
       embed_norm: normalise the embeddings (BERT); type_vocab_size: token types (BERT: 2; 0 for none).
-      embedding_dim: ALBERT's factorised embeddings: tables of this width projected to embed_dim (BERT; None: off).
+      table_dim: ALBERT's factorised embeddings: the width of the embedding tables, projected to embed_dim (BERT;
+        None: the tables are embed_dim wide).
       share_layers: ALBERT's cross-layer sharing: one set of layer parameters used at every depth.
       init_std: std (> 0) of the normal initialiser of kernels and embeddings.
       pad_id, bos_id, eos_id: special token ids in ``[0, vocab_size)`` (bos starts encoder-decoder decoding).
@@ -110,7 +111,7 @@ class ModelConfig:
     embed_scale: bool = False
     embed_norm: bool = False
     type_vocab_size: int = 0
-    embedding_dim: int | None = None
+    table_dim: int | None = None
     share_layers: bool = False
     init_std: float = 0.02
     pad_id: int = 0
@@ -138,17 +139,17 @@ class ModelConfig:
         if self.head_dim is None and self.embed_dim % self.num_heads:
             raise ValueError(f"ModelConfig.embed_dim ({self.embed_dim}) must be divisible by num_heads "
                              f"({self.num_heads}), or set head_dim")
-        if self.position == "sinusoidal" and (self.embedding_dim or self.embed_dim) % 2:
-            raise ValueError(f"ModelConfig.position='sinusoidal' needs an even embed_dim (embedding_dim when set), "
-                             f"got {self.embedding_dim or self.embed_dim}")
+        if self.position == "sinusoidal" and (self.table_dim or self.embed_dim) % 2:
+            raise ValueError(f"ModelConfig.position='sinusoidal' needs an even embed_dim (table_dim when set), "
+                             f"got {self.table_dim or self.embed_dim}")
         if self.position == "rotary" and self.resolved_head_dim % 2:
             raise ValueError(f"ModelConfig.position='rotary' needs an even head_dim, got {self.resolved_head_dim}")
         if self.talking_heads and self.attention != "softmax":
             raise ValueError(f"ModelConfig.talking_heads needs attention='softmax', got {self.attention!r}")
         if self.condition_dim and self.model not in ("gpt", "bert"):
             raise ValueError(f"ModelConfig.condition_dim is supported for model 'gpt' and 'bert', not {self.model!r}")
-        if self.embedding_dim is not None and self.model != "bert":
-            raise ValueError(f"ModelConfig.embedding_dim (factorised embeddings) is supported for model 'bert' "
+        if self.table_dim is not None and self.model != "bert":
+            raise ValueError(f"ModelConfig.table_dim (factorised embeddings) is supported for model 'bert' "
                              f"(ALBERT), not {self.model!r}")
 
     @property
@@ -191,10 +192,10 @@ PRESETS = {
     "bert-large": _bert(24, 16, 1024),
     "bert-tiny": _bert(2, 2, 128),  # Google's BERT-Tiny (L=2, H=128, A=2)
     # ALBERT v2 (Lan et al. 2020): factorised 128-wide embeddings, one layer's parameters shared by every depth
-    "albert-base": dataclasses.replace(_bert(12, 12, 768, vocab=30000), embedding_dim=128, share_layers=True,
+    "albert-base": dataclasses.replace(_bert(12, 12, 768, vocab=30000), table_dim=128, share_layers=True,
                                        activation="gelu_tanh", dropout_rate=0.0, attention_dropout_rate=0.0,
                                        bos_id=2, eos_id=3),
-    "albert-large": dataclasses.replace(_bert(24, 16, 1024, vocab=30000), embedding_dim=128, share_layers=True,
+    "albert-large": dataclasses.replace(_bert(24, 16, 1024, vocab=30000), table_dim=128, share_layers=True,
                                         activation="gelu_tanh", dropout_rate=0.0, attention_dropout_rate=0.0,
                                         bos_id=2, eos_id=3),
     "transformer-base": _transformer(512, 8, 2048, 0.1),

@@ -9,29 +9,12 @@ import jax
 import jax.numpy as jnp
 
 from ..attention import Mask
-from ..layers.blocks import LayerStack, config_dtypes
+from ..layers.blocks import LayerStack
+from ..layers.common import final_norm, output_head
 from ..layers.embedder import CacheIndex, Embedder
-from ..layers.norms import apply_norm, make_norm
+from ..layers.norms import apply_norm
 from .checks import check_condition, check_ids, check_mask_shape, check_tokens, segment_positions
 from .config import ModelConfig
-
-
-def output_head(cfg: ModelConfig):
-    """The untied output projection ``[e] -> [v]``, or None when the embedding is tied."""
-    if cfg.tie_embeddings:
-        return None
-    dtype, param_dtype = config_dtypes(cfg)
-    return nn.Dense(cfg.vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype,
-                    kernel_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ("embed", "vocab")))
-
-
-def final_norm(cfg: ModelConfig):
-    """The last norm of a pre-LN stack (post-LN stacks end normalised already), or None."""
-    if cfg.norm_position != "pre":
-        return None
-    dtype, param_dtype = config_dtypes(cfg)
-    return make_norm(cfg.norm, epsilon=cfg.norm_epsilon, dtype=dtype, param_dtype=param_dtype,
-                     condition_dim=cfg.condition_dim)
 
 
 class GPT(nn.Module):
@@ -69,7 +52,8 @@ class GPT(nn.Module):
         mask = Mask(causal=True, prefix_lengths=prefix_lengths, q_segment_ids=segment_ids,
                     kv_segment_ids=segment_ids, q_offset=start)
         x = self.embedder(tokens, positions, deterministic=deterministic)
-        x = self.decoder(x, mask, None, None, positions, deterministic, decode, start, condition)
+        x = self.decoder(x, mask=mask, positions=positions, deterministic=deterministic, decode=decode,
+                         cache_index=start, condition=condition)
         return x if self.final_norm is None else apply_norm(self.final_norm, x, condition)
 
     def output_embedding(self) -> jax.Array:

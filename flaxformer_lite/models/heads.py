@@ -2,6 +2,9 @@
 similarity are input formats of it: a text pair with token types or a separator), multiple choice, and token
 classification (BERT). The backbone sits under the name ``backbone``, so pretrained params drop in.
 
+Every head takes ``padding_mask`` shaped like its tokens: True = a real (non-padding) token, False = padding
+(None: all real). A GPT backbone reads it as right padding: the features come from the last real token.
+
 Shape key: b batch, c choices, l length, e embed dim, n labels.
 """
 from __future__ import annotations
@@ -10,7 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from .bert import BERT, dense
+from ..layers.common import dense
+from .bert import BERT
 from .checks import check_mask_shape
 from .config import ModelConfig
 from .gpt import GPT
@@ -38,6 +42,7 @@ class SequenceClassifier(nn.Module):
 
     @nn.compact
     def __call__(self, tokens, *, token_type_ids=None, padding_mask=None, deterministic=True) -> jax.Array:
+        """``tokens [b, l]`` (``token_type_ids``, ``padding_mask [b, l]``: True = a real token) -> ``[b, n]``."""
         x = _features(self.cfg, tokens, token_type_ids, padding_mask, deterministic)
         x = nn.Dropout(self.cfg.dropout_rate)(x, deterministic=deterministic)
         return dense(self.cfg, self.num_labels, ("embed", "classes"), name="classifier")(x).astype(jnp.float32)
@@ -50,6 +55,8 @@ class MultipleChoice(nn.Module):
 
     @nn.compact
     def __call__(self, tokens, *, token_type_ids=None, padding_mask=None, deterministic=True) -> jax.Array:
+        """``tokens [b, c, l]`` (``token_type_ids``, ``padding_mask [b, c, l]``: True = a real token) ->
+        ``[b, c]``."""
         if tokens.ndim != 3:
             raise ValueError(f"MultipleChoice takes tokens [batch, choices, length], got shape {tokens.shape}")
         check_mask_shape(token_type_ids, tokens, "token_type_ids")  # before flattening hides a mismatch
@@ -69,6 +76,8 @@ class TokenClassifier(nn.Module):
 
     @nn.compact
     def __call__(self, tokens, *, token_type_ids=None, padding_mask=None, deterministic=True) -> jax.Array:
+        """``tokens [b, l]`` (``token_type_ids``, ``padding_mask [b, l]``: True = a real token) ->
+        ``[b, l, n]``."""
         if self.cfg.model != "bert":
             raise ValueError(f"TokenClassifier takes a BERT config (cfg.model='bert'), got {self.cfg.model!r}")
         hidden, _ = BERT(self.cfg, name="backbone").encode(tokens, token_type_ids=token_type_ids,

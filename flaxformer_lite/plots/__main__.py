@@ -16,6 +16,7 @@ def _tokens(pretrained, text: str, max_tokens: int):
 
 
 def attention(args) -> Path:
+    """The ``attention`` picture: the model's attention weights ``[h, q, k]`` per layer on ``--text``, as a PNG."""
     import jax.numpy as jnp
 
     from ..models import build
@@ -33,11 +34,13 @@ def attention(args) -> Path:
 
 
 def curves(args) -> Path:
+    """The ``curves`` picture: a run's loss / learning-rate (/ accuracy) against the step, as a PNG."""
     from .curves import plot_curves
     return plot_curves(args.run_dir, args.out)
 
 
 def main(argv=None) -> int:
+    """Run the CLI on ``argv`` (default ``sys.argv[1:]``); 0 on success, 2 on a `ValueError` (printed)."""
     parser = argparse.ArgumentParser(prog="python -m flaxformer_lite.plots", description=__doc__)
     sub = parser.add_subparsers(dest="picture", required=True)
     att = sub.add_parser("attention", help="attention heatmaps per layer and head for a model and a text")

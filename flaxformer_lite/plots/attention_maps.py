@@ -11,6 +11,9 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from ..layers.blocks import LAYER_STACKS, layer_name
+from .figure import pyplot, save_figure
+
 
 def attention_maps(model, variables, tokens, *, method=None, **kwargs) -> list[tuple[str, np.ndarray]]:
     """``[(label, weights [b, h, q, k])]`` for every attention layer of ``model`` on ``tokens [b, l]``, in depth order
@@ -22,13 +25,13 @@ def attention_maps(model, variables, tokens, *, method=None, **kwargs) -> list[t
         names = [str(getattr(p, "key", getattr(p, "idx", p))) for p in path]
         if "attention_weights" not in names:
             continue
-        where = "/".join(n for n in names if n != "attention_weights" and not n.isdigit())
+        names = [n for n in names if n != "attention_weights" and not n.isdigit()]
         weights = np.asarray(leaf)
-        if weights.ndim == 5:  # scanned or shared layers: [layers, b, h, q, k]
-            found += [(where.replace("layers", f"layer_{i}").replace("shared_layer", f"layer_{i}"), w)
+        if any(n in LAYER_STACKS for n in names):  # scanned or shared layers: [layers, b, h, q, k]
+            found += [("/".join(layer_name(i) if n in LAYER_STACKS else n for n in names), w)
                       for i, w in enumerate(weights)]
         else:
-            found.append((where, weights))
+            found.append(("/".join(names), weights))
     if not found:
         raise ValueError("the model sowed no attention weights (linear attention has no attention matrix)")
     natural = lambda label: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", label[0])]
@@ -39,7 +42,6 @@ def plot_attention_maps(maps: list[tuple[str, np.ndarray]], pieces: list[str], p
                         row: int = 0) -> Path:
     """Draw batch row ``row`` of ``maps`` (from `attention_maps`) as a layers x heads grid of heatmaps labelled with
     the token ``pieces``; write a PNG to ``path``."""
-    from . import pyplot, save_figure
     plt = pyplot()
     heads = max(w.shape[1] for _, w in maps)
     size = max(2.2, 0.18 * len(pieces))

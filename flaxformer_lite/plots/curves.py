@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .figure import pyplot, save_figure
+
 
 def plot_curves(run_dir: str | Path, path: str | Path | None = None) -> Path:
     """Read ``run_dir/metrics.jsonl`` and write the curves as a PNG (default ``run_dir/curves.png``)."""
     from ..training.metrics import read_metrics
-    from . import pyplot, save_figure
     run_dir = Path(run_dir)
     if not (run_dir / "metrics.jsonl").is_file():
         raise ValueError(f"{run_dir} has no metrics.jsonl (is it a train.py run folder?)")

@@ -1,9 +1,19 @@
 """Orbax checkpoints behind one small interface: asynchronous, atomic saves (Orbax writes to a temporary folder and
 renames it), keeping the last N; the latest step; and restore onto whatever shardings the caller gives, so a
 checkpoint written on one mesh restores onto another. Each checkpoint holds the train state and a JSON ``meta``
-(loader position, config)."""
+(loader position, config).
+
+Faults never cost what is already saved: a checkpoint that cannot be read (a truncated or missing file) is moved
+aside to ``<run>/damaged_checkpoints/`` with a one-line warning and the next older one is used; a save that fails
+(e.g. a full disk) is reported in one line, recorded in `unsaved`, and the earlier checkpoints stay.
+"""
 from __future__ import annotations
 
+import contextlib
+import logging
+import shutil
+import sys
+import time
 from pathlib import Path
 
 import jax
@@ -19,15 +29,59 @@ class Checkpoints:
                                                enable_async_checkpointing=async_save)
         handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        _quiet_orbax_errors()
+        self.unsaved: list[tuple[int, str]] = []  # (step, reason) of saves that failed
+        self._pending: int | None = None  # the step an asynchronous save is writing
 
     def latest_step(self) -> int | None:
         """The newest complete checkpoint's step, or None."""
         return self.manager.latest_step()
 
     def save(self, step: int, state, meta: dict) -> None:
-        """Start saving ``state`` (any pytree of arrays) and ``meta`` (JSON-able) as ``step``; returns at once."""
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                        meta=ocp.args.JsonSave(meta)), force=True)
+        """Start saving ``state`` (any pytree of arrays) and ``meta`` (JSON-able) as ``step``; returns at once.
+        A failure (of this save, or of the previous one, which surfaces now) is reported, not raised."""
+        self._settle()
+        with _reported(self, step):
+            self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                            meta=ocp.args.JsonSave(meta)), force=True)
+            self._pending = step
+
+    def _settle(self) -> None:
+        """Wait for the save in flight; report it if it failed."""
+        if self._pending is None:
+            return
+        step, self._pending = self._pending, None
+        with _reported(self, step):
+            self.manager.wait_until_finished()
+            self.manager.check_for_errors()
+
+    def restore_latest(self, target, shardings=None):
+        """``(state, meta)`` of the newest checkpoint that reads back whole (see `restore`), or None when there is
+        none. Damaged ones are warned about and moved aside; `ValueError` if every one is damaged."""
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        for step in steps:
+            try:
+                return self.restore(step, target, shardings)
+            except Exception as err:  # noqa: BLE001  Orbax/TensorStore raise many types for one damaged file
+                self._set_aside(step, err)
+        if steps:
+            raise ValueError(f"no checkpoint in {self.directory} can be read (steps {steps} are damaged; moved to "
+                             f"{self._aside_dir()}); start over with a new train.run_dir")
+        return None
+
+    def _aside_dir(self) -> Path:
+        return self.directory.parent / "damaged_checkpoints"
+
+    def _set_aside(self, step: int, err: Exception) -> None:
+        """Warn about damaged checkpoint ``step`` and move it out of the way (process 0), keeping its files."""
+        where = self.directory / str(step)
+        _warn(f"checkpoint step {step} cannot be read ({where}: {_one_line(err)}); "
+              f"{'using an older one' if len(self.manager.all_steps()) > 1 else 'none older'}")
+        if jax.process_index() == 0 and where.exists():
+            dest = self._aside_dir() / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(where), dest)
+        self.manager.reload()
 
     def restore(self, step: int, target, shardings=None):
         """``(state, meta)`` of ``step``, laid out like ``target`` (arrays or shape structs) with ``shardings``
@@ -41,11 +95,22 @@ class Checkpoints:
         return out["state"], out["meta"]
 
     def restore_params(self, step: int | None = None):
-        """``(params, meta)`` of ``step`` (default the latest) on one device, whatever mesh wrote it, without a
-        target state: for starting another run (e.g. fine-tuning) from this one's weights."""
-        step = self.latest_step() if step is None else step
-        if step is None:
+        """``(params, meta)`` of ``step`` (default: the newest that reads back whole, damaged newer ones skipped
+        with a warning, left in place) on one device, whatever mesh wrote it, without a target state: for starting
+        another run (e.g. fine-tuning) from this one's weights."""
+        steps = sorted(self.manager.all_steps(), reverse=True) if step is None else [step]
+        if not steps:
             raise ValueError(f"{self.directory} holds no checkpoint")
+        for s in steps:
+            try:
+                return self._params_of(s)
+            except Exception as err:  # noqa: BLE001
+                if step is not None:
+                    raise ValueError(f"checkpoint {self.directory / str(s)} cannot be read: {_one_line(err)}") from None
+                _warn(f"checkpoint step {s} cannot be read ({self.directory / str(s)}: {_one_line(err)})")
+        raise ValueError(f"no checkpoint in {self.directory} can be read (steps {steps} are damaged)")
+
+    def _params_of(self, step: int):
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         saved = self.manager.item_metadata(step)["state"]
         target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved)
@@ -53,10 +118,77 @@ class Checkpoints:
         return state["params"], meta
 
     def wait(self) -> None:
-        """Block until pending saves are on disk."""
-        self.manager.wait_until_finished()
+        """Block until pending saves are on disk (or reported failed)."""
+        self._settle()
 
     def close(self) -> None:
         """Finish pending saves and release the manager."""
-        self.manager.wait_until_finished()
-        self.manager.close()
+        self._settle()
+        with contextlib.suppress(Exception):
+            self.manager.close()
+
+
+_OS_FAULTS = ("No space left on device", "Disk quota exceeded", "Read-only file system", "Permission denied")
+
+
+def _one_line(err: BaseException) -> str:
+    """A short reason: the operating-system fault when there is one, else the error's first line."""
+    text = str(err)
+    for fault in _OS_FAULTS:
+        if fault in text:
+            return fault
+    first = (text.strip().splitlines() or [""])[0].split(". See full TensorStore details")[0]
+    return f"{type(err).__name__}: {first[:160]}" if first else type(err).__name__
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _reported(ckpt: Checkpoints, step: int):
+    """Turn a failed save of ``step`` into one line and an `unsaved` entry; earlier checkpoints are untouched."""
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001  OSError, or Orbax wrapping it in its own types
+        if all(s != step for s, _ in ckpt.unsaved):
+            ckpt.unsaved.append((step, _one_line(err)))
+            kept = sorted(ckpt.manager.all_steps())
+            _warn(f"checkpoint step {step} not saved ({_one_line(err)}); kept: steps {kept or 'none'}")
+
+
+class _OrbaxErrors(logging.Filter):
+    """Drops Orbax's own error records: it logs a traceback per failed file and thread (over a hundred for one full
+    disk), and `Checkpoints` reports each failure once itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):
+            message = str(record.msg)
+        return "orbax" not in record.pathname and "orbax" not in message  # asyncio's name the Orbax coroutine
+
+
+_ORBAX_ERRORS = _OrbaxErrors()
+
+
+def _closed_loop_noise(hook):
+    """A `sys.unraisablehook` that drops "Event loop is closed" from Orbax's reader threads finishing after a
+    failed restore (one per array read), and passes everything else on."""
+    def unraisable(info):
+        if isinstance(info.exc_value, RuntimeError) and str(info.exc_value) == "Event loop is closed":
+            return
+        hook(info)
+    unraisable.ffl_quiet = True
+    return unraisable
+
+
+def _quiet_orbax_errors() -> None:
+    for name in ("absl", "orbax", "asyncio"):
+        logger = logging.getLogger(name)
+        if _ORBAX_ERRORS not in logger.filters:
+            logger.addFilter(_ORBAX_ERRORS)
+    if not getattr(sys.unraisablehook, "ffl_quiet", False):
+        sys.unraisablehook = _closed_loop_noise(sys.unraisablehook)

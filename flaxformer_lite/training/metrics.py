@@ -3,12 +3,15 @@ measured in this process (for MFU), and turning a step's sums into readable numb
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from ..layers.blocks import SHARED_LAYER
 
 
 class MetricsLog:
@@ -27,9 +30,8 @@ class MetricsLog:
             pass
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_from]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_from]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, record: dict) -> None:
         """Append one record."""
@@ -56,23 +58,32 @@ def _plain(value):
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    """All records of a ``metrics.jsonl``."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
-PRIMARY_TERMS = ("lm", "classify")  # a run's main loss term: logged without a prefix (accuracy, eval_loss, ...)
+    """All records of a ``metrics.jsonl``. A torn last line (a write cut short by a kill or a full disk) is left out
+    with a warning; a bad line elsewhere raises `ValueError` naming the file and the line."""
+    lines = [(i, line) for i, line in enumerate(Path(path).read_text(errors="replace").splitlines(), 1)
+             if line.strip()]
+    records = []
+    for i, line in lines:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i != lines[-1][0]:
+                raise ValueError(f"{path}: line {i} is not a JSON record; fix or remove that line") from None
+            print(f"warning: {path}: the last line (line {i}) is incomplete; left out", file=sys.stderr)
+    return records
 
 
 def summarize(sums: dict, **extra) -> dict:
-    """A step's device sums -> ``loss``, per-term losses/accuracies, ``grad_norm`` and the given extras."""
+    """A step's host sums -> ``loss``, per-term accuracies (and losses), ``grad_norm`` and the given extras. A run
+    of one loss term logs ``accuracy``; several log ``<term>_accuracy`` and ``<term>_loss``."""
     out = {**extra, "loss": float(sums["loss"]), "grad_norm": float(sums["grad_norm"])}
-    for term in ("lm", "mlm", "nsp", "classify"):
-        if f"{term}_weight" in sums:
-            w = max(float(sums[f"{term}_weight"]), 1.0)
-            prefix = "" if term in PRIMARY_TERMS else f"{term}_"
-            out[f"{prefix}accuracy"] = float(sums[f"{term}_correct"]) / w
-            if term not in PRIMARY_TERMS:
-                out[f"{term}_loss"] = float(sums[f"{term}_nll"]) / w
+    terms = [k[:-len("_weight")] for k in sums if k.endswith("_weight")]
+    for term in terms:
+        w = max(float(sums[f"{term}_weight"]), 1.0)
+        prefix = "" if len(terms) == 1 else f"{term}_"
+        out[f"{prefix}accuracy"] = float(sums[f"{term}_correct"]) / w
+        if prefix:
+            out[f"{term}_loss"] = float(sums[f"{term}_nll"]) / w
     return out
 
 
@@ -82,7 +93,7 @@ def count_params(params, exclude_positions: bool = False, shared_repeats: int = 
     def count(tree, name=None) -> int:
         if isinstance(tree, dict):
             n = sum(count(v, k) for k, v in tree.items())
-            return n * shared_repeats if name == "shared_layer" else n
+            return n * shared_repeats if name == SHARED_LAYER else n
         return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
 
     n = count(params)

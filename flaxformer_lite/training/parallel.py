@@ -1,28 +1,24 @@
 """Parallelism by configuration: a `Mesh` over ``data``/``fsdp``/``tensor`` axes, one table of logical-axis rules,
-sharded state initialisation, and the train step as one `jax.jit` with explicit shardings and donated state (what
-`pjit` became) or as `jax.pmap` (replicated state, gradients summed over devices) for parity with older code.
-
-The train state is a dict: ``params``, ``opt_state``, ``step`` (int32), ``rng`` (key), ``finite`` (bool: every
-loss so far was finite; checked before any checkpoint is written).
+sharded state initialisation, and the pmap layout helpers. The step itself lives in step.py.
 """
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from ..layers.blocks import SCANNED_LAYERS
 
 MESH_AXES = ("data", "fsdp", "tensor")
 # Logical name -> mesh axes. Parameters shard 'embed' over fsdp (ZeRO-3 style) and the wide dims over tensor;
 # activations shard the batch over data x fsdp. A mesh axis is used at most once per array (Flax skips repeats).
 RULES = (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"),
-         ("kv_heads", "tensor"), ("vocab", "tensor"), ("length", None), ("head_dim", None), ("layers", None),
+         ("kv_heads", "tensor"), ("vocab", "tensor"), ("length", None), ("head_dim", None), (SCANNED_LAYERS, None),
          ("position", None), ("token_type", None), ("classes", None), ("heads_mix", None),
          ("condition", None), ("embed_factor", None))
 
@@ -59,6 +55,12 @@ def make_mesh(spec: str = "data=-1", devices=None) -> Mesh:
                          devices=devices[:used])
 
 
+def mesh_batch_shards(spec: str, devices=None) -> int:
+    """How many ways the ``parallel.mesh`` spec splits the batch (data x fsdp), checked against the devices."""
+    sizes = parse_mesh(spec, len(jax.devices() if devices is None else devices))
+    return sizes["data"] * sizes["fsdp"]
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (batch) axis over data x fsdp; the rest replicated."""
     return NamedSharding(mesh, P(("data", "fsdp")))
@@ -80,64 +82,6 @@ def init_state(init_fn, tx, rng, mesh: Mesh):
     return state, shardings
 
 
-def _grads(task, params, batch, rng, accum: int, weights):
-    """Gradients and per-term sums of one step, accumulated over ``accum`` micro-batches (a lax.scan)."""
-    grad_fn = jax.value_and_grad(lambda p, b, r: task.loss(p, b, r, True, weights), has_aux=True)
-    if accum == 1:
-        (_, sums), grads = grad_fn(params, batch, rng)
-        return grads, sums
-    micro = jax.tree_util.tree_map(lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), batch)
-
-    def body(carry, xs):
-        mb, i = xs
-        (_, sums), grads = grad_fn(params, mb, jax.random.fold_in(rng, i))
-        return jax.tree_util.tree_map(jnp.add, carry, (grads, sums)), None
-
-    first = jax.tree_util.tree_map(lambda x: x[0], micro)
-    sums_shape = jax.eval_shape(lambda: task.sums(params, first, rng, True))
-    zeros = (jax.tree_util.tree_map(jnp.zeros_like, params),
-             jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape))
-    (grads, sums), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(accum)))
-    return grads, sums
-
-
-def _apply(tx, state, grads, sums, weights):
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    loss = sum(s["loss"] / jnp.maximum(weights[k], 1.0) for k, s in sums.items())
-    new = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state, "step": state["step"] + 1,
-           "rng": state["rng"], "finite": state["finite"] & jnp.isfinite(loss)}
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
-               **{f"{k}_{m}": v for k, s in sums.items() for m, v in s.items()},
-               **{f"{k}_weight": w for k, w in weights.items()}}
-    return new, metrics
-
-
-def jit_train_step(task, tx, state_shardings, mesh: Mesh, accum: int = 1):
-    """``step(state, batch) -> (state, metrics)``: one jit over the mesh, state donated."""
-    def step(state, batch):
-        rng = jax.random.fold_in(state["rng"], state["step"])
-        weights = task.weights(batch)
-        grads, sums = _grads(task, state["params"], batch, rng, accum, weights)
-        return _apply(tx, state, grads, sums, weights)
-
-    return jax.jit(step, in_shardings=(state_shardings, batch_sharding(mesh)), out_shardings=(state_shardings, None),
-                   donate_argnums=0)
-
-
-def pmap_train_step(task, tx, accum: int = 1):
-    """``step(replicated_state, batch [devices, b / devices, ...]) -> (state, metrics)`` with `jax.pmap`: each device
-    differentiates its share, divided by the global token count, and gradients are summed with `lax.psum`."""
-    def step(state, batch):
-        rng = jax.random.fold_in(state["rng"], state["step"])
-        weights = jax.tree_util.tree_map(lambda w: jax.lax.psum(w, "data"), task.weights(batch))
-        grads, sums = _grads(task, state["params"], batch, rng, accum, weights)
-        grads = jax.lax.psum(grads, "data")
-        sums = jax.lax.psum(sums, "data")
-        return _apply(tx, state, grads, sums, weights)
-
-    return jax.pmap(step, axis_name="data", donate_argnums=0)
-
-
 def replicate(tree, num_devices: int) -> Any:
     """A copy of every leaf per device, stacked on a new leading axis (the pmap layout). Built from host copies so
     that pmap places them itself, whatever sharding the leaves had."""
@@ -152,16 +96,3 @@ def unreplicate(tree) -> Any:
 def shard_for_pmap(batch, num_devices: int):
     """``[b, ...]`` -> ``[devices, b / devices, ...]``."""
     return jax.tree_util.tree_map(lambda x: x.reshape((num_devices, x.shape[0] // num_devices) + x.shape[1:]), batch)
-
-
-@functools.lru_cache(maxsize=None)
-def _eval_step(task):
-    def step(params, batch):
-        weights = task.weights(batch)
-        return task.sums(params, batch, jax.random.key(0), False), weights
-    return jax.jit(step)
-
-
-def eval_sums(task, params, batch):
-    """Deterministic per-term sums and weights of one batch (for evaluation)."""
-    return _eval_step(task)(params, batch)

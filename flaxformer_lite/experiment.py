@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from .data.registry import OBJECTIVES
 from .models.config import ModelConfig, preset
 
 
@@ -126,7 +127,7 @@ class ExperimentConfig:
 
 CHOICES = {
     "data.format": ("auto", "text", "json", "csv", "parquet", "saved", "hub"),
-    "data.objective": ("causal_lm", "prefix_lm", "mlm", "span_corruption", "seq2seq", "classify"),
+    "data.objective": tuple(OBJECTIVES),
     "data.tokenizer_type": ("unigram", "bpe"),
     "data.normalization": ("nmt_nfkc", "nfkc", "identity", "nmt_nfkc_cf", "nfkc_cf"),
     "optim.name": ("adamw", "adam"),
@@ -285,9 +286,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ValueError(f"--config {path}: no such file")
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError:
+            raise ValueError(f"--config {path}: not a text file (a YAML config is UTF-8 text)") from None
         except yaml.YAMLError as err:
-            raise ValueError(f"--config {path}: not valid YAML: {err}") from None
+            raise ValueError(f"--config {path}: not valid YAML: {' '.join(str(err).split())}") from None
         if not isinstance(values, dict):
             raise ValueError(f"--config {path}: the top level must be a mapping of sections")
     values = _merge(values, parse_overrides(overrides or []))

@@ -1,0 +1,233 @@
+"""Faults a user can hit, each handled without losing what is already saved: damaged checkpoints, two runs on one
+folder, a full disk, a torn metrics line, a failed start, changed tokenizer settings, bad ``train.init_from``
+weights and a binary config file. (SIGTERM and non-finite losses: test_training.py.)"""
+import glob
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from runs import losses, overrides, train_cli, write_corpus
+
+from flaxformer_lite.training import Checkpoints, MetricsLog, read_metrics
+from flaxformer_lite.training.run_lock import RunLock
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+# -- damaged checkpoints ---------------------------------------------------------------------------------------------
+def _state(i: float):
+    """A train-state-like tree (optax state with empty nodes, ints, a key) whose values identify ``i``."""
+    params = {"w": jnp.full((8, 16), i), "b": jnp.full((3,), i)}
+    tx = optax.adamw(1e-3)
+    return {"params": params, "opt_state": tx.init(params), "step": jnp.int32(i), "rng": jax.random.PRNGKey(0),
+            "finite": jnp.ones((), bool)}
+
+
+def _data_files(step_dir):
+    """The array data files of a checkpoint's state (TensorStore OCDBT data and b-tree nodes)."""
+    return glob.glob(str(step_dir / "state" / "**" / "d" / "*"), recursive=True)
+
+
+def _truncate(step_dir):
+    for f in _data_files(step_dir):
+        os.truncate(f, 10)
+
+
+def _delete(step_dir):
+    for f in _data_files(step_dir):
+        os.remove(f)
+
+
+DAMAGE = {
+    "truncated data": _truncate,
+    "deleted data": _delete,
+    "empty meta": lambda d: open(d / "meta" / "metadata", "w").close(),
+    "deleted _METADATA and data": lambda d: (os.remove(d / "state" / "_METADATA"), _delete(d)),
+}
+
+
+@pytest.fixture()
+def three_checkpoints(tmp_path):
+    ckpt = Checkpoints(tmp_path / "checkpoints", keep=5)
+    for step in (1, 2, 3):
+        ckpt.save(step, _state(step), {"step": step})
+    ckpt.close()
+    return tmp_path
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_damaged_newest_checkpoint_falls_back_to_an_intact_one(three_checkpoints, damage, capsys):
+    run = three_checkpoints
+    DAMAGE[damage](run / "checkpoints" / "3")
+    ckpt = Checkpoints(run / "checkpoints")
+    params, meta = ckpt.restore_params()  # train.init_from's path: skips it, leaves it in place
+    assert meta["step"] == 2 and float(params["w"][0, 0]) == 2.0
+    assert "checkpoint step 3 cannot be read" in capsys.readouterr().err
+    state, meta = ckpt.restore_latest(_state(0))  # a resume: skips it and moves it aside
+    ckpt.close()
+    assert meta["step"] == 2 and float(state["params"]["b"][0]) == 2.0 and int(state["step"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"checkpoint step 3 cannot be read ({run / 'checkpoints' / '3'}" in err, err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["1", "2"]
+    assert [p.name.split("-")[0] for p in (run / "damaged_checkpoints").iterdir()] == ["3"]  # kept, not deleted
+
+
+def test_no_intact_checkpoint_is_a_clear_error(three_checkpoints):
+    for step in (1, 2, 3):
+        DAMAGE["truncated data"](three_checkpoints / "checkpoints" / str(step))
+    ckpt = Checkpoints(three_checkpoints / "checkpoints")
+    with pytest.raises(ValueError, match=r"no checkpoint in .* can be read \(steps \[3, 2, 1\] are damaged"):
+        ckpt.restore_latest(_state(0))
+    ckpt.close()
+
+
+# -- a full disk -----------------------------------------------------------------------------------------------------
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A 400 KiB tmpfs (skipped where mounting is not allowed)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mount)],
+                                           capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_full_disk_costs_one_line_per_failed_save_and_keeps_earlier_checkpoints(small_disk):
+    script = f"""
+import jax.numpy as jnp, numpy as np
+from flaxformer_lite.training import Checkpoints
+ckpt = Checkpoints({str(small_disk / "checkpoints")!r}, keep=5)
+for step in range(1, 6):  # random values: they do not compress, so steps 3-5 cannot fit
+    w = np.random.default_rng(step).standard_normal(100 if step < 3 else 200_000)
+    ckpt.save(step, {{"w": jnp.asarray(w, jnp.float32)}}, {{"step": step}})
+ckpt.close()
+print("unsaved", [s for s, _ in ckpt.unsaved])
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "unsaved [3, 4, 5]" in out.stdout, out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 3 and all("not saved (No space left on device); kept: steps [1, 2]" in x for x in lines), \
+        out.stderr[-3000:]
+    assert {"1", "2"} <= set(os.listdir(small_disk / "checkpoints"))
+
+
+def test_a_failed_final_save_is_reported_and_exits_1(corpus, tmp_path, capsys, monkeypatch):
+    import orbax.checkpoint as ocp
+    real = ocp.CheckpointManager.save
+
+    def failing(self, step, *args, **kwargs):
+        if step == 4:
+            raise OSError(28, "No space left on device")
+        return real(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", failing)
+    assert train_cli.main(overrides(corpus, tmp_path, steps=4, extra=["train.checkpoint_every=2"])) == 1
+    err = capsys.readouterr().err
+    assert "checkpoint step 4 not saved (No space left on device); kept: steps [2]" in err
+    assert "the final checkpoint (step 4) was not saved" in err and "Traceback" not in err
+    monkeypatch.undo()
+    assert Checkpoints(tmp_path / "checkpoints").latest_step() == 2
+
+
+# -- one run per folder ----------------------------------------------------------------------------------------------
+def test_a_second_run_on_a_live_run_folder_is_refused(corpus, tmp_path, capsys):
+    with RunLock(tmp_path):
+        assert train_cli.main(overrides(corpus, tmp_path, steps=2)) == 2
+        err = capsys.readouterr().err
+        assert f"is in use by process {os.getpid()} on this host" in err and err.count("\n") == 1
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]  # nothing written by the refused run
+    assert not (tmp_path / ".lock").exists()
+
+
+def test_a_dead_owners_lock_is_taken_over_and_another_hosts_is_not(tmp_path):
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    (tmp_path / ".lock").write_text(json.dumps({"pid": gone.pid, "host": socket.gethostname(), "started": "x"}))
+    with RunLock(tmp_path):
+        assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+    (tmp_path / ".lock").write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": "x"}))
+    with pytest.raises(ValueError, match=r"in use by process 1 on host elsewhere .*delete .*\.lock"):
+        RunLock(tmp_path).acquire()
+
+
+# -- metrics.jsonl ---------------------------------------------------------------------------------------------------
+def test_torn_last_metrics_line_is_dropped_and_other_bad_lines_named(tmp_path, capsys):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    log = MetricsLog(path, resume_from=2)
+    log.write({"step": 3, "loss": 1.0})
+    log.close()
+    assert [r["step"] for r in read_metrics(path)] == [1, 2, 3]
+    assert "the last line (line 3) is incomplete" in capsys.readouterr().err
+    path.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl: line 2 is not a JSON record"):
+        read_metrics(path)
+
+
+# -- a run's start ---------------------------------------------------------------------------------------------------
+def test_checks_run_before_the_tokenizer_and_leave_nothing_behind(corpus, tmp_path, capsys):
+    for extra, said in ((["train.seq_len=100"], "train.seq_len (100) > model.max_len (64)"),
+                        (["model.preset=bert-tiny"], "trains a model.model in ['gpt']"),
+                        (["parallel.mesh=data=3"], "must divide over the 3 batch shards")):
+        assert train_cli.main(overrides(corpus, tmp_path, extra=extra)) == 2
+        assert said in capsys.readouterr().err
+        assert list(tmp_path.iterdir()) == []  # no tokenizer, no config, no lock
+
+
+def test_changed_tokenizer_settings_retrain_or_are_refused(corpus, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train_cli.main(overrides(corpus, run, steps=2, extra=["train.checkpoint_every=2"])) == 0
+    capsys.readouterr()
+    assert train_cli.main(overrides(corpus, run, steps=4, extra=["data.vocab_size=600"])) == 2
+    assert "holds checkpoints trained with a tokenizer of other data settings (data.vocab_size: 512 -> 600)" in \
+        capsys.readouterr().err
+    shutil.rmtree(run / "checkpoints")  # a run that never saved: its tokenizer is replaced, with a note
+    assert train_cli.main(overrides(corpus, run, steps=2, extra=["data.vocab_size=600"])) == 0
+    assert "training a new tokenizer (data.vocab_size: 512 -> 600)" in capsys.readouterr().err
+    from flaxformer_lite.data import Tokenizer
+    assert Tokenizer.load(run / "tokenizer.model").vocab_size == 600
+    assert len(losses(run)) == 2
+
+
+def test_resume_skips_a_damaged_newest_checkpoint(corpus, tmp_path, capsys):
+    args = overrides(corpus, tmp_path, steps=4, extra=["train.checkpoint_every=2"])
+    assert train_cli.main(args) == 0
+    first = losses(tmp_path)
+    DAMAGE["truncated data"](tmp_path / "checkpoints" / "4")
+    capsys.readouterr()
+    assert train_cli.main(overrides(corpus, tmp_path, steps=4, extra=["train.checkpoint_every=2"])) == 0
+    out = capsys.readouterr()
+    assert "checkpoint step 4 cannot be read" in out.err and "resuming from step 2" in out.out
+    assert losses(tmp_path) == first  # steps 3 and 4 again, from step 2's state: the same numbers
+    assert Checkpoints(tmp_path / "checkpoints").latest_step() == 4
+
+
+# -- bad files -------------------------------------------------------------------------------------------------------
+def test_garbage_init_from_weights_and_binary_config_are_one_line_errors(corpus, tmp_path, capsys):
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
+                                                "vocab_size": 100, "n_embd": 32, "n_layer": 1, "n_head": 2,
+                                                "n_positions": 64}))
+    (hf / "model.safetensors").write_bytes(np.random.default_rng(0).bytes(4096))
+    assert train_cli.main(overrides(corpus, tmp_path / "run", extra=[f"train.init_from={hf}"])) == 2
+    err = capsys.readouterr().err
+    assert f"{hf / 'model.safetensors'}: not a readable safetensors file" in err and err.count("\n") == 1, err
+    binary = tmp_path / "config.yaml"
+    binary.write_bytes(bytes(range(256)) * 4)
+    assert train_cli.main(["--config", str(binary)]) == 2
+    err = capsys.readouterr().err
+    assert f"--config {binary}: not a text file" in err and err.count("\n") == 1, err
