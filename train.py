@@ -216,7 +216,8 @@ def _write_run_files(run_dir: Path, cfg, data) -> None:
     if data.label_names is not None:
         (run_dir / "labels.json").write_text(json.dumps(data.label_names) + "\n")
     print(f"{data.num_train_examples:,} training examples; tokenizer {data.tokenizer.vocab_size} ids; unigram "
-          f"entropy of the training tokens {data.unigram_entropy:.3f} nats (a model that ignores context gets no lower)")
+          f"entropy of the training tokens {data.unigram_entropy:.3f} nats (a model that ignores context gets no "
+          "lower)")
 
 
 def _run(cfg, overrides, run_dir: Path) -> int:

@@ -26,7 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 from harness import console, device_description, show_and_write  # noqa: E402
 
 from flaxformer_lite.attention import Mask, softmax_attention  # noqa: E402

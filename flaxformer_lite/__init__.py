@@ -10,5 +10,5 @@ from .attention import Mask, linear_attention, softmax_attention
 from .decoding import beam_search, generate
 
 __version__ = "0.1.0"
-__all__ = ["attention", "interop", "layers", "models", "plots", "Mask", "softmax_attention", "linear_attention", "generate",
-           "beam_search", "__version__"]
+__all__ = ["attention", "interop", "layers", "models", "plots", "Mask", "softmax_attention", "linear_attention",
+           "generate", "beam_search", "__version__"]

@@ -28,8 +28,8 @@ class DataConfig:
     path: '' for the built-in corpus (docstrings of the installed Python standard library), else a file, glob,
     directory saved with ``save_to_disk``, or a hub dataset name. objective: causal_lm | prefix_lm | mlm |
     span_corruption | seq2seq | classify (fine-tuning: ``text_field`` and optional ``text_pair_field`` -> the
-    ``label_field`` column, ints or strings). shards: contiguous reading shards (0: one per process); each process reads and
-    tokenizes only its block of shards, and each global batch takes an equal chunk from every shard.
+    ``label_field`` column, ints or strings). shards: contiguous reading shards (0: one per process); each process
+    reads and tokenizes only its block of shards, and each global batch takes an equal chunk from every shard.
     """
 
     path: str = ""
@@ -218,7 +218,8 @@ def _convert(key: str, value: Any, kind) -> Any:
             pass
     if kind is bool and isinstance(value, str) and value.lower() in ("true", "false"):
         return value.lower() == "true"
-    if kind in (int, float, bool, str) and not (isinstance(value, kind) and not (kind is int and isinstance(value, bool))):
+    exact = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    if kind in (int, float, bool, str) and not exact:
         raise ValueError(f"{key} must be {kind.__name__}, got {value!r} ({type(value).__name__})")
     return value
 

@@ -189,8 +189,10 @@ def test_checks_run_before_the_tokenizer_and_leave_nothing_behind(corpus, tmp_pa
 
 def test_changed_tokenizer_settings_retrain_or_are_refused(corpus, tmp_path, capsys):
     run = tmp_path / "run"
-    assert train_cli.main(overrides(corpus, run, steps=2, extra=["train.checkpoint_every=2"])) == 0
-    capsys.readouterr()
+    first = overrides(corpus, run, steps=2, extra=["train.checkpoint_every=2", "model.vocab_size=99"])
+    assert train_cli.main(first) == 0
+    err = capsys.readouterr().err
+    assert "note: the vocabulary and special ids come from the tokenizer" in err and "ignoring model.vocab_size" in err
     assert train_cli.main(overrides(corpus, run, steps=4, extra=["data.vocab_size=600"])) == 2
     assert "holds checkpoints trained with a tokenizer of other data settings (data.vocab_size: 512 -> 600)" in \
         capsys.readouterr().err

@@ -14,7 +14,6 @@ import yaml
 
 import reference
 from cases import B, build, tiny_config
-from flaxformer_lite.attention import Mask
 from flaxformer_lite.experiment import ExperimentConfig, to_dict
 from flaxformer_lite.data import train_tokenizer
 from flaxformer_lite.layers import MultiHeadAttention

@@ -1,24 +1,31 @@
 """Corpora through Hugging Face `datasets`: local text/JSONL/CSV/Parquet files or globs, a dataset saved with
-``save_to_disk``, a hub name (when online), or the built-in default corpus, which needs no download: the docstrings
-of the installed Python standard library, extracted with `ast` (modules are never imported) and cached.
+``save_to_disk``, a Hub name ``owner/name`` (when online), or the built-in default corpus, which needs no download:
+the docstrings of the installed Python standard library, extracted with `ast` (modules are never imported) and cached.
+A source that cannot be used raises a one-line `ValueError` that names ``data.path`` and the fault (train.py prints it).
 """
 from __future__ import annotations
 
 import ast
 import glob
-import hashlib
+import itertools
 import json
 import os
+import re
 import sys
 import sysconfig
 from pathlib import Path
 
 import datasets
+import pyarrow.compute as pc
 
 _SKIP_DIRS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "ensurepip", "turtledemo",
               "__pycache__", "pydoc_data"}
 _SUFFIX_FORMATS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".csv": "csv",
                    ".parquet": "parquet"}
+_GLOB_CHARS = "*?["
+_HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name, as the Hub spells repository ids
+_SNIFF_BYTES = 4096
+_TAIL_BYTES = 1 << 20  # a JSON Lines row longer than this skips the cheap torn-last-line check
 
 
 def cache_dir() -> Path:
@@ -56,44 +63,63 @@ def stdlib_docstrings(min_chars: int = 40) -> Path:
 
 
 def _format_of(path: str, fmt: str) -> str:
+    """The reader for ``path``: ``fmt`` itself unless it is ``"auto"``, else told by the folder, the suffix, or the
+    shape of the name. A missing path is a Hub name only if it reads ``owner/name``: a bare word is far more likely a
+    mistyped file, and a pattern that matches nothing is never one."""
     if fmt != "auto":
         return fmt
     if Path(path).is_dir():
         markers = ("dataset_info.json", "state.json", "dataset_dict.json")
         if any((Path(path) / m).exists() for m in markers):
             return "saved"
-        raise ValueError(f"data.path {path!r} is a folder but not a dataset saved with save_to_disk; "
+        raise ValueError(f"data.path={path}: a folder but not a dataset saved with save_to_disk; "
                          "give a file or a glob such as 'folder/*.txt'")
     suffix = Path(path.replace("*", "x")).suffix.lower()
+    if not Path(path).exists():
+        if any(c in path for c in _GLOB_CHARS):
+            if not glob.glob(path):
+                raise ValueError(f"data.path={path}: no file matches this pattern")
+        elif _HUB_NAME.fullmatch(path) and suffix not in _SUFFIX_FORMATS:
+            return "hub"
+        elif suffix not in _SUFFIX_FORMATS:
+            raise ValueError(f"data.path={path}: no such file or directory (a Hub dataset name has the form "
+                             "owner/name; set data.format=hub to ask the Hub anyway)")
     if suffix in _SUFFIX_FORMATS:
         return _SUFFIX_FORMATS[suffix]
-    if glob.glob(path):
-        raise ValueError(f"data.path {path!r}: cannot tell the format from the name; set data.format to one of "
-                         "text, json, csv, parquet, saved")
-    return "hub"
+    raise ValueError(f"data.path={path}: cannot tell the format from the name; set data.format to one of "
+                     "text, json, csv, parquet, saved, hub")
 
 
 def load_corpus(path: str = "", fmt: str = "auto", text_field: str = "text") -> datasets.Dataset:
-    """The corpus as a `datasets.Dataset` with a ``text`` column (and any others the source has).
+    """The corpus as a `datasets.Dataset` with a ``text`` column of strings (and any others the source has).
 
-    ``path=""`` is the built-in corpus. Text files become one row per paragraph (blank-line separated)."""
+    ``path=""`` is the built-in corpus. Text files become one row per paragraph (blank-line separated). A source
+    that cannot be read, or whose ``text_field`` is missing, not text, null in some rows or blank in all, raises a
+    one-line `ValueError` naming ``data.path`` (and the file) and the fault."""
     if not path:
         return datasets.load_dataset("json", data_files=str(stdlib_docstrings()), split="train")
     fmt = _format_of(path, fmt)
     if fmt == "saved":
-        ds = datasets.load_from_disk(path)
-        ds = ds["train"] if isinstance(ds, datasets.DatasetDict) else ds
+        try:
+            ds = datasets.load_from_disk(path)
+        except Exception as err:  # datasets raises FileNotFoundError, ArrowInvalid, JSONDecodeError... for a bad folder
+            raise ValueError(f"data.path={path}: not a readable save_to_disk folder ({_one_line(err)})") from err
+        if isinstance(ds, datasets.DatasetDict):
+            if "train" not in ds:
+                raise ValueError(f"data.path={path}: the saved DatasetDict has no 'train' split; splits: {list(ds)}")
+            ds = ds["train"]
     elif fmt == "hub":
-        ds = datasets.load_dataset(path, split="train")
+        try:
+            ds = datasets.load_dataset(path, split="train")
+        except Exception as err:  # offline, no such repo, no 'train' split, a loading script...: all the user's to fix
+            raise ValueError(f"data.path={path}: no such file or directory, and not a loadable Hub dataset "
+                             f"({_one_line(err)})") from err
     else:
-        files = sorted(glob.glob(path)) or [path]
-        missing = [f for f in files if not Path(f).exists()]
-        if missing:
-            raise ValueError(f"data.path {path!r}: no such file")
-        kwargs = {"sample_by": "paragraph"} if fmt == "text" else {}
-        ds = datasets.load_dataset(fmt, data_files=files, split="train", **kwargs)
+        ds = _load_files(path, fmt)
     if text_field not in ds.column_names:
-        raise ValueError(f"data.text_field {text_field!r} is not a column of {path!r}; columns: {ds.column_names}")
+        raise ValueError(f"data.text_field {text_field!r} is not a column of data.path={path}; "
+                         f"columns: {ds.column_names}")
+    _check_text(ds, path, text_field)
     if text_field != "text":
         if "text" in ds.column_names:
             ds = ds.remove_columns("text")
@@ -101,10 +127,144 @@ def load_corpus(path: str = "", fmt: str = "auto", text_field: str = "text") -> 
     return ds
 
 
-def fingerprint(texts: list[str]) -> str:
-    """A short content hash, to name cached derived files."""
-    h = hashlib.sha256()
-    for t in texts:
-        h.update(t.encode("utf-8", "surrogatepass"))
-        h.update(b"\0")
-    return h.hexdigest()[:16]
+def _load_files(path: str, fmt: str) -> datasets.Dataset:
+    """Local files (a path or a glob) through ``datasets``; cheap checks first, a diagnosis if datasets fails."""
+    pattern = not Path(path).exists() and any(c in path for c in _GLOB_CHARS)
+    files = sorted(glob.glob(path)) if pattern else [path]
+    if not files:
+        raise ValueError(f"data.path={path}: no file matches this pattern")
+    if fmt not in _READERS:
+        raise ValueError(f"data.format must be one of auto, {', '.join(_READERS)}, saved, hub; got {fmt!r}")
+    for file in files:
+        fault = _file_fault(file, fmt)
+        if fault:
+            raise ValueError(f"data.path={_where(path, file)}: {fault}")
+    kwargs = {"sample_by": "paragraph"} if fmt == "text" else {}
+    try:
+        return datasets.load_dataset(fmt, data_files=files, split="train", **kwargs)
+    except Exception as err:  # datasets wraps every reader's failure in its own errors; name the file and the fault
+        for file in files:
+            fault = _READERS[fmt](file)
+            if fault:
+                raise ValueError(f"data.path={_where(path, file)}: {fault}") from err
+        raise ValueError(f"data.path={path}: datasets cannot read it as {fmt} ({_one_line(err)})") from err
+
+
+def _where(path: str, file: str) -> str:
+    """``path``, plus the matched file when ``path`` is a pattern."""
+    return path if file == path else f"{path} (file {file})"
+
+
+def _file_fault(file: str, fmt: str) -> str | None:
+    """What is wrong with ``file`` that a glance at its size, first bytes and (JSON Lines) last line tells: all the
+    common path pays. A torn last line, the usual fault of an interrupted write, is caught here."""
+    if not Path(file).exists():
+        return "no such file"
+    if not Path(file).is_file():
+        return "not a regular file"
+    if Path(file).stat().st_size == 0:
+        return "the file is empty"
+    with open(file, "rb") as f:
+        head = f.read(_SNIFF_BYTES)
+    if fmt == "parquet":
+        return None if head[:4] in (b"PAR1", b"PARE") else "not a Parquet file (it does not start with PAR1)"
+    if b"\0" in head:
+        return f"a binary file, not UTF-8 {fmt} (NUL bytes in its first {_SNIFF_BYTES} bytes)"
+    if fmt == "json" and b"\n" in head and _is_json(head.split(b"\n", 1)[0]) and not _is_json(_last_line(file)):
+        return _json_fault(file)  # JSON Lines (its first line is a whole value) whose last line is not
+    return None
+
+
+def _last_line(file: str) -> bytes:
+    """The last non-blank line of ``file``, read from its end; ``b"0"`` (valid JSON) if longer than the window."""
+    with open(file, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        start = max(0, f.tell() - _TAIL_BYTES)
+        f.seek(start)
+        lines = f.read().rstrip().rsplit(b"\n", 1)
+    return lines[-1] if len(lines) == 2 or start == 0 else b"0"
+
+
+def _is_json(raw: bytes) -> bool:
+    """Whether ``raw`` parses as one JSON value."""
+    try:
+        json.loads(raw)
+        return True
+    except ValueError:  # JSONDecodeError or UnicodeDecodeError
+        return False
+
+
+def _text_fault(file: str) -> str | None:
+    """The first line of ``file`` that is not UTF-8, if any."""
+    with open(file, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                return (f"line {n} is not UTF-8 text (byte 0x{raw[err.start]:02x} at column {err.start + 1}; "
+                        "a binary file?)")
+    return None
+
+
+def _json_fault(file: str) -> str | None:
+    """The first fault of a JSON Lines file (or of a whole-file JSON document that starts with ``[``), if any."""
+    with open(file, "rb") as f:
+        if f.read(_SNIFF_BYTES).lstrip().startswith(b"["):
+            try:
+                json.loads(Path(file).read_bytes())
+                return None
+            except ValueError as err:  # JSONDecodeError or UnicodeDecodeError
+                return f"not valid JSON ({_one_line(err)})"
+        f.seek(0)
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw)
+            except UnicodeDecodeError:
+                return _text_fault(file)
+            except json.JSONDecodeError as err:
+                torn = n > 1 and not any(rest.strip() for rest in f)  # rows, then half a row: a cut-off write
+                return f"line {n} is not valid JSON " + ("(torn last line?)" if torn else
+                                                         f"({err.msg} at column {err.colno})")
+            if not isinstance(row, dict):
+                return f"line {n} is a JSON {type(row).__name__}, not an object such as {{\"text\": ...}}"
+    return None
+
+
+def _csv_fault(file: str) -> str | None:
+    """A line of ``file`` that is not UTF-8, or a header with no rows under it."""
+    fault = _text_fault(file)
+    if fault:
+        return fault
+    with open(file, "rb") as f:
+        rows = sum(1 for _ in itertools.islice((raw for raw in f if raw.strip()), 2))
+    return "no rows (a header line at most)" if rows < 2 else None
+
+
+_READERS = {"text": _text_fault, "json": _json_fault, "csv": _csv_fault, "parquet": lambda file: None}
+
+
+def _check_text(ds: datasets.Dataset, path: str, field: str) -> None:
+    """Refuse a corpus whose ``field`` is not strings, is null (or missing) in some rows, or is blank in every row.
+    Arrow does the scans: null counts are stored, and the blank check stops at the first chunk with text."""
+    if len(ds) == 0:
+        raise ValueError(f"data.path={path}: no rows")
+    feature, column = ds.features[field], ds.data.column(field)
+    if column.null_count:
+        first = pc.index(pc.is_null(column), True).as_py()
+        raise ValueError(f"data.path={path}: {column.null_count} of {len(ds)} rows have no text in field {field!r} "
+                         f"(first: row {first + 1}); fill or drop them")
+    if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
+        raise ValueError(f"data.path={path}: field {field!r} holds {feature}, not strings; set data.text_field to a "
+                         f"text column; columns: {ds.column_names}")
+    if not any(pc.any(pc.match_substring_regex(chunk, r"\S")).as_py() for chunk in column.chunks):
+        raise ValueError(f"data.path={path}: no text (field {field!r} is blank in every row)")
+
+
+def _one_line(err: BaseException) -> str:
+    """The innermost cause of ``err`` as ``Type: message`` on one line, at most 300 characters."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    text = " ".join(f"{type(err).__name__}: {err}".split())
+    return text if len(text) <= 300 else text[:297] + "..."

@@ -34,7 +34,10 @@ class HFTokenizer:
 
     @classmethod
     def from_folder(cls, path: str | Path) -> "HFTokenizer":
-        """Load the tokenizer saved in a Hugging Face model folder; `ValueError` if there is none or no transformers."""
+        """Load the tokenizer saved in a Hugging Face model folder; a one-line `ValueError` if the folder is missing,
+        holds no usable tokenizer, or transformers is not installed."""
+        if not Path(path).is_dir():  # else transformers takes the path for a Hub repository id
+            raise ValueError(f"{path}: no such folder (a Hugging Face tokenizer is read from a model folder)")
         try:
             from transformers import AutoTokenizer
         except ImportError as err:
@@ -43,8 +46,9 @@ class HFTokenizer:
         try:
             loaded = AutoTokenizer.from_pretrained(str(path))
         except Exception as err:  # transformers raises OSError, ValueError, TypeError... for missing/odd files
+            reason = " ".join(f"{type(err).__name__}: {err}".split())  # transformers' messages span lines
             raise ValueError(f"{path}: no usable tokenizer files (tokenizer.json, vocab.txt or vocab.json + "
-                             f"merges.txt): {err}") from err
+                             f"merges.txt): {reason}") from err
         return cls(loaded)
 
     @property

@@ -98,7 +98,8 @@ def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 4096, model_type:
 
     Args: vocab_size; model_type ``"unigram"`` or ``"bpe"``; character_coverage in ``[0.98, 1]`` (SentencePiece's
     range; 1.0 for scripts with many characters, e.g. Chinese); byte_fallback (unknown characters become bytes, so
-    nothing is lost); normalization (``"identity"`` keeps text byte-exact). An empty corpus raises `ValueError`.
+    nothing is lost); normalization (``"identity"`` keeps text byte-exact). An empty corpus, a text that is not a
+    str, or a vocab_size above what the text supports (SentencePiece would stop short of it) raises `ValueError`.
     """
     if model_type not in ("unigram", "bpe"):
         raise ValueError(f"tokenizer_type must be 'unigram' or 'bpe', got {model_type!r}")
@@ -111,14 +112,11 @@ def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 4096, model_type:
         raise ValueError(f"character_coverage must be a number in [0.98, 1] (SentencePiece's range), "
                          f"got {character_coverage!r}")
 
-    def lines():
-        for text in texts:
-            for line in text.splitlines():
-                if line.strip():
-                    yield line
-
-    sentences = lines()
+    faults: list[ValueError] = []
+    sentences = _lines(texts, faults)
     first = next(sentences, None)  # SentencePiece fails on an empty corpus with an opaque RuntimeError
+    if faults:
+        raise faults[0]
     if first is None:
         raise ValueError("the tokenizer corpus is empty: texts hold no non-blank line")
     model = io.BytesIO()
@@ -126,15 +124,39 @@ def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 4096, model_type:
         _train(model, itertools.chain([first], sentences), vocab_size, model_type, character_coverage, byte_fallback,
                normalization, max_sentences)
     except RuntimeError as err:
+        if faults:
+            raise faults[0] from None
         if "required_chars" in str(err) or "Vocabulary size" in str(err):
             raise ValueError(f"vocab_size {vocab_size} is too small for character_coverage {character_coverage} on "
                              f"this corpus ({str(err).split('.')[-3].strip()}); raise data.vocab_size or lower "
                              "data.character_coverage (byte_fallback keeps rare characters as bytes)") from None
         raise
-    return Tokenizer(model.getvalue())
+    if faults:
+        raise faults[0]
+    tok = Tokenizer(model.getvalue())
+    if tok.vocab_size < vocab_size:  # the soft limit stops at what the text supports: say so instead of clamping
+        raise ValueError(f"data.vocab_size={vocab_size} is more than this text supports: SentencePiece ({model_type}) "
+                         f"finds at most {tok.vocab_size} pieces in it; set data.vocab_size <= {tok.vocab_size} or "
+                         "train on more text")
+    return tok
+
+
+def _lines(texts: Iterable[str], faults: list[ValueError]):
+    """The non-blank lines of ``texts``. A text that is not a str (a row with a null text field) ends the stream and
+    is noted in ``faults``: an exception raised inside SentencePiece's iterator would come back as a RuntimeError."""
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            hint = " (a row with no text?)" if text is None else ""
+            faults.append(ValueError(f"tokenizer corpus: text {i} is {type(text).__name__}, not str{hint}"))
+            return
+        for line in text.splitlines():
+            if line.strip():
+                yield line
 
 
 def _train(model, sentences, vocab_size, model_type, character_coverage, byte_fallback, normalization, max_sentences):
+    # hard_vocab_limit=False: one pass that stops at the most pieces the text supports (the number SentencePiece's
+    # hard-limit error would quote); train_tokenizer refuses the shortfall rather than clamp data.vocab_size silently
     spm.SentencePieceTrainer.train(
         sentence_iterator=sentences, model_writer=model, vocab_size=vocab_size, model_type=model_type,
         character_coverage=character_coverage, byte_fallback=byte_fallback,
