@@ -134,9 +134,13 @@ def _has_checkpoints(run_dir: Path) -> bool:
 
 def _run_tokenizer(run_dir: Path, cfg):
     """The run folder's tokenizer when it was trained from these data settings (a resumed run), else None (one is
-    trained). One from other settings is refused if checkpoints were trained with it, else replaced."""
+    trained). One from other settings is refused if checkpoints were trained with it, else replaced; checkpoints
+    without their tokenizer are refused."""
     path = run_dir / "tokenizer.model"
     if not path.is_file():
+        if _has_checkpoints(run_dir) and not cfg.data.tokenizer and not (run_dir / "tokenizer").is_dir():
+            raise ValueError(f"{run_dir} holds checkpoints but not the tokenizer.model they were trained with; put "
+                             "it back, or give a new train.run_dir")
         return None
     from flaxformer_lite.data import Tokenizer
     from flaxformer_lite.experiment import to_dict
@@ -177,13 +181,17 @@ def _model_and_task(cfg, data, pretrained, overrides=()):
 
 def _preflight(cfg, pretrained) -> None:
     """Every check that needs no data, run before any corpus is read or tokenizer trained."""
+    import jax
+
     from flaxformer_lite.data import get_objective
+    from flaxformer_lite.data.pipeline import reading_shards
     from flaxformer_lite.training import check_layout
     model_cfg = cfg.model if pretrained is None else pretrained.cfg
     get_objective(cfg.data.objective).check(model_kind=model_cfg.model, seq_len=cfg.train.seq_len)
     if cfg.train.seq_len > model_cfg.max_len:
         raise ValueError(f"train.seq_len ({cfg.train.seq_len}) > model.max_len ({model_cfg.max_len})")
     check_layout(cfg.parallel, cfg.train.batch_size, cfg.optim.grad_accum)
+    reading_shards(cfg.data.shards, cfg.train.batch_size, jax.process_index(), jax.process_count())
 
 
 def _check_resume(run_dir: Path, cfg, skip=()) -> None:
@@ -207,14 +215,24 @@ def _grafter(pretrained, objective):
     return lambda params: graft(params, pretrained.params, "backbone" if objective == "classify" else None)
 
 
-def _write_run_files(run_dir: Path, cfg, data) -> None:
-    """The tokenizer, then config.yaml (so a tokenizer never looks trained from settings it was not), and
-    labels.json: written only once every check has passed."""
+def _write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` aside and rename it into place: a crash leaves the old file or the new, never half."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _write_run_files(run_dir: Path, cfg, data, new_tokenizer: bool) -> None:
+    """The tokenizer (when it is new to the folder), config.yaml and labels.json: written only once every check has
+    passed. A replaced tokenizer goes in with config.yaml removed first, so a crash between the two never leaves a
+    tokenizer beside the settings of another."""
     from flaxformer_lite.experiment import to_dict
-    _save_tokenizer(data.tokenizer, run_dir)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    if new_tokenizer:
+        (run_dir / "config.yaml").unlink(missing_ok=True)
+        _save_tokenizer(data.tokenizer, run_dir)
+    _write_atomic(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
     if data.label_names is not None:
-        (run_dir / "labels.json").write_text(json.dumps(data.label_names) + "\n")
+        _write_atomic(run_dir / "labels.json", json.dumps(data.label_names) + "\n")
     print(f"{data.num_train_examples:,} training examples; tokenizer {data.tokenizer.vocab_size} ids; unigram "
           f"entropy of the training tokens {data.unigram_entropy:.3f} nats (a model that ignores context gets no "
           "lower)")
@@ -231,12 +249,13 @@ def _run(cfg, overrides, run_dir: Path) -> int:
     if pretrained is None:
         _check_resume(run_dir, cfg, skip=TOKENIZER_MODEL_KEYS)
     tokenizer = pretrained.tokenizer if pretrained is not None else _run_tokenizer(run_dir, cfg)
+    new_tokenizer = tokenizer is None or not (run_dir / "tokenizer.model").exists()
     data = build_data(cfg.data, seq_len=cfg.train.seq_len, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
                       process_index=jax.process_index(), process_count=jax.process_count(), tokenizer=tokenizer)
     cfg, model, task = _model_and_task(cfg, data, pretrained, overrides)
     _check_resume(run_dir, cfg)
     if jax.process_index() == 0:
-        _write_run_files(run_dir, cfg, data)
+        _write_run_files(run_dir, cfg, data, new_tokenizer)
     try:
         outcome = train(cfg, model, data, task, sample_fn=_sample_fn(model, data, cfg),
                         warm_start=None if pretrained is None else _grafter(pretrained, cfg.data.objective))
@@ -264,6 +283,8 @@ def _report(outcome) -> int:
 
 
 def main(argv=None) -> int:
+    """The command line: parse, lock the run folder, run; returns the exit status (see `_report`; 2 for a bad
+    setting or file, with one ``train.py: error:`` line)."""
     argv = sys.argv[1:] if argv is None else argv
     args = _parse(argv)
     from flaxformer_lite.experiment import load_config
@@ -277,12 +298,19 @@ def main(argv=None) -> int:
     _init_distributed(cfg.distributed)
     import jax
 
+    from flaxformer_lite.training.parallel import all_processes
     from flaxformer_lite.training.run_lock import RunLock
     run_dir = Path(cfg.train.run_dir)
     lock = RunLock(run_dir) if jax.process_index() == 0 else None  # one run per folder (process 0 holds it)
     try:
+        refused = None
         if lock is not None:
-            lock.acquire()
+            try:
+                lock.acquire()
+            except ValueError as err:
+                refused = err
+        if not all_processes(refused is None):  # every process stops, not process 0 alone
+            raise refused or ValueError(f"train.run_dir {str(run_dir)!r} is in use by another run")
         return _run(cfg, args.overrides, run_dir)
     except ValueError as err:  # bad settings or data, found before (or, like a mesh, while) building the run
         print(f"train.py: error: {err}", file=sys.stderr)

@@ -147,20 +147,29 @@ def test_a_second_run_on_a_live_run_folder_is_refused(corpus, tmp_path, capsys):
     with RunLock(tmp_path):
         assert train_cli.main(overrides(corpus, tmp_path, steps=2)) == 2
         err = capsys.readouterr().err
-        assert f"is in use by process {os.getpid()} on this host" in err and err.count("\n") == 1
+        assert f"is in use by process {os.getpid()} on {socket.gethostname()}" in err and err.count("\n") == 1
         assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]  # nothing written by the refused run
     assert not (tmp_path / ".lock").exists()
 
 
-def test_a_dead_owners_lock_is_taken_over_and_another_hosts_is_not(tmp_path):
-    gone = subprocess.Popen([sys.executable, "-c", "pass"])
-    gone.wait()
-    (tmp_path / ".lock").write_text(json.dumps({"pid": gone.pid, "host": socket.gethostname(), "started": "x"}))
-    with RunLock(tmp_path):
+def test_a_dead_owners_lock_is_taken_over(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", f"""
+import sys, time
+from flaxformer_lite.training.run_lock import RunLock
+RunLock({str(tmp_path)!r}).acquire()
+print("locked", flush=True)
+time.sleep(120)
+"""], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ValueError, match=f"in use by process {holder.pid} on "):
+            RunLock(tmp_path).acquire()
+    finally:
+        holder.kill()  # dies holding the lock, its file left behind
+        holder.wait()
+    assert json.loads((tmp_path / ".lock").read_text())["pid"] == holder.pid
+    with RunLock(tmp_path):  # the kernel released the dead owner's lock
         assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
-    (tmp_path / ".lock").write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": "x"}))
-    with pytest.raises(ValueError, match=r"in use by process 1 on host elsewhere .*delete .*\.lock"):
-        RunLock(tmp_path).acquire()
 
 
 # -- metrics.jsonl ---------------------------------------------------------------------------------------------------
@@ -178,10 +187,15 @@ def test_torn_last_metrics_line_is_dropped_and_other_bad_lines_named(tmp_path, c
 
 
 # -- a run's start ---------------------------------------------------------------------------------------------------
-def test_checks_run_before_the_tokenizer_and_leave_nothing_behind(corpus, tmp_path, capsys):
+def test_checks_run_before_the_tokenizer_and_leave_nothing_behind(corpus, tmp_path, capsys, monkeypatch):
+    def no_training(*args, **kwargs):
+        raise AssertionError("the tokenizer was trained before the check")
+
+    monkeypatch.setattr("flaxformer_lite.data.pipeline.train_tokenizer", no_training)
     for extra, said in ((["train.seq_len=100"], "train.seq_len (100) > model.max_len (64)"),
                         (["model.preset=bert-tiny"], "trains a model.model in ['gpt']"),
-                        (["parallel.mesh=data=3"], "must divide over the 3 batch shards")):
+                        (["parallel.mesh=data=3"], "must divide over the 3 batch shards"),
+                        (["data.shards=3"], "data.shards (3) must be a multiple of the process count")):
         assert train_cli.main(overrides(corpus, tmp_path, extra=extra)) == 2
         assert said in capsys.readouterr().err
         assert list(tmp_path.iterdir()) == []  # no tokenizer, no config, no lock
@@ -208,6 +222,12 @@ def test_resume_skips_a_damaged_newest_checkpoint(corpus, tmp_path, capsys):
     args = overrides(corpus, tmp_path, steps=4, extra=["train.checkpoint_every=2"])
     assert train_cli.main(args) == 0
     first = losses(tmp_path)
+    # another optimizer is another train state: refused, and the intact checkpoints stay where they are
+    assert train_cli.main(overrides(corpus, tmp_path, steps=6, extra=["optim.name=adam"])) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint step 4" in err and "holds another train state than this run builds" in err, err
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2", "4"]
+    assert not (tmp_path / "damaged_checkpoints").exists()
     DAMAGE["truncated data"](tmp_path / "checkpoints" / "4")
     capsys.readouterr()
     assert train_cli.main(overrides(corpus, tmp_path, steps=4, extra=["train.checkpoint_every=2"])) == 0

@@ -50,6 +50,21 @@ def parallel_runs(corpus, tmp_path_factory):
     return out
 
 
+def test_pmap_run_resumes_as_if_uninterrupted(parallel_runs, corpus, tmp_path, capsys):
+    args = lambda steps: overrides(corpus, tmp_path, steps=steps, extra=[*PARALLEL["pmap8"], "train.checkpoint_every=2"])
+    assert train_cli.main(args(2)) == 0
+    assert train_cli.main(args(4)) == 0 and "resuming from step 2" in capsys.readouterr().out
+    np.testing.assert_allclose(losses(tmp_path), parallel_runs["pmap8"][0], rtol=1e-6)
+
+
+def test_every_objective_has_a_model_call_and_its_terms():
+    from flaxformer_lite.data import OBJECTIVES
+    from flaxformer_lite.training.tasks import FORWARD
+    assert set(FORWARD) == set(OBJECTIVES)
+    for objective in OBJECTIVES.values():
+        assert objective.models and objective.terms and len({t.name for t in objective.terms}) == len(objective.terms)
+
+
 @pytest.mark.parametrize("name", [n for n in PARALLEL if n != "data8"])
 def test_parallel_layouts_agree(parallel_runs, name):
     base, _ = parallel_runs["data8"]

@@ -74,6 +74,9 @@ def build_data(data, *, seq_len: int, batch_size: int, seed: int, process_index:
     passed)."""
     objective = get_objective(data.objective)
     objective.check(seq_len=seq_len)
+    role, field = objective.columns[0]
+    if not getattr(data, field):
+        raise ValueError(f"data.{field} must name the column of the text for data.objective={data.objective!r}")
     fields = [(role, getattr(data, field), field) for role, field in objective.columns if getattr(data, field)]
     ds = load_corpus(data.path, data.format, fields[0][1])
     fields[0] = (fields[0][0], "text", fields[0][2])  # load_corpus names the text column "text"

@@ -76,9 +76,9 @@ def _lm_pool(prefix: bool):
 
 
 def _mlm_pool(data, columns, seq_len, ids):
-    step = seq_len - MLM_SPECIAL_TOKENS
-    chunks = [d[i:i + step] for d in columns["text"] for i in range(0, len(d), step)
-              if len(d[i:i + step]) >= MLM_MIN_CHUNK]
+    stride = seq_len - MLM_SPECIAL_TOKENS
+    chunks = [d[i:i + stride] for d in columns["text"] for i in range(0, len(d), stride)
+              if len(d[i:i + stride]) >= MLM_MIN_CHUNK]
     return len(chunks), lambda idx, rngs: objectives.bert_mlm_nsp(chunks, idx, rngs, seq_len, ids,
                                                                     data.mlm_probability)
 
@@ -127,7 +127,7 @@ def get_objective(name: str) -> Objective:
 
 
 def term_weights(objective: Objective, batch: dict) -> dict:
-    """``{term: weight}`` of one batch: scored positions (mask sums) or examples, from the batch alone. Works on
-    NumPy and JAX arrays alike (``np.sum`` dispatches)."""
+    """``{term: weight}`` of one batch (a dict of ``[b, ...]`` arrays): scored positions (the sum of a ``[b, l]``
+    mask) or examples (``b``), from the batch alone; scalars. Works on NumPy and JAX arrays alike."""
     return {t.name: (np.float32(batch[t.weight_key].shape[0]) if t.per_example else batch[t.weight_key].sum())
             for t in objective.terms}

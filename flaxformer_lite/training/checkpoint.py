@@ -19,6 +19,8 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
+from .parallel import all_processes
+
 
 class Checkpoints:
     """Checkpoints of one run under ``directory``. Attributes: manager (the `ocp.CheckpointManager`)."""
@@ -57,25 +59,44 @@ class Checkpoints:
 
     def restore_latest(self, target, shardings=None):
         """``(state, meta)`` of the newest checkpoint that reads back whole (see `restore`), or None when there is
-        none. Damaged ones are warned about and moved aside; `ValueError` if every one is damaged."""
+        none. One that cannot be read, even on its own terms, is warned about and moved aside, and the next older
+        one tried; `ValueError` if none can be read, or if one reads on its own but not as ``target`` (the run's
+        optimizer or model settings changed). Every process takes the same decision (a collective)."""
         steps = sorted(self.manager.all_steps(), reverse=True)
         for step in steps:
+            found, err = None, None
             try:
-                return self.restore(step, target, shardings)
-            except Exception as err:  # noqa: BLE001  Orbax/TensorStore raise many types for one damaged file
-                self._set_aside(step, err)
+                found = self.restore(step, target, shardings)
+            except Exception as e:  # noqa: BLE001  Orbax/TensorStore raise many types for one damaged file
+                err = e
+            if all_processes(found is not None):
+                return found
+            if all_processes(self._readable(step)):
+                raise ValueError(f"checkpoint step {step} ({self.directory / str(step)}) holds another train state "
+                                 f"than this run builds ({_one_line(err) if err else 'on another process'}): the "
+                                 "optimizer or model settings differ from the run's config.yaml; resume with those, "
+                                 "or give a new train.run_dir")
+            self._set_aside(step, err)
         if steps:
             raise ValueError(f"no checkpoint in {self.directory} can be read (steps {steps} are damaged; moved to "
                              f"{self._aside_dir()}); start over with a new train.run_dir")
         return None
 
+    def _readable(self, step: int) -> bool:
+        """Whether ``step`` reads back whole with its own structure (on one device)."""
+        try:
+            self._params_of(step)
+            return True
+        except Exception:  # noqa: BLE001
+            return False
+
     def _aside_dir(self) -> Path:
         return self.directory.parent / "damaged_checkpoints"
 
-    def _set_aside(self, step: int, err: Exception) -> None:
+    def _set_aside(self, step: int, err: Exception | None) -> None:
         """Warn about damaged checkpoint ``step`` and move it out of the way (process 0), keeping its files."""
         where = self.directory / str(step)
-        _warn(f"checkpoint step {step} cannot be read ({where}: {_one_line(err)}); "
+        _warn(f"checkpoint step {step} cannot be read ({where}: {_one_line(err) if err else 'on another process'}); "
               f"{'using an older one' if len(self.manager.all_steps()) > 1 else 'none older'}")
         if jax.process_index() == 0 and where.exists():
             dest = self._aside_dir() / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -111,7 +132,7 @@ class Checkpoints:
         raise ValueError(f"no checkpoint in {self.directory} can be read (steps {steps} are damaged)")
 
     def _params_of(self, step: int):
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         saved = self.manager.item_metadata(step)["state"]
         target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved)
         state, meta = self.restore(step, target)

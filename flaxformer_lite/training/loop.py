@@ -22,6 +22,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from .checkpoint import Checkpoints
 from .metrics import MetricsLog, count_params, flops_per_token, matmul_ceiling, summarize
 from .optimizer import make_optimizer
+from .parallel import all_processes
 from .step import make_step
 
 console = Console()
@@ -114,7 +115,7 @@ def train(cfg, model, data, task, *, sample_fn=None, warm_start=None) -> Outcome
         for step in range(start, tc.steps):
             metrics = step_fn(data.train.batch(step))
             done = step + 1
-            stopping = stop.requested  # read once: a signal arriving later in this step is handled next step
+            stopping = _agreed_stop(stop.requested, done, tc.log_every)
             last = done == tc.steps or stopping
             if done % tc.log_every == 0 or last:
                 last_metrics = _log_step(step_fn.host_metrics(metrics), done, ckpt, schedule, speed)
@@ -133,6 +134,14 @@ def train(cfg, model, data, task, *, sample_fn=None, warm_start=None) -> Outcome
     if sample_fn is not None and not stopped and jax.process_index() == 0:
         _write_samples(run_dir, sample_fn(step_fn.params()))
     return Outcome(done, stopped, last_metrics, last_eval, ckpt.unsaved)
+
+
+def _agreed_stop(requested: bool, done: int, log_every: int) -> bool:
+    """Whether to stop after step ``done``: at once in a single process; in several, decided together at log steps
+    (a collective), so that every process stops at the same step and saves the same checkpoint."""
+    if jax.process_count() == 1:
+        return requested
+    return done % log_every == 0 and not all_processes(not requested)
 
 
 class _Speed:

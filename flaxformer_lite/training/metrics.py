@@ -3,6 +3,7 @@ measured in this process (for MFU), and turning a step's sums into readable numb
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ class MetricsLog:
 
     def __init__(self, path: str | Path, resume_from: int = 0, enabled: bool = True):
         self.path, self.enabled, self.tb = Path(path), enabled, None
+        self.failed = False  # a write failed (e.g. a full disk): said once, then the run goes on
         if not enabled:
             return
         try:
@@ -31,19 +33,27 @@ class MetricsLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
             kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_from]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            os.replace(tmp, self.path)  # a kill now leaves the old file or the new, never half
 
     def write(self, record: dict) -> None:
         """Append one record."""
         if not self.enabled:
             return
-        with self.path.open("a") as f:
-            f.write(json.dumps({k: _plain(v) for k, v in record.items()}) + "\n")
-        if self.tb is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(_plain(value), (int, float)):
-                    self.tb.add_scalar(key, _plain(value), record.get("step", 0))
-            self.tb.flush()
+        try:
+            with self.path.open("a") as f:
+                f.write(json.dumps({k: _plain(v) for k, v in record.items()}) + "\n")
+            if self.tb is not None:
+                for key, value in record.items():
+                    if key != "step" and isinstance(_plain(value), (int, float)):
+                        self.tb.add_scalar(key, _plain(value), record.get("step", 0))
+                self.tb.flush()
+        except OSError as err:
+            if not self.failed:
+                print(f"warning: {self.path.parent}: cannot write metrics ({err.strerror or err}); the run goes on",
+                      file=sys.stderr)
+            self.failed = True
 
     def close(self) -> None:
         """Close the TensorBoard writer, if any."""
@@ -65,7 +75,10 @@ def read_metrics(path: str | Path) -> list[dict]:
     records = []
     for i, line in lines:
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise json.JSONDecodeError("not an object", line, 0)
+            records.append(record)
         except json.JSONDecodeError:
             if i != lines[-1][0]:
                 raise ValueError(f"{path}: line {i} is not a JSON record; fix or remove that line") from None

@@ -82,6 +82,15 @@ def init_state(init_fn, tx, rng, mesh: Mesh):
     return state, shardings
 
 
+def all_processes(flag: bool) -> bool:
+    """True when ``flag`` is True in every process (a collective: every process must call it); ``flag`` itself in
+    a single-process run. For decisions that must not differ between hosts (stop now, a checkpoint is readable)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+    return bool(np.all(multihost_utils.process_allgather(np.int32(bool(flag)))))
+
+
 def replicate(tree, num_devices: int) -> Any:
     """A copy of every leaf per device, stacked on a new leading axis (the pmap layout). Built from host copies so
     that pmap places them itself, whatever sharding the leaves had."""

@@ -1,26 +1,18 @@
-"""One run per run folder: a lock file (``<run>/.lock``, JSON with the owner's pid, host and start time) taken
-before anything in the folder is written and removed when the run ends.
+"""One run per run folder: an exclusive `flock` on ``<run>/.lock``, taken before anything in the folder is written.
 
-A live owner on this host, or any owner on another host (whose liveness cannot be checked from here), makes a
-second run fail with a one-line `ValueError`; a lock left by a dead process on this host is taken over.
+The kernel releases the lock when its process ends, however it ends (SIGKILL, a crash, a preempted node), so a
+dead run never blocks the next one. The file also names the owner (pid, host, start time) for the message a second
+run gets, and is removed when the run ends. On a shared filesystem the lock holds across hosts where the
+filesystem supports `flock` (local disks, NFSv4, Lustre with ``flock``).
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
 import time
 from pathlib import Path
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
 
 
 class RunLock:
@@ -30,46 +22,43 @@ class RunLock:
 
     def __init__(self, run_dir: str | Path):
         self.path = Path(run_dir) / ".lock"
-        self._held = False
+        self._fd: int | None = None
 
     def acquire(self) -> None:
-        """Take the lock, or raise `ValueError` naming the owner while it lives."""
+        """Take the lock, or raise `ValueError` naming the run that holds it."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-        for _ in range(2):  # at most one stale lock to clear
+        for _ in range(5):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                self._clear_stale_or_refuse()
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            self._held = True
-            return
-        raise ValueError(f"{self.path.parent} is being taken by another run at this moment; try again")
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise ValueError(self._held_message()) from None
+            if _same_file(fd, self.path):  # not a file its previous owner unlinked while we opened it
+                break
+            os.close(fd)
+        else:
+            raise ValueError(f"{self.path} keeps changing under this run; is another run starting there?")
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                 "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
+        self._fd = fd
 
-    def _clear_stale_or_refuse(self) -> None:
+    def _held_message(self) -> str:
         try:
             owner = json.loads(self.path.read_text())
-            pid, host = int(owner["pid"]), str(owner["host"])
-        except (OSError, ValueError, KeyError, TypeError):  # torn by a crash between create and write
-            if time.time() - _mtime(self.path) < 5:
-                raise ValueError(f"{self.path.parent} is being taken by another run at this moment") from None
-            self.path.unlink(missing_ok=True)
-            return
-        if host == socket.gethostname() and not _alive(pid):
-            self.path.unlink(missing_ok=True)  # its owner died without releasing it
-            return
-        where = "this host" if host == socket.gethostname() else f"host {host}"
-        raise ValueError(f"train.run_dir {str(self.path.parent)!r} is in use by process {pid} on {where} (since "
-                         f"{owner.get('started', '?')}); wait for it, stop it, or use another train.run_dir"
-                         + ("" if where == "this host" else f" (if that run is gone, delete {self.path})"))
+            who = f"process {owner['pid']} on {owner['host']} (since {owner['started']})"
+        except (OSError, ValueError, KeyError, TypeError):
+            who = "another run"
+        return (f"train.run_dir {str(self.path.parent)!r} is in use by {who}; wait for it, stop it, or use another "
+                "train.run_dir")
 
     def release(self) -> None:
-        """Remove the lock if this object holds it."""
-        if self._held:
-            self.path.unlink(missing_ok=True)
-            self._held = False
+        """Remove the lock file and release the lock, if this object holds it."""
+        if self._fd is not None:
+            self.path.unlink(missing_ok=True)  # while still locked: a waiting run then opens a new file
+            os.close(self._fd)
+            self._fd = None
 
     def __enter__(self):
         self.acquire()
@@ -79,8 +68,8 @@ class RunLock:
         self.release()
 
 
-def _mtime(path: Path) -> float:
+def _same_file(fd: int, path: Path) -> bool:
     try:
-        return path.stat().st_mtime
-    except OSError:
-        return 0.0
+        return os.fstat(fd).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        return False

@@ -36,7 +36,9 @@ def _micro_batches(batch: dict, accum: int) -> dict:
 
 
 def grads_and_sums(task, params, batch, rng, accum: int, weights: dict):
-    """Gradients of `total_loss` and the per-term sums of one step, accumulated over ``accum`` micro-batches."""
+    """Gradients of `total_loss` (a tree like ``params``) and the per-term sums (``{term: {"loss", "nll",
+    "correct"}}`` scalars) of one step on ``batch`` (``[b, ...]`` arrays), accumulated over ``accum`` micro-batches
+    of ``b / accum`` rows; ``weights`` (``{term: scalar}``) are the whole batch's, so the micro-batches add up."""
     def loss(p, b, r):
         sums = task.sums(p, b, r, True)
         return total_loss(sums, weights), sums
@@ -61,7 +63,8 @@ def grads_and_sums(task, params, batch, rng, accum: int, weights: dict):
 
 
 def apply_update(tx, state: dict, grads, sums: dict, weights: dict) -> tuple[dict, dict]:
-    """One optimizer update: the new state and the step's metrics (loss, grad norm, per-term sums and weights)."""
+    """One optimizer update: the new state and the step's metrics, scalars: ``loss``, ``grad_norm``,
+    ``<term>_<loss|nll|correct>`` sums and ``<term>_weight``."""
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     loss = total_loss(sums, weights)
     new = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state, "step": state["step"] + 1,
@@ -105,7 +108,8 @@ class JitStep:
             lambda x: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(x)), rows)
 
     def __call__(self, rows: dict) -> dict:
-        """Run one step on this process's rows of the batch; returns the step's metrics (device arrays)."""
+        """Run one step on this process's rows of the batch (``[b / processes, ...]`` NumPy arrays); returns the
+        step's metrics (device scalars, see `apply_update`)."""
         self.state, metrics = self.compiled(self.state, self.to_device(rows))
         return metrics
 
@@ -136,7 +140,8 @@ class JitStep:
         self.state["params"] = jax.tree_util.tree_map(place, new, self.state["params"], self.shardings["params"])
 
     def eval_sums(self, rows: dict):
-        """Deterministic per-term sums and weights of one evaluation batch."""
+        """Deterministic per-term sums and weights (scalars) of one evaluation batch, given as this process's rows
+        (``[b / processes, ...]``)."""
         return self._eval(self.state["params"], self.to_device(rows))
 
 
@@ -148,12 +153,13 @@ class PmapStep:
 
     def __init__(self, task, tx, init_fn: Callable, rng, accum: int = 1):
         self.task, self.n = task, jax.local_device_count()
-        single, _ = init_state(init_fn, tx, rng, make_mesh("data=1", jax.devices()[:1]))
+        single, _ = init_state(init_fn, tx, rng, make_mesh("data=1", jax.local_devices()[:1]))
         self.state = replicate(single, self.n)
 
         def step(state, batch):
             weights = jax.tree_util.tree_map(lambda w: jax.lax.psum(w, "data"), task.weights(batch))
-            rng = jax.random.fold_in(state["rng"], state["step"])
+            # each device its own dropout: its rows are other examples
+            rng = jax.random.fold_in(jax.random.fold_in(state["rng"], state["step"]), jax.lax.axis_index("data"))
             grads, sums = grads_and_sums(task, state["params"], batch, rng, accum, weights)
             grads, sums = jax.lax.psum((grads, sums), "data")
             return apply_update(tx, state, grads, sums, weights)
@@ -182,7 +188,8 @@ class PmapStep:
     def restore(self, ckpt: Checkpoints) -> dict | None:
         """Load the newest intact checkpoint (onto one device, then replicated); its meta, or None."""
         single = unreplicate(self.state)
-        found = ckpt.restore_latest(single, jax.tree_util.tree_map(lambda _: jax.devices()[0], single))
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        found = ckpt.restore_latest(single, jax.tree_util.tree_map(lambda _: device, single))
         if found is None:
             return None
         single, meta = found
