@@ -253,3 +253,20 @@ def test_garbage_init_from_weights_and_binary_config_are_one_line_errors(corpus,
     assert train_cli.main(["--config", str(binary)]) == 2
     err = capsys.readouterr().err
     assert f"--config {binary}: not a text file" in err and err.count("\n") == 1, err
+
+
+def test_a_pickle_that_holds_more_than_tensors_is_refused_in_one_line(tmp_path):
+    torch = pytest.importorskip("torch")
+    import datetime
+
+    import flaxformer_lite as ffl
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
+                                                      "vocab_size": 100, "n_embd": 32, "n_layer": 1, "n_head": 2,
+                                                      "n_positions": 64}))
+    torch.save({"wte.weight": torch.zeros(100, 32), "when": datetime.datetime(2026, 1, 1)},
+               tmp_path / "pytorch_model.bin")  # a global weights-only loading refuses
+    with pytest.raises(ValueError) as info:
+        ffl.interop.load_hf(tmp_path)
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path / 'pytorch_model.bin'}: not loaded") and "\n" not in message
+    assert "weights_only=False" not in message and "only weights-only pickles are read" in message
