@@ -1,0 +1,227 @@
+"""The token store: a corpus tokenized once into a folder, then read through `np.memmap`, so that starting or
+resuming a run costs the same whatever the corpus size (nanoGPT's flat token file, levanter's document offsets).
+
+A store folder holds:
+- ``tokens.bin``: every document's ids followed by the end-of-sequence id, back to back (uint16 when the vocabulary
+  fits, else uint32);
+- ``offsets.npy``: int64 ``[documents + 1]``, where document i starts (``offsets[-1]`` = the token count);
+- ``counts.npy``: int64 ``[vocab]``, how often each id occurs (the unigram statistics);
+- ``manifest.json``: format version, tokenizer hash, vocabulary size, dtype, end id, counts, and the source's
+  fingerprint (paths, sizes and modification times, or a hub name and revision). Written last.
+
+Writing is streaming (memory bounded by a few blocks of documents, never by the corpus), parallel over worker
+processes (SentencePiece encoding is the bottleneck), shown with a progress bar (MB/s, ETA), and atomic: the folder
+is built under a temporary name and renamed into place, so a killed prepare never leaves a store that looks
+complete. Shape key: n tokens, m documents, v vocab.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+BLOCK_DOCS = 512  # documents per unit of work sent to an encoding process
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    """What a store holds and where it came from (see the module docstring)."""
+
+    format_version: int
+    tokenizer_sha256: str
+    vocab_size: int
+    eos_id: int
+    dtype: str
+    documents: int
+    tokens: int
+    text_bytes: int
+    source: dict
+
+    @classmethod
+    def read(cls, folder: str | Path) -> "Manifest":
+        """The manifest of the store in ``folder``; `ValueError` if there is none or it is not one."""
+        path = Path(folder) / MANIFEST
+        try:
+            values = json.loads(path.read_text())
+            return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)})
+        except FileNotFoundError:
+            raise ValueError(f"{folder} is not a token store (no {MANIFEST}); prepare it again") from None
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{path}: not a token store manifest ({type(err).__name__}); prepare it again") from None
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The narrowest unsigned dtype that holds every id of a vocabulary."""
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file (a tokenizer model), hex."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+class TokenStore:
+    """A prepared store, memory-mapped: ``tokens [n]``, ``offsets [m + 1]``, ``counts [v]`` and the manifest.
+    Opening costs the same for any corpus size; nothing is read until it is indexed."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.manifest = Manifest.read(self.folder)
+        if self.manifest.format_version != FORMAT_VERSION:
+            raise ValueError(f"{self.folder}: token store format {self.manifest.format_version}, this version reads "
+                             f"{FORMAT_VERSION}; prepare it again")
+        try:
+            self.tokens = np.memmap(self.folder / "tokens.bin", dtype=self.manifest.dtype, mode="r")
+            self.offsets = np.load(self.folder / "offsets.npy", mmap_mode="r")
+            self.counts = np.load(self.folder / "counts.npy")
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{self.folder}: a store file is missing or damaged ({err}); prepare it again") from None
+        if len(self.tokens) != self.manifest.tokens or len(self.offsets) != self.manifest.documents + 1:
+            raise ValueError(f"{self.folder}: the token files do not match the manifest (a damaged or half-copied "
+                             "store); prepare it again")
+
+    @property
+    def num_documents(self) -> int:
+        return self.manifest.documents
+
+    def document(self, i: int) -> np.ndarray:
+        """Document ``i``'s ids, without its end id (a view into the memmap)."""
+        return self.tokens[self.offsets[i]:self.offsets[i + 1] - 1]
+
+    def unigram_entropy(self) -> float:
+        """Entropy (nats) of the token frequencies, end ids included."""
+        p = self.counts[self.counts > 0] / max(int(self.counts.sum()), 1)
+        return float(-(p * np.log(p)).sum())
+
+
+# -- writing -----------------------------------------------------------------------------------------------------
+_WORKER: dict = {}
+
+
+def _init_worker(model_proto: bytes) -> None:
+    from .tokenizer import Tokenizer
+    _WORKER["tok"] = Tokenizer(model_proto)
+
+
+def _encode_block(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """One block of documents -> (flat ids, each followed by the end id; document lengths with it), int64."""
+    tok = _WORKER["tok"]
+    docs = tok.encode_batch(texts)
+    lengths = np.fromiter((len(d) + 1 for d in docs), np.int64, len(docs))
+    flat = np.full(int(lengths.sum()), tok.eos_id, np.int64)
+    ends = np.cumsum(lengths)
+    for doc, end, n in zip(docs, ends, lengths):
+        flat[end - n:end - 1] = doc
+    return flat, lengths
+
+
+def _blocks(texts: Iterable[str], size: int) -> Iterator[list[str]]:
+    block = []
+    for text in texts:
+        block.append(text)
+        if len(block) == size:
+            yield block
+            block = []
+    if block:
+        yield block
+
+
+def _encoded(blocks: Iterator[list[str]], model_proto: bytes, workers: int):
+    """(texts, (flat, lengths)) per block, in order; at most ``2 * workers`` blocks in flight (bounded memory)."""
+    if workers <= 1:
+        _init_worker(model_proto)
+        for block in blocks:
+            yield block, _encode_block(block)
+        return
+    ctx = multiprocessing.get_context("spawn")  # no fork: the parent may hold JAX's threads
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(model_proto,)) as pool:
+        pending: collections.deque = collections.deque()
+        for block in blocks:
+            pending.append((block, pool.apply_async(_encode_block, (block,))))
+            if len(pending) >= 2 * workers:
+                texts, result = pending.popleft()
+                yield texts, result.get()
+        while pending:
+            texts, result = pending.popleft()
+            yield texts, result.get()
+
+
+def write_store(texts: Iterable[str], tokenizer_path: str | Path, folder: str | Path, *, source: dict,
+                workers: int | None = None, total_bytes: int | None = None, progress: bool = True) -> TokenStore:
+    """Tokenize ``texts`` (one document each, streamed) with the SentencePiece model at ``tokenizer_path`` into a
+    store at ``folder``, atomically. ``source`` (JSON-able) is recorded as the corpus fingerprint; ``total_bytes``
+    (the corpus size, if known) gives the progress bar its ETA. An existing store at ``folder`` is replaced only
+    once the new one is complete. `ValueError` for a corpus with no text or a full disk."""
+    from .tokenizer import Tokenizer
+    folder = Path(folder)
+    proto = Path(tokenizer_path).read_bytes()
+    tok = Tokenizer(proto)
+    dtype = token_dtype(tok.vocab_size)
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        stats = _write_tokens(texts, proto, tmp, dtype, tok.vocab_size, workers or os.cpu_count() or 1,
+                              total_bytes, progress)
+        if stats["tokens"] == stats["documents"]:
+            raise ValueError(f"the corpus for {folder} has no text to tokenize (every document is empty)")
+        manifest = Manifest(FORMAT_VERSION, hashlib.sha256(proto).hexdigest(), tok.vocab_size, tok.eos_id,
+                            dtype.name, stats["documents"], stats["tokens"], stats["text_bytes"], source)
+        (tmp / MANIFEST).write_text(json.dumps(dataclasses.asdict(manifest), indent=1) + "\n")
+        _replace(tmp, folder)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ValueError(f"could not write the token store {folder} ({err.strerror or err}); free some space or "
+                         "choose another folder: nothing else was changed") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return TokenStore(folder)
+
+
+def _write_tokens(texts, proto, tmp: Path, dtype, vocab_size: int, workers: int, total_bytes, progress) -> dict:
+    """Stream the encoded blocks into ``tmp``'s token file; write offsets and counts. Returns the totals."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+    counts = np.zeros(vocab_size, np.int64)
+    lengths_parts, stats = [], {"documents": 0, "tokens": 0, "text_bytes": 0}
+    bar = Progress(TextColumn("tokenizing"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                   TimeRemainingColumn(), disable=not progress, transient=True)
+    with open(tmp / "tokens.bin", "wb") as out, bar:
+        task = bar.add_task("tokenize", total=total_bytes)
+        for block, (flat, lengths) in _encoded(_blocks(texts, BLOCK_DOCS), proto, workers):
+            out.write(flat.astype(dtype).tobytes())
+            counts += np.bincount(flat, minlength=vocab_size)[:vocab_size]
+            lengths_parts.append(lengths)
+            size = sum(len(t.encode("utf-8", "replace")) for t in block)
+            stats["documents"] += len(lengths)
+            stats["tokens"] += len(flat)
+            stats["text_bytes"] += size
+            bar.update(task, advance=size)
+        out.flush()
+        os.fsync(out.fileno())
+    lengths = np.concatenate(lengths_parts) if lengths_parts else np.zeros(0, np.int64)
+    np.save(tmp / "offsets.npy", np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+    np.save(tmp / "counts.npy", counts)
+    return stats
+
+
+def _replace(tmp: Path, folder: Path) -> None:
+    """Rename the finished ``tmp`` into ``folder``; an old store there is moved away first, then removed."""
+    old = None
+    if folder.exists():
+        old = folder.with_name(f"{folder.name}.old-{os.getpid()}-{int(time.time())}")
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
