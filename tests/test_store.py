@@ -95,3 +95,48 @@ def test_a_full_disk_is_a_clear_error_and_keeps_nothing_half_written(tokenizer, 
         assert list(disk.iterdir()) == []
     finally:
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+# -- lazy packing: windows of the flat stream ------------------------------------------------------------------------
+def test_window_pool_reads_the_windows_it_promises():
+    from flaxformer_lite.data.windows import WindowPool
+    tokens = np.arange(100, dtype=np.uint16)
+    pool = WindowPool(tokens, 10, 60, length=9, stride=8)  # windows inside [10, 60): starts 10, 18, ..., 50
+    assert len(pool) == 6
+    got = pool.rows([0, 5, 2])
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, [list(range(s, s + 9)) for s in (10, 50, 26)])
+    assert len(WindowPool(tokens, 0, 5, length=9, stride=8)) == 0
+
+
+def test_stream_windows_score_every_target_within_its_document():
+    from flaxformer_lite.data.windows import DocumentChunks, WindowPool, causal_lm_windows
+    eos = 0
+    row = np.array([[7, 8, eos, 3, 4, 5, eos, 9, 6]])  # a document's tail, a whole one, the head of a third
+    batch = causal_lm_windows(row, eos)
+    np.testing.assert_array_equal(batch["tokens"], [[7, 8, eos, 3, 4, 5, eos, 9]])
+    np.testing.assert_array_equal(batch["targets"], [[8, eos, 3, 4, 5, eos, 9, 6]])
+    # the end id opens the next document: it predicts that document's first token, from nothing before it
+    np.testing.assert_array_equal(batch["segment_ids"], [[1, 1, 2, 2, 2, 2, 3, 3]])
+    assert batch["loss_mask"].all()
+    chunks = DocumentChunks(WindowPool(row[0], 0, 9, length=9, stride=9), eos)
+    assert len(chunks) == 1 and chunks[0] == [3, 4, 5]  # the longest piece without an end id
+
+
+@pytest.mark.parametrize("name", ["causal_lm", "prefix_lm", "mlm", "span_corruption"])
+def test_stream_pools_make_the_batches_of_their_objective(store, tokenizer, name):
+    from flaxformer_lite.data import OBJECTIVES, special_ids
+    from flaxformer_lite.experiment import DataConfig
+    tok, data, objective = tokenizer[1], DataConfig(objective=name), OBJECTIVES[name]
+    ids = special_ids(tok)
+    size, make = objective.stream_pool(data, store.tokens, 0, store.manifest.tokens, 32, ids)
+    assert 0 < size <= store.manifest.tokens // 29
+    rngs = lambda: [np.random.default_rng(i) for i in range(4)]
+    got = make(np.array([0, 3, size - 1, 3]), rngs())
+    docs = [store.document(i).tolist() for i in range(store.num_documents)]
+    old = objective.make_pool(data, {"text": docs}, 32, ids)[1](np.arange(4), rngs())
+    assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in old.items()}
+    for key in got:
+        assert got[key].dtype == old[key].dtype, key
+    np.testing.assert_array_equal(got["tokens" if "tokens" in got else "src"][1],
+                                  make(np.array([3]), rngs()[1:2])["tokens" if "tokens" in got else "src"][0])

@@ -45,7 +45,12 @@ def causal_lm(rows: np.ndarray, segments: np.ndarray) -> dict:
 def prefix_lm(rows: np.ndarray, segments: np.ndarray, rngs: list[np.random.Generator], fraction: float) -> dict:
     """Causal LM batch plus ``prefix_lengths [b]`` drawn uniformly from ``[1, 2 * fraction * l]``; targets inside
     the prefix carry no loss (the prefix is context, seen bidirectionally)."""
-    batch = causal_lm(rows, segments)
+    return with_prefix(causal_lm(rows, segments), rngs, fraction)
+
+
+def with_prefix(batch: dict, rngs: list[np.random.Generator], fraction: float) -> dict:
+    """A causal LM batch made prefix-LM: ``prefix_lengths [b]`` drawn uniformly from ``[1, 2 * fraction * l]``, and
+    no loss on targets inside the prefix."""
     l = batch["tokens"].shape[1]
     hi = max(2, min(l, int(round(2 * fraction * l))))
     prefix = np.array([g.integers(1, hi) for g in rngs], np.int32)

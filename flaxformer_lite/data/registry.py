@@ -16,6 +16,7 @@ import numpy as np
 
 from . import objectives
 from .packing import pack_documents
+from .windows import DocumentChunks, WindowPool, causal_lm_windows
 
 MLM_SPECIAL_TOKENS = 3  # [CLS] A [SEP] B [SEP]
 MLM_MIN_CHUNK = 8  # MLM makes examples only of document chunks this long (shorter tails are dropped)
@@ -44,6 +45,9 @@ class Objective:
         ``label`` role is kept as is; an optional column's field may be empty in the config.
       make_pool: ``(data config, {role: encoded column}, seq_len, special ids) -> (examples, make_batch)``,
         ``make_batch(example indices, NumPy generators) -> batch dict``.
+      stream_pool: the same from a token store's flat stream, read lazily: ``(data config, tokens, start, stop,
+        seq_len, special ids) -> (examples, make_batch)`` over the token range ``[start, stop)``; None for the
+        objectives of small labelled data (seq2seq, classify), which keep ``make_pool``.
       prompt_key: the batch key whose first tokens prompt the samples written at the end, or None (no samples).
       min_seq_len: the shortest ``train.seq_len`` it can make examples of.
     """
@@ -53,6 +57,7 @@ class Objective:
     terms: tuple[Term, ...]
     columns: tuple[tuple[str, str], ...]
     make_pool: Callable
+    stream_pool: Callable | None = None
     prompt_key: str | None = None
     min_seq_len: int = 2
 
@@ -100,16 +105,40 @@ def _classify_pool(data, columns, seq_len, ids):
     return len(examples), lambda idx, rngs: objectives.classification([examples[i] for i in idx], seq_len, ids)
 
 
+def _lm_stream(prefix: bool):
+    def make(data, tokens, start, stop, seq_len, ids):
+        pool = WindowPool(tokens, start, stop, seq_len + 1, seq_len)  # each token a target once
+        if not prefix:
+            return len(pool), lambda idx, rngs: causal_lm_windows(pool.rows(idx), ids.eos)
+        return len(pool), lambda idx, rngs: objectives.with_prefix(causal_lm_windows(pool.rows(idx), ids.eos), rngs,
+                                                                   data.prefix_fraction)
+    return make
+
+
+def _mlm_stream(data, tokens, start, stop, seq_len, ids):
+    stride = seq_len - MLM_SPECIAL_TOKENS
+    chunks = DocumentChunks(WindowPool(tokens, start, stop, stride, stride), ids.eos)
+    return len(chunks), lambda idx, rngs: objectives.bert_mlm_nsp(chunks, idx, rngs, seq_len, ids,
+                                                                    data.mlm_probability)
+
+
+def _span_stream(data, tokens, start, stop, seq_len, ids):
+    pool = WindowPool(tokens, start, stop, seq_len, seq_len)
+    return len(pool), lambda idx, rngs: objectives.span_corruption(pool.rows(idx), rngs, ids, data.noise_density,
+                                                                   data.mean_span_length)
+
+
 _LM = (Term("lm", "loss_mask"),)
 _SEQ2SEQ = (Term("lm", "tgt_mask"),)
 _TEXT = (("text", "text_field"),)
 
 OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
-    Objective("causal_lm", ("gpt",), _LM, _TEXT, _lm_pool(prefix=False), prompt_key="tokens"),
-    Objective("prefix_lm", ("gpt",), _LM, _TEXT, _lm_pool(prefix=True), prompt_key="tokens"),
+    Objective("causal_lm", ("gpt",), _LM, _TEXT, _lm_pool(prefix=False), _lm_stream(prefix=False),
+              prompt_key="tokens"),
+    Objective("prefix_lm", ("gpt",), _LM, _TEXT, _lm_pool(prefix=True), _lm_stream(prefix=True), prompt_key="tokens"),
     Objective("mlm", ("bert",), (Term("mlm", "mlm_mask"), Term("nsp", "nsp_labels", per_example=True)), _TEXT,
-              _mlm_pool, min_seq_len=MLM_MIN_CHUNK + MLM_SPECIAL_TOKENS),
-    Objective("span_corruption", ("encoder_decoder",), _SEQ2SEQ, _TEXT, _span_pool, prompt_key="src"),
+              _mlm_pool, _mlm_stream, min_seq_len=MLM_MIN_CHUNK + MLM_SPECIAL_TOKENS),
+    Objective("span_corruption", ("encoder_decoder",), _SEQ2SEQ, _TEXT, _span_pool, _span_stream, prompt_key="src"),
     Objective("seq2seq", ("encoder_decoder",), _SEQ2SEQ, (("text", "source_field"), ("target", "target_field")),
               _seq2seq_pool),
     # fine-tuning: a SequenceClassifier over this backbone
