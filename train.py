@@ -191,7 +191,11 @@ def _preflight(cfg, pretrained) -> None:
     if cfg.train.seq_len > model_cfg.max_len:
         raise ValueError(f"train.seq_len ({cfg.train.seq_len}) > model.max_len ({model_cfg.max_len})")
     check_layout(cfg.parallel, cfg.train.batch_size, cfg.optim.grad_accum)
-    reading_shards(cfg.data.shards, cfg.train.batch_size, jax.process_index(), jax.process_count())
+    if get_objective(cfg.data.objective).stream_pool is None:  # read in memory, by shards
+        reading_shards(cfg.data.shards, cfg.train.batch_size, jax.process_index(), jax.process_count())
+    elif cfg.data.shards:
+        print("train.py: note: data.shards is not used by a token store (every process reads its rows of one pool)",
+              file=sys.stderr)
 
 
 def _check_resume(run_dir: Path, cfg, skip=()) -> None:
@@ -238,6 +242,29 @@ def _write_run_files(run_dir: Path, cfg, data, new_tokenizer: bool) -> None:
           "lower)")
 
 
+def _store_args(cfg, run_dir: Path) -> dict:
+    """Where the token store is, when a store may not be replaced (checkpoints were trained on it, or the user
+    prepared it), and the barrier of a multi-process run."""
+    import jax
+    given = bool(cfg.data.store)
+    refuse = None
+    if given:
+        refuse = (f"data.store {cfg.data.store!r} holds another corpus or tokenizer than data.path="
+                  f"{cfg.data.path or '(built-in)'}; prepare it again (python -m flaxformer_lite.data.prepare), or "
+                  "leave data.store unset")
+    elif _has_checkpoints(run_dir) and not cfg.data.allow_corpus_change:
+        refuse = (f"the corpus changed since this run's checkpoints were written (data.path="
+                  f"{cfg.data.path or '(built-in)'} no longer matches {run_dir / 'store'}); give a new "
+                  "train.run_dir, or set data.allow_corpus_change=true to go on with the new corpus")
+
+    def sync():
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("flaxformer_lite token store")
+    return {"store": cfg.data.store if given else run_dir / "store", "refuse": refuse, "sync": sync,
+            "progress": cfg.train.progress}
+
+
 def _run(cfg, overrides, run_dir: Path) -> int:
     """Checks, data, model, training; the exit status."""
     import jax
@@ -251,7 +278,8 @@ def _run(cfg, overrides, run_dir: Path) -> int:
     tokenizer = pretrained.tokenizer if pretrained is not None else _run_tokenizer(run_dir, cfg)
     new_tokenizer = tokenizer is None or not (run_dir / "tokenizer.model").exists()
     data = build_data(cfg.data, seq_len=cfg.train.seq_len, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
-                      process_index=jax.process_index(), process_count=jax.process_count(), tokenizer=tokenizer)
+                      process_index=jax.process_index(), process_count=jax.process_count(), tokenizer=tokenizer,
+                      **_store_args(cfg, run_dir))
     cfg, model, task = _model_and_task(cfg, data, pretrained, overrides)
     _check_resume(run_dir, cfg)
     if jax.process_index() == 0:

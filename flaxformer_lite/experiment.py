@@ -28,8 +28,13 @@ class DataConfig:
     path: '' for the built-in corpus (docstrings of the installed Python standard library), else a file, glob,
     directory saved with ``save_to_disk``, or a hub dataset name. objective: causal_lm | prefix_lm | mlm |
     span_corruption | seq2seq | classify (fine-tuning: ``text_field`` and optional ``text_pair_field`` -> the
-    ``label_field`` column, ints or strings). shards: contiguous reading shards (0: one per process); each process
-    reads and tokenizes only its block of shards, and each global batch takes an equal chunk from every shard.
+    ``label_field`` column, ints or strings). store: the token store of a text objective's corpus (causal_lm,
+    prefix_lm, mlm, span_corruption): tokenized once, read through a memmap; '' keeps it in the run folder
+    (``<run_dir>/store``); a folder made by ``python -m flaxformer_lite.data.prepare`` is reused. workers: encoding
+    processes when writing it (0: every core). allow_corpus_change: resume on a corpus that changed since the
+    checkpoints. shards (seq2seq and classify, which read in memory): contiguous reading shards (0: one per
+    process); each process reads and tokenizes only its block of shards, and each global batch takes an equal
+    chunk from every shard.
     """
 
     path: str = ""
@@ -52,6 +57,9 @@ class DataConfig:
     mean_span_length: float = 3.0
     prefix_fraction: float = 0.5
     shards: int = 0
+    store: str = ""
+    workers: int = 0
+    allow_corpus_change: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,6 +171,7 @@ RANGES = {  # numeric keys with bounds (0 means "off" where allowed: eval_every,
     "data.mean_span_length": Interval(1),
     "data.prefix_fraction": Interval(0, 1, "both"),
     "data.shards": NON_NEGATIVE,
+    "data.workers": NON_NEGATIVE,
     "optim.lr": NON_NEGATIVE,  # 0 freezes the weights (a check, or to evaluate)
     "optim.warmup_steps": NON_NEGATIVE,
     "optim.min_lr_ratio": Interval(0, 1),

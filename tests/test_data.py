@@ -151,17 +151,23 @@ def _pool_batch(idx, rngs):
     return {"idx": np.asarray(idx), "noise": np.array([g.integers(1 << 30) for g in rngs])}
 
 
-def test_loader_is_deterministic_and_covers_epochs():
+def test_loader_is_deterministic_global_and_covers_epochs():
     one = Loader(10, 4, _pool_batch, seed=3)
     again = Loader(10, 4, _pool_batch, seed=3)
     for step in (0, 7):
         for key in ("idx", "noise"):
             np.testing.assert_array_equal(one.batch(step)[key], again.batch(step)[key])
+    halves = [Loader(10, 4, _pool_batch, seed=3, process_index=p, process_count=2) for p in (0, 1)]
+    for step in (0, 5):  # two processes, each building its rows, make the one-process batch
+        for key in ("idx", "noise"):
+            np.testing.assert_array_equal(np.concatenate([h.batch(step)[key] for h in halves]), one.batch(step)[key])
     seen = np.concatenate([Loader(12, 4, _pool_batch, seed=1).batch(s)["idx"] for s in range(3)])
     assert sorted(seen) == list(range(12))  # one epoch = every example once
     assert not np.array_equal(one.batch(1)["idx"], one.batch(2)["idx"])
     with pytest.raises(ValueError, match="no examples"):
         Loader(0, 4, _pool_batch)
+    with pytest.raises(ValueError, match="multiple of the process count"):
+        Loader(10, 5, _pool_batch, process_count=2)
 
 
 def test_sharded_loader_slices_make_the_single_process_batch(tmp_path, corpus):

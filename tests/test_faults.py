@@ -191,11 +191,12 @@ def test_checks_run_before_the_tokenizer_and_leave_nothing_behind(corpus, tmp_pa
     def no_training(*args, **kwargs):
         raise AssertionError("the tokenizer was trained before the check")
 
-    monkeypatch.setattr("flaxformer_lite.data.pipeline.train_tokenizer", no_training)
+    monkeypatch.setattr("flaxformer_lite.data.prepare.train_tokenizer", no_training)
     for extra, said in ((["train.seq_len=100"], "train.seq_len (100) > model.max_len (64)"),
                         (["model.preset=bert-tiny"], "trains a model.model in ['gpt']"),
                         (["parallel.mesh=data=3"], "must divide over the 3 batch shards"),
-                        (["data.shards=3"], "data.shards (3) must be a multiple of the process count")):
+                        (["data.objective=seq2seq", "model.preset=transformer-tiny", "data.shards=3"],
+                         "data.shards (3) must be a multiple of the process count")):
         assert train_cli.main(overrides(corpus, tmp_path, extra=extra)) == 2
         assert said in capsys.readouterr().err
         assert list(tmp_path.iterdir()) == []  # no tokenizer, no config, no lock

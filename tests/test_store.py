@@ -140,3 +140,44 @@ def test_stream_pools_make_the_batches_of_their_objective(store, tokenizer, name
         assert got[key].dtype == old[key].dtype, key
     np.testing.assert_array_equal(got["tokens" if "tokens" in got else "src"][1],
                                   make(np.array([3]), rngs()[1:2])["tokens" if "tokens" in got else "src"][0])
+
+
+# -- the store in train.py -------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    from runs import write_corpus
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def test_resume_refuses_a_changed_corpus_unless_allowed(corpus, tmp_path, capsys):
+    from runs import losses, overrides, train_cli
+    data = tmp_path / "docs.jsonl"
+    data.write_text((corpus / "docs.jsonl").read_text())
+    args = lambda steps, *extra: overrides(corpus, tmp_path / "run", steps=steps,
+                                           extra=[f"data.path={data}", "train.checkpoint_every=2", *extra])
+    assert train_cli.main(args(2)) == 0
+    with data.open("a") as f:
+        f.write(json.dumps({"text": "one more document, written after the checkpoints"}) + "\n")
+    capsys.readouterr()
+    assert train_cli.main(args(4)) == 2
+    assert "the corpus changed since this run's checkpoints were written" in capsys.readouterr().err
+    assert train_cli.main(args(4, "data.allow_corpus_change=true")) == 0
+    assert "resuming from step 2" in capsys.readouterr().out and len(losses(tmp_path / "run")) == 4
+
+
+def test_a_prepared_store_is_reused_and_a_foreign_one_refused(corpus, tmp_path, capsys):
+    from runs import overrides, train_cli
+
+    from flaxformer_lite.data.prepare import main as prepare
+    store = tmp_path / "store"
+    assert prepare(["--out", str(store), f"data.path={corpus / 'docs.jsonl'}", "data.vocab_size=512"]) == 0
+    written = (store / "tokens.bin").stat().st_mtime_ns
+    assert train_cli.main(overrides(corpus, tmp_path / "run", steps=2, extra=[f"data.store={store}"])) == 0
+    assert (store / "tokens.bin").stat().st_mtime_ns == written and not (tmp_path / "run" / "store").exists()
+    assert (tmp_path / "run" / "tokenizer.model").read_bytes() == (store / "tokenizer.model").read_bytes()
+    other = tmp_path / "other.jsonl"
+    other.write_text((corpus / "docs.jsonl").read_text()[:20000])
+    capsys.readouterr()
+    assert train_cli.main(overrides(corpus, tmp_path / "run2", steps=2,
+                                    extra=[f"data.store={store}", f"data.path={other}"])) == 2
+    assert f"data.store '{store}' holds another corpus or tokenizer" in capsys.readouterr().err

@@ -90,6 +90,24 @@ def _format_of(path: str, fmt: str) -> str:
                      "text, json, csv, parquet, saved, hub")
 
 
+def source_fingerprint(path: str = "", fmt: str = "auto", text_field: str = "text") -> dict:
+    """What identifies a corpus without reading it: each file's absolute path, size and modification time (the
+    files of a glob or a saved folder; the built-in corpus's cache file), or a Hub name; and the text field. A token
+    store records it, so a changed corpus is noticed."""
+    if not path:
+        files = [str(stdlib_docstrings())]
+    else:
+        fmt = _format_of(path, fmt)
+        if fmt == "hub":
+            return {"hub": path, "text_field": text_field}
+        if fmt == "saved":
+            files = sorted(str(p) for p in Path(path).rglob("*") if p.is_file())
+        else:
+            files = sorted(glob.glob(path)) if not Path(path).exists() else [path]
+    stats = [(os.path.abspath(f), os.stat(f)) for f in files]
+    return {"files": [[f, st.st_size, st.st_mtime_ns] for f, st in stats], "text_field": text_field}
+
+
 def load_corpus(path: str = "", fmt: str = "auto", text_field: str = "text") -> datasets.Dataset:
     """The corpus as a `datasets.Dataset` with a ``text`` column of strings (and any others the source has).
 

@@ -2,9 +2,9 @@
 
 Batch ``step`` is a pure function of ``(seed, step)``: example ``step * global_batch + j`` of an endless stream
 that reshuffles every epoch, and each example's own randomness (masking, corruption) is seeded by its global index.
-So a run resumed at step s sees exactly the batches it would have seen. `ShardedLoader` splits the corpus into
-reading shards, one `Loader` each, so that any number of processes, each holding only its shards, together produce
-the same global batch.
+So a run resumed at step s sees exactly the batches it would have seen, and any number of processes, each building
+only its rows, together produce the same global batch. `ShardedLoader` serves the data read in memory (seq2seq,
+classify): reading shards, one `Loader` each, each process holding only its shards.
 """
 from __future__ import annotations
 
@@ -19,20 +19,25 @@ class Loader:
 
     Args:
       num_examples: size of the example pool.
-      global_batch: examples per step from this pool.
+      global_batch: examples per step over all processes.
       make_batch: ``(example_indices [n], rngs: list of n NumPy generators) -> dict of arrays [n, ...]``.
       seed: shuffling and per-example randomness.
+      process_index, process_count: this process builds rows ``[p * b / P, (p + 1) * b / P)`` of every batch
+        (one global pool: any number of processes together make the same batches).
       shuffle: reshuffle the pool every epoch (else examples in order).
     """
 
     def __init__(self, num_examples: int, global_batch: int, make_batch: Callable, *, seed: int = 0,
-                 shuffle: bool = True):
+                 process_index: int = 0, process_count: int = 1, shuffle: bool = True):
         if num_examples < 1:
             raise ValueError("the corpus yields no examples: use more text, or a shorter train.seq_len")
-        if global_batch < 1:
-            raise ValueError(f"train.batch_size must be positive, got {global_batch}")
+        if global_batch < 1 or global_batch % process_count:
+            raise ValueError(f"train.batch_size ({global_batch}) must be a positive multiple of the process count "
+                             f"({process_count})")
         self.num_examples, self.global_batch, self.make_batch = num_examples, global_batch, make_batch
         self.seed, self.shuffle = seed, shuffle
+        self.local = global_batch // process_count
+        self.offset = process_index * self.local
 
     @functools.lru_cache(maxsize=4)
     def _order(self, epoch: int) -> np.ndarray:
@@ -41,14 +46,14 @@ class Loader:
         return np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
 
     def example_indices(self, step: int) -> np.ndarray:
-        """The pool indices of the examples of batch ``step``."""
-        g = step * self.global_batch + np.arange(self.global_batch)
+        """The pool indices of this process's examples of batch ``step``."""
+        g = step * self.global_batch + self.offset + np.arange(self.local)
         epochs, pos = g // self.num_examples, g % self.num_examples
         return np.array([self._order(int(e))[p] for e, p in zip(epochs, pos)])
 
     def batch(self, step: int) -> dict:
-        """Batch ``step``."""
-        js = step * self.global_batch + np.arange(self.global_batch)
+        """This process's rows of batch ``step``."""
+        js = step * self.global_batch + self.offset + np.arange(self.local)
         rngs = [np.random.default_rng([self.seed, 1, int(j)]) for j in js]
         return self.make_batch(self.example_indices(step), rngs)
 

@@ -6,14 +6,18 @@ Shape key: b batch, l ``seq_len``.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from . import objectives
 from .corpus import load_corpus
 from .loader import Loader, ShardedLoader
+from .prepare import prepare_store, prepare_tokenizer, store_tokenizer, tokenizer_sample
 from .registry import get_objective
-from .tokenizer import Tokenizer, train_tokenizer
+from .store import TokenStore
+from .tokenizer import Tokenizer
 
 
 def special_ids(tok: Tokenizer) -> objectives.SpecialIds:
@@ -23,28 +27,17 @@ def special_ids(tok: Tokenizer) -> objectives.SpecialIds:
                                  special=frozenset(tok.special_ids))
 
 
-TOKENIZER_SAMPLE_DOCS = 50_000  # documents every host reads to train the same tokenizer
-
-
-def prepare_tokenizer(texts: list[str], data) -> Tokenizer:
-    """``data.tokenizer`` if given, else a new one trained on ``texts`` with the ``data.*`` tokenizer settings."""
-    if data.tokenizer:
-        return Tokenizer.load(data.tokenizer)
-    return train_tokenizer(texts, vocab_size=data.vocab_size, model_type=data.tokenizer_type,
-                           character_coverage=data.character_coverage, byte_fallback=data.byte_fallback,
-                           normalization=data.normalization)
-
-
 @dataclasses.dataclass
 class Data:
-    """What training needs from the data side (``train``/``eval`` hold this process's shards)."""
+    """What training needs from the data side: ``train``/``eval`` loaders (``batch(step)`` gives this process's
+    rows), the tokenizer and a few figures."""
 
     tokenizer: Tokenizer
-    train: ShardedLoader
-    eval: ShardedLoader
+    train: Loader | ShardedLoader
+    eval: Loader | ShardedLoader
     objective: str
     num_train_examples: int
-    unigram_entropy: float  # nats per token of this process's training documents
+    unigram_entropy: float  # nats per token of the corpus (a token store's) or of this process's training documents
     label_names: list[str] | None = None  # classify: label id i is label_names[i]
 
 
@@ -66,14 +59,24 @@ def reading_shards(num_shards: int, batch_size: int, process_index: int, process
 
 
 def build_data(data, *, seq_len: int, batch_size: int, seed: int, process_index: int = 0, process_count: int = 1,
-               tokenizer: Tokenizer | None = None) -> Data:
-    """Read this process's shards of the corpus, take ``tokenizer`` (e.g. a pretrained model's or the run's own)
-    or train one (the same on every host), and make the train and eval loaders of ``data.objective``.
+               tokenizer: Tokenizer | None = None, store: str | Path | None = None,
+               sync: Callable[[], None] = lambda: None, refuse: str | None = None, progress: bool = True) -> Data:
+    """The train and eval loaders of ``data.objective``, and the tokenizer: ``tokenizer`` (e.g. a pretrained
+    model's or the run's own) or a new one trained on a seeded sample of the corpus (the same on every host).
 
-    Nothing is written: the caller keeps the tokenizer (train.py saves it in the run folder once every check
-    passed)."""
+    With ``store`` (a folder), a text objective reads a token store there, written once (`prepare_store`: by
+    process 0 while the others wait in ``sync()``; with ``refuse``, a store that no longer matches the corpus is
+    refused with that message, not replaced) and memory-mapped: start-up costs the same for any corpus size, and every process draws its rows of
+    each batch from one global pool. The eval set is the corpus's last ``data.eval_fraction`` of tokens.
+    Otherwise (and for seq2seq and classify) this process's shards of the corpus are tokenized in memory."""
     objective = get_objective(data.objective)
     objective.check(seq_len=seq_len)
+    if store is not None and objective.stream_pool is not None:
+        found = prepare_store(data, store, seed=seed, tokenizer=tokenizer, primary=process_index == 0, sync=sync,
+                              refuse=refuse, progress=progress)
+        return _stream_data(data, objective, found, tokenizer or store_tokenizer(found), seq_len=seq_len,
+                            batch_size=batch_size, seed=seed, process_index=process_index,
+                            process_count=process_count)
     role, field = objective.columns[0]
     if not getattr(data, field):
         raise ValueError(f"data.{field} must name the column of the text for data.objective={data.objective!r}")
@@ -84,7 +87,7 @@ def build_data(data, *, seq_len: int, batch_size: int, seed: int, process_index:
         if column not in ds.column_names:
             raise ValueError(f"data.{field} {column!r} is not a column; columns: {ds.column_names}")
     label_names = label_vocabulary(ds[data.label_field]) if "label" in dict(objective.columns) else None
-    tok = tokenizer or prepare_tokenizer(ds.select(range(min(len(ds), TOKENIZER_SAMPLE_DOCS)))["text"], data)
+    tok = tokenizer or prepare_tokenizer(tokenizer_sample(ds, seed), data)
     if data.objective == "mlm" and tok.mask_id < 0:
         raise ValueError("data.objective='mlm' needs a tokenizer with a mask token; this one has none")
     ids = special_ids(tok)
@@ -103,6 +106,26 @@ def build_data(data, *, seq_len: int, batch_size: int, seed: int, process_index:
     return Data(tok, ShardedLoader(train, num_shards), ShardedLoader(evals, num_shards), data.objective,
                 sum(ld.num_examples for ld in train.values()), unigram_entropy(entropy_docs, tok.vocab_size),
                 label_names)
+
+
+def _stream_data(data, objective, store: TokenStore, tok: Tokenizer, *, seq_len: int, batch_size: int, seed: int,
+                 process_index: int, process_count: int) -> Data:
+    """Loaders over a token store's stream: training on the first tokens, eval on the last ``data.eval_fraction``."""
+    if data.objective == "mlm" and tok.mask_id < 0:
+        raise ValueError("data.objective='mlm' needs a tokenizer with a mask token; this one has none")
+    ids, total = special_ids(tok), store.manifest.tokens
+    cut = int(round(total * (1.0 - data.eval_fraction)))
+    loaders = {}
+    for name, start, stop in (("train", 0, cut), ("eval", cut, total)):
+        size, make_batch = objective.stream_pool(data, store.tokens, start, stop, seq_len, ids)
+        if size < 1:
+            raise ValueError(f"the {name} part of the corpus ({stop - start:,} tokens) is shorter than one example of "
+                             f"train.seq_len={seq_len}; use more text, a shorter train.seq_len, or another "
+                             "data.eval_fraction")
+        loaders[name] = Loader(size, batch_size, make_batch, seed=seed * 1000 + (name == "eval"),
+                               process_index=process_index, process_count=process_count, shuffle=name == "train")
+    return Data(tok, loaders["train"], loaders["eval"], data.objective, loaders["train"].num_examples,
+                store.unigram_entropy())
 
 
 def _encode_columns(part, fields, tok: Tokenizer, label_names) -> dict[str, list]:

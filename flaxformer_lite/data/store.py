@@ -66,11 +66,6 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
 
-def file_sha256(path: str | Path) -> str:
-    """The SHA-256 of a file (a tokenizer model), hex."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 class TokenStore:
     """A prepared store, memory-mapped: ``tokens [n]``, ``offsets [m + 1]``, ``counts [v]`` and the manifest.
     Opening costs the same for any corpus size; nothing is read until it is indexed."""
@@ -158,11 +153,13 @@ def _encoded(blocks: Iterator[list[str]], model_proto: bytes, workers: int):
 
 
 def write_store(texts: Iterable[str], tokenizer_path: str | Path, folder: str | Path, *, source: dict,
-                workers: int | None = None, total_bytes: int | None = None, progress: bool = True) -> TokenStore:
+                workers: int | None = None, total_bytes: int | None = None, progress: bool = True,
+                extra_files: dict | None = None) -> TokenStore:
     """Tokenize ``texts`` (one document each, streamed) with the SentencePiece model at ``tokenizer_path`` into a
     store at ``folder``, atomically. ``source`` (JSON-able) is recorded as the corpus fingerprint; ``total_bytes``
     (the corpus size, if known) gives the progress bar its ETA. An existing store at ``folder`` is replaced only
-    once the new one is complete. `ValueError` for a corpus with no text or a full disk."""
+    once the new one is complete; ``extra_files`` (``{name: path}``) are copied in with it. `ValueError` for a corpus
+    with no text or a full disk."""
     from .tokenizer import Tokenizer
     folder = Path(folder)
     proto = Path(tokenizer_path).read_bytes()
@@ -178,6 +175,8 @@ def write_store(texts: Iterable[str], tokenizer_path: str | Path, folder: str | 
             raise ValueError(f"the corpus for {folder} has no text to tokenize (every document is empty)")
         manifest = Manifest(FORMAT_VERSION, hashlib.sha256(proto).hexdigest(), tok.vocab_size, tok.eos_id,
                             dtype.name, stats["documents"], stats["tokens"], stats["text_bytes"], source)
+        for name, path in (extra_files or {}).items():
+            shutil.copyfile(path, tmp / name)
         (tmp / MANIFEST).write_text(json.dumps(dataclasses.asdict(manifest), indent=1) + "\n")
         _replace(tmp, folder)
     except OSError as err:

@@ -6,6 +6,8 @@ Ids: pad 0, unk 1, bos 2, eos 3, then ``<mask>``, ``<cls>``, ``<sep>`` (BERT) an
 """
 from __future__ import annotations
 
+import hashlib
+
 import io
 import itertools
 import numbers
@@ -34,6 +36,11 @@ class Tokenizer:
     def vocab_size(self) -> int:
         """Number of ids."""
         return self.sp.get_piece_size()
+
+    @property
+    def sha256(self) -> str:
+        """The SHA-256 of the model file's bytes (hex): what token stores record."""
+        return hashlib.sha256(self.proto).hexdigest()
 
     @property
     def special_ids(self) -> set[int]:

@@ -1,6 +1,7 @@
 """The training loop, generic over models: train.py hands it a model, the data and a task.
 
-Per step: the loader's batch for that step (so a resumed run sees the same data), one compiled train step; every
+Per step: the loader's batch for that step (so a resumed run sees the same data), built and placed on the devices
+one step ahead in a background thread (`Prefetch`), and one compiled train step; every
 ``log_every`` steps a line in ``metrics.jsonl`` and the progress bar; every ``eval_every`` an evaluation; every
 ``checkpoint_every`` (and at the end, and on SIGTERM) an asynchronous checkpoint, written only while every loss so
 far was finite. A non-finite loss stops the run with a message and the last good checkpoint untouched.
@@ -23,6 +24,7 @@ from .checkpoint import Checkpoints
 from .metrics import MetricsLog, count_params, flops_per_token, matmul_ceiling, summarize
 from .optimizer import make_optimizer
 from .parallel import all_processes
+from .prefetch import Prefetch
 from .step import make_step
 
 console = Console()
@@ -111,14 +113,16 @@ def train(cfg, model, data, task, *, sample_fn=None, warm_start=None) -> Outcome
     log = MetricsLog(run_dir / "metrics.jsonl", resume_from=start, enabled=jax.process_index() == 0)
     speed = _Speed(model.cfg, step_fn.params(), tc, start)
     last_metrics, last_eval, done = {}, {}, start
-    with _Stop() as stop, _progress(tc, start) as progress:
+    batches = Prefetch(lambda s: step_fn.place(data.train.batch(s)), start, tc.steps)
+    with _Stop() as stop, _progress(tc, start) as progress, batches:
         for step in range(start, tc.steps):
-            metrics = step_fn(data.train.batch(step))
+            metrics = step_fn.run(batches.get(step))
             done = step + 1
             stopping = _agreed_stop(stop.requested, done, tc.log_every)
             last = done == tc.steps or stopping
             if done % tc.log_every == 0 or last:
-                last_metrics = _log_step(step_fn.host_metrics(metrics), done, ckpt, schedule, speed)
+                last_metrics = _log_step(step_fn.host_metrics(metrics), done, ckpt, schedule, speed,
+                                         batches.take_waited())
                 log.write(last_metrics)
                 progress(last_metrics)
             if tc.eval_every and (done % tc.eval_every == 0 or done == tc.steps):
@@ -160,14 +164,16 @@ class _Speed:
         return rate, rate / self.tokens_per_step * self.flops / self.ceiling
 
 
-def _log_step(metrics: dict, done: int, ckpt: Checkpoints, schedule, speed: _Speed) -> dict:
-    """The logged record of step ``done``; stops the run on a non-finite loss."""
+def _log_step(metrics: dict, done: int, ckpt: Checkpoints, schedule, speed: _Speed, waited: float) -> dict:
+    """The logged record of step ``done`` (``data_wait_s``: seconds the loop waited for batches since the last
+    record); stops the run on a non-finite loss."""
     if not np.isfinite(metrics["loss"]):
         raise NonFiniteLoss(f"the loss became {metrics['loss']} by step {done}; stopping without saving. "
                             f"The last good checkpoint is step {ckpt.latest_step()}; lower optim.lr or "
                             "raise optim.warmup_steps")
     rate, mfu = speed(done)
-    return summarize(metrics, step=done, lr=float(schedule(done - 1)), tokens_per_s=rate, mfu=mfu)
+    return summarize(metrics, step=done, lr=float(schedule(done - 1)), tokens_per_s=rate, mfu=mfu,
+                     data_wait_s=waited)
 
 
 def _save(ckpt: Checkpoints, step_fn, step: int, cfg) -> None:

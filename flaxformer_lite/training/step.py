@@ -107,11 +107,19 @@ class JitStep:
         return jax.tree_util.tree_map(
             lambda x: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(x)), rows)
 
-    def __call__(self, rows: dict) -> dict:
-        """Run one step on this process's rows of the batch (``[b / processes, ...]`` NumPy arrays); returns the
-        step's metrics (device scalars, see `apply_update`)."""
-        self.state, metrics = self.compiled(self.state, self.to_device(rows))
+    def place(self, rows: dict) -> dict:
+        """This process's rows of a batch (``[b / processes, ...]`` NumPy arrays) as the step takes them: global
+        arrays over the mesh (safe to call from a prefetching thread)."""
+        return self.to_device(rows)
+
+    def run(self, batch: dict) -> dict:
+        """One step on a `place`d batch; returns the step's metrics (device scalars, see `apply_update`)."""
+        self.state, metrics = self.compiled(self.state, batch)
         return metrics
+
+    def __call__(self, rows: dict) -> dict:
+        """`place` then `run`."""
+        return self.run(self.place(rows))
 
     def host_metrics(self, metrics: dict) -> dict:
         """Metrics as host NumPy values."""
@@ -168,10 +176,18 @@ class PmapStep:
         self._eval = jax.jit(lambda params, batch: (task.sums(params, batch, jax.random.key(0), False),
                                                     task.weights(batch)))
 
-    def __call__(self, rows: dict) -> dict:
-        """Run one step on this process's rows of the batch; returns the step's metrics (per device)."""
-        self.state, metrics = self.compiled(self.state, shard_for_pmap(rows, self.n))
+    def place(self, rows: dict) -> dict:
+        """This process's rows of a batch as pmap takes them: ``[devices, b / devices, ...]``."""
+        return shard_for_pmap(rows, self.n)
+
+    def run(self, batch: dict) -> dict:
+        """One step on a `place`d batch; returns the step's metrics (per device)."""
+        self.state, metrics = self.compiled(self.state, batch)
         return metrics
+
+    def __call__(self, rows: dict) -> dict:
+        """`place` then `run`."""
+        return self.run(self.place(rows))
 
     def host_metrics(self, metrics: dict) -> dict:
         """The first device's metrics (all devices hold the same, psum'd) as host values."""

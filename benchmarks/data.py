@@ -1,0 +1,141 @@
+"""Data path at scale: prepare (tokenize once into the token store) and train.py's first run and resume, at several
+corpus sizes, with wall time and peak memory of each process, and the random-access read time of a batch.
+
+    python benchmarks/data.py                      # 8 MB and 128 MB corpora built from ../shared/data
+    python benchmarks/data.py --sizes 8,128,1024   # and 1 GB (a few minutes more)
+
+Corpora are JSONL files of real text (tiny Shakespeare, Botchan, classical Chinese from ../shared/data, or the
+built-in corpus when that folder is absent), repeated with a numbered header per document up to the size asked.
+Peak memory is the process's maximum resident set (`wait4`), so child processes of prepare's workers are reported
+separately from the main one.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import console, show_and_write  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared" / "data"
+MODEL = ["model.num_layers=2", "model.embed_dim=64", "model.num_heads=4", "model.mlp_dim=128", "model.max_len=128"]
+
+
+def source_texts() -> list[str]:
+    """Paragraphs of the shared corpora (or the built-in corpus)."""
+    texts = []
+    for path in sorted(SHARED.glob("*.txt")) if SHARED.is_dir() else []:
+        texts += [p for p in path.read_text(encoding="utf-8", errors="replace").split("\n\n") if p.strip()]
+    if not texts:
+        sys.path.insert(0, str(ROOT))
+        from flaxformer_lite.data import load_corpus
+        texts = list(load_corpus()["text"])
+    return texts
+
+
+def make_corpus(folder: Path, megabytes: int, texts: list[str]) -> Path:
+    """A JSONL corpus of about ``megabytes`` MB: documents of a few paragraphs each, numbered."""
+    path = folder / f"corpus-{megabytes}mb.jsonl"
+    if path.exists():
+        return path
+    target, written, i = megabytes * 1_000_000, 0, 0
+    with path.open("w", encoding="utf-8") as f:
+        while written < target:
+            doc = f"Document {i}.\n" + "\n\n".join(texts[(i * 3 + k) % len(texts)] for k in range(3))
+            line = json.dumps({"text": doc}, ensure_ascii=False) + "\n"
+            f.write(line)
+            written += len(line.encode())
+            i += 1
+    return path
+
+
+def timed(args: list[str], env: dict | None = None) -> tuple[float, float, str]:
+    """(wall seconds, peak resident GiB of the process itself, output) of one command."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                            env={**os.environ, **(env or {})})
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{' '.join(args[:4])} failed:\n{out[-3000:]}")
+    return seconds, usage.ru_maxrss / 2**20, out
+
+
+def batch_read_ms(store_dir: Path, batch: int = 8, length: int = 1024, repeats: int = 200) -> float:
+    """Median time to read a batch of random windows from the store (cold memmap pages included)."""
+    sys.path.insert(0, str(ROOT))
+    from flaxformer_lite.data.store import TokenStore
+    from flaxformer_lite.data.windows import WindowPool
+    store = TokenStore(store_dir)
+    pool = WindowPool(store.tokens, 0, store.manifest.tokens, length + 1, length)
+    rng = np.random.default_rng(0)
+    times = []
+    for _ in range(repeats):
+        idx = rng.integers(0, len(pool), batch)
+        t = time.perf_counter()
+        pool.rows(idx)
+        times.append(time.perf_counter() - t)
+    return 1e3 * float(np.median(times))
+
+
+def run_size(megabytes: int, work: Path, texts: list[str], steps: int) -> list[dict]:
+    corpus = make_corpus(work, megabytes, texts)
+    size_mb = corpus.stat().st_size / 1e6
+    store = work / f"store-{megabytes}"
+    prep_s, prep_gib, _ = timed([sys.executable, "-m", "flaxformer_lite.data.prepare", "--out", str(store),
+                                 f"data.path={corpus}", "data.vocab_size=4096"])
+    run = work / f"run-{megabytes}"
+    base = [sys.executable, "train.py", *MODEL, f"data.path={corpus}", "data.vocab_size=4096", "train.seq_len=128",
+            "train.batch_size=8", "train.eval_every=0", "train.samples=0", "train.progress=false",
+            f"train.run_dir={run}", "train.checkpoint_every=2"]
+    first_s, first_gib, _ = timed(base + [f"train.steps={steps}"])
+    resume_s, resume_gib, out = timed(base + [f"train.steps={steps + 2}"])
+    assert "resuming from step" in out, out[-2000:]
+    tokens = json.loads((store / "manifest.json").read_text())["tokens"]
+    return [{"corpus MB": size_mb, "tokens": tokens, "prepare s": prep_s, "prepare MB/s": size_mb / prep_s,
+             "prepare peak GiB": prep_gib, "first run s": first_s, "first run peak GiB": first_gib,
+             "resume s": resume_s, "resume peak GiB": resume_gib, "batch read ms": batch_read_ms(store)}]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="8,128", help="corpus sizes in MB, comma-separated")
+    p.add_argument("--steps", type=int, default=2, help="training steps of the first run (the resume runs 2 more)")
+    p.add_argument("--work", default=None, help="folder for corpora, stores and runs (default: a temporary one)")
+    args = p.parse_args(argv)
+    sizes = [int(x) for x in args.sizes.split(",")]
+    texts = source_texts()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.work or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        rows = []
+        for mb in sizes:
+            rows += run_size(mb, work, texts, args.steps)
+            console.print(rows[-1])
+    notes = [f"cores: {os.cpu_count()}; model: 2 layers, 64 dims; batch 8 x 128; data.vocab_size=4096",
+             "prepare = tokenizer training on a seeded sample of <= 50,000 documents + streaming the whole corpus "
+             "into the store; first run = train.py on the prepared corpus's own store in its run folder (written "
+             "again there: the run's store), compile included; resume = the same command with 2 more steps",
+             "batch read = median over 200 random batches of 8 windows of 1024+1 tokens from the memmap"]
+    if len(rows) > 1:
+        small, big = rows[0], rows[1]
+        notes.append(f"resume {big['corpus MB']:.0f} MB vs {small['corpus MB']:.0f} MB: wall x"
+                     f"{big['resume s'] / small['resume s']:.2f}, peak memory x"
+                     f"{big['resume peak GiB'] / small['resume peak GiB']:.2f} (target <= 1.25 each)")
+    cols = ["corpus MB", "tokens", "prepare s", "prepare MB/s", "prepare peak GiB", "first run s",
+            "first run peak GiB", "resume s", "resume peak GiB", "batch read ms"]
+    show_and_write("data", "Data path: prepare, first run and resume by corpus size", cols, rows, notes)
+
+
+if __name__ == "__main__":
+    main()

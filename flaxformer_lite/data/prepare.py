@@ -1,0 +1,132 @@
+"""Preparing a corpus once: a tokenizer trained on a seeded random sample of its documents, and the token store of
+the whole corpus (store.py), in one folder. `train.py` does it on its first run (by process 0; the others wait);
+users with a big corpus can do it ahead, on a big machine:
+
+    python -m flaxformer_lite.data.prepare --out stores/shakespeare data.path=../shared/data/tinyshakespeare.txt
+    python train.py data.store=stores/shakespeare ...
+
+A store is reused while its manifest matches the corpus (files, sizes, modification times) and the tokenizer.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .corpus import load_corpus, source_fingerprint
+from .store import TokenStore, write_store
+from .tokenizer import Tokenizer, train_tokenizer
+
+TOKENIZER_SAMPLE_DOCS = 50_000  # documents (a seeded random sample) the tokenizer is trained on
+STORE_TOKENIZER = "tokenizer.model"  # a store carries the tokenizer it was written with
+# the data settings a store's tokenizer was made from (a store made with others is not this corpus's store)
+TOKENIZER_SETTINGS = ("tokenizer", "vocab_size", "tokenizer_type", "character_coverage", "byte_fallback",
+                      "normalization")
+
+
+def prepare_tokenizer(texts: list[str], data) -> Tokenizer:
+    """``data.tokenizer`` if given, else a new one trained on ``texts`` with the ``data.*`` tokenizer settings."""
+    if data.tokenizer:
+        return Tokenizer.load(data.tokenizer)
+    return train_tokenizer(texts, vocab_size=data.vocab_size, model_type=data.tokenizer_type,
+                           character_coverage=data.character_coverage, byte_fallback=data.byte_fallback,
+                           normalization=data.normalization)
+
+
+def tokenizer_sample(ds, seed: int) -> list[str]:
+    """The texts a tokenizer is trained on: all documents, or a seeded random sample of
+    ``TOKENIZER_SAMPLE_DOCS`` of them (the same on every host)."""
+    n = len(ds)
+    if n <= TOKENIZER_SAMPLE_DOCS:
+        return list(ds["text"])
+    picks = np.sort(np.random.default_rng([seed, 11]).choice(n, TOKENIZER_SAMPLE_DOCS, replace=False))
+    return list(ds.select(picks)["text"])
+
+
+def _texts(ds, batch: int = 1024):
+    for rows in ds.iter(batch_size=batch):
+        yield from rows["text"]
+
+
+def _usable(folder: Path, source: dict, tokenizer: Tokenizer | None) -> TokenStore | None:
+    """The store at ``folder`` if it holds this corpus (and this tokenizer, when one is given), else None."""
+    try:
+        store = TokenStore(folder)
+    except ValueError:
+        return None
+    if store.manifest.source != source:
+        return None
+    if tokenizer is not None and store.manifest.tokenizer_sha256 != tokenizer.sha256:
+        return None
+    return store
+
+
+def _write(data, folder: Path, source: dict, tokenizer: Tokenizer | None, seed: int, progress: bool) -> TokenStore:
+    ds = load_corpus(data.path, data.format, data.text_field)
+    tok = tokenizer or prepare_tokenizer(tokenizer_sample(ds, seed), data)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tok_path = folder.with_name(f"{folder.name}.tokenizer-{np.random.default_rng().integers(1 << 30)}.model")
+    tok.save(tok_path)
+    try:
+        total = sum(f[1] for f in source.get("files", [])) or None
+        write_store(_texts(ds), tok_path, folder, source=source, workers=data.workers or None, total_bytes=total,
+                    progress=progress, extra_files={STORE_TOKENIZER: tok_path})
+    finally:
+        tok_path.unlink(missing_ok=True)
+    return TokenStore(folder)
+
+
+def prepare_store(data, folder: str | Path, *, seed: int = 0, tokenizer: Tokenizer | None = None,
+                  primary: bool = True, sync: Callable[[], None] = lambda: None, refuse: str | None = None,
+                  progress: bool = True) -> TokenStore:
+    """The token store of ``data.path`` at ``folder``: reused when its manifest matches the corpus (and
+    ``tokenizer``, if given), else written (the tokenizer trained first when none is given).
+
+    In a run of several processes, the ``primary`` one writes while the others wait in ``sync()`` (a barrier every
+    process calls once), then open it; a process that cannot see it (no shared filesystem) writes its own. With
+    ``refuse`` (a message), a store there that no longer matches is not replaced: `ValueError(refuse)` instead
+    (checkpoints were trained on it, or the user prepared it)."""
+    folder = Path(folder)
+    source = {**source_fingerprint(data.path, data.format, data.text_field),
+              "tokenizer": {key: getattr(data, key) for key in TOKENIZER_SETTINGS}}
+    store = _usable(folder, source, tokenizer)
+    if store is None and refuse and (folder / "manifest.json").exists():
+        raise ValueError(refuse)
+    if store is None and primary:
+        store = _write(data, folder, source, tokenizer, seed, progress)
+    sync()
+    if store is None:
+        store = _usable(folder, source, tokenizer) or _write(data, folder, source, tokenizer, seed, progress)
+    return store
+
+
+def store_tokenizer(store: TokenStore) -> Tokenizer:
+    """The tokenizer a store was written with."""
+    return Tokenizer.load(store.folder / STORE_TOKENIZER)
+
+
+def main(argv=None) -> int:
+    """``python -m flaxformer_lite.data.prepare --out DIR [--config F] [data.key=value ...]``."""
+    from ..experiment import load_config
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="the store folder to write (or check)")
+    p.add_argument("--config", help="a train.py YAML config (its data section is used)")
+    p.add_argument("overrides", nargs="*", help="data.* (and train.seed) overrides, as for train.py")
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        store = prepare_store(cfg.data, args.out, seed=cfg.train.seed)
+    except ValueError as err:
+        print(f"prepare: error: {err}", file=sys.stderr)
+        return 2
+    m = store.manifest
+    print(f"{store.folder}: {m.documents:,} documents, {m.tokens:,} tokens ({m.dtype}), {m.text_bytes / 1e6:.1f} MB "
+          f"of text, vocabulary {m.vocab_size}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
