@@ -93,9 +93,9 @@ def run_size(megabytes: int, work: Path, texts: list[str], steps: int) -> list[d
     size_mb = corpus.stat().st_size / 1e6
     store = work / f"store-{megabytes}"
     prep_s, prep_gib, _ = timed([sys.executable, "-m", "flaxformer_lite.data.prepare", "--out", str(store),
-                                 f"data.path={corpus}", "data.vocab_size=4096"])
+                                 f"data.path={corpus}", "data.vocab_size=8192"])
     run = work / f"run-{megabytes}"
-    base = [sys.executable, "train.py", *MODEL, f"data.path={corpus}", "data.vocab_size=4096", "train.seq_len=128",
+    base = [sys.executable, "train.py", *MODEL, f"data.path={corpus}", "data.vocab_size=8192", "train.seq_len=128",
             "train.batch_size=8", "train.eval_every=0", "train.samples=0", "train.progress=false",
             f"train.run_dir={run}", "train.checkpoint_every=2"]
     first_s, first_gib, _ = timed(base + [f"train.steps={steps}"])
@@ -122,7 +122,7 @@ def main(argv=None):
         for mb in sizes:
             rows += run_size(mb, work, texts, args.steps)
             console.print(rows[-1])
-    notes = [f"cores: {os.cpu_count()}; model: 2 layers, 64 dims; batch 8 x 128; data.vocab_size=4096",
+    notes = [f"cores: {os.cpu_count()}; model: 2 layers, 64 dims; batch 8 x 128; data.vocab_size=8192",
              "prepare = tokenizer training on a seeded sample of <= 50,000 documents + streaming the whole corpus "
              "into the store; first run = train.py on the prepared corpus's own store in its run folder (written "
              "again there: the run's store), compile included; resume = the same command with 2 more steps",

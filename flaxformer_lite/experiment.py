@@ -31,7 +31,7 @@ class DataConfig:
     ``label_field`` column, ints or strings). store: the token store of a text objective's corpus (causal_lm,
     prefix_lm, mlm, span_corruption): tokenized once, read through a memmap; '' keeps it in the run folder
     (``<run_dir>/store``); a folder made by ``python -m flaxformer_lite.data.prepare`` is reused. workers: encoding
-    processes when writing it (0: every core). allow_corpus_change: resume on a corpus that changed since the
+    processes when writing it (0 or 1: this process, SentencePiece's threads on every core). allow_corpus_change: resume on a corpus that changed since the
     checkpoints. shards (seq2seq and classify, which read in memory): contiguous reading shards (0: one per
     process); each process reads and tokenizes only its block of shards, and each global batch takes an equal
     chunk from every shard.

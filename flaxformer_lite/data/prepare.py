@@ -20,7 +20,8 @@ from .corpus import load_corpus, source_fingerprint
 from .store import TokenStore, write_store
 from .tokenizer import Tokenizer, train_tokenizer
 
-TOKENIZER_SAMPLE_DOCS = 50_000  # documents (a seeded random sample) the tokenizer is trained on
+TOKENIZER_SAMPLE_DOCS = 50_000  # at most this many documents (a seeded random sample) train the tokenizer,
+TOKENIZER_SAMPLE_CHARS = 10_000_000  # and at most about this many characters of them (training time grows with it)
 STORE_TOKENIZER = "tokenizer.model"  # a store carries the tokenizer it was written with
 # the data settings a store's tokenizer was made from (a store made with others is not this corpus's store)
 TOKENIZER_SETTINGS = ("tokenizer", "vocab_size", "tokenizer_type", "character_coverage", "byte_fallback",
@@ -37,13 +38,15 @@ def prepare_tokenizer(texts: list[str], data) -> Tokenizer:
 
 
 def tokenizer_sample(ds, seed: int) -> list[str]:
-    """The texts a tokenizer is trained on: all documents, or a seeded random sample of
-    ``TOKENIZER_SAMPLE_DOCS`` of them (the same on every host)."""
+    """The texts a tokenizer is trained on: documents in a seeded random order (the same on every host), up to
+    ``TOKENIZER_SAMPLE_DOCS`` documents and about ``TOKENIZER_SAMPLE_CHARS`` characters."""
     n = len(ds)
-    if n <= TOKENIZER_SAMPLE_DOCS:
-        return list(ds["text"])
-    picks = np.sort(np.random.default_rng([seed, 11]).choice(n, TOKENIZER_SAMPLE_DOCS, replace=False))
-    return list(ds.select(picks)["text"])
+    picks = np.random.default_rng([seed, 11]).permutation(n)[:TOKENIZER_SAMPLE_DOCS]
+    texts = list(ds.select(np.sort(picks))["text"]) if n > TOKENIZER_SAMPLE_DOCS else list(ds["text"])
+    order = np.random.default_rng([seed, 12]).permutation(len(texts))
+    keep = np.cumsum([len(texts[i]) for i in order]) <= TOKENIZER_SAMPLE_CHARS
+    keep[:1] = True  # one document at least, however long
+    return [texts[i] for i in order[keep]]
 
 
 def _texts(ds, batch: int = 1024):
@@ -72,7 +75,7 @@ def _write(data, folder: Path, source: dict, tokenizer: Tokenizer | None, seed: 
     tok.save(tok_path)
     try:
         total = sum(f[1] for f in source.get("files", [])) or None
-        write_store(_texts(ds), tok_path, folder, source=source, workers=data.workers or None, total_bytes=total,
+        write_store(_texts(ds), tok_path, folder, source=source, workers=data.workers, total_bytes=total,
                     progress=progress, extra_files={STORE_TOKENIZER: tok_path})
     finally:
         tok_path.unlink(missing_ok=True)

@@ -9,8 +9,8 @@ A store folder holds:
 - ``manifest.json``: format version, tokenizer hash, vocabulary size, dtype, end id, counts, and the source's
   fingerprint (paths, sizes and modification times, or a hub name and revision). Written last.
 
-Writing is streaming (memory bounded by a few blocks of documents, never by the corpus), parallel over worker
-processes (SentencePiece encoding is the bottleneck), shown with a progress bar (MB/s, ETA), and atomic: the folder
+Writing is streaming (memory bounded by a few blocks of documents, never by the corpus), parallel (SentencePiece's
+threads over every core, or worker processes), shown with a progress bar (MB/s, ETA), and atomic: the folder
 is built under a temporary name and renamed into place, so a killed prepare never leaves a store that looks
 complete. Shape key: n tokens, m documents, v vocab.
 """
@@ -133,30 +133,34 @@ def _blocks(texts: Iterable[str], size: int) -> Iterator[list[str]]:
 
 
 def _encoded(blocks: Iterator[list[str]], model_proto: bytes, workers: int):
-    """(texts, (flat, lengths)) per block, in order; at most ``2 * workers`` blocks in flight (bounded memory)."""
+    """(texts, (flat, lengths)) per block, in order; at most ``2 * workers`` blocks in flight (bounded memory). A
+    worker that dies (e.g. killed for memory) fails the prepare instead of hanging it."""
     if workers <= 1:
         _init_worker(model_proto)
         for block in blocks:
             yield block, _encode_block(block)
         return
+    from concurrent.futures import ProcessPoolExecutor
     ctx = multiprocessing.get_context("spawn")  # no fork: the parent may hold JAX's threads
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(model_proto,)) as pool:
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(model_proto,)) as pool:
         pending: collections.deque = collections.deque()
         for block in blocks:
-            pending.append((block, pool.apply_async(_encode_block, (block,))))
+            pending.append((block, pool.submit(_encode_block, block)))
             if len(pending) >= 2 * workers:
                 texts, result = pending.popleft()
-                yield texts, result.get()
+                yield texts, result.result()
         while pending:
             texts, result = pending.popleft()
-            yield texts, result.get()
+            yield texts, result.result()
 
 
 def write_store(texts: Iterable[str], tokenizer_path: str | Path, folder: str | Path, *, source: dict,
-                workers: int | None = None, total_bytes: int | None = None, progress: bool = True,
+                workers: int = 0, total_bytes: int | None = None, progress: bool = True,
                 extra_files: dict | None = None) -> TokenStore:
     """Tokenize ``texts`` (one document each, streamed) with the SentencePiece model at ``tokenizer_path`` into a
-    store at ``folder``, atomically. ``source`` (JSON-able) is recorded as the corpus fingerprint; ``total_bytes``
+    store at ``folder``, atomically. ``workers`` < 2 encodes in this process, SentencePiece spreading each block
+    over every core with its own threads (the fastest on the 2-core machine measured: 18 MB/s against 12.7 with
+    two processes, which pay for pickling); more starts that many encoding processes. ``source`` (JSON-able) is recorded as the corpus fingerprint; ``total_bytes``
     (the corpus size, if known) gives the progress bar its ETA. An existing store at ``folder`` is replaced only
     once the new one is complete; ``extra_files`` (``{name: path}``) are copied in with it. `ValueError` for a corpus
     with no text or a full disk."""
@@ -169,7 +173,7 @@ def write_store(texts: Iterable[str], tokenizer_path: str | Path, folder: str | 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        stats = _write_tokens(texts, proto, tmp, dtype, tok.vocab_size, workers or os.cpu_count() or 1,
+        stats = _write_tokens(texts, proto, tmp, dtype, tok.vocab_size, workers,
                               total_bytes, progress)
         if stats["tokens"] == stats["documents"]:
             raise ValueError(f"the corpus for {folder} has no text to tokenize (every document is empty)")
