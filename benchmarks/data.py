@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -89,12 +90,13 @@ def batch_read_ms(store_dir: Path, batch: int = 8, length: int = 1024, repeats: 
 
 
 def run_size(megabytes: int, work: Path, texts: list[str], steps: int) -> list[dict]:
-    corpus = make_corpus(work, megabytes, texts)
+    corpus = make_corpus(work, megabytes, texts)  # corpora are kept between runs of the benchmark; stores and runs not
     size_mb = corpus.stat().st_size / 1e6
-    store = work / f"store-{megabytes}"
+    store, run = work / f"store-{megabytes}", work / f"run-{megabytes}"
+    for old in (store, run):
+        shutil.rmtree(old, ignore_errors=True)
     prep_s, prep_gib, _ = timed([sys.executable, "-m", "flaxformer_lite.data.prepare", "--out", str(store),
                                  f"data.path={corpus}", "data.vocab_size=8192"])
-    run = work / f"run-{megabytes}"
     base = [sys.executable, "train.py", *MODEL, f"data.path={corpus}", "data.vocab_size=8192", "train.seq_len=128",
             "train.batch_size=8", "train.eval_every=0", "train.samples=0", "train.progress=false",
             f"train.run_dir={run}", "train.checkpoint_every=2"]

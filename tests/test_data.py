@@ -72,7 +72,7 @@ def _build_mlm(seq_len):
 
 
 @pytest.mark.parametrize("call,match", [
-    (lambda: train_tokenizer(["a b c"], vocab_size="100"), "vocab_size must exceed 40 .* got '100'"),
+    (lambda: train_tokenizer(["a b c"], vocab_size="100"), "vocab_size must exceed 41 .* got '100'"),
     (lambda: train_tokenizer(["a b c"], character_coverage=0.9), r"character_coverage .* \[0.98, 1\]"),
     (lambda: train_tokenizer(["", " \n"]), "corpus is empty"),
     (lambda: _build_mlm(3), "train.seq_len must be at least 11"),
@@ -279,3 +279,18 @@ def test_hf_tokenizer_folder_errors_are_one_line(tmp_path):
     with pytest.raises(ValueError, match="no usable tokenizer files") as err:
         HFTokenizer.from_folder(tmp_path)
     assert "\n" not in str(err.value)
+
+
+def test_line_breaks_survive_every_normalization():
+    text = ["First line of a play.\nSecond line:\n\n  indented after a blank line.", "Code: x = 1\ny = 2"] * 20
+    for normalization in ("nmt_nfkc", "identity"):
+        tok = train_tokenizer(text, vocab_size=70, byte_fallback=False, normalization=normalization)
+        for t in ("a\nb", "Second line:\n\nFirst", "x = 1\r\ny = 2"):
+            ids = tok.encode(t)
+            assert tok.newline_id in ids
+            assert tok.decode(ids) == t.replace("\r\n", "\n")
+
+
+def test_a_vocab_size_too_small_for_byte_fallback_names_it():
+    with pytest.raises(ValueError, match=r"vocab_size 96 is too small for byte_fallback: its 256 byte pieces"):
+        train_tokenizer(["some text"] * 10, vocab_size=96)

@@ -181,3 +181,19 @@ def test_a_prepared_store_is_reused_and_a_foreign_one_refused(corpus, tmp_path, 
     assert train_cli.main(overrides(corpus, tmp_path / "run2", steps=2,
                                     extra=[f"data.store={store}", f"data.path={other}"])) == 2
     assert f"data.store '{store}' holds another corpus or tokenizer" in capsys.readouterr().err
+
+
+def test_a_held_out_file_is_the_eval_set_and_its_size_is_honoured(corpus, tmp_path, capsys):
+    from runs import overrides, train_cli
+    held_out = tmp_path / "held_out.jsonl"
+    held_out.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS[:8]))
+    run = tmp_path / "run"
+    assert train_cli.main(overrides(corpus, run, steps=2, extra=[f"data.eval_path={held_out}", "train.eval_every=2",
+                                                                 "train.eval_batches=50"])) == 0
+    manifest = json.loads((tmp_path / "run" / "store-eval" / "manifest.json").read_text())
+    assert manifest["source"]["files"][0][0] == str(held_out)
+    assert manifest["tokenizer_sha256"] == json.loads((run / "store" / "manifest.json").read_text())["tokenizer_sha256"]
+    out = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
+    assert "note: the eval set holds" in out and "not train.eval_batches=50" in out
+    from flaxformer_lite.training import read_metrics
+    assert any("eval_loss" in r for r in read_metrics(run / "metrics.jsonl"))

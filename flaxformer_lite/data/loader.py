@@ -39,6 +39,10 @@ class Loader:
         self.local = global_batch // process_count
         self.offset = process_index * self.local
 
+    def distinct_batches(self) -> int:
+        """How many batches an epoch holds before examples repeat (at least 1)."""
+        return max(1, self.num_examples // self.global_batch)
+
     @functools.lru_cache(maxsize=4)
     def _order(self, epoch: int) -> np.ndarray:
         if not self.shuffle:
@@ -72,6 +76,10 @@ class ShardedLoader:
         self.loaders = dict(sorted(shard_loaders.items()))
         self.num_shards = num_shards
         self.num_examples = sum(ld.num_examples for ld in self.loaders.values())
+
+    def distinct_batches(self) -> int:
+        """How many batches an epoch holds before examples repeat in some shard (at least 1)."""
+        return min(ld.distinct_batches() for ld in self.loaders.values())
 
     def batch(self, step: int) -> dict:
         """This process's rows of global batch ``step``: its shards' chunks, in shard order."""

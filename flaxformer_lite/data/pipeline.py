@@ -74,9 +74,14 @@ def build_data(data, *, seq_len: int, batch_size: int, seed: int, process_index:
     if store is not None and objective.stream_pool is not None:
         found = prepare_store(data, store, seed=seed, tokenizer=tokenizer, primary=process_index == 0, sync=sync,
                               refuse=refuse, progress=progress)
-        return _stream_data(data, objective, found, tokenizer or store_tokenizer(found), seq_len=seq_len,
-                            batch_size=batch_size, seed=seed, process_index=process_index,
-                            process_count=process_count)
+        tok = tokenizer or store_tokenizer(found)
+        held_out = None
+        if data.eval_path:  # the user's held-out corpus, in its own store, with the same tokenizer
+            folder = Path(store).with_name(Path(store).name + "-eval")
+            held_out = prepare_store(dataclasses.replace(data, path=data.eval_path), folder, seed=seed, tokenizer=tok,
+                                     primary=process_index == 0, sync=sync, progress=progress)
+        return _stream_data(data, objective, found, held_out, tok, seq_len=seq_len, batch_size=batch_size,
+                            seed=seed, process_index=process_index, process_count=process_count)
     role, field = objective.columns[0]
     if not getattr(data, field):
         raise ValueError(f"data.{field} must name the column of the text for data.objective={data.objective!r}")
@@ -108,16 +113,21 @@ def build_data(data, *, seq_len: int, batch_size: int, seed: int, process_index:
                 label_names)
 
 
-def _stream_data(data, objective, store: TokenStore, tok: Tokenizer, *, seq_len: int, batch_size: int, seed: int,
-                 process_index: int, process_count: int) -> Data:
-    """Loaders over a token store's stream: training on the first tokens, eval on the last ``data.eval_fraction``."""
+def _stream_data(data, objective, store: TokenStore, held_out: TokenStore | None, tok: Tokenizer, *, seq_len: int,
+                 batch_size: int, seed: int, process_index: int, process_count: int) -> Data:
+    """Loaders over a token store's stream: training on it all and eval on ``held_out``, or training on its first
+    tokens and eval on the last ``data.eval_fraction``."""
     if data.objective == "mlm" and tok.mask_id < 0:
         raise ValueError("data.objective='mlm' needs a tokenizer with a mask token; this one has none")
     ids, total = special_ids(tok), store.manifest.tokens
-    cut = int(round(total * (1.0 - data.eval_fraction)))
+    if held_out is None:
+        cut = int(round(total * (1.0 - data.eval_fraction)))
+        parts = (("train", store, 0, cut), ("eval", store, cut, total))
+    else:
+        parts = (("train", store, 0, total), ("eval", held_out, 0, held_out.manifest.tokens))
     loaders = {}
-    for name, start, stop in (("train", 0, cut), ("eval", cut, total)):
-        size, make_batch = objective.stream_pool(data, store.tokens, start, stop, seq_len, ids)
+    for name, source, start, stop in parts:
+        size, make_batch = objective.stream_pool(data, source.tokens, start, stop, seq_len, ids)
         if size < 1:
             raise ValueError(f"the {name} part of the corpus ({stop - start:,} tokens) is shorter than one example of "
                              f"train.seq_len={seq_len}; use more text, a shorter train.seq_len, or another "

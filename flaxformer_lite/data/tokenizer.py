@@ -1,13 +1,13 @@
 """SentencePiece tokenizers: train one from a corpus (unigram or BPE) with the special tokens every objective needs,
 save it next to the run, and load it back.
 
-Ids: pad 0, unk 1, bos 2, eos 3, then ``<mask>``, ``<cls>``, ``<sep>`` (BERT) and sentinels ``<extra_id_0..31>``
-(T5 span corruption).
+Ids: pad 0, unk 1, bos 2, eos 3, then ``<mask>``, ``<cls>``, ``<sep>`` (BERT), sentinels ``<extra_id_0..31>``
+(T5 span corruption) and a newline piece: a line break in the text is encoded as one piece whatever the
+normalization (which would otherwise turn it into a space), so a model trained on a play or on code can write one.
 """
 from __future__ import annotations
 
 import hashlib
-
 import io
 import itertools
 import numbers
@@ -19,6 +19,7 @@ import sentencepiece as spm
 
 SPECIAL = {"pad": 0, "unk": 1, "bos": 2, "eos": 3}
 USER_SYMBOLS = ["<mask>", "<cls>", "<sep>"] + [f"<extra_id_{i}>" for i in range(32)]
+NEWLINE = "\u240a"  # "␊": stands for "\n" inside the model (no normalization rewrites it)
 NORMALIZATIONS = ("nmt_nfkc", "nfkc", "identity", "nmt_nfkc_cf", "nfkc_cf")
 
 
@@ -31,6 +32,7 @@ class Tokenizer:
         self.pad_id, self.unk_id, self.bos_id, self.eos_id = (SPECIAL[k] for k in ("pad", "unk", "bos", "eos"))
         self.mask_id, self.cls_id, self.sep_id = (self.sp.piece_to_id(p) for p in USER_SYMBOLS[:3])
         self.sentinel_ids = [self.sp.piece_to_id(p) for p in USER_SYMBOLS[3:]]
+        self.newline_id = self.sp.piece_to_id(NEWLINE)  # unk for tokenizers trained before the newline piece
 
     @property
     def vocab_size(self) -> int:
@@ -49,17 +51,22 @@ class Tokenizer:
                 *self.sentinel_ids}
 
     def encode(self, text: str) -> list[int]:
-        """Text -> ids (no bos/eos added)."""
-        return self.sp.encode(text)
+        """Text -> ids (no bos/eos added); line breaks become the newline piece."""
+        return self.sp.encode(self._lines_in(text))
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """Texts -> ids, in one call."""
-        return self.sp.encode(texts)
+        """Texts -> ids, in one call (SentencePiece's threads on every core)."""
+        return self.sp.encode([self._lines_in(t) for t in texts])
+
+    def _lines_in(self, text: str) -> str:
+        if self.newline_id == self.unk_id:
+            return text
+        return text.replace("\r\n", "\n").replace("\n", NEWLINE)
 
     def decode(self, ids) -> str:
         """Ids (each in ``[0, vocab_size)``) -> text; special ids other than unk are dropped."""
         skip = self.special_ids - {self.unk_id}
-        return self.sp.decode([i for i in self._checked_ids(ids) if i not in skip])
+        return self.sp.decode([i for i in self._checked_ids(ids) if i not in skip]).replace(NEWLINE, "\n")
 
     def pieces(self, ids) -> list[str]:
         """The vocabulary piece of each id (for labelling pictures)."""
@@ -112,9 +119,13 @@ def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 4096, model_type:
         raise ValueError(f"tokenizer_type must be 'unigram' or 'bpe', got {model_type!r}")
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
-    minimum = len(SPECIAL) + len(USER_SYMBOLS) + 1
+    minimum = len(SPECIAL) + len(USER_SYMBOLS) + 2
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, numbers.Integral) or vocab_size <= minimum:
         raise ValueError(f"vocab_size must exceed {minimum} (special tokens) as an int, got {vocab_size!r}")
+    if byte_fallback and vocab_size <= minimum + 256:
+        raise ValueError(f"vocab_size {vocab_size} is too small for byte_fallback: its 256 byte pieces and the "
+                         f"{minimum} special ones leave no room for text; raise data.vocab_size above "
+                         f"{minimum + 256} or set data.byte_fallback=false")
     if not isinstance(character_coverage, numbers.Real) or not 0.98 <= character_coverage <= 1.0:
         raise ValueError(f"character_coverage must be a number in [0.98, 1] (SentencePiece's range), "
                          f"got {character_coverage!r}")
@@ -134,8 +145,9 @@ def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 4096, model_type:
         if faults:
             raise faults[0] from None
         if "required_chars" in str(err) or "Vocabulary size" in str(err):
+            held = " (byte_fallback's 256 byte pieces are part of it)" if byte_fallback else ""
             raise ValueError(f"vocab_size {vocab_size} is too small for character_coverage {character_coverage} on "
-                             f"this corpus ({str(err).split('.')[-3].strip()}); raise data.vocab_size or lower "
+                             f"this corpus ({str(err).split('.')[-3].strip()}){held}; raise data.vocab_size or lower "
                              "data.character_coverage (byte_fallback keeps rare characters as bytes)") from None
         raise
     if faults:
@@ -168,7 +180,7 @@ def _train(model, sentences, vocab_size, model_type, character_coverage, byte_fa
         sentence_iterator=sentences, model_writer=model, vocab_size=vocab_size, model_type=model_type,
         character_coverage=character_coverage, byte_fallback=byte_fallback,
         normalization_rule_name=normalization, pad_id=0, unk_id=1, bos_id=2, eos_id=3,
-        user_defined_symbols=USER_SYMBOLS, input_sentence_size=max_sentences, shuffle_input_sentence=True,
+        user_defined_symbols=USER_SYMBOLS + [NEWLINE], input_sentence_size=max_sentences, shuffle_input_sentence=True,
         hard_vocab_limit=False, minloglevel=2, num_threads=os.cpu_count() or 1,
         remove_extra_whitespaces=normalization != "identity", split_digits=True)
 

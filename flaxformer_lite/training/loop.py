@@ -110,6 +110,10 @@ def train(cfg, model, data, task, *, sample_fn=None, warm_start=None) -> Outcome
     elif warm_start is not None:  # fn sees shape structs (parameters may span hosts), returns host arrays
         step_fn.set_params(warm_start(jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                                                              step_fn.params())))
+    eval_batches = min(tc.eval_batches, data.eval.distinct_batches())
+    if tc.eval_every and eval_batches < tc.eval_batches:
+        console.print(f"note: the eval set holds {eval_batches} batch(es) of {tc.batch_size}; evaluating on those, "
+                      f"not train.eval_batches={tc.eval_batches} (which would repeat them)")
     log = MetricsLog(run_dir / "metrics.jsonl", resume_from=start, enabled=jax.process_index() == 0)
     speed = _Speed(model.cfg, step_fn.params(), tc, start)
     last_metrics, last_eval, done = {}, {}, start
@@ -126,7 +130,7 @@ def train(cfg, model, data, task, *, sample_fn=None, warm_start=None) -> Outcome
                 log.write(last_metrics)
                 progress(last_metrics)
             if tc.eval_every and (done % tc.eval_every == 0 or done == tc.steps):
-                last_eval = evaluate(step_fn, data.eval, tc.eval_batches, task.objective)
+                last_eval = evaluate(step_fn, data.eval, eval_batches, task.objective)
                 log.write({"step": done, **last_eval})
             if done % tc.checkpoint_every == 0 or last:
                 _save(ckpt, step_fn, done, cfg)
