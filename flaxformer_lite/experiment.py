@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from .data.corpus import TEXT_UNITS
 from .data.registry import OBJECTIVES
 from .models.config import ModelConfig, preset
 
@@ -26,21 +27,23 @@ class DataConfig:
     """Corpus, tokenizer and objective.
 
     path: '' for the built-in corpus (docstrings of the installed Python standard library), else a file, glob,
-    directory saved with ``save_to_disk``, or a hub dataset name. objective: causal_lm | prefix_lm | mlm |
-    span_corruption | seq2seq | classify (fine-tuning: ``text_field`` and optional ``text_pair_field`` -> the
-    ``label_field`` column, ints or strings). store: the token store of a text objective's corpus (causal_lm,
-    prefix_lm, mlm, span_corruption): tokenized once, read through a memmap; '' keeps it in the run folder
-    (``<run_dir>/store``); a folder made by ``python -m flaxformer_lite.data.prepare`` is reused. eval_path: a
-    held-out corpus for evaluation (its own store, ``<store>-eval``); '' holds out the last ``eval_fraction`` of
-    the corpus's tokens. workers: encoding
-    processes when writing it (0 or 1: this process, SentencePiece's threads on every core). allow_corpus_change: resume on a corpus that changed since the
+    directory saved with ``save_to_disk``, or a hub dataset name. text_unit: one document of a plain-text file is a
+    paragraph (blank-line separated), the whole file (one continuous stream, as nanoGPT reads tiny Shakespeare) or a
+    line. objective: causal_lm | prefix_lm | mlm | span_corruption | seq2seq | classify (fine-tuning: ``text_field``
+    and optional ``text_pair_field`` -> the ``label_field`` column, ints or strings). store: the token store of a
+    text objective's corpus (causal_lm, prefix_lm, mlm, span_corruption): tokenized once, read through a memmap; ''
+    keeps it in the run folder (``<run_dir>/store``); a folder made by ``python -m flaxformer_lite.data.prepare`` is
+    reused. eval_path: a held-out corpus for evaluation (its own store, ``<store>-eval``); '' holds out the last
+    ``eval_fraction`` of the corpus's tokens. workers: encoding processes when writing it (0 or 1: this process,
+    SentencePiece's threads on every core). allow_corpus_change: resume on a corpus that changed since the
     checkpoints. shards (seq2seq and classify, which read in memory): contiguous reading shards (0: one per
-    process); each process reads and tokenizes only its block of shards, and each global batch takes an equal
-    chunk from every shard.
+    process); each process reads and tokenizes only its block of shards, and each global batch takes an equal chunk
+    from every shard.
     """
 
     path: str = ""
     format: str = "auto"
+    text_unit: str = "paragraph"
     text_field: str = "text"
     source_field: str = "source"
     target_field: str = "target"
@@ -138,6 +141,7 @@ class ExperimentConfig:
 
 CHOICES = {
     "data.format": ("auto", "text", "json", "csv", "parquet", "saved", "hub"),
+    "data.text_unit": TEXT_UNITS,
     "data.objective": tuple(OBJECTIVES),
     "data.tokenizer_type": ("unigram", "bpe"),
     "data.normalization": ("nmt_nfkc", "nfkc", "identity", "nmt_nfkc_cf", "nfkc_cf"),

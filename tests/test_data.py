@@ -294,3 +294,14 @@ def test_line_breaks_survive_every_normalization():
 def test_a_vocab_size_too_small_for_byte_fallback_names_it():
     with pytest.raises(ValueError, match=r"vocab_size 96 is too small for byte_fallback: its 256 byte pieces"):
         train_tokenizer(["some text"] * 10, vocab_size=96)
+
+
+def test_plain_text_is_read_by_paragraph_document_or_line(tmp_path):
+    path = tmp_path / "play.txt"
+    path.write_text("ACT I\nScene one.\n\nEnter a king.\nHe speaks.\n\nExit.\n")
+    rows = {unit: list(load_corpus(str(path), text_unit=unit)["text"]) for unit in ("paragraph", "document", "line")}
+    assert [t.strip() for t in rows["paragraph"]] == ["ACT I\nScene one.", "Enter a king.\nHe speaks.", "Exit."]
+    assert len(rows["document"]) == 1 and "Scene one.\n\nEnter a king." in rows["document"][0]
+    assert [t for t in rows["line"] if t.strip()] == ["ACT I", "Scene one.", "Enter a king.", "He speaks.", "Exit."]
+    with pytest.raises(ValueError, match="data.text_unit must be one of"):
+        load_corpus(str(path), text_unit="sentence")

@@ -197,3 +197,26 @@ def test_a_held_out_file_is_the_eval_set_and_its_size_is_honoured(corpus, tmp_pa
     assert "note: the eval set holds" in out and "not train.eval_batches=50" in out
     from flaxformer_lite.training import read_metrics
     assert any("eval_loss" in r for r in read_metrics(run / "metrics.jsonl"))
+
+
+def test_a_hub_corpus_is_prepared_streaming_without_arrow(tokenizer, tmp_path, monkeypatch):
+    import datasets
+
+    from flaxformer_lite.data.prepare import prepare_store
+    from flaxformer_lite.experiment import DataConfig
+    calls = []
+
+    def fake_hub(name, split=None, streaming=False, **kwargs):  # an offline stand-in for the Hub
+        calls.append((name, streaming))
+        if not streaming:
+            raise AssertionError("the corpus was materialised")
+        return datasets.IterableDataset.from_generator(lambda: ({"content": t} for t in TEXTS))
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_hub)
+    data = DataConfig(path="someone/corpus", text_field="content", vocab_size=400)
+    store = prepare_store(data, tmp_path / "store", progress=False)
+    assert calls and all(streaming for _, streaming in calls)
+    assert store.num_documents == len(TEXTS) and store.manifest.source["hub"] == "someone/corpus"
+    from flaxformer_lite.data.prepare import store_tokenizer
+    tok = store_tokenizer(store)
+    np.testing.assert_array_equal(store.document(3), tok.encode(TEXTS[3]))

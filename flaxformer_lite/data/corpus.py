@@ -90,7 +90,11 @@ def _format_of(path: str, fmt: str) -> str:
                      "text, json, csv, parquet, saved, hub")
 
 
-def source_fingerprint(path: str = "", fmt: str = "auto", text_field: str = "text") -> dict:
+TEXT_UNITS = ("paragraph", "document", "line")  # what one document of a plain-text file is (datasets' sample_by)
+
+
+def source_fingerprint(path: str = "", fmt: str = "auto", text_field: str = "text",
+                       text_unit: str = "paragraph") -> dict:
     """What identifies a corpus without reading it: each file's absolute path, size and modification time (the
     files of a glob or a saved folder; the built-in corpus's cache file), or a Hub name; and the text field. A token
     store records it, so a changed corpus is noticed."""
@@ -105,13 +109,16 @@ def source_fingerprint(path: str = "", fmt: str = "auto", text_field: str = "tex
         else:
             files = sorted(glob.glob(path)) if not Path(path).exists() else [path]
     stats = [(os.path.abspath(f), os.stat(f)) for f in files]
-    return {"files": [[f, st.st_size, st.st_mtime_ns] for f, st in stats], "text_field": text_field}
+    return {"files": [[f, st.st_size, st.st_mtime_ns] for f, st in stats], "text_field": text_field,
+            "text_unit": text_unit}
 
 
-def load_corpus(path: str = "", fmt: str = "auto", text_field: str = "text") -> datasets.Dataset:
+def load_corpus(path: str = "", fmt: str = "auto", text_field: str = "text",
+                text_unit: str = "paragraph") -> datasets.Dataset:
     """The corpus as a `datasets.Dataset` with a ``text`` column of strings (and any others the source has).
 
-    ``path=""`` is the built-in corpus. Text files become one row per paragraph (blank-line separated). A source
+    ``path=""`` is the built-in corpus. Plain-text files become one row per ``text_unit``: ``"paragraph"``
+    (blank-line separated), ``"document"`` (the whole file, one continuous stream) or ``"line"``. A source
     that cannot be read, or whose ``text_field`` is missing, not text, null in some rows or blank in all, raises a
     one-line `ValueError` naming ``data.path`` (and the file) and the fault."""
     if not path:
@@ -133,7 +140,9 @@ def load_corpus(path: str = "", fmt: str = "auto", text_field: str = "text") -> 
             raise ValueError(f"data.path={path}: no such file or directory, and not a loadable Hub dataset "
                              f"({_one_line(err)})") from err
     else:
-        ds = _load_files(path, fmt)
+        if text_unit not in TEXT_UNITS:
+            raise ValueError(f"data.text_unit must be one of {TEXT_UNITS}, got {text_unit!r}")
+        ds = _load_files(path, fmt, text_unit)
     if text_field not in ds.column_names:
         raise ValueError(f"data.text_field {text_field!r} is not a column of data.path={path}; "
                          f"columns: {ds.column_names}")
@@ -145,7 +154,7 @@ def load_corpus(path: str = "", fmt: str = "auto", text_field: str = "text") -> 
     return ds
 
 
-def _load_files(path: str, fmt: str) -> datasets.Dataset:
+def _load_files(path: str, fmt: str, text_unit: str = "paragraph") -> datasets.Dataset:
     """Local files (a path or a glob) through ``datasets``; cheap checks first, a diagnosis if datasets fails."""
     pattern = not Path(path).exists() and any(c in path for c in _GLOB_CHARS)
     files = sorted(glob.glob(path)) if pattern else [path]
@@ -157,7 +166,7 @@ def _load_files(path: str, fmt: str) -> datasets.Dataset:
         fault = _file_fault(file, fmt)
         if fault:
             raise ValueError(f"data.path={_where(path, file)}: {fault}")
-    kwargs = {"sample_by": "paragraph"} if fmt == "text" else {}
+    kwargs = {"sample_by": text_unit} if fmt == "text" else {}
     try:
         return datasets.load_dataset(fmt, data_files=files, split="train", **kwargs)
     except Exception as err:  # datasets wraps every reader's failure in its own errors; name the file and the fault

@@ -64,11 +64,12 @@ def build_data(data, *, seq_len: int, batch_size: int, seed: int, process_index:
     """The train and eval loaders of ``data.objective``, and the tokenizer: ``tokenizer`` (e.g. a pretrained
     model's or the run's own) or a new one trained on a seeded sample of the corpus (the same on every host).
 
-    With ``store`` (a folder), a text objective reads a token store there, written once (`prepare_store`: by
-    process 0 while the others wait in ``sync()``; with ``refuse``, a store that no longer matches the corpus is
-    refused with that message, not replaced) and memory-mapped: start-up costs the same for any corpus size, and every process draws its rows of
-    each batch from one global pool. The eval set is the corpus's last ``data.eval_fraction`` of tokens.
-    Otherwise (and for seq2seq and classify) this process's shards of the corpus are tokenized in memory."""
+    With ``store`` (a folder), a text objective reads a token store there, written once (`prepare_store`: by process
+    0 while the others wait in ``sync()``; with ``refuse``, a store that no longer matches the corpus is refused
+    with that message, not replaced) and memory-mapped: start-up costs the same for any corpus size, and every
+    process draws its rows of each batch from one global pool. The eval set is the corpus's last
+    ``data.eval_fraction`` of tokens. Otherwise (and for seq2seq and classify) this process's shards of the corpus
+    are tokenized in memory."""
     objective = get_objective(data.objective)
     objective.check(seq_len=seq_len)
     if store is not None and objective.stream_pool is not None:
@@ -86,7 +87,7 @@ def build_data(data, *, seq_len: int, batch_size: int, seed: int, process_index:
     if not getattr(data, field):
         raise ValueError(f"data.{field} must name the column of the text for data.objective={data.objective!r}")
     fields = [(role, getattr(data, field), field) for role, field in objective.columns if getattr(data, field)]
-    ds = load_corpus(data.path, data.format, fields[0][1])
+    ds = load_corpus(data.path, data.format, fields[0][1], data.text_unit)
     fields[0] = (fields[0][0], "text", fields[0][2])  # load_corpus names the text column "text"
     for _, column, field in fields[1:]:
         if column not in ds.column_names:

@@ -67,15 +67,44 @@ def _usable(folder: Path, source: dict, tokenizer: Tokenizer | None) -> TokenSto
     return store
 
 
+def _hub_stream(data):
+    """A Hub corpus in `datasets`' streaming mode (nothing materialised as Arrow): its text column as ``text``."""
+    import datasets
+    try:
+        ds = datasets.load_dataset(data.path, split="train", streaming=True)
+    except Exception as err:  # noqa: BLE001  offline, no such repo...: the user's to fix
+        raise ValueError(f"data.path={data.path}: not a loadable Hub dataset ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0][:160] if str(err) else ''})") from None
+    if data.text_field != "text":
+        ds = ds.rename_column(data.text_field, "text")
+    return ds
+
+
+def _stream_sample(ds, seed: int) -> list[str]:
+    """A tokenizer sample of a streamed corpus: a seeded shuffle buffer's first documents, up to the same limits."""
+    texts, chars = [], 0
+    for row in ds.shuffle(seed=seed, buffer_size=10_000).take(TOKENIZER_SAMPLE_DOCS):
+        texts.append(row["text"])
+        chars += len(row["text"] or "")
+        if chars >= TOKENIZER_SAMPLE_CHARS:
+            break
+    return texts
+
+
 def _write(data, folder: Path, source: dict, tokenizer: Tokenizer | None, seed: int, progress: bool) -> TokenStore:
-    ds = load_corpus(data.path, data.format, data.text_field)
-    tok = tokenizer or prepare_tokenizer(tokenizer_sample(ds, seed), data)
+    if "hub" in source:
+        ds = _hub_stream(data)
+        texts, sample = (row["text"] for row in ds), (lambda: _stream_sample(ds, seed))
+    else:
+        ds = load_corpus(data.path, data.format, data.text_field, data.text_unit)
+        texts, sample = _texts(ds), (lambda: tokenizer_sample(ds, seed))
+    tok = tokenizer or prepare_tokenizer(sample(), data)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tok_path = folder.with_name(f"{folder.name}.tokenizer-{np.random.default_rng().integers(1 << 30)}.model")
     tok.save(tok_path)
     try:
         total = sum(f[1] for f in source.get("files", [])) or None
-        write_store(_texts(ds), tok_path, folder, source=source, workers=data.workers, total_bytes=total,
+        write_store(texts, tok_path, folder, source=source, workers=data.workers, total_bytes=total,
                     progress=progress, extra_files={STORE_TOKENIZER: tok_path})
     finally:
         tok_path.unlink(missing_ok=True)
@@ -93,7 +122,7 @@ def prepare_store(data, folder: str | Path, *, seed: int = 0, tokenizer: Tokeniz
     ``refuse`` (a message), a store there that no longer matches is not replaced: `ValueError(refuse)` instead
     (checkpoints were trained on it, or the user prepared it)."""
     folder = Path(folder)
-    source = {**source_fingerprint(data.path, data.format, data.text_field),
+    source = {**source_fingerprint(data.path, data.format, data.text_field, data.text_unit),
               "tokenizer": {key: getattr(data, key) for key in TOKENIZER_SETTINGS}}
     store = _usable(folder, source, tokenizer)
     if store is None and refuse and (folder / "manifest.json").exists():
