@@ -39,14 +39,18 @@ def prepare_tokenizer(texts: list[str], data) -> Tokenizer:
 
 def tokenizer_sample(ds, seed: int) -> list[str]:
     """The texts a tokenizer is trained on: documents in a seeded random order (the same on every host), up to
-    ``TOKENIZER_SAMPLE_DOCS`` documents and about ``TOKENIZER_SAMPLE_CHARS`` characters."""
+    ``TOKENIZER_SAMPLE_DOCS`` documents and about ``TOKENIZER_SAMPLE_CHARS`` characters. Only about as many
+    documents as that takes are read (their mean length is estimated from a thousand first)."""
     n = len(ds)
-    picks = np.random.default_rng([seed, 11]).permutation(n)[:TOKENIZER_SAMPLE_DOCS]
-    texts = list(ds.select(np.sort(picks))["text"]) if n > TOKENIZER_SAMPLE_DOCS else list(ds["text"])
-    order = np.random.default_rng([seed, 12]).permutation(len(texts))
-    keep = np.cumsum([len(texts[i]) for i in order]) <= TOKENIZER_SAMPLE_CHARS
+    order = np.random.default_rng([seed, 11]).permutation(n)
+    probe = ds.select(np.sort(order[:1000]))["text"]
+    mean = max(1.0, float(np.mean([len(t) for t in probe])))
+    wanted = min(n, TOKENIZER_SAMPLE_DOCS, int(1.2 * TOKENIZER_SAMPLE_CHARS / mean) + 1)
+    texts = list(ds.select(np.sort(order[:wanted]))["text"]) if wanted < n else list(ds["text"])
+    shuffle = np.random.default_rng([seed, 12]).permutation(len(texts))
+    keep = np.cumsum([len(texts[i]) for i in shuffle]) <= TOKENIZER_SAMPLE_CHARS
     keep[:1] = True  # one document at least, however long
-    return [texts[i] for i in order[keep]]
+    return [texts[i] for i in shuffle[keep]]
 
 
 def _texts(ds, batch: int = 1024):
