@@ -51,7 +51,8 @@ def parallel_runs(corpus, tmp_path_factory):
 
 
 def test_pmap_run_resumes_as_if_uninterrupted(parallel_runs, corpus, tmp_path, capsys):
-    args = lambda steps: overrides(corpus, tmp_path, steps=steps, extra=[*PARALLEL["pmap8"], "train.checkpoint_every=2"])
+    extra = [*PARALLEL["pmap8"], "train.checkpoint_every=2"]
+    args = lambda steps: overrides(corpus, tmp_path, steps=steps, extra=extra)
     assert train_cli.main(args(2)) == 0
     assert train_cli.main(args(4)) == 0 and "resuming from step 2" in capsys.readouterr().out
     np.testing.assert_allclose(losses(tmp_path), parallel_runs["pmap8"][0], rtol=1e-6)
@@ -113,7 +114,8 @@ def test_sigkill_then_resume_is_bit_identical(corpus, tmp_path):
     out = resumed.communicate(timeout=400)[0]
     assert resumed.returncode == 0 and "resuming from step" in out, out[-2000:]
     assert losses(broken) == losses(whole)  # bit-identical, step by step
-    for a, b in zip(jax.tree_util.tree_leaves(_params_of(broken, steps)), jax.tree_util.tree_leaves(_params_of(whole, steps))):
+    for a, b in zip(jax.tree_util.tree_leaves(_params_of(broken, steps)),
+                    jax.tree_util.tree_leaves(_params_of(whole, steps))):
         np.testing.assert_array_equal(a, b)
 
 

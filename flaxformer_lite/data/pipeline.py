@@ -67,22 +67,29 @@ def build_data(data, *, seq_len: int, batch_size: int, seed: int, process_index:
     With ``store`` (a folder), a text objective reads a token store there, written once (`prepare_store`: by process
     0 while the others wait in ``sync()``; with ``refuse``, a store that no longer matches the corpus is refused
     with that message, not replaced) and memory-mapped: start-up costs the same for any corpus size, and every
-    process draws its rows of each batch from one global pool. The eval set is the corpus's last
-    ``data.eval_fraction`` of tokens. Otherwise (and for seq2seq and classify) this process's shards of the corpus
-    are tokenized in memory."""
+    process draws its rows of each batch from one global pool. The eval set is ``data.eval_path`` (its own store)
+    or the corpus's last ``data.eval_fraction`` of tokens. Otherwise (and for seq2seq and classify) this process's
+    shards of the corpus are tokenized in memory."""
     objective = get_objective(data.objective)
     objective.check(seq_len=seq_len)
     if store is not None and objective.stream_pool is not None:
-        found = prepare_store(data, store, seed=seed, tokenizer=tokenizer, primary=process_index == 0, sync=sync,
+        primary = process_index == 0
+        found = prepare_store(data, store, seed=seed, tokenizer=tokenizer, primary=primary, sync=sync,
                               refuse=refuse, progress=progress)
         tok = tokenizer or store_tokenizer(found)
         held_out = None
         if data.eval_path:  # the user's held-out corpus, in its own store, with the same tokenizer
-            folder = Path(store).with_name(Path(store).name + "-eval")
-            held_out = prepare_store(dataclasses.replace(data, path=data.eval_path), folder, seed=seed, tokenizer=tok,
-                                     primary=process_index == 0, sync=sync, progress=progress)
+            held_out = prepare_store(dataclasses.replace(data, path=data.eval_path), f"{store}-eval", seed=seed,
+                                     tokenizer=tok, primary=primary, sync=sync, progress=progress)
         return _stream_data(data, objective, found, held_out, tok, seq_len=seq_len, batch_size=batch_size,
                             seed=seed, process_index=process_index, process_count=process_count)
+    return _memory_data(data, objective, seq_len=seq_len, batch_size=batch_size, seed=seed,
+                        process_index=process_index, process_count=process_count, tokenizer=tokenizer)
+
+
+def _memory_data(data, objective, *, seq_len: int, batch_size: int, seed: int, process_index: int,
+                 process_count: int, tokenizer: Tokenizer | None) -> Data:
+    """This process's shards of the corpus, tokenized in memory (seq2seq, classify, or no store)."""
     role, field = objective.columns[0]
     if not getattr(data, field):
         raise ValueError(f"data.{field} must name the column of the text for data.objective={data.objective!r}")

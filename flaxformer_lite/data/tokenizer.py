@@ -115,21 +115,7 @@ def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 4096, model_type:
     nothing is lost); normalization (``"identity"`` keeps text byte-exact). An empty corpus, a text that is not a
     str, or a vocab_size above what the text supports (SentencePiece would stop short of it) raises `ValueError`.
     """
-    if model_type not in ("unigram", "bpe"):
-        raise ValueError(f"tokenizer_type must be 'unigram' or 'bpe', got {model_type!r}")
-    if normalization not in NORMALIZATIONS:
-        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
-    minimum = len(SPECIAL) + len(USER_SYMBOLS) + 2
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, numbers.Integral) or vocab_size <= minimum:
-        raise ValueError(f"vocab_size must exceed {minimum} (special tokens) as an int, got {vocab_size!r}")
-    if byte_fallback and vocab_size <= minimum + 256:
-        raise ValueError(f"vocab_size {vocab_size} is too small for byte_fallback: its 256 byte pieces and the "
-                         f"{minimum} special ones leave no room for text; raise data.vocab_size above "
-                         f"{minimum + 256} or set data.byte_fallback=false")
-    if not isinstance(character_coverage, numbers.Real) or not 0.98 <= character_coverage <= 1.0:
-        raise ValueError(f"character_coverage must be a number in [0.98, 1] (SentencePiece's range), "
-                         f"got {character_coverage!r}")
-
+    _check_settings(vocab_size, model_type, character_coverage, byte_fallback, normalization)
     faults: list[ValueError] = []
     sentences = _lines(texts, faults)
     first = next(sentences, None)  # SentencePiece fails on an empty corpus with an opaque RuntimeError
@@ -158,6 +144,24 @@ def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 4096, model_type:
                          f"finds at most {tok.vocab_size} pieces in it; set data.vocab_size <= {tok.vocab_size} or "
                          "train on more text")
     return tok
+
+
+def _check_settings(vocab_size, model_type, character_coverage, byte_fallback, normalization) -> None:
+    """`ValueError` naming the first setting SentencePiece cannot train with."""
+    if model_type not in ("unigram", "bpe"):
+        raise ValueError(f"tokenizer_type must be 'unigram' or 'bpe', got {model_type!r}")
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+    minimum = len(SPECIAL) + len(USER_SYMBOLS) + 2
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, numbers.Integral) or vocab_size <= minimum:
+        raise ValueError(f"vocab_size must exceed {minimum} (special tokens) as an int, got {vocab_size!r}")
+    if byte_fallback and vocab_size <= minimum + 256:
+        raise ValueError(f"vocab_size {vocab_size} is too small for byte_fallback: its 256 byte pieces and the "
+                         f"{minimum} special ones leave no room for text; raise data.vocab_size above "
+                         f"{minimum + 256} or set data.byte_fallback=false")
+    if not isinstance(character_coverage, numbers.Real) or not 0.98 <= character_coverage <= 1.0:
+        raise ValueError(f"character_coverage must be a number in [0.98, 1] (SentencePiece's range), "
+                         f"got {character_coverage!r}")
 
 
 def _lines(texts: Iterable[str], faults: list[ValueError]):

@@ -110,10 +110,7 @@ def train(cfg, model, data, task, *, sample_fn=None, warm_start=None) -> Outcome
     elif warm_start is not None:  # fn sees shape structs (parameters may span hosts), returns host arrays
         step_fn.set_params(warm_start(jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                                                              step_fn.params())))
-    eval_batches = min(tc.eval_batches, data.eval.distinct_batches())
-    if tc.eval_every and eval_batches < tc.eval_batches:
-        console.print(f"note: the eval set holds {eval_batches} batch(es) of {tc.batch_size}; evaluating on those, "
-                      f"not train.eval_batches={tc.eval_batches} (which would repeat them)")
+    eval_batches = _eval_batches(tc, data.eval)
     log = MetricsLog(run_dir / "metrics.jsonl", resume_from=start, enabled=jax.process_index() == 0)
     speed = _Speed(model.cfg, step_fn.params(), tc, start)
     last_metrics, last_eval, done = {}, {}, start
@@ -142,6 +139,15 @@ def train(cfg, model, data, task, *, sample_fn=None, warm_start=None) -> Outcome
     if sample_fn is not None and not stopped and jax.process_index() == 0:
         _write_samples(run_dir, sample_fn(step_fn.params()))
     return Outcome(done, stopped, last_metrics, last_eval, ckpt.unsaved)
+
+
+def _eval_batches(tc, loader) -> int:
+    """``train.eval_batches``, capped (with a note) at the batches the eval set holds: more would repeat rows."""
+    batches = min(tc.eval_batches, loader.distinct_batches())
+    if tc.eval_every and batches < tc.eval_batches:
+        console.print(f"note: the eval set holds {batches} batch(es) of {tc.batch_size}; evaluating on those, "
+                      f"not train.eval_batches={tc.eval_batches} (which would repeat them)")
+    return batches
 
 
 def _agreed_stop(requested: bool, done: int, log_every: int) -> bool:
