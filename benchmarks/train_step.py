@@ -36,7 +36,7 @@ from harness import console, show_and_write  # noqa: E402
 from flaxformer_lite.layers import dense  # noqa: E402
 from flaxformer_lite.models import build, preset  # noqa: E402
 from flaxformer_lite.training.host import keep_freed_memory  # noqa: E402
-from flaxformer_lite.training.metrics import count_params, flops_per_token  # noqa: E402
+from flaxformer_lite.training.metrics import count_params, device_peak_flops, flops_per_token  # noqa: E402
 from flaxformer_lite.training import JitStep, make_mesh, make_task  # noqa: E402
 
 OPT = dict(learning_rate=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01)
@@ -201,20 +201,6 @@ def hf_torch(cfg, batch: dict, malloc: str = "keep"):
 PEERS = {"ours": ours, "ours-plain-dot": ours_plain_dot, "hf-flax": hf_flax, "hf-torch": hf_torch}
 
 
-# Dense (no sparsity) peak TFLOP/s by device kind substring, from the vendors' datasheets: (bfloat16, float32).
-PEAK_TFLOPS = {"H200": (989, 67), "H100": (989, 67), "A100": (312, 19.5), "L4": (121, 30), "TPU v4": (275, 275),
-               "TPU v5 lite": (197, 197), "TPU v5p": (459, 459), "TPU v6": (918, 918)}
-
-
-def device_peak_tflops(dtype: str) -> float | None:
-    """The datasheet peak of this process's first device for ``dtype`` compute, or None (CPU, unknown kind)."""
-    kind = getattr(jax.devices()[0], "device_kind", "")
-    for name, (bf16, f32) in PEAK_TFLOPS.items():
-        if name.lower() in kind.lower():
-            return bf16 if dtype in ("bfloat16", "float16") else f32
-    return None
-
-
 def matmul_gflops(size: int = 2048, repeats: int = 5, dtype: str = "float32") -> float:
     """``dtype`` matmul throughput (GFLOP/s) on this machine, best of ``repeats``: the measured MFU ceiling."""
     x = jnp.ones((size, size), dtype)
@@ -278,7 +264,8 @@ def main(argv=None):
             run = runners[name][0]
             times[name].append(_timed(lambda: _block(run())))
     ceiling = max(ceiling, matmul_gflops(size, dtype=ours_cfg.dtype))
-    peak = device_peak_tflops(ours_cfg.dtype)
+    peak = device_peak_flops(ours_cfg.dtype)
+    peak = peak / 1e12 if peak else None
     model_params = runners["ours"][1] if "ours" in runners else next(iter(runners.values()))[1]  # positions excluded
     flops = flops_per_token(model_params, cfg, args.seq_len) * tokens
     base = {n: statistics.median(t) for n, t in times.items()}

@@ -29,8 +29,10 @@ print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 pytestmark = pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
 
 
-def _run(mode: str) -> tuple[bool, int]:
-    out = subprocess.run([sys.executable, "-c", SCRIPT, mode], capture_output=True, text=True, timeout=120)
+def _run(mode: str, env=None) -> tuple[bool, int]:
+    import os
+    out = subprocess.run([sys.executable, "-c", SCRIPT, mode], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, **(env or {})})
     assert out.returncode == 0, out.stderr
     applied, faults = out.stdout.split()[-2:]
     return applied == "True", int(faults)
@@ -48,3 +50,13 @@ def test_refused_once_a_backend_runs():
     applied, faults = _run("after-backend")
     assert not applied  # XLA's threads already have their arenas: it would not hold, so nothing is changed
     assert faults > 10_000
+
+
+def test_left_alone_when_jax_will_run_on_an_accelerator(monkeypatch):
+    from flaxformer_lite.training.host import backend_is_cpu
+    applied, faults = _run("keep", env={"JAX_PLATFORMS": "cuda"})
+    assert not applied and faults > 10_000  # a GPU's buffers live on the GPU: glibc is left as it is
+    monkeypatch.setenv("JAX_PLATFORMS", "tpu,cpu")
+    assert not backend_is_cpu()
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    assert backend_is_cpu()

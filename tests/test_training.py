@@ -280,3 +280,34 @@ def test_fused_lm_head_loss_matches_plain(smoothing, z):
     for g, r in zip(jax.grad(lambda *a: fused(*a)["loss"], argnums=(0, 1))(h, emb),
                     jax.grad(lambda *a: plain(*a)["loss"], argnums=(0, 1))(h, emb)):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_lm_head_runs_in_bf16_with_float32_accumulation():
+    """Under bf16 compute the fused loss's matmuls take bf16 operands (float32 params are cast, not the activations
+    promoted) and accumulate in float32; values stay within bf16 rounding of the float32 loss."""
+    import jax.numpy as jnp
+    from flaxformer_lite.training.losses import lm_head_xent_sums
+    rng = np.random.default_rng(0)
+    h = jnp.asarray(rng.standard_normal((64, 32)), jnp.bfloat16)
+    emb = jnp.asarray(rng.standard_normal((100, 32)) * 0.1, jnp.float32)  # params stay float32
+    t, w = jnp.asarray(rng.integers(0, 100, 64)), jnp.ones(64, jnp.float32)
+    loss = lambda h, e: lm_head_xent_sums(h, e, t, w, 0.0, 0.0, 16)["loss"]
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(h, emb).as_text()
+    dots = [line for line in hlo.splitlines() if "dot_general" in line]
+    assert dots and all("bf16" in line.split("(")[1] and "-> tensor" in line and "f32" in line.split("->")[1]
+                        for line in dots), dots
+    want = float(lm_head_xent_sums(h.astype(jnp.float32), emb, t, w, 0.0, 0.0, 16)["loss"])
+    np.testing.assert_allclose(float(loss(h, emb)), want, rtol=2e-2)
+
+
+def test_mfu_divides_by_the_datasheet_peak_on_known_accelerators(monkeypatch):
+    from flaxformer_lite.training import metrics
+
+    class FakeH200:
+        device_kind = "NVIDIA H200"
+
+    monkeypatch.setattr(metrics.jax, "local_devices", lambda: [FakeH200()] * 2)
+    monkeypatch.setattr(metrics.jax, "local_device_count", lambda: 2)
+    assert metrics.device_peak_flops("bfloat16") == 2 * 989e12
+    assert metrics.device_peak_flops("float32") == 2 * 67e12
+    assert metrics.mfu_denominator("bfloat16") == 2 * 989e12

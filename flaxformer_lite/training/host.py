@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import importlib.metadata
+import os
 import sys
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8  # glibc <malloc.h>
@@ -24,6 +26,19 @@ def _backends_started() -> bool:
         return False
 
 
+_ACCELERATOR_PACKAGES = ("jax-cuda", "jax-rocm", "libtpu")  # distributions that give JAX a GPU or TPU backend
+
+
+def backend_is_cpu() -> bool:
+    """Whether JAX will run on the CPU, told without starting a backend: ``JAX_PLATFORMS`` if set, else whether a
+    GPU or TPU plugin is installed."""
+    platforms = os.environ.get("JAX_PLATFORMS", "").strip().lower()
+    if platforms:
+        return platforms.split(",")[0] == "cpu"
+    names = (d.metadata["Name"] or "" for d in importlib.metadata.distributions())
+    return not any(n.lower().replace("_", "-").startswith(_ACCELERATOR_PACKAGES) for n in names)
+
+
 def keep_freed_memory() -> bool:
     """Make glibc's ``malloc`` keep freed memory for reuse: no ``mmap`` for large blocks, one arena, no trimming.
 
@@ -32,12 +47,13 @@ def keep_freed_memory() -> bool:
     pools are started with the backend. ``train.py`` and ``benchmarks/train_step.py`` call it first thing.
 
     The process then keeps its peak heap for its lifetime instead of returning it to the OS between steps, which is
-    what a training or benchmark process wants. Returns True when applied, False (changing nothing) off Linux/glibc
-    or once a JAX backend is running. Idempotent."""
+    what a training or benchmark process wants. Returns True when applied, False (changing nothing) off Linux/glibc,
+    when JAX will run on a GPU or TPU (`backend_is_cpu`: the trick is for XLA:CPU's buffers; an accelerator's live
+    in its own memory) or once a JAX backend is running. Idempotent."""
     global _applied
     if _applied:
         return True
-    if not sys.platform.startswith("linux") or _backends_started():
+    if not sys.platform.startswith("linux") or _backends_started() or not backend_is_cpu():
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from .checkpoint import Checkpoints
-from .metrics import MetricsLog, count_params, flops_per_token, matmul_ceiling, summarize
+from .metrics import MetricsLog, count_params, flops_per_token, mfu_denominator, summarize
 from .optimizer import make_optimizer
 from .parallel import all_processes
 from .prefetch import Prefetch
@@ -159,14 +159,14 @@ def _agreed_stop(requested: bool, done: int, log_every: int) -> bool:
 
 
 class _Speed:
-    """Tokens/s since the start (or resume) and MFU: model FLOPs over the matmul ceiling measured once, here."""
+    """Tokens/s since the start (or resume) and MFU: model FLOPs over the devices' peak (`mfu_denominator`)."""
 
     def __init__(self, model_cfg, params, tc, start: int):
         self.tokens_per_step, self.start, self.t0 = tc.batch_size * tc.seq_len, start, time.perf_counter()
         matmul_params = count_params(params, exclude_positions=True,
                                      shared_repeats=model_cfg.num_layers if model_cfg.share_layers else 1)
         self.flops = flops_per_token(matmul_params, model_cfg, tc.seq_len) * self.tokens_per_step
-        self.ceiling = matmul_ceiling()
+        self.ceiling = mfu_denominator(model_cfg.dtype)
 
     def __call__(self, done: int) -> tuple[float, float]:
         """(tokens/s, MFU) after ``done`` steps."""

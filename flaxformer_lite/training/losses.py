@@ -32,7 +32,9 @@ def cross_entropy_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array
 
 
 def _xent_chunk(h, emb, targets, weights, label_smoothing, z_loss, with_grad: bool):
-    """One token chunk: sums and, if asked, d(loss)/d(logits) folded into d(hidden) and d(embedding)."""
+    """One token chunk: sums and, if asked, d(loss)/d(logits) folded into d(hidden) and d(embedding). The matmuls
+    run in the hidden states' dtype (bf16 compute: bf16 operands) and accumulate in float32."""
+    emb = emb.astype(h.dtype)  # float32 params under bf16 compute would promote the largest matmul to float32
     logits = jnp.einsum("ne,ve->nv", h, emb, preferred_element_type=jnp.float32)
     top = jax.lax.stop_gradient(logits.max(-1))
     exp = jnp.exp(logits - top[:, None])
@@ -51,9 +53,9 @@ def _xent_chunk(h, emb, targets, weights, label_smoothing, z_loss, with_grad: bo
     dlogits = probs * (1.0 + 2.0 * z_loss * lse[:, None]) if z_loss else probs
     dlogits = dlogits - label_smoothing / logits.shape[-1] if label_smoothing else dlogits
     onehot = jax.nn.one_hot(targets, logits.shape[-1], dtype=jnp.float32) * (1.0 - label_smoothing)
-    dlogits = (dlogits - onehot) * weights[:, None]
-    dh = jnp.einsum("nv,ve->ne", dlogits, emb.astype(jnp.float32))
-    demb = jnp.einsum("nv,ne->ve", dlogits, h.astype(jnp.float32))
+    dlogits = ((dlogits - onehot) * weights[:, None]).astype(h.dtype)
+    dh = jnp.einsum("nv,ve->ne", dlogits, emb, preferred_element_type=jnp.float32)
+    demb = jnp.einsum("nv,ne->ve", dlogits, h, preferred_element_type=jnp.float32)
     return sums, (dh, demb)
 
 

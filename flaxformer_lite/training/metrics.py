@@ -125,6 +125,28 @@ def flops_per_token(num_params: int, model_cfg, seq_len: int) -> float:
     return 6.0 * num_params + 12.0 * layers * seq_len * width
 
 
+# Dense (no sparsity) peak TFLOP/s by device kind, from the vendors' datasheets: (bfloat16/float16, float32).
+PEAK_TFLOPS = {"H200": (989, 67), "H100": (989, 67), "A100": (312, 19.5), "L4": (121, 30), "TPU v4": (275, 275),
+               "TPU v5 lite": (197, 197), "TPU v5p": (459, 459), "TPU v6": (918, 918)}
+
+
+def device_peak_flops(dtype: str) -> float | None:
+    """The datasheet peak FLOP/s of this process's devices (all of them) for ``dtype`` compute, or None for a CPU
+    or a device kind not in `PEAK_TFLOPS`."""
+    kind = getattr(jax.local_devices()[0], "device_kind", "")
+    for name, (half, single) in PEAK_TFLOPS.items():
+        if name.lower() in kind.lower():
+            per_device = half if dtype in ("bfloat16", "float16") else single
+            return per_device * 1e12 * jax.local_device_count()
+    return None
+
+
+def mfu_denominator(dtype: str) -> float:
+    """What MFU divides by: the devices' datasheet peak for ``dtype`` (GPU, TPU), else a float32 matmul measured
+    now (CPU, unknown devices)."""
+    return device_peak_flops(dtype) or matmul_ceiling()
+
+
 def matmul_ceiling(size: int = 1024, repeats: int = 5) -> float:
     """FLOP/s of a float32 ``size``-square matmul on this process's devices, measured now (the MFU denominator)."""
     x = jnp.ones((size, size), jnp.float32)
