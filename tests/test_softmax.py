@@ -8,19 +8,31 @@ import pytest
 import reference
 from cases import B, MASK_CASES, build, qkv
 from flaxformer_lite.attention import Mask, attend_scores, softmax_attention
-from flaxformer_lite.attention.checks import Dims
+from flaxformer_lite.attention.blockwise import blockwise_attention
+from flaxformer_lite.attention.checks import Dims, check_qkv
 from flaxformer_lite.attention.dropout import dropout_seed, keep_mask
 from flaxformer_lite.attention.softmax import (AUTO_BLOCKWISE_MIN_LOGITS, AUTO_BLOCKWISE_MIN_LOGITS_DEFAULT,
                                                choose_impl, cudnn_unsupported)
 
-# "blockwise_small" uses 8 x 16 tiles: many tiles, ragged edges, skipped tiles.
-IMPLS = ["reference", "xla", "blockwise", "blockwise_small"]  # "auto" resolves to these; its choice is tested below
+# "blockwise_small" uses 8 x 16 tiles: many tiles, ragged edges, skipped tiles. "blockwise_static" is the same with
+# the accelerators' static tile visit (no data-dependent loop or conditional), forced here on the CPU.
+IMPLS = ["reference", "xla", "blockwise", "blockwise_small", "blockwise_static"]  # "auto" resolves to the first four
 TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+@jax.jit
+def _blockwise_static(q, k, v, mask):
+    dims = check_qkv(q, k, v)
+    k, v = mask.zero_invalid_keys(k, v)  # as softmax_attention does for every impl
+    return blockwise_attention(q, k, v, dims=dims, mask=mask, bias=None, scale=dims.head_dim ** -0.5, block_q=8,
+                               block_kv=16, static=True)
 
 
 def run(fn, impl, q, k, v, **kw):
     if impl == "blockwise_small":
         return fn(q, k, v, impl="blockwise", block_q=8, block_kv=16, **kw)
+    if impl == "blockwise_static":
+        return _blockwise_static(q, k, v, kw.pop("mask"), **kw)
     return fn(q, k, v, impl=impl, **kw)
 
 
@@ -63,10 +75,24 @@ def test_blockwise_grads_match_reference_autodiff(softmax_fn, name):
     _, (q, k, v) = qkv(lq, lk, seed=3)
     w = jnp.asarray(np.random.default_rng(4).standard_normal(q.shape), jnp.float32)
     want = _loss_grads(softmax_fn, "reference", q, k, v, w, mask=mask)
-    got = _loss_grads(softmax_fn, "blockwise_small", q, k, v, w, mask=mask)
-    for g, r in zip(got, want):
-        assert np.isfinite(g).all()
-        np.testing.assert_allclose(g, r, **TOL)
+    for impl in ("blockwise_small", "blockwise_static"):
+        got = _loss_grads(softmax_fn, impl, q, k, v, w, mask=mask)
+        for g, r in zip(got, want):
+            assert np.isfinite(g).all()
+            np.testing.assert_allclose(g, r, **TOL)
+
+
+@pytest.mark.parametrize("name", ["causal", "segments_causal", "prefix_padding"])
+def test_blockwise_static_has_no_data_dependent_control_flow(name):
+    """On accelerators the blockwise loops have static trip counts and no conditional (each would sync the host)."""
+    lq, lk, mask, _ = build(name)
+    _, (q, k, v) = qkv(lq, lk)
+    grad = jax.grad(lambda q, k, v: jnp.sum(_blockwise_static(q, k, v, mask)), argnums=(0, 1, 2))
+    text = str(jax.make_jaxpr(grad)(q, k, v))
+    assert "while[" not in text and "cond[" not in text and "scan[" in text
+    dynamic = str(jax.make_jaxpr(lambda q, k, v: softmax_attention(q, k, v, mask=mask, impl="blockwise", block_q=8,
+                                                                   block_kv=16))(q, k, v))
+    assert "while[" in text or "while[" in dynamic  # the CPU's default visit does use data-dependent bounds
 
 
 @pytest.mark.parametrize("impl", ["reference", "xla", "blockwise_small"])

@@ -5,6 +5,14 @@ visiting only key blocks the mask can reach (causal attention does about half th
 that keeps only ``out`` and the log-sum-exp ``lse`` and recomputes each tile's probabilities (FlashAttention-2's
 algorithm: outer loop over key blocks, inner loop over the query blocks that can see them).
 
+Two ways to visit the tiles (``static``):
+  - on the CPU (default there): loop bounds computed from the mask's data (lengths, prefixes, offsets) and tiles
+    with no visible pair skipped by `lax.cond`. The CPU pays nothing for that and gains the skipped work.
+  - elsewhere (``static=True``): one `lax.scan` over the list of tiles the mask's *static* structure can reach (all
+    of them, or those on and below the diagonal for a plain causal mask), everything else masked inside the tile. On
+    XLA:GPU a loop with a data-dependent trip count, or a conditional, copies its predicate to the host and
+    synchronises the stream at every iteration; a scan of static length does not.
+
 Shape key: b batch, q query length, k key length, n kv heads, g query heads per kv head, d head dim, v value dim;
 ``i``/``j`` index query/key blocks of sizes ``bq``/``bk``. Tiles of scores are ``[b, n, g, bq, bk]`` float32.
 """
@@ -15,6 +23,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from .checks import Dims, check_block_size
@@ -35,14 +44,18 @@ class _Plan:
     groups: int
     dropout_rate: float
     skip_empty: bool  # test each tile for any visible pair (segment ids / kv_valid make the structure irregular)
+    static: bool = False  # visit a static list of tiles: no data-dependent loop bounds or conditionals
+    lower_triangle: bool = False  # (static) the mask is plain causal: tiles above the diagonal are never visible
 
 
 def blockwise_attention(q, k, v, *, dims: Dims, mask: Mask, bias, scale: float, dropout_rate: float = 0.0,
-                        dropout_seed=None, block_q: int = 512, block_kv: int = 512) -> jax.Array:
+                        dropout_seed=None, block_q: int = 512, block_kv: int = 512,
+                        static: bool | None = None) -> jax.Array:
     """Flash-style softmax attention: ``q [b, q, h, d]``, ``k [b, k, n, d]``, ``v [b, k, n, v]`` -> ``[b, q, h, v]``.
 
     Inputs are validated by `softmax_attention`; call that instead. Any lengths work: the sequence is padded to a
-    multiple of the block size and padded keys are excluded.
+    multiple of the block size and padded keys are excluded. ``static`` (default: True off the CPU) visits a
+    static list of tiles, with no data-dependent loop or conditional (see the module docstring).
     """
     bq, bk = min(check_block_size("block_q", block_q), dims.lq), min(check_block_size("block_kv", block_kv), dims.lk)
     nq, nk = -(-dims.lq // bq), -(-dims.lk // bk)
@@ -52,8 +65,10 @@ def blockwise_attention(q, k, v, *, dims: Dims, mask: Mask, bias, scale: float, 
     mask = mask.pad_to(lq_pad, lk_pad)
     if bias is not None:
         bias = _pad_axis(_pad_axis(bias, 2, lq_pad if bias.shape[2] > 1 else 1), 3, lk_pad if bias.shape[3] > 1 else 1)
+    static = jax.default_backend() != "cpu" if static is None else bool(static)
     plan = _Plan(scale, bq, bk, nq, nk, dims.lk, dims.groups, dropout_rate,
-                 skip_empty=mask.has_segments or mask.kv_valid is not None)
+                 skip_empty=(mask.has_segments or mask.kv_valid is not None) and not static, static=static,
+                 lower_triangle=mask.causal and mask.q_offset is None and mask.prefix_lengths is None)
     out = _flash(plan, q, k, v, mask, bias, dropout_seed)
     return out[:, :dims.lq]
 
@@ -102,6 +117,17 @@ def _scores(plan: _Plan, qi, kj, bias, visible, i, j):
     return jnp.where(visible, s, -jnp.inf)
 
 
+def _static_tiles(plan: _Plan, by_key: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The (query block, key block) indices a static visit goes through, as two int32 arrays: every tile, or for a
+    plain causal mask those holding a pair ``key <= query``; ordered by query block (``by_key`` False: the forward)
+    or by key block (the backward)."""
+    i, j = np.meshgrid(np.arange(plan.nq), np.arange(plan.nk), indexing="ij")
+    keep = j * plan.bk < (i + 1) * plan.bq if plan.lower_triangle else np.ones_like(i, bool)
+    i, j = i[keep], j[keep]
+    order = np.lexsort((i, j)) if by_key else np.lexsort((j, i))
+    return i[order].astype(np.int32), j[order].astype(np.int32)
+
+
 def _maybe_skip(plan: _Plan, visible, compute, carry):
     """Run ``compute(carry)`` unless the tile is entirely masked (only checked when the structure is irregular)."""
     if not plan.skip_empty:
@@ -110,12 +136,38 @@ def _maybe_skip(plan: _Plan, visible, compute, carry):
 
 
 # -- forward ---------------------------------------------------------------------------------------------------------
+def _online_update(plan: _Plan, carry, s, vj, seed, i, j):
+    """Fold the masked logits ``s [b, n, g, bq, bk]`` of tile (i, j) into the running max ``m``, normaliser ``l``
+    and accumulator ``acc [b, n, g, bq, v]`` of query block i."""
+    m, l, acc = carry
+    m_new = jnp.maximum(m, s.max(-1))
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # fully masked so far: avoid inf - inf
+    p = jnp.exp(s - m_safe[..., None])
+    alpha = jnp.exp(m - m_safe)
+    l = alpha * l + p.sum(-1)
+    if plan.dropout_rate > 0:
+        p = p * _keep_tile(plan, seed, p.shape, i, j)
+    pv = jnp.einsum("bngqk,bknv->bngqv", p.astype(vj.dtype), vj, preferred_element_type=jnp.float32)
+    return m_new, l, alpha[..., None] * acc + pv
+
+
+def _finish(m, l, acc, dtype):
+    """Running statistics -> the output ``[..., bq, n, g, v]`` (``dtype``) and the log-sum-exp; a fully masked row
+    has ``acc == 0`` and gives 0, with ``lse = -inf``."""
+    out = acc / jnp.where(l > 0, l, 1.0)[..., None]
+    lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
+    return jnp.moveaxis(out, -2, -4).astype(dtype), lse
+
+
 def _forward(plan: _Plan, q, k, v, mask, bias, seed):
     b, lq, h, d = q.shape
     n, g, dv = k.shape[2], plan.groups, v.shape[3]
     qb = q.reshape(b, plan.nq, plan.bq, n, g, d).swapaxes(0, 1)
     kb = k.reshape(b, plan.nk, plan.bk, n, d).swapaxes(0, 1)
     vb = v.reshape(b, plan.nk, plan.bk, n, dv).swapaxes(0, 1)
+    stats = ((b, n, g, plan.bq), (b, n, g, plan.bq), (b, n, g, plan.bq, dv))
+    if plan.static:
+        return _forward_static(plan, qb, kb, vb, mask, bias, seed, stats, q.dtype)
 
     def q_block(args):
         i, qi = args
@@ -124,31 +176,34 @@ def _forward(plan: _Plan, q, k, v, mask, bias, seed):
 
         def kv_step(j, carry):
             visible = _tile_visible(plan, mask, i, j)
-
-            def compute(carry):
-                m, l, acc = carry
-                s = _scores(plan, qi, kb[j], bias, visible, i, j)
-                m_new = jnp.maximum(m, s.max(-1))
-                m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # fully masked so far: avoid inf - inf
-                p = jnp.exp(s - m_safe[..., None])
-                alpha = jnp.exp(m - m_safe)
-                l = alpha * l + p.sum(-1)
-                if plan.dropout_rate > 0:
-                    p = p * _keep_tile(plan, seed, p.shape, i, j)
-                pv = jnp.einsum("bngqk,bknv->bngqv", p.astype(v.dtype), vb[j], preferred_element_type=jnp.float32)
-                return m_new, l, alpha[..., None] * acc + pv
-
+            compute = lambda c: _online_update(plan, c, _scores(plan, qi, kb[j], bias, visible, i, j), vb[j], seed,
+                                               i, j)
             return _maybe_skip(plan, visible, compute, carry)
 
-        init = (jnp.full((b, n, g, plan.bq), -jnp.inf, jnp.float32), jnp.zeros((b, n, g, plan.bq), jnp.float32),
-                jnp.zeros((b, n, g, plan.bq, dv), jnp.float32))
+        init = tuple(jnp.full(shape, -jnp.inf if k == 0 else 0.0, jnp.float32) for k, shape in enumerate(stats))
         m, l, acc = lax.fori_loop(0, hi, kv_step, init)
-        out = acc / jnp.where(l > 0, l, 1.0)[..., None]  # a fully masked row has acc == 0: output 0
-        lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
-        return out.transpose(0, 3, 1, 2, 4).astype(q.dtype), lse
+        return _finish(m, l, acc, q.dtype)
 
     out, lse = lax.map(q_block, (jnp.arange(plan.nq), qb))
     return out.swapaxes(0, 1).reshape(b, lq, h, dv), lse
+
+
+def _forward_static(plan: _Plan, qb, kb, vb, mask, bias, seed, stats, dtype):
+    """The forward as one scan of static length over `_static_tiles`; the statistics of every query block ride in
+    the carry (``[nq, ...]``, O(l) memory)."""
+    def tile(carry, ij):
+        i, j = ij
+        visible = _tile_visible(plan, mask, i, j)
+        s = _scores(plan, qb[i], kb[j], bias, visible, i, j)
+        new = _online_update(plan, tuple(x[i] for x in carry), s, vb[j], seed, i, j)
+        return tuple(x.at[i].set(y) for x, y in zip(carry, new)), None
+
+    init = tuple(jnp.full((plan.nq,) + shape, -jnp.inf if k == 0 else 0.0, jnp.float32)
+                 for k, shape in enumerate(stats))
+    (m, l, acc), _ = lax.scan(tile, init, _static_tiles(plan, by_key=False))
+    out, lse = _finish(m, l, acc, dtype)  # [nq, b, bq, n, g, v]
+    b, n, g, dv = kb.shape[1], kb.shape[3], plan.groups, vb.shape[-1]
+    return out.swapaxes(0, 1).reshape(b, plan.nq * plan.bq, n * g, dv), lse
 
 
 # -- backward --------------------------------------------------------------------------------------------------------
@@ -189,6 +244,31 @@ def _backward(plan: _Plan, res, dout):
     delta = jnp.einsum("ibqngv,ibqngv->ibngq", dob.astype(jnp.float32),
                        out.reshape(b, plan.nq, plan.bq, n, g, dv).swapaxes(0, 1).astype(jnp.float32))
     lse_safe = jnp.where(lse == -jnp.inf, 0.0, lse)
+    dbias0 = None if bias is None else jnp.zeros(bias.shape, jnp.float32)
+    tiles = (qb, kb, vb, dob, lse_safe, delta)
+    if plan.static:
+        dq, dk, dv, dbias = _backward_static(plan, tiles, mask, bias, seed, dbias0)
+    else:
+        dq, dk, dv, dbias = _backward_dynamic(plan, tiles, mask, bias, seed, dbias0)
+    dq = dq.swapaxes(0, 1).reshape(q.shape).astype(q.dtype)
+    dk = dk.swapaxes(0, 1).reshape(k.shape).astype(k.dtype)
+    dv = dv.swapaxes(0, 1).reshape(v.shape).astype(v.dtype)
+    dbias = None if bias is None else dbias.astype(bias.dtype)
+    return dq, dk, dv, None, dbias, None
+
+
+def _tile_backward(plan: _Plan, tiles, kj, vj, bias, seed, visible, i, j, dbias):
+    """Tile (i, j)'s contributions ``dq_i``, ``dk_j``, ``dv_j``, and ``dbias`` with the tile's share added."""
+    qb, _, _, dob, lse_safe, delta = tiles
+    ds, dq_i, dk_j, dv_j = _tile_grads(plan, qb[i], kj, vj, dob[i], bias, visible, lse_safe[i], delta[i], seed, i, j)
+    if bias is not None:
+        dbias = _add_bias_grad(plan, dbias, _reduce_to_bias(ds, bias), i, j)
+    return dq_i, dk_j, dv_j, dbias
+
+
+def _backward_dynamic(plan: _Plan, tiles, mask, bias, seed, dbias):
+    """Outer scan over key blocks, inner loop over the query blocks the mask's data lets see them (the CPU)."""
+    qb, kb, vb = tiles[:3]
     q_stop = mask.kv_stop(plan.nq * plan.bq, plan.lk)
 
     def kv_block(carry, args):
@@ -202,26 +282,34 @@ def _backward(plan: _Plan, res, dout):
 
             def compute(inner):
                 dk_j, dv_j, dq, dbias = inner
-                ds, dq_i, dk_ij, dv_ij = _tile_grads(plan, qb[i], kj, vj, dob[i], bias, visible, lse_safe[i],
-                                                     delta[i], seed, i, j)
-                if bias is not None:
-                    dbias = _add_bias_grad(plan, dbias, _reduce_to_bias(ds, bias), i, j)
+                dq_i, dk_ij, dv_ij, dbias = _tile_backward(plan, tiles, kj, vj, bias, seed, visible, i, j, dbias)
                 return dk_j + dk_ij, dv_j + dv_ij, dq.at[i].add(dq_i), dbias
 
             return _maybe_skip(plan, visible, compute, inner)
 
-        init = (jnp.zeros((b, plan.bk, n, d), jnp.float32), jnp.zeros((b, plan.bk, n, dv), jnp.float32), dq, dbias)
+        init = (jnp.zeros(kj.shape, jnp.float32), jnp.zeros(vj.shape, jnp.float32), dq, dbias)
         dk_j, dv_j, dq, dbias = lax.fori_loop(lo, plan.nq, q_step, init)
         return (dq, dbias), (dk_j, dv_j)
 
-    dq0 = jnp.zeros(qb.shape, jnp.float32)
-    dbias0 = None if bias is None else jnp.zeros(bias.shape, jnp.float32)
-    (dq, dbias), (dk, dv) = lax.scan(kv_block, (dq0, dbias0), (jnp.arange(plan.nk), kb, vb))
-    dq = dq.swapaxes(0, 1).reshape(q.shape).astype(q.dtype)
-    dk = dk.swapaxes(0, 1).reshape(k.shape).astype(k.dtype)
-    dv = dv.swapaxes(0, 1).reshape(v.shape).astype(v.dtype)
-    dbias = None if bias is None else dbias.astype(bias.dtype)
-    return dq, dk, dv, None, dbias, None
+    (dq, dbias), (dk, dv) = lax.scan(kv_block, (jnp.zeros(qb.shape, jnp.float32), dbias),
+                                     (jnp.arange(plan.nk), kb, vb))
+    return dq, dk, dv, dbias
+
+
+def _backward_static(plan: _Plan, tiles, mask, bias, seed, dbias):
+    """One scan of static length over `_static_tiles`, ordered by key block; every gradient rides in the carry."""
+    qb, kb, vb = tiles[:3]
+
+    def tile(carry, ij):
+        dq, dk, dv, dbias = carry
+        i, j = ij
+        visible = _tile_visible(plan, mask, i, j)
+        dq_i, dk_j, dv_j, dbias = _tile_backward(plan, tiles, kb[j], vb[j], bias, seed, visible, i, j, dbias)
+        return (dq.at[i].add(dq_i), dk.at[j].add(dk_j), dv.at[j].add(dv_j), dbias), None
+
+    init = tuple(jnp.zeros(x.shape, jnp.float32) for x in (qb, kb, vb)) + (dbias,)
+    (dq, dk, dv, dbias), _ = lax.scan(tile, init, _static_tiles(plan, by_key=True))
+    return dq, dk, dv, dbias
 
 
 def _add_bias_grad(plan: _Plan, dbias, tile, i, j):

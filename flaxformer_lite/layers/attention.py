@@ -27,7 +27,7 @@ from ..attention import (FEATURE_MAPS, IMPLS, FeatureMap, Mask, attend_scores, a
                          linear_init_state, linear_prefill_state, linear_step, softmax_attention)
 from .attention_scores import (AdditiveScores, DenseSynthesizerScores, RandomSynthesizerScores, TalkingHeads,
                                dot_scores)
-from .dense import kernel_dot_general
+from .dense import general_kernel_init, kernel_dot_general
 from .embeddings import rotary
 
 ATTENTION_KINDS = ("softmax", "linear", "additive", "synthesizer_dense", "synthesizer_random")
@@ -106,8 +106,8 @@ class MultiHeadAttention(nn.Module):
         y = nn.DenseGeneral(
             (heads, head_dim), use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
             dot_general=kernel_dot_general,
-            kernel_init=nn.with_logical_partitioning(self.kernel_init, ("embed", head_axis, "head_dim")),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (head_axis, "head_dim")), name=name)(x)
+            kernel_init=general_kernel_init(self.kernel_init, ("embed", head_axis, "head_dim")),
+            bias_init=general_kernel_init(nn.initializers.zeros, (head_axis, "head_dim")), name=name)(x)
         return nn.with_logical_constraint(y, ("batch", "length", head_axis, "head_dim"))
 
     @nn.compact
@@ -154,7 +154,7 @@ class MultiHeadAttention(nn.Module):
         return nn.DenseGeneral(
             self.out_dim or inputs_q.shape[-1], axis=(-2, -1), use_bias=self.use_bias, dtype=self.dtype,
             param_dtype=self.param_dtype, dot_general=kernel_dot_general,
-            kernel_init=nn.with_logical_partitioning(self.kernel_init, ("heads", "head_dim", "embed")),
+            kernel_init=general_kernel_init(self.kernel_init, ("heads", "head_dim", "embed")),
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), name="out")(out)
 
     def _attend(self, q, k, v, mask, bias, deterministic, inputs_q, positions):

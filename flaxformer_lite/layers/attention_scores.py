@@ -23,6 +23,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from .dense import general_kernel_init
+
 
 def _expand_kv(k: jax.Array, heads: int) -> jax.Array:
     """``[b, k, n, d]`` -> ``[b, k, h, d]``: query head i reads kv head ``i // (h // n)`` (GQA/MQA)."""
@@ -80,8 +82,8 @@ class DenseSynthesizerScores(nn.Module):
         h, d = self.num_heads, self.head_dim
         hidden = nn.DenseGeneral(
             (h, d), dtype=self.dtype, param_dtype=self.param_dtype,
-            kernel_init=nn.with_logical_partitioning(self.kernel_init, ("embed", "heads", "head_dim")),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "head_dim")), name="hidden")(x)
+            kernel_init=general_kernel_init(self.kernel_init, ("embed", "heads", "head_dim")),
+            bias_init=general_kernel_init(nn.initializers.zeros, ("heads", "head_dim")), name="hidden")(x)
         kernel = self.param("scores_kernel", nn.with_logical_partitioning(
             self.kernel_init, ("heads", "head_dim", "position")), (h, d, self.max_len), self.param_dtype)
         bias = self.param("scores_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "position")),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+import flax.linen as nn
 import jax
 from jax import lax
 
@@ -40,3 +41,21 @@ def kernel_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_el
     contract_t = tuple(range(len(free), rhs.ndim))
     return lax.dot_general(lhs, kernel_t, ((tuple(lhs_contract), contract_t), ((), ())), precision=precision,
                            preferred_element_type=preferred_element_type, **kwargs)
+
+
+class _FlatSafeNames(nn.LogicallyPartitioned):
+    """Logical names that `nn.DenseGeneral` can carry: it unboxes its kernel while still flat (``[in, out]``) before
+    reshaping it to the named shape, and a sharding constraint of the named rank on the flat kernel fails once the
+    logical-axis rules are active (as they are while the train step is traced). The constraint is applied only when
+    the ranks agree; the parameter itself is placed by the step's shardings either way."""
+
+    def unbox(self, apply_constraint=True):
+        return super().unbox(apply_constraint and len(getattr(self.value, "shape", ())) == len(self.names))
+
+
+def general_kernel_init(init, names: tuple[str, ...]):
+    """``nn.with_logical_partitioning(init, names)`` for an `nn.DenseGeneral` kernel or bias (multi-axis features or
+    contraction), e.g. ``("embed", "heads", "head_dim")`` for a query projection ``[e, h, d]``."""
+    def wrapper(*args, **kwargs):
+        return _FlatSafeNames(init(*args, **kwargs), names)
+    return wrapper

@@ -102,6 +102,8 @@ def train(cfg, model, data, task, *, sample_fn=None, warm_start=None) -> Outcome
     first = jax.tree_util.tree_map(jnp.asarray, data.train.batch(0))
     step_fn = make_step(cfg.parallel, task, tx, lambda rng: task.init_params(rng, first), jax.random.PRNGKey(tc.seed),
                         cfg.optim.grad_accum)
+    for note in step_fn.notes:
+        console.print(note)
     ckpt = Checkpoints(run_dir / "checkpoints", keep=tc.keep_checkpoints)
     meta = step_fn.restore(ckpt)
     start = 0 if meta is None else int(meta["step"])

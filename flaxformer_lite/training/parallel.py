@@ -3,6 +3,7 @@ sharded state initialisation, and the pmap layout helpers. The step itself lives
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import flax.linen as nn
@@ -66,20 +67,52 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(("data", "fsdp")))
 
 
+def fit_rules(abstract_params, mesh: Mesh, rules=RULES) -> tuple[tuple, list[str]]:
+    """``rules`` with every logical name that some parameter dim cannot split evenly over its mesh axes mapped to
+    None (replicated), and one note per such name (e.g. GPT-2's 50257-id vocabulary on ``tensor=2``, 6 heads on
+    ``tensor=4``). Replicating, not padding, leaves checkpoints, parameter counts and Hugging Face parity unchanged.
+
+    ``abstract_params``: boxed (``nn.Partitioned``) parameters or shape structs of them. The same rules then serve
+    the parameters and the activation constraints, so both agree."""
+    sizes, table = dict(mesh.shape), dict(rules)
+    uneven: dict[str, str] = {}
+    for leaf in jax.tree_util.tree_leaves(abstract_params, is_leaf=lambda x: isinstance(x, nn.Partitioned)):
+        if not isinstance(leaf, nn.Partitioned):
+            continue
+        for name, dim in zip(leaf.names, leaf.value.shape):
+            axes = table.get(name)
+            axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+            ways = int(np.prod([sizes[a] for a in axes]))
+            if dim % ways and name not in uneven:
+                over = " x ".join(f"{a}={sizes[a]}" for a in axes)
+                uneven[name] = f"parallel: {name} ({dim}) does not divide over {over}; replicated along it"
+    return tuple((name, None if name in uneven else axes) for name, axes in rules), list(uneven.values())
+
+
 def init_state(init_fn, tx, rng, mesh: Mesh):
     """Build the train state directly in its shardings (nothing is materialised on one device first).
 
     ``init_fn(rng) -> boxed params`` (a model's ``init(...)["params"]`` with logical names). Returns
-    ``(state, shardings)``."""
+    ``(state, shardings, rules, notes)``: the rules (`fit_rules`) that placed the parameters, to be active while the
+    step is traced, and the notes on what they replicate."""
     def boxed_state(rng):
         params = init_fn(rng)
         return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
                 "rng": jax.random.fold_in(rng, 1), "finite": jnp.ones((), bool)}
 
     abstract = jax.eval_shape(boxed_state, rng)
-    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, RULES)
+    rules, notes = fit_rules(abstract["params"], mesh)
+    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, rules)
     state = jax.jit(lambda r: nn.unbox(boxed_state(r)), out_shardings=shardings)(rng)
-    return state, shardings
+    return state, shardings, rules, notes
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules):
+    """While tracing under this context, `nn.with_logical_constraint` on activations takes effect: ``mesh`` is the
+    current mesh and ``rules`` the logical-axis table (without both, Flax makes the constraints no-ops)."""
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
+        yield
 
 
 def all_processes(flag: bool) -> bool:

@@ -19,7 +19,8 @@ import numpy as np
 import optax
 
 from .checkpoint import Checkpoints
-from .parallel import batch_sharding, init_state, make_mesh, mesh_batch_shards, replicate, shard_for_pmap, unreplicate
+from .parallel import (activation_sharding, batch_sharding, init_state, make_mesh, mesh_batch_shards, replicate,
+                       shard_for_pmap, unreplicate)
 
 
 def total_loss(sums: dict, weights: dict) -> jax.Array:
@@ -83,24 +84,30 @@ class JitStep:
       mesh: the device mesh; accum: micro-batches per step (gradient accumulation).
 
     Attributes: state (the train state, in its shardings), shardings, batch_sharding, compiled (the jitted
-    ``(state, global batch) -> (state, metrics)``, state donated).
+    ``(state, global batch) -> (state, metrics)``, state donated, traced with the logical-axis rules active so that
+    activation constraints take effect), notes (one line per logical axis replicated because the mesh cannot split
+    it evenly, `fit_rules`).
     """
 
     def __init__(self, task, tx, init_fn: Callable, rng, mesh, accum: int = 1):
         self.task, self.mesh = task, mesh
-        self.state, self.shardings = init_state(init_fn, tx, rng, mesh)
+        self.state, self.shardings, rules, self.notes = init_state(init_fn, tx, rng, mesh)
         self.batch_sharding = batch_sharding(mesh)
 
         def step(state, batch):
-            weights = task.weights(batch)
-            rng = jax.random.fold_in(state["rng"], state["step"])
-            grads, sums = grads_and_sums(task, state["params"], batch, rng, accum, weights)
-            return apply_update(tx, state, grads, sums, weights)
+            with activation_sharding(mesh, rules):
+                weights = task.weights(batch)
+                rng = jax.random.fold_in(state["rng"], state["step"])
+                grads, sums = grads_and_sums(task, state["params"], batch, rng, accum, weights)
+                return apply_update(tx, state, grads, sums, weights)
+
+        def evaluate(params, batch):
+            with activation_sharding(mesh, rules):
+                return task.sums(params, batch, jax.random.key(0), False), task.weights(batch)
 
         self.compiled = jax.jit(step, in_shardings=(self.shardings, self.batch_sharding),
                              out_shardings=(self.shardings, None), donate_argnums=0)
-        self._eval = jax.jit(lambda params, batch: (task.sums(params, batch, jax.random.key(0), False),
-                                                    task.weights(batch)))
+        self._eval = jax.jit(evaluate)
 
     def to_device(self, rows: dict) -> dict:
         """This process's rows of a batch -> global arrays over the mesh."""
@@ -160,8 +167,8 @@ class PmapStep:
     axis), n (devices), compiled (the pmapped ``(state, batch [n, b / n, ...]) -> (state, metrics)``)."""
 
     def __init__(self, task, tx, init_fn: Callable, rng, accum: int = 1):
-        self.task, self.n = task, jax.local_device_count()
-        single, _ = init_state(init_fn, tx, rng, make_mesh("data=1", jax.local_devices()[:1]))
+        self.task, self.n, self.notes = task, jax.local_device_count(), []
+        single = init_state(init_fn, tx, rng, make_mesh("data=1", jax.local_devices()[:1]))[0]
         self.state = replicate(single, self.n)
 
         def step(state, batch):
