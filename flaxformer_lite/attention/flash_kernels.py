@@ -1,0 +1,261 @@
+"""The Pallas kernels behind `flash_attention` (FlashAttention-2): forward, backward dq, backward dk/dv.
+
+Written for the Pallas Triton GPU backend (and run by Pallas interpret mode on CPU): the grid runs over (blocks,
+batch, heads); one program loads one block of rows and loops (`lax.fori_loop`) over the blocks of the other side;
+every loaded tile is ``[power of two >= 16, ...]``; matmuls take operands of one dtype and accumulate in float32.
+
+Shape key: b batch, q query length, k key length (both padded to block multiples), h query heads, n kv heads,
+g = h // n, d head dim, v value dim (both padded to powers of two >= 16); ``bq``/``bk`` the query/key block sizes.
+
+The mask arrives as int32 rows (built by flash.py): query ``i`` may attend key ``j`` when
+``q_seg[i] == kv_seg[j]`` (if `FlashPlan.segmented`), ``kv_pos[j] <= q_pos[i]`` (if `FlashPlan.causal`) and
+``j < FlashPlan.lk`` (block padding). Loop bounds come precomputed per (batch row, block): ``kv_hi [b, q / bq]``
+key blocks to visit for each query block, ``q_lo [b, k / bk]`` the first query block that can see each key block.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+_NEG_INF = float("-inf")
+NUM_STAGES = 2  # Triton software pipelining: copies of the tiles a loop loads kept in shared memory at once
+
+
+@dataclasses.dataclass(frozen=True)
+class FlashPlan:
+    """Static description of one flash call (hashable: a `custom_vjp` non-diff argument).
+
+    Attributes:
+      scale: logit scale.
+      lk: true key length; keys at or past it are block padding (masked when ``kv_padded``).
+      kv_padded: the key length was padded up to a block multiple.
+      groups: query heads per kv head (g).
+      causal: compare positions (``kv_pos <= q_pos``).
+      segmented: compare segment ids (segments, and padding folded into them).
+      block_q, block_kv: forward block sizes; block_q_bwd, block_kv_bwd: backward ones (dividing the forward ones).
+      interpret: run with Pallas interpret mode (CPU) instead of compiling for Triton.
+    """
+
+    scale: float
+    lk: int
+    kv_padded: bool
+    groups: int
+    causal: bool
+    segmented: bool
+    block_q: int
+    block_kv: int
+    block_q_bwd: int
+    block_kv_bwd: int
+    interpret: bool
+
+
+class FlashMasks(NamedTuple):
+    """The mask as the kernels read it: int32 rows and loop bounds (a pytree of integer arrays, no gradient)."""
+
+    q_pos: jax.Array  # [b, q] key position of each query row (compared only when causal)
+    kv_pos: jax.Array  # [b, k] position of each key; INT32_MIN for prefix keys, which every query sees
+    q_seg: jax.Array  # [b, q] segment id of each query row (compared only when segmented)
+    kv_seg: jax.Array  # [b, k] segment id of each key; INT32_MIN where padding hides it
+    kv_hi: jax.Array  # [b, q / block_q] key blocks each forward query block visits
+    kv_hi_bwd: jax.Array  # [b, q / block_q_bwd] the same for the backward dq kernel's blocks
+    q_lo_bwd: jax.Array  # [b, k / block_kv_bwd] first query block that can see each key block (q / bq: none)
+
+    @property
+    def rows(self) -> tuple[jax.Array, ...]:
+        """(q_pos, kv_pos, q_seg, kv_seg), in the kernels' argument order."""
+        return self.q_pos, self.kv_pos, self.q_seg, self.kv_seg
+
+
+# -- tiles ------------------------------------------------------------------------------------------------------------
+def _dot(a, b, *, trans_a=False, trans_b=False):
+    """``a @ b`` (either transposed) accumulated in float32; float32 operands multiply in full precision (no TF32),
+    as the reference does."""
+    return plgpu.dot(a, b, trans_a=trans_a, trans_b=trans_b, precision=lax.Precision.HIGHEST)
+
+
+def _load_side(plan: FlashPlan, pos_ref, seg_ref, start, size: int):
+    """The positions and segment ids ``[size]`` of rows ``start:start+size`` (None where the plan compares none)."""
+    rows = pl.ds(start, size)
+    return (pos_ref[rows] if plan.causal else None), (seg_ref[rows] if plan.segmented else None)
+
+
+def _logits(plan: FlashPlan, q, k, q_side, kv_side, kv_start):
+    """Masked logits of one tile, float32 ``[bq, bk]``: ``scale * q . k``, -inf where the mask hides the pair."""
+    s = _dot(q, k, trans_b=True) * plan.scale
+    (q_pos, q_seg), (kv_pos, kv_seg) = q_side, kv_side
+    shape = s.shape
+    visible = None
+    if plan.segmented:
+        visible = jnp.broadcast_to(q_seg[:, None], shape) == jnp.broadcast_to(kv_seg[None, :], shape)
+    if plan.causal:
+        seen = jnp.broadcast_to(kv_pos[None, :], shape) <= jnp.broadcast_to(q_pos[:, None], shape)
+        visible = seen if visible is None else visible & seen
+    if plan.kv_padded:
+        real = jnp.broadcast_to((kv_start + jnp.arange(shape[1]))[None, :], shape) < plan.lk
+        visible = real if visible is None else visible & real
+    return s if visible is None else jnp.where(visible, s, _NEG_INF)
+
+
+# -- kernels ----------------------------------------------------------------------------------------------------------
+def _forward_kernel(q_ref, k_ref, v_ref, q_pos_ref, kv_pos_ref, q_seg_ref, kv_seg_ref, kv_hi_ref, o_ref, lse_ref,
+                    *, plan: FlashPlan):
+    """One query block of one (batch row, head): online softmax over its key blocks -> ``o [bq, v]``, ``lse [bq]``."""
+    bq, bk = plan.block_q, plan.block_kv
+    q = q_ref[...]
+    q_side = _load_side(plan, q_pos_ref, q_seg_ref, 0, bq)
+
+    def body(j, carry):
+        acc, m, l = carry
+        start = j * bk
+        s = _logits(plan, q, k_ref[pl.ds(start, bk), :], q_side, _load_side(plan, kv_pos_ref, kv_seg_ref, start, bk),
+                    start)
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+        m_safe = jnp.where(m_new == _NEG_INF, 0.0, m_new)  # no visible key yet: keep exp() away from -inf - -inf
+        p = jnp.exp(s - m_safe[:, None])
+        alpha = jnp.exp(m - m_safe)
+        v = v_ref[pl.ds(start, bk), :]
+        acc = alpha[:, None] * acc + _dot(p.astype(v.dtype), v)
+        return acc, m_new, alpha * l + jnp.sum(p, axis=-1)
+
+    init = (jnp.zeros((bq, v_ref.shape[-1]), jnp.float32), jnp.zeros((bq,), jnp.float32) + _NEG_INF,
+            jnp.zeros((bq,), jnp.float32))
+    acc, m, l = lax.fori_loop(0, kv_hi_ref[...], body, init)
+    seen = l > 0.0  # a row that may attend no key has acc == 0: it returns zeros
+    l_safe = jnp.where(seen, l, 1.0)
+    o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
+    # Any finite lse serves an empty row: the backward recomputes exp(-inf - lse) == 0 for each of its pairs.
+    lse_ref[...] = jnp.where(seen, m + jnp.log(l_safe), 0.0)
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_pos_ref, kv_pos_ref, q_seg_ref, kv_seg_ref,
+               kv_hi_ref, dq_ref, *, plan: FlashPlan):
+    """One query block of one (batch row, head): ``dq [bq, d]`` from its key blocks' recomputed weights."""
+    bq, bk = plan.block_q_bwd, plan.block_kv_bwd
+    q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
+    q_side = _load_side(plan, q_pos_ref, q_seg_ref, 0, bq)
+
+    def body(j, dq):
+        start = j * bk
+        k, v = k_ref[pl.ds(start, bk), :], v_ref[pl.ds(start, bk), :]
+        s = _logits(plan, q, k, q_side, _load_side(plan, kv_pos_ref, kv_seg_ref, start, bk), start)
+        p = jnp.exp(s - lse[:, None])
+        ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
+        return dq + _dot(ds.astype(k.dtype), k)
+
+    dq = lax.fori_loop(0, kv_hi_ref[...], body, jnp.zeros((bq, q_ref.shape[-1]), jnp.float32))
+    dq_ref[...] = (dq * plan.scale).astype(dq_ref.dtype)
+
+
+def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_pos_ref, kv_pos_ref, q_seg_ref, kv_seg_ref,
+                 q_lo_ref, dk_ref, dv_ref, *, plan: FlashPlan):
+    """One key block of one (batch row, kv head): ``dk [bk, d]``, ``dv [bk, v]`` summed over the g query heads that
+    share it (GQA/MQA) and over the query blocks that can see it."""
+    bq, bk = plan.block_q_bwd, plan.block_kv_bwd
+    k, v = k_ref[...], v_ref[...]
+    kv_start = pl.program_id(0) * bk
+    kv_side = _load_side(plan, kv_pos_ref, kv_seg_ref, 0, bk)
+    num_q_blocks = q_ref.shape[0] // bq
+
+    def q_block(head, i, carry):
+        dk, dv = carry
+        rows = pl.ds(i * bq, bq)
+        q, do = q_ref[rows, head, :], do_ref[rows, head, :]
+        s = _logits(plan, q, k, _load_side(plan, q_pos_ref, q_seg_ref, i * bq, bq), kv_side, kv_start)
+        p = jnp.exp(s - lse_ref[head, rows][:, None])
+        dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
+        ds = p * (_dot(do, v, trans_b=True) - delta_ref[head, rows][:, None])
+        return dk + _dot(ds.astype(q.dtype), q, trans_a=True), dv
+
+    def head(h, carry):
+        return lax.fori_loop(q_lo_ref[...], num_q_blocks, functools.partial(q_block, h), carry)
+
+    init = (jnp.zeros((bk, k_ref.shape[-1]), jnp.float32), jnp.zeros((bk, v_ref.shape[-1]), jnp.float32))
+    dk, dv = head(0, init) if plan.groups == 1 else lax.fori_loop(0, plan.groups, head, init)
+    dk_ref[...] = (dk * plan.scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+# -- calls ------------------------------------------------------------------------------------------------------------
+def _compiler_params(*arrays) -> plgpu.CompilerParams:
+    """Triton launch parameters: more warps for wide heads (as jax's reference Pallas attention does)."""
+    return plgpu.CompilerParams(num_warps=4 if max(x.shape[-1] for x in arrays) <= 64 else 8,
+                                num_stages=NUM_STAGES)
+
+
+def _mask_specs(lq: int, lk: int, q_block: int | None, kv_block: int | None) -> list[pl.BlockSpec]:
+    """BlockSpecs of (q_pos, kv_pos, q_seg, kv_seg) ``[b, q]``/``[b, k]`` at the grid's batch row: the block of rows
+    the grid's first index names (``*_block``), or the whole row (None) for the side a kernel loops over."""
+    def spec(length, block):
+        if block is None:
+            return pl.BlockSpec((None, length), lambda x, bi, hi: (bi, 0))
+        return pl.BlockSpec((None, block), lambda x, bi, hi: (bi, x))
+    q_spec, kv_spec = spec(lq, q_block), spec(lk, kv_block)
+    return [q_spec, kv_spec, q_spec, kv_spec]
+
+
+def forward(plan: FlashPlan, q, k, v, masks):
+    """``q [b, q, h, d]``, ``k [b, k, n, d]``, ``v [b, k, n, v]``, ``masks`` (q_pos, kv_pos, q_seg, kv_seg,
+    kv_hi, ...) -> ``out [b, q, h, v]`` (q's dtype), ``lse [b, h, q]`` float32."""
+    b, lq, h, d = q.shape
+    lk, dv, bq, g = k.shape[1], v.shape[3], plan.block_q, plan.groups
+    per_q = lambda i, bi, hi: (bi, i, hi, 0)
+    per_kv = lambda i, bi, hi: (bi, 0, lax.div(hi, g), 0)
+    mask_specs = _mask_specs(lq, lk, bq, None)
+    return pl.pallas_call(
+        functools.partial(_forward_kernel, plan=plan),
+        grid=(lq // bq, b, h),
+        in_specs=[pl.BlockSpec((None, bq, None, d), per_q), pl.BlockSpec((None, lk, None, d), per_kv),
+                  pl.BlockSpec((None, lk, None, dv), per_kv), *mask_specs,
+                  pl.BlockSpec((None, None), lambda i, bi, hi: (bi, i))],
+        out_specs=[pl.BlockSpec((None, bq, None, dv), per_q),
+                   pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, i))],
+        out_shape=[jax.ShapeDtypeStruct((b, lq, h, dv), q.dtype), jax.ShapeDtypeStruct((b, h, lq), jnp.float32)],
+        compiler_params=_compiler_params(q, v), interpret=plan.interpret, name="flash_forward",
+    )(q, k, v, *masks.rows, masks.kv_hi)
+
+
+def backward_dq(plan: FlashPlan, q, k, v, do, lse, delta, masks):
+    """``dq [b, q, h, d]`` (q's dtype) from the inputs, ``do [b, q, h, v]``, ``lse``/``delta [b, h, q]``."""
+    b, lq, h, d = q.shape
+    lk, dv, bq, g = k.shape[1], v.shape[3], plan.block_q_bwd, plan.groups
+    per_q = lambda i, bi, hi: (bi, i, hi, 0)
+    per_kv = lambda i, bi, hi: (bi, 0, lax.div(hi, g), 0)
+    per_row = pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, i))
+    mask_specs = _mask_specs(lq, lk, bq, None)
+    return pl.pallas_call(
+        functools.partial(_dq_kernel, plan=plan),
+        grid=(lq // bq, b, h),
+        in_specs=[pl.BlockSpec((None, bq, None, d), per_q), pl.BlockSpec((None, lk, None, d), per_kv),
+                  pl.BlockSpec((None, lk, None, dv), per_kv), pl.BlockSpec((None, bq, None, dv), per_q), per_row,
+                  per_row, *mask_specs, pl.BlockSpec((None, None), lambda i, bi, hi: (bi, i))],
+        out_specs=pl.BlockSpec((None, bq, None, d), per_q),
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        compiler_params=_compiler_params(q, v), interpret=plan.interpret, name="flash_backward_dq",
+    )(q, k, v, do, lse, delta, *masks.rows, masks.kv_hi_bwd)
+
+
+def backward_dkdv(plan: FlashPlan, q, k, v, do, lse, delta, masks):
+    """``dk [b, k, n, d]``, ``dv [b, k, n, v]`` (k's dtype), each kv head's gradient summed over its query heads."""
+    b, lq, h, d = q.shape
+    lk, n, dv, bk, g = k.shape[1], k.shape[2], v.shape[3], plan.block_kv_bwd, plan.groups
+    per_kv = lambda j, bi, ni: (bi, j, ni, 0)
+    group = lambda j, bi, ni: (bi, 0, ni, 0)  # the g query heads of kv head ni, all rows
+    group_rows = pl.BlockSpec((None, g, lq), lambda j, bi, ni: (bi, ni, 0))
+    mask_specs = _mask_specs(lq, lk, None, bk)
+    return pl.pallas_call(
+        functools.partial(_dkdv_kernel, plan=plan),
+        grid=(lk // bk, b, n),
+        in_specs=[pl.BlockSpec((None, lq, g, d), group), pl.BlockSpec((None, bk, None, d), per_kv),
+                  pl.BlockSpec((None, bk, None, dv), per_kv), pl.BlockSpec((None, lq, g, dv), group), group_rows,
+                  group_rows, *mask_specs, pl.BlockSpec((None, None), lambda j, bi, ni: (bi, j))],
+        out_specs=[pl.BlockSpec((None, bk, None, d), per_kv), pl.BlockSpec((None, bk, None, dv), per_kv)],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        compiler_params=_compiler_params(q, v), interpret=plan.interpret, name="flash_backward_dkdv",
+    )(q, k, v, do, lse, delta, *masks.rows, masks.q_lo_bwd)
