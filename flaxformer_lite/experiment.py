@@ -143,7 +143,7 @@ CHOICES = {
     "data.format": ("auto", "text", "json", "csv", "parquet", "saved", "hub"),
     "data.text_unit": TEXT_UNITS,
     "data.objective": tuple(OBJECTIVES),
-    "data.tokenizer_type": ("unigram", "bpe"),
+    "data.tokenizer_type": ("unigram", "bpe", "char"),
     "data.normalization": ("nmt_nfkc", "nfkc", "identity", "nmt_nfkc_cf", "nfkc_cf"),
     "optim.name": ("adamw", "adam"),
     "optim.schedule": ("cosine", "noam", "constant"),

@@ -265,6 +265,19 @@ def test_oversized_vocab_size_is_refused_not_clamped(corpus, model_type):
     assert train_tokenizer(texts, vocab_size=most, model_type=model_type).vocab_size == most  # the quoted size works
 
 
+def test_char_tokenizer_has_one_piece_per_character(corpus):
+    text = "First Citizen:\nBefore we proceed any further, hear me speak."
+    tok = train_tokenizer([text], vocab_size=300, model_type="char", byte_fallback=False, normalization="identity",
+                          character_coverage=1.0)  # vocab_size is an upper bound for characters
+    chars = set(text) - {" ", "\n"}
+    assert all(tok.sp.piece_to_id(c) != tok.unk_id for c in chars)
+    ids = tok.encode("hear me")
+    assert [tok.sp.id_to_piece(i) for i in ids] == ["▁", "h", "e", "a", "r", "▁", "m", "e"]
+    assert tok.decode(tok.encode(text)) == text
+    with pytest.raises(ValueError, match=r"tokenizer_type must be one of \('unigram', 'bpe', 'char'\), got 'word'"):
+        train_tokenizer([text], model_type="word")
+
+
 def test_tokenizer_refuses_a_text_that_is_not_a_string():
     for texts, index in ((["a b c", None], 1), ([None, "a"], 0)):
         with pytest.raises(ValueError, match=rf"text {index} is NoneType, not str \(a row with no text\?\)"):

@@ -29,7 +29,7 @@ def test_loss_falls_for_every_objective(corpus, tmp_path, objective):
     extra = ["train.eval_every=40"] + (["model.dtype=bfloat16"] if objective == "prefix_lm" else [])  # bf16 compute
     assert train_cli.main(overrides(corpus, tmp_path, objective, steps=40, extra=extra)) == 0
     records = read_metrics(tmp_path / "metrics.jsonl")
-    assert {"step", "loss", "lr", "tokens_per_s", "mfu"} <= set(records[0])
+    assert {"step", "loss", "lr", "tokens_per_s", "mfu", "step_time_s"} <= set(records[0])
     got = losses(tmp_path)
     assert np.mean(got[-5:]) < np.mean(got[:5]) - 1.0, (got[:5], got[-5:])
     assert any(k.startswith("eval_") and k.endswith("_loss") for r in records for k in r)
@@ -311,3 +311,27 @@ def test_mfu_divides_by_the_datasheet_peak_on_known_accelerators(monkeypatch):
     assert metrics.device_peak_flops("bfloat16") == 2 * 989e12
     assert metrics.device_peak_flops("float32") == 2 * 67e12
     assert metrics.mfu_denominator("bfloat16") == 2 * 989e12
+
+
+def test_tokens_per_s_excludes_compile_time(monkeypatch):
+    """The first record's steps carry the compilation; later records count only the steps after it."""
+    import types
+
+    import flax.linen as nn
+    import jax.numpy as jnp
+    from cases import tiny_config
+
+    from flaxformer_lite.models import GPT
+    from flaxformer_lite.training import loop
+    cfg = tiny_config()
+    params = jax.eval_shape(lambda r: GPT(cfg).init(r, jnp.zeros((1, 8), jnp.int32))["params"], jax.random.key(0))
+    params = nn.unbox(params)
+    speed = loop._Speed(cfg, params, types.SimpleNamespace(batch_size=4, seq_len=8), start=0)
+    speed.t0, speed.previous = 0.0, (0, 0.0)
+    clock = iter([30.0, 31.0, 33.0])  # 10 steps with a 29 s compile; 10 steps in 1 s; 10 in 2 s
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: next(clock))
+    first, second, third = speed(10), speed(20), speed(30)
+    assert first["tokens_per_s"] == pytest.approx(10 * 32 / 30) and first["step_time_s"] == pytest.approx(3.0)
+    assert second["tokens_per_s"] == pytest.approx(10 * 32 / 1) and second["step_time_s"] == pytest.approx(0.1)
+    assert third["tokens_per_s"] == pytest.approx(20 * 32 / 3) and third["step_time_s"] == pytest.approx(0.2)
+    assert third["mfu"] / third["tokens_per_s"] == pytest.approx(second["mfu"] / second["tokens_per_s"])

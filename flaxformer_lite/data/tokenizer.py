@@ -105,12 +105,16 @@ class Tokenizer:
         return tok
 
 
+MODEL_TYPES = ("unigram", "bpe", "char")
+
+
 def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 4096, model_type: str = "unigram",
                     character_coverage: float = 0.9995, byte_fallback: bool = True,
                     normalization: str = "nmt_nfkc", max_sentences: int = 2_000_000) -> Tokenizer:
     """Train a SentencePiece model on ``texts`` (each split into lines).
 
-    Args: vocab_size; model_type ``"unigram"`` or ``"bpe"``; character_coverage in ``[0.98, 1]`` (SentencePiece's
+    Args: vocab_size; model_type ``"unigram"``, ``"bpe"`` or ``"char"`` (one piece per character, as nanoGPT's
+    character-level models; vocab_size is then an upper bound); character_coverage in ``[0.98, 1]`` (SentencePiece's
     range; 1.0 for scripts with many characters, e.g. Chinese); byte_fallback (unknown characters become bytes, so
     nothing is lost); normalization (``"identity"`` keeps text byte-exact). An empty corpus, a text that is not a
     str, or a vocab_size above what the text supports (SentencePiece would stop short of it) raises `ValueError`.
@@ -139,7 +143,7 @@ def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 4096, model_type:
     if faults:
         raise faults[0]
     tok = Tokenizer(model.getvalue())
-    if tok.vocab_size < vocab_size:  # the soft limit stops at what the text supports: say so instead of clamping
+    if tok.vocab_size < vocab_size and model_type != "char":  # the soft limit stops at what the text supports: say so instead of clamping
         raise ValueError(f"data.vocab_size={vocab_size} is more than this text supports: SentencePiece ({model_type}) "
                          f"finds at most {tok.vocab_size} pieces in it; set data.vocab_size <= {tok.vocab_size} or "
                          "train on more text")
@@ -148,8 +152,8 @@ def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 4096, model_type:
 
 def _check_settings(vocab_size, model_type, character_coverage, byte_fallback, normalization) -> None:
     """`ValueError` naming the first setting SentencePiece cannot train with."""
-    if model_type not in ("unigram", "bpe"):
-        raise ValueError(f"tokenizer_type must be 'unigram' or 'bpe', got {model_type!r}")
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"tokenizer_type must be one of {MODEL_TYPES}, got {model_type!r}")
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
     minimum = len(SPECIAL) + len(USER_SYMBOLS) + 2

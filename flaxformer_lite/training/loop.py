@@ -161,19 +161,31 @@ def _agreed_stop(requested: bool, done: int, log_every: int) -> bool:
 
 
 class _Speed:
-    """Tokens/s since the start (or resume) and MFU: model FLOPs over the devices' peak (`mfu_denominator`)."""
+    """Tokens/s, MFU (model FLOPs over the devices' peak, `mfu_denominator`) and seconds per step. The first record
+    after a start or resume times its steps with the compilation in them; every later record counts only the steps
+    since that first record, so tokens/s excludes compile time. ``step_time_s`` is the mean wall time of the steps
+    since the previous record."""
 
     def __init__(self, model_cfg, params, tc, start: int):
-        self.tokens_per_step, self.start, self.t0 = tc.batch_size * tc.seq_len, start, time.perf_counter()
+        self.tokens_per_step = tc.batch_size * tc.seq_len
+        self.start, self.t0 = start, time.perf_counter()
+        self.previous = (start, self.t0)
+        self.first_record = True
         matmul_params = count_params(params, exclude_positions=True,
                                      shared_repeats=model_cfg.num_layers if model_cfg.share_layers else 1)
         self.flops = flops_per_token(matmul_params, model_cfg, tc.seq_len) * self.tokens_per_step
         self.ceiling = mfu_denominator(model_cfg.dtype)
 
-    def __call__(self, done: int) -> tuple[float, float]:
-        """(tokens/s, MFU) after ``done`` steps."""
-        rate = self.tokens_per_step * (done - self.start) / max(time.perf_counter() - self.t0, 1e-9)
-        return rate, rate / self.tokens_per_step * self.flops / self.ceiling
+    def __call__(self, done: int) -> dict[str, float]:
+        """``tokens_per_s``, ``mfu`` and ``step_time_s`` after ``done`` steps."""
+        now = time.perf_counter()
+        steps_per_s = (done - self.start) / max(now - self.t0, 1e-9)
+        step_time = (now - self.previous[1]) / max(done - self.previous[0], 1)
+        if self.first_record:  # from here on, count without the compilation
+            self.start, self.t0, self.first_record = done, now, False
+        self.previous = (done, now)
+        return {"tokens_per_s": steps_per_s * self.tokens_per_step, "mfu": steps_per_s * self.flops / self.ceiling,
+                "step_time_s": step_time}
 
 
 def _log_step(metrics: dict, done: int, ckpt: Checkpoints, schedule, speed: _Speed, waited: float) -> dict:
@@ -183,9 +195,7 @@ def _log_step(metrics: dict, done: int, ckpt: Checkpoints, schedule, speed: _Spe
         raise NonFiniteLoss(f"the loss became {metrics['loss']} by step {done}; stopping without saving. "
                             f"The last good checkpoint is step {ckpt.latest_step()}; lower optim.lr or "
                             "raise optim.warmup_steps")
-    rate, mfu = speed(done)
-    return summarize(metrics, step=done, lr=float(schedule(done - 1)), tokens_per_s=rate, mfu=mfu,
-                     data_wait_s=waited)
+    return summarize(metrics, step=done, lr=float(schedule(done - 1)), **speed(done), data_wait_s=waited)
 
 
 def _save(ckpt: Checkpoints, step_fn, step: int, cfg) -> None:
