@@ -39,12 +39,13 @@ KERNELS = {
     "xla": functools.partial(softmax_attention, impl="xla"),
     "blockwise": functools.partial(softmax_attention, impl="blockwise"),
     "cudnn": functools.partial(softmax_attention, impl="cudnn"),
+    "flash": functools.partial(softmax_attention, impl="flash"),  # GPU (on CPU: interpret mode, far too slow)
     "flax (peer)": _flax_peer,
     "linear-elu": functools.partial(linear_attention, feature_map="elu"),
     "linear-relu": functools.partial(linear_attention, feature_map="relu"),
     "linear-favor": functools.partial(linear_attention, feature_map="favor"),
 }
-SOFTMAX = {"reference", "xla", "blockwise", "cudnn", "flax (peer)"}
+SOFTMAX = {"reference", "xla", "blockwise", "cudnn", "flash", "flax (peer)"}
 
 # name -> (Mask builder, fraction of (query, key) pairs visible, for useful-FLOP counts)
 MASKS = {
@@ -201,14 +202,14 @@ def parse_args(argv=None):
     p.add_argument("--max-temp-gib", type=float, default=8.0, help="report memory only above this temp size")
     p.add_argument("--name", default=None, help="results file stem (default attention-<backend>[-quick])")
     args = p.parse_args(argv)
-    default_impls = [i for i in KERNELS if gpu or i != "cudnn"]
+    default_impls = [i for i in KERNELS if gpu or i not in ("cudnn", "flash")]
     if args.quick:
         args.lengths = args.lengths or [256, 1024]
         args.repeats = min(args.repeats, 3)
     args.lengths = args.lengths or [512, 1024, 2048, 4096, 8192, 16384]
     args.impls = args.impls or (default_impls if args.quick else
                                 ["reference", "xla", "blockwise", "flax (peer)", "linear-elu", "linear-favor"]
-                                + (["cudnn"] if gpu else []))
+                                + (["cudnn", "flash"] if gpu else []))
     for name, given, known in (("--impls", args.impls, KERNELS), ("--masks", args.masks, MASKS)):
         bad = [x for x in given if x not in known]
         if bad:

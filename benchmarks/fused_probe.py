@@ -82,6 +82,7 @@ def candidates() -> dict:
         "ours-xla": lambda q, k, v, n, m, t: softmax_attention(q, k, v, mask=m, impl="xla"),
         "ours-blockwise": lambda q, k, v, n, m, t: softmax_attention(q, k, v, mask=m, impl="blockwise"),
         "ours-cudnn": lambda q, k, v, n, m, t: softmax_attention(q, k, v, mask=m, impl="cudnn"),
+        "ours-flash": lambda q, k, v, n, m, t: softmax_attention(q, k, v, mask=m, impl="flash"),
         "pallas-mha": lambda q, k, v, n, m, t: _pallas_mha(q, k, v, n, m),
     }
     for impl in ("mosaic", "triton", "cudnn", "xla_chunked"):

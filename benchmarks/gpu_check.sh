@@ -29,7 +29,7 @@ optax.__version__, jax.devices())"
 
 section "fused attention kernels: values, gradients, fully masked rows, fwd+bwd time" 140
 run 140 python3 benchmarks/fused_probe.py --lengths 2048,8192 --masks causal,segments,prefix \
-  --kernels ours-xla,ours-blockwise,ours-cudnn,pallas-mha,tokamax-mosaic,tokamax-triton,tokamax-cudnn --repeats 10
+  --kernels ours-flash,ours-xla,ours-blockwise,ours-cudnn,pallas-mha,tokamax-mosaic,tokamax-triton,tokamax-cudnn --repeats 10
 
 section "training step: GPT-2 small, bf16, batch 16 x 1024, impl auto" 90
 run 80 python3 benchmarks/train_step.py --preset gpt2-small --batch 16 --seq-len 1024 --peers ours \
@@ -39,12 +39,13 @@ run 80 python3 benchmarks/train_step.py --preset gpt2-small --batch 16 --seq-len
   --set dtype=bfloat16 attention_impl=xla --repeats 10 --name train_step-gpt2-small-bf16-xla-gpu
 
 section "attention benchmark, bf16, causal, 1k-16k" 60
-run 60 python3 benchmarks/attention.py --lengths 1024,4096,16384 --impls reference,xla,blockwise,cudnn,linear-elu \
+run 60 python3 benchmarks/attention.py --lengths 1024,4096,16384 --impls reference,xla,blockwise,cudnn,flash,linear-elu \
   --masks causal --repeats 5 --time-budget 3 --name attention-gpu-bf16
 
 section "kernel and layer tests on the GPU (highest matmul precision)" 90
 JAX_DEFAULT_MATMUL_PRECISION=highest run 90 python3 -m pytest -q -p no:cacheprovider -n 4 \
-  tests/test_softmax.py tests/test_masks.py tests/test_linear.py tests/test_layers_attention.py 2>&1 | tail -40
+  tests/test_flash.py tests/test_softmax.py tests/test_masks.py tests/test_linear.py tests/test_layers_attention.py \
+  2>&1 | tail -40
 
 section "collect" 10
 new=$(comm -13 <(echo "$results_before") <(ls benchmarks/results/))

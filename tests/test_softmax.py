@@ -12,7 +12,7 @@ from flaxformer_lite.attention.blockwise import blockwise_attention
 from flaxformer_lite.attention.checks import Dims, check_qkv
 from flaxformer_lite.attention.dropout import dropout_seed, keep_mask
 from flaxformer_lite.attention.softmax import (AUTO_BLOCKWISE_MIN_LOGITS, AUTO_BLOCKWISE_MIN_LOGITS_DEFAULT,
-                                               choose_impl, cudnn_unsupported)
+                                               _flash_route, choose_impl, cudnn_unsupported)
 
 # "blockwise_small" uses 8 x 16 tiles: many tiles, ragged edges, skipped tiles. "blockwise_static" is the same with
 # the accelerators' static tile visit (no data-dependent loop or conditional), forced here on the CPU.
@@ -300,9 +300,9 @@ def test_auto_choice():
     dims = lambda l, d=64: Dims(1, l, l, 8, 8, d, d)
     causal = Mask(causal=True)
     assert choose_impl(dims(128), jnp.float32, causal, 0.0, "cpu") == "reference"  # fastest dense path on CPU
-    assert choose_impl(dims(128), jnp.bfloat16, causal, 0.0, "cpu") == "reference"  # never cudnn off GPU
-    assert choose_impl(dims(128), jnp.bfloat16, causal, 0.0, "gpu") == "cudnn"
-    assert choose_impl(dims(128), jnp.float32, causal, 0.0, "gpu") == "xla"  # cuDNN needs bf16/fp16
+    assert choose_impl(dims(128), jnp.bfloat16, causal, 0.0, "cpu") == "reference"  # never a fused kernel off GPU
+    assert choose_impl(dims(128), jnp.bfloat16, causal, 0.0, "gpu") == "flash"  # (cuDNN, through flash)
+    assert choose_impl(dims(128), jnp.float32, causal, 0.0, "gpu") == "xla"  # fused kernels for bf16/fp16 only
     for backend in ("cpu", "gpu"):
         threshold = AUTO_BLOCKWISE_MIN_LOGITS.get(backend, AUTO_BLOCKWISE_MIN_LOGITS_DEFAULT)
         big, small = int(np.sqrt(threshold / 8)) + 1, int(np.sqrt(threshold / 8)) - 1
@@ -311,10 +311,55 @@ def test_auto_choice():
                                                                               else "xla")
     assert choose_impl(Dims(1, 1, 10**6, 8, 8, 64, 64), jnp.float32, causal, 0.0, "cpu") == "reference"  # one row
     seg = jnp.zeros((1, 128), jnp.int32)
-    assert choose_impl(dims(128), jnp.bfloat16, Mask(q_segment_ids=seg, kv_segment_ids=seg), 0.0, "gpu") == "xla"
+    packed = Mask(causal=True, q_segment_ids=seg, kv_segment_ids=seg)  # the GPT task's batches
+    assert choose_impl(dims(128), jnp.bfloat16, packed, 0.0, "gpu") == "flash"  # (the Pallas kernels)
+    assert choose_impl(dims(128), jnp.float16, Mask(prefix_lengths=jnp.array([3])), 0.0, "gpu") == "flash"
+    bias = jnp.zeros((1, 8, 128, 128))
+    assert choose_impl(dims(128), jnp.bfloat16, causal, 0.0, "gpu", bias=bias) == "flash"  # cuDNN takes a bias
+    assert choose_impl(dims(128), jnp.bfloat16, packed, 0.0, "gpu", bias=bias) == "xla"  # Pallas takes none
+    assert choose_impl(dims(128), jnp.bfloat16, packed, 0.1, "gpu") == "reference"  # nor dropout
+    assert choose_impl(dims(128), jnp.bfloat16, packed, 0.0, "tpu") == "xla"  # no splash kernel yet
     assert choose_impl(Dims(1, 128, 128, 8, 8, 64, 32), jnp.float32, causal, 0.0, "gpu") == "reference"  # dv != d
     assert choose_impl(dims(128), jnp.float32, causal, 0.1, "gpu") == "reference"  # dropout
     assert choose_impl(dims(128), jnp.float32, causal, 0.0, "tpu") == "xla"
+
+
+def test_flash_routes_to_cudnn_the_pallas_kernels_or_blockwise():
+    d = Dims(1, 64, 64, 8, 8, 64, 64)
+    seg = jnp.zeros((1, 64), jnp.int32)
+    packed = Mask(causal=True, q_segment_ids=seg, kv_segment_ids=seg)
+    assert _flash_route(d, jnp.bfloat16, Mask(causal=True), None, 0.0, "gpu") == "cudnn"
+    assert _flash_route(d, jnp.bfloat16, packed, None, 0.0, "gpu") == "flash"
+    assert _flash_route(d, jnp.float32, Mask(causal=True), None, 0.0, "cpu") == "flash"  # interpret mode
+    with pytest.warns(UserWarning, match=r"impl='flash' cannot run this call \(dropout_rate > 0.*'blockwise'"):
+        assert _flash_route(d, jnp.bfloat16, packed, None, 0.1, "gpu") == "blockwise"
+    with pytest.warns(UserWarning, match=r"\(the flash kernels target the Triton GPU backend .* not 'tpu'\)"):
+        assert _flash_route(d, jnp.bfloat16, packed, None, 0.0, "tpu") == "blockwise"
+
+
+@pytest.mark.parametrize("name", ["segments_causal", "prefix_padding"])
+def test_flash_through_softmax_attention(softmax_fn, name):
+    """impl="flash" on the CPU: the Pallas kernels in interpret mode, values and gradients against the references
+    (tests/test_flash.py covers every mask kind on the kernels themselves)."""
+    lq, lk, mask, dense = build(name)
+    (qn, kn, vn), (q, k, v) = qkv(lq, lk, seed=5)
+    np.testing.assert_allclose(softmax_fn(q, k, v, mask=mask, impl="flash", block_q=16, block_kv=16),
+                               reference.softmax_attention(qn, kn, vn, dense), **TOL)
+    w = jnp.asarray(np.random.default_rng(6).standard_normal(q.shape), jnp.float32)
+    got = jax.grad(lambda q, k, v: jnp.sum(softmax_fn(q, k, v, mask=mask, impl="flash", block_q=16,
+                                                      block_kv=16) * w), argnums=(0, 1, 2))(q, k, v)
+    for g, r in zip(got, _loss_grads(softmax_fn, "reference", q, k, v, w, mask=mask)):
+        np.testing.assert_allclose(g, r, **TOL)
+
+
+def test_flash_with_a_bias_falls_back_with_one_warning():
+    lq, lk, mask, dense = build("segments_causal")
+    (qn, kn, vn), (q, k, v) = qkv(lq, lk, seed=7)
+    bias = np.random.default_rng(8).standard_normal((1, 4, lq, lk))
+    with pytest.warns(UserWarning, match=r"an additive bias") as caught:
+        out = softmax_attention(q, k, v, mask=mask, bias=jnp.asarray(bias, jnp.float32), impl="flash")
+    assert len(caught) == 1
+    np.testing.assert_allclose(out, reference.softmax_attention(qn, kn, vn, dense, bias=bias), **TOL)
 
 
 def test_cudnn_reasons():

@@ -10,11 +10,17 @@ Implementations (``impl=``):
   - ``"xla"``: `jax.nn.dot_product_attention` (XLA) with the mask mapped onto its arguments.
   - ``"blockwise"``: flash-style online softmax in pure JAX, O(l) memory forward and backward (see blockwise.py).
   - ``"cudnn"``: `jax.nn.dot_product_attention(implementation="cudnn")`; GPU, bf16/fp16, causal/kv_lengths masks.
+  - ``"flash"``: the accelerator's fused kernel for every `Mask`: on GPU cuDNN where the call fits it, else the Pallas
+    kernels of flash.py (packed segments, prefix-LM, ``kv_valid``, ``q_offset``); on CPU those kernels in Pallas
+    interpret mode (slow: for tests). A call they cannot take (a bias, dropout, TPU for now) runs ``"blockwise"``
+    instead, with one warning.
   - ``"auto"``: the fastest correct choice for the backend, dtype, length and mask (`choose_impl`).
 
 Shape key: b batch, q query length, k key length, h query heads, n kv heads, g = h // n, d head dim, v value dim.
 """
 from __future__ import annotations
+
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -22,9 +28,10 @@ import jax.numpy as jnp
 from .blockwise import blockwise_attention
 from .checks import Dims, check_bias, check_dropout, check_mask, check_qkv, check_scale
 from .dropout import dropout_seed, grouped_keep_mask
+from .flash import flash_attention, flash_unsupported
 from .masks import Mask
 
-IMPLS = ("auto", "reference", "xla", "blockwise", "cudnn")
+IMPLS = ("auto", "reference", "xla", "blockwise", "cudnn", "flash")
 _MASKED = -1e30  # masked logits; exp(-1e30 - max) == 0 in float32
 # From this many logits per call (b * h * q * k), `auto` streams with `blockwise` instead of a dense impl. On CPU
 # blockwise is already faster from 8M logits (1024 tokens x 8 heads; 512 tokens is still faster dense), see
@@ -49,7 +56,8 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask | 
       impl: one of ``IMPLS``.
       dropout_rate: dropout on the attention weights; needs ``dropout_rng``. Not supported by ``"cudnn"``.
       dropout_rng: PRNG key for dropout.
-      block_q, block_kv: tile sizes of ``"blockwise"`` (performance hints; other impls ignore them).
+      block_q, block_kv: tile sizes of ``"blockwise"`` and ``"flash"`` (performance hints; flash clips them to
+        its limits; other impls ignore them).
 
     Returns:
       ``[b, q, h, v]`` in q's dtype.
@@ -61,10 +69,15 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask | 
     dropout_rate = check_dropout(dropout_rate, dropout_rng)
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    backend = jax.default_backend()
     if impl == "auto":
-        impl = choose_impl(dims, q.dtype, mask, dropout_rate, jax.default_backend())
+        impl = choose_impl(dims, q.dtype, mask, dropout_rate, backend, bias=bias)
     seed = dropout_seed(dropout_rng) if dropout_rate > 0 else None
     k, v = mask.zero_invalid_keys(k, v)  # once for every impl: a NaN in a padded key/value must not leak
+    if impl == "flash":
+        impl = _flash_route(dims, q.dtype, mask, bias, dropout_rate, backend)
+        if impl == "flash":
+            return flash_attention(q, k, v, dims=dims, mask=mask, scale=scale, block_q=block_q, block_kv=block_kv)
     if impl == "blockwise":
         return blockwise_attention(q, k, v, dims=dims, mask=mask, bias=bias, scale=scale, dropout_rate=dropout_rate,
                                    dropout_seed=seed, block_q=block_q, block_kv=block_kv)
@@ -235,12 +248,29 @@ def cudnn_unsupported(dims: Dims, dtype, mask: Mask, dropout_rate: float, backen
     return None
 
 
-def choose_impl(dims: Dims, dtype, mask: Mask, dropout_rate: float, backend: str) -> str:
-    """The impl ``"auto"`` runs: cuDNN on GPU where it applies, blockwise once the dense logits get large, else
-    the dense reference on CPU (fastest there in a whole training step, benchmarks/RESULTS.md) and XLA elsewhere
-    (the reference where XLA cannot take the call). Never cuDNN off GPU."""
+def _flash_route(dims: Dims, dtype, mask: Mask, bias, dropout_rate: float, backend: str) -> str:
+    """What ``impl="flash"`` runs: ``"cudnn"`` on a GPU where the call fits it, ``"flash"`` (the Pallas kernels)
+    where they can take it, else ``"blockwise"`` with one warning saying why."""
     if cudnn_unsupported(dims, dtype, mask, dropout_rate, backend) is None:
         return "cudnn"
+    reason = flash_unsupported(dims, dtype, mask, bias, dropout_rate, backend)
+    if reason is None:
+        return "flash"
+    warnings.warn(f"impl='flash' cannot run this call ({reason}); using the portable impl='blockwise'",
+                  stacklevel=4)
+    return "blockwise"
+
+
+def choose_impl(dims: Dims, dtype, mask: Mask, dropout_rate: float, backend: str, *, bias=None) -> str:
+    """The impl ``"auto"`` runs: ``"flash"`` on GPU for bf16/fp16 where cuDNN or the Pallas kernels take the call
+    (any mask; not a bias or dropout for the Pallas ones), blockwise once the dense logits get large, else the dense
+    reference on CPU (fastest there in a whole training step, benchmarks/RESULTS.md) and XLA elsewhere (the
+    reference where XLA cannot take the call). Never a fused kernel off GPU."""
+    low_precision = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    if backend == "gpu" and low_precision and (
+            cudnn_unsupported(dims, dtype, mask, dropout_rate, backend) is None
+            or flash_unsupported(dims, dtype, mask, bias, dropout_rate, backend) is None):
+        return "flash"
     threshold = AUTO_BLOCKWISE_MIN_LOGITS.get(backend, AUTO_BLOCKWISE_MIN_LOGITS_DEFAULT)
     if dims.batch * dims.heads * dims.lq * dims.lk >= threshold and dims.lq > 1:
         return "blockwise"
