@@ -110,7 +110,7 @@ def test_dtypes():
     (dict(num_heads=3, num_kv_heads=2), "multiple of num_kv_heads"),
     (dict(num_heads=5), "not divisible by num_heads"),
     (dict(num_heads=4, attention="sparse"), "attention must be one of"),
-    (dict(num_heads=4, attention_impl="flash"), "attention_impl"),
+    (dict(num_heads=4, attention_impl="splash"), "attention_impl"),
     (dict(num_heads=4, attention="linear", feature_map="softmax"), "feature_map"),
     (dict(num_heads=4, attention="linear", dropout_rate=0.1), "dropout_rate"),
 ])

@@ -388,7 +388,7 @@ def test_cudnn_on_cpu_raises():
     (dict(k=np.zeros((2, 5, 2, 4)), v=np.zeros((2, 5, 2, 4))), "head_dim"),
     (dict(k=np.zeros((2, 5, 3, 8)), v=np.zeros((2, 5, 3, 8))), "multiple of kv heads"),
     (dict(v=np.zeros((2, 6, 2, 8))), "v must match k"),
-    (dict(impl="flash"), "impl must be one of"),
+    (dict(impl="splash"), "impl must be one of"),
     (dict(bias=np.zeros((2, 4, 3, 4))), "bias shape"),
     (dict(bias=np.zeros((1, 1, 2, 4, 3, 5))), "bias must be broadcastable"),
     (dict(dropout_rate=1.0, dropout_rng=jax.random.key(0)), "dropout_rate"),
