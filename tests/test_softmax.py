@@ -318,7 +318,8 @@ def test_auto_choice():
     assert choose_impl(dims(128), jnp.bfloat16, causal, 0.0, "gpu", bias=bias) == "flash"  # cuDNN takes a bias
     assert choose_impl(dims(128), jnp.bfloat16, packed, 0.0, "gpu", bias=bias) == "xla"  # Pallas takes none
     assert choose_impl(dims(128), jnp.bfloat16, packed, 0.1, "gpu") == "reference"  # nor dropout
-    assert choose_impl(dims(128), jnp.bfloat16, packed, 0.0, "tpu") == "xla"  # no splash kernel yet
+    assert choose_impl(dims(128), jnp.bfloat16, packed, 0.0, "tpu") == "flash"  # (splash attention)
+    assert choose_impl(dims(128), jnp.bfloat16, Mask(prefix_lengths=jnp.array([3])), 0.0, "tpu") == "xla"
     assert choose_impl(Dims(1, 128, 128, 8, 8, 64, 32), jnp.float32, causal, 0.0, "gpu") == "reference"  # dv != d
     assert choose_impl(dims(128), jnp.float32, causal, 0.1, "gpu") == "reference"  # dropout
     assert choose_impl(dims(128), jnp.float32, causal, 0.0, "tpu") == "xla"
@@ -333,8 +334,9 @@ def test_flash_routes_to_cudnn_the_pallas_kernels_or_blockwise():
     assert _flash_route(d, jnp.float32, Mask(causal=True), None, 0.0, "cpu") == "flash"  # interpret mode
     with pytest.warns(UserWarning, match=r"impl='flash' cannot run this call \(dropout_rate > 0.*'blockwise'"):
         assert _flash_route(d, jnp.bfloat16, packed, None, 0.1, "gpu") == "blockwise"
-    with pytest.warns(UserWarning, match=r"\(the flash kernels target the Triton GPU backend .* not 'tpu'\)"):
-        assert _flash_route(d, jnp.bfloat16, packed, None, 0.0, "tpu") == "blockwise"
+    assert _flash_route(d, jnp.bfloat16, packed, None, 0.0, "tpu") == "splash"
+    with pytest.warns(UserWarning, match=r"\(the mask field prefix_lengths \(per-example prefixes"):
+        assert _flash_route(d, jnp.bfloat16, Mask(prefix_lengths=jnp.array([3])), None, 0.0, "tpu") == "blockwise"
 
 
 @pytest.mark.parametrize("name", ["segments_causal", "prefix_padding"])
@@ -388,7 +390,7 @@ def test_cudnn_on_cpu_raises():
     (dict(k=np.zeros((2, 5, 2, 4)), v=np.zeros((2, 5, 2, 4))), "head_dim"),
     (dict(k=np.zeros((2, 5, 3, 8)), v=np.zeros((2, 5, 3, 8))), "multiple of kv heads"),
     (dict(v=np.zeros((2, 6, 2, 8))), "v must match k"),
-    (dict(impl="splash"), "impl must be one of"),
+    (dict(impl="fused"), "impl must be one of"),
     (dict(bias=np.zeros((2, 4, 3, 4))), "bias shape"),
     (dict(bias=np.zeros((1, 1, 2, 4, 3, 5))), "bias must be broadcastable"),
     (dict(dropout_rate=1.0, dropout_rng=jax.random.key(0)), "dropout_rate"),

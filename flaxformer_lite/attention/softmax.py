@@ -10,9 +10,10 @@ Implementations (``impl=``):
   - ``"xla"``: `jax.nn.dot_product_attention` (XLA) with the mask mapped onto its arguments.
   - ``"blockwise"``: flash-style online softmax in pure JAX, O(l) memory forward and backward (see blockwise.py).
   - ``"cudnn"``: `jax.nn.dot_product_attention(implementation="cudnn")`; GPU, bf16/fp16, causal/kv_lengths masks.
-  - ``"flash"``: the accelerator's fused kernel for every `Mask`: on GPU cuDNN where the call fits it, else the Pallas
-    kernels of flash.py (packed segments, prefix-LM, ``kv_valid``, ``q_offset``); on CPU those kernels in Pallas
-    interpret mode (slow: for tests). A call they cannot take (a bias, dropout, TPU for now) runs ``"blockwise"``
+  - ``"flash"``: the accelerator's fused kernel: on GPU cuDNN where the call fits it, else the Pallas kernels of
+    flash.py (every `Mask`: packed segments, prefix-LM, ``kv_valid``, ``q_offset``); on TPU splash attention
+    (splash.py: causal and/or packed self-attention); on CPU the flash.py kernels in Pallas interpret mode (slow: for
+    tests). A call the kernel at hand cannot take (a bias, dropout, a mask splash lacks) runs ``"blockwise"``
     instead, with one warning.
   - ``"auto"``: the fastest correct choice for the backend, dtype, length and mask (`choose_impl`).
 
@@ -29,6 +30,7 @@ from .blockwise import blockwise_attention
 from .checks import Dims, check_bias, check_dropout, check_mask, check_qkv, check_scale
 from .dropout import dropout_seed, grouped_keep_mask
 from .flash import flash_attention, flash_unsupported
+from .splash import splash_attention, splash_unsupported
 from .masks import Mask
 
 IMPLS = ("auto", "reference", "xla", "blockwise", "cudnn", "flash")
@@ -78,6 +80,8 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask | 
         impl = _flash_route(dims, q.dtype, mask, bias, dropout_rate, backend)
         if impl == "flash":
             return flash_attention(q, k, v, dims=dims, mask=mask, scale=scale, block_q=block_q, block_kv=block_kv)
+        if impl == "splash":
+            return splash_attention(q, k, v, dims=dims, mask=mask, scale=scale, block_size=max(block_q, block_kv))
     if impl == "blockwise":
         return blockwise_attention(q, k, v, dims=dims, mask=mask, bias=bias, scale=scale, dropout_rate=dropout_rate,
                                    dropout_seed=seed, block_q=block_q, block_kv=block_kv)
@@ -249,27 +253,34 @@ def cudnn_unsupported(dims: Dims, dtype, mask: Mask, dropout_rate: float, backen
 
 
 def _flash_route(dims: Dims, dtype, mask: Mask, bias, dropout_rate: float, backend: str) -> str:
-    """What ``impl="flash"`` runs: ``"cudnn"`` on a GPU where the call fits it, ``"flash"`` (the Pallas kernels)
-    where they can take it, else ``"blockwise"`` with one warning saying why."""
+    """What ``impl="flash"`` runs: ``"cudnn"`` on a GPU where the call fits it, ``"splash"`` on a TPU, ``"flash"``
+    (the Pallas kernels) where they can take it, else ``"blockwise"`` with one warning saying why."""
     if cudnn_unsupported(dims, dtype, mask, dropout_rate, backend) is None:
         return "cudnn"
-    reason = flash_unsupported(dims, dtype, mask, bias, dropout_rate, backend)
+    if backend == "tpu":
+        reason = splash_unsupported(dims, dtype, mask, bias, dropout_rate)
+        route = "splash"
+    else:
+        reason = flash_unsupported(dims, dtype, mask, bias, dropout_rate, backend)
+        route = "flash"
     if reason is None:
-        return "flash"
+        return route
     warnings.warn(f"impl='flash' cannot run this call ({reason}); using the portable impl='blockwise'",
                   stacklevel=4)
     return "blockwise"
 
 
 def choose_impl(dims: Dims, dtype, mask: Mask, dropout_rate: float, backend: str, *, bias=None) -> str:
-    """The impl ``"auto"`` runs: ``"flash"`` on GPU for bf16/fp16 where cuDNN or the Pallas kernels take the call
-    (any mask; not a bias or dropout for the Pallas ones), blockwise once the dense logits get large, else the dense
-    reference on CPU (fastest there in a whole training step, benchmarks/RESULTS.md) and XLA elsewhere (the
-    reference where XLA cannot take the call). Never a fused kernel off GPU."""
+    """The impl ``"auto"`` runs: ``"flash"`` for bf16/fp16 on GPU where cuDNN or the Pallas kernels take the call
+    (any mask; not a bias or dropout for the Pallas ones) and on TPU where splash attention takes it, blockwise once
+    the dense logits get large, else the dense reference on CPU (fastest there in a whole training step,
+    benchmarks/RESULTS.md) and XLA elsewhere (the reference where XLA cannot take the call). Never a fused kernel
+    on the CPU."""
     low_precision = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-    if backend == "gpu" and low_precision and (
-            cudnn_unsupported(dims, dtype, mask, dropout_rate, backend) is None
-            or flash_unsupported(dims, dtype, mask, bias, dropout_rate, backend) is None):
+    fused = {"gpu": lambda: (cudnn_unsupported(dims, dtype, mask, dropout_rate, backend) is None
+                             or flash_unsupported(dims, dtype, mask, bias, dropout_rate, backend) is None),
+             "tpu": lambda: splash_unsupported(dims, dtype, mask, bias, dropout_rate) is None}
+    if low_precision and backend in fused and fused[backend]():
         return "flash"
     threshold = AUTO_BLOCKWISE_MIN_LOGITS.get(backend, AUTO_BLOCKWISE_MIN_LOGITS_DEFAULT)
     if dims.batch * dims.heads * dims.lq * dims.lk >= threshold and dims.lq > 1:
