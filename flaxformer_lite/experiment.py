@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -259,7 +260,11 @@ def _build(cls, values: dict, prefix: str):
         else:
             kwargs[name] = _coerce(f"{prefix}{name}", value, kind)
     if cls is ModelConfig:
-        return dataclasses.replace(preset(values.get("preset", "gpt-tiny")), **kwargs)
+        base = preset(values.get("preset", "gpt-tiny"))
+        scaling = kwargs.get("rope_scaling")
+        if isinstance(scaling, dict) and base.rope_scaling is not None:  # model.rope_scaling.factor=16 on a preset
+            kwargs["rope_scaling"] = {**dataclasses.asdict(base.rope_scaling), **scaling}
+        return dataclasses.replace(base, **kwargs)
     return cls(**kwargs)
 
 
@@ -330,7 +335,7 @@ def describe_keys() -> list[tuple[str, str, str]]:
                 walk(kind, value, f"{prefix}{f.name}.")
             else:
                 key = f"{prefix}{f.name}"
-                name = getattr(kind, "__name__", str(kind).replace("typing.", ""))
+                name = getattr(kind, "__name__", re.sub(r"\b[\w.]+\.(\w+)", r"\1", str(kind)))
                 bounds = f" {list(CHOICES[key])}" if key in CHOICES else f" in {RANGES[key]}" if key in RANGES else ""
                 rows.append((key, name + bounds, repr(value)))
         if cls is ModelConfig:

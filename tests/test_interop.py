@@ -118,7 +118,7 @@ def test_bert_model_without_prefix_initialises_missing_heads(tmp_path):
     ([1, 2], "must hold a JSON object"),
     ({"model_type": "gpt2"}, "has no vocab_size"),
     ({"model_type": "bert", "vocab_size": 10, "tie_word_embeddings": False}, "tie_word_embeddings"),
-    ({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}, "load_hf supports"),
+    ({"model_type": "mixtral", "architectures": ["MixtralForCausalLM"]}, "load_hf supports"),
     ({"model_type": "bert", "vocab_size": 10, "position_embedding_type": "relative_key"}, "position_embedding_type"),
     ({"model_type": "bert", "vocab_size": 10, "hidden_act": "mish"}, "hidden_act='mish' is not supported"),
     ({"model_type": "gpt2", "vocab_size": 10, "scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse"),

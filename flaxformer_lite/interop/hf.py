@@ -1,7 +1,8 @@
-"""Hugging Face checkpoints: `load_hf` reads a model folder (config.json + model.safetensors, or pytorch_model.bin
-when torch is installed) for GPT-2 (``GPT2LMHeadModel``/``GPT2Model``) and BERT (``BertModel``,
+"""Hugging Face checkpoints: `load_hf` reads a model folder (config.json + model.safetensors, sharded safetensors, or
+pytorch_model.bin when torch is installed) for GPT-2 (``GPT2LMHeadModel``/``GPT2Model``), BERT (``BertModel``,
 ``BertForPreTraining``, ``BertForMaskedLM``, and folders saved without the ``bert.`` prefix, e.g. by
-sentence-transformers) into our model and variables; `save_hf` writes the same layout back.
+sentence-transformers) and the Llama family (``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM``,
+``Qwen3ForCausalLM``: see llama.py) into our model and variables; `save_hf` writes the same layout back.
 
 One mapping per architecture (HF tensor name <-> our parameter path, with the transposes between PyTorch's
 ``[out, in]`` Linear / GPT-2's ``[in, out]`` Conv1D and our ``[in, heads, head_dim]`` kernels) serves both
@@ -23,10 +24,12 @@ import numpy as np
 
 from ..layers.blocks import layer_name
 from ..models import BERT, GPT, ModelConfig
-from .files import read_json, read_tensors
+from . import llama
+from .files import read_json, read_tensors, write_tensors
 
 SUPPORTED = {"gpt2": ("GPT2LMHeadModel", "GPT2Model"),
-             "bert": ("BertModel", "BertForPreTraining", "BertForMaskedLM")}
+             "bert": ("BertModel", "BertForPreTraining", "BertForMaskedLM"),
+             **{kind: (arch,) for kind, arch in llama.FAMILIES.items()}}
 _GPT2_ACT = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
 _BERT_ACT = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
 
@@ -44,6 +47,8 @@ def config_from_hf(hf: dict) -> ModelConfig:
                          f"model_type={kind!r} architectures={archs}")
     if "vocab_size" not in hf:
         raise ValueError(f"config.json (model_type={kind!r}) has no vocab_size, which is required")
+    if kind in llama.FAMILIES:
+        return llama.config_from_hf(hf)
     if kind == "gpt2":
         _require(hf, {"add_cross_attention": False, "scale_attn_by_inverse_layer_idx": False,
                       "scale_attn_weights": True})
@@ -120,9 +125,19 @@ def _check_exportable(cfg: ModelConfig) -> None:
                          "Face's bert layout (accepted: an int >= 1)")
 
 
-def config_to_hf(cfg: ModelConfig) -> dict:
-    """config.json for ``cfg`` (GPT -> GPT2LMHeadModel, BERT -> BertForPreTraining); a field the layout cannot
-    express raises `ValueError` naming it and the accepted values."""
+def _rotary(cfg: ModelConfig) -> bool:
+    """Whether ``cfg`` is written in the Llama family's layout (a GPT with rotary positions), not GPT-2's."""
+    return cfg.model == "gpt" and cfg.position == "rotary"
+
+
+def config_to_hf(cfg: ModelConfig, model_type: str | None = None) -> dict:
+    """config.json for ``cfg`` (GPT -> GPT2LMHeadModel, or with rotary positions the Llama family's ``model_type``:
+    llama, mistral, qwen2, qwen3, None picking the one that expresses it; BERT -> BertForPreTraining); a field the
+    layout cannot express raises `ValueError` naming it and the accepted values."""
+    if _rotary(cfg) or model_type in llama.FAMILIES:
+        return llama.config_to_hf(cfg, model_type)
+    if model_type not in (None, "gpt2", "bert"):
+        raise ValueError(f"save_hf model_type must be one of {list(SUPPORTED)} or None, got {model_type!r}")
     if cfg.model in ("gpt", "bert"):
         _check_exportable(cfg)
     inverse = lambda table: {v: k for k, v in reversed(list(table.items()))}
@@ -230,6 +245,8 @@ def _bert_map(cfg: ModelConfig, prefix: str) -> list:
 
 
 def _mapping(cfg: ModelConfig, prefix: str = "bert.") -> list:
+    if _rotary(cfg):
+        return llama.param_map(cfg, _linear, _bias, _SAME)
     return _gpt2_map(cfg) if cfg.model == "gpt" else _bert_map(cfg, prefix)
 
 
@@ -258,7 +275,7 @@ def _join_qkv(flat: dict) -> dict:  # jnp, not np: `_layouts` traces it
 
 def _to_hf(cfg: ModelConfig, flat: dict, prefix: str = "bert.") -> dict:
     """HF tensor name -> array, from our parameters as a flat ``{path: array}``."""
-    flat = _join_qkv(flat) if cfg.model == "gpt" else flat
+    flat = _join_qkv(flat) if cfg.model == "gpt" and not _rotary(cfg) else flat
     return {hf_key: to_hf(flat[ours]) for hf_key, ours, _, to_hf in _mapping(cfg, prefix)}
 
 
@@ -338,16 +355,18 @@ def _get(tree: dict, path: tuple):
     return tree
 
 
-def save_hf(model, variables, path: str | Path) -> Path:
-    """Write ``model``'s config.json and model.safetensors in Hugging Face's layout (GPT -> GPT2LMHeadModel,
-    BERT -> BertForPreTraining) to folder ``path``; `load_hf` and `transformers` read it back.
+def save_hf(model, variables, path: str | Path, *, model_type: str | None = None,
+            max_shard_size: int | None = None) -> Path:
+    """Write ``model``'s config.json and float32 weights in Hugging Face's layout (GPT -> GPT2LMHeadModel, a rotary
+    GPT -> the Llama family's ``model_type``, see `config_to_hf`; BERT -> BertForPreTraining) to folder ``path``;
+    `load_hf` and `transformers` read it back. Weights over ``max_shard_size`` bytes are split into
+    ``model-0000i-of-0000n.safetensors`` files named by ``model.safetensors.index.json``.
 
     Before writing anything, raises `ValueError` for a config field the layout cannot express (see `config_to_hf`)
     and for ``variables["params"]`` that do not match ``model``'s parameters (missing, extra or wrong-shaped ones
     are named)."""
-    from safetensors.numpy import save_file
     cfg = model.cfg
-    config = config_to_hf(cfg)
+    config = config_to_hf(cfg, model_type)
     if not isinstance(variables, Mapping) or "params" not in variables:
         got = f"keys {list(variables)}" if isinstance(variables, Mapping) else type(variables).__name__
         raise ValueError(f"save_hf needs variables with a 'params' collection (as model.init returns), got {got}")
@@ -356,7 +375,7 @@ def save_hf(model, variables, path: str | Path) -> Path:
     tensors = {k: np.ascontiguousarray(v, np.float32) for k, v in _to_hf(cfg, flat).items()}
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(folder / "model.safetensors"))
+    write_tensors(folder, tensors, max_shard_size)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     return folder
 

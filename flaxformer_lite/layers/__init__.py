@@ -3,11 +3,12 @@ from .attention import ATTENTION_KINDS, DECODE_MODES, MultiHeadAttention
 from .blocks import LAYER_STACKS, SCANNED_LAYERS, SHARED_LAYER, BlockInputs, LayerStack, TransformerBlock, layer_name
 from .dense import kernel_dot_general
 from .embedder import POSITIONS, CacheIndex, Embedder
-from .embeddings import Embed, rotary, sinusoidal
+from .embeddings import ROPE_TYPES, Embed, RopeScaling, rope_frequencies, rotary, sinusoidal
 from .mlp import ACTIVATIONS, MLP
 from .norms import NORMS, make_norm
 
 __all__ = ["MultiHeadAttention", "ATTENTION_KINDS", "DECODE_MODES", "TransformerBlock", "LayerStack", "BlockInputs",
            "SCANNED_LAYERS", "SHARED_LAYER", "LAYER_STACKS", "layer_name", "Embedder",
-           "CacheIndex", "POSITIONS", "kernel_dot_general", "Embed", "rotary", "sinusoidal", "MLP", "ACTIVATIONS",
+           "CacheIndex", "POSITIONS", "kernel_dot_general", "Embed", "rotary", "RopeScaling", "ROPE_TYPES",
+           "rope_frequencies", "sinusoidal", "MLP", "ACTIVATIONS",
            "make_norm", "NORMS"]

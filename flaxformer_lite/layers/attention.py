@@ -28,7 +28,7 @@ from ..attention import (FEATURE_MAPS, IMPLS, FeatureMap, Mask, attend_scores, a
 from .attention_scores import (AdditiveScores, DenseSynthesizerScores, RandomSynthesizerScores, TalkingHeads,
                                dot_scores)
 from .dense import general_kernel_init, kernel_dot_general
-from .embeddings import rotary
+from .embeddings import RopeScaling, rotary
 
 ATTENTION_KINDS = ("softmax", "linear", "additive", "synthesizer_dense", "synthesizer_random")
 SYNTHESIZERS = ("synthesizer_dense", "synthesizer_random")  # logits from positions/tokens alone: no queries, no keys
@@ -59,8 +59,12 @@ class MultiHeadAttention(nn.Module):
       max_len: the longest key axis of the Synthesizer tables.
       feature_map: linear-attention feature map (``"elu"``, ``"relu"``, ``"favor"`` or a `FeatureMap`).
       dropout_rate: attention-probability dropout (not linear), active when ``deterministic=False``.
-      rotary_base: if set, rotary position embedding (base e.g. 10000) on self-attention queries and keys.
-      use_bias: biases on the four projections.
+      rotary_base: if set, rotary position embedding (base e.g. 10000) on self-attention queries and keys;
+        rope_scaling: its `RopeScaling` (long-context frequency stretch), or None.
+      use_bias: biases on the four projections; qkv_bias: on the query/key/value projections only when it differs
+        (None: as ``use_bias``; Qwen2 has them without an output bias).
+      qk_norm: RMSNorm over each head's ``d`` features of the queries and keys (``query_norm``, ``key_norm``, one
+        ``[d]`` scale each), before rotary (Qwen3, OLMo 2-style); norm_epsilon: its epsilon.
       dtype: compute dtype; param_dtype: parameter dtype.
       kernel_init: initialiser of the projection kernels.
     """
@@ -76,7 +80,11 @@ class MultiHeadAttention(nn.Module):
     max_len: int | None = None
     dropout_rate: float = 0.0
     rotary_base: float | None = None
+    rope_scaling: RopeScaling | None = None
     use_bias: bool = True
+    qkv_bias: bool | None = None
+    qk_norm: bool = False
+    norm_epsilon: float = 1e-6
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     kernel_init: Callable = default_kernel_init
@@ -100,15 +108,23 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"talking_heads needs attention='softmax', got {self.attention!r}")
         if self.attention in SYNTHESIZERS and not self.max_len:
             raise ValueError(f"attention={self.attention!r} needs max_len (the size of its position tables)")
+        if self.qk_norm and self.attention in SYNTHESIZERS:
+            raise ValueError(f"qk_norm needs queries and keys; attention={self.attention!r} has none")
         return kv_heads, self.head_dim or embed_dim // self.num_heads
 
     def _project(self, name: str, x: jax.Array, heads: int, head_dim: int, head_axis: str) -> jax.Array:
         y = nn.DenseGeneral(
-            (heads, head_dim), use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+            (heads, head_dim), use_bias=self.use_bias if self.qkv_bias is None else self.qkv_bias, dtype=self.dtype,
+            param_dtype=self.param_dtype,
             dot_general=kernel_dot_general,
             kernel_init=general_kernel_init(self.kernel_init, ("embed", head_axis, "head_dim")),
             bias_init=general_kernel_init(nn.initializers.zeros, (head_axis, "head_dim")), name=name)(x)
-        return nn.with_logical_constraint(y, ("batch", "length", head_axis, "head_dim"))
+        y = nn.with_logical_constraint(y, ("batch", "length", head_axis, "head_dim"))
+        if self.qk_norm and name in ("query", "key"):
+            y = nn.RMSNorm(epsilon=self.norm_epsilon, dtype=self.dtype, param_dtype=self.param_dtype,
+                           scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("head_dim",)),
+                           name=f"{name}_norm")(y)
+        return y
 
     @nn.compact
     def __call__(self, inputs_q: jax.Array, inputs_kv: jax.Array | None = None, *, mask: Mask | None = None,
@@ -143,7 +159,8 @@ class MultiHeadAttention(nn.Module):
             if self.rotary_base is not None and not keyless:
                 if positions is None:
                     positions = jnp.broadcast_to(jnp.arange(inputs_q.shape[1]), inputs_q.shape[:2])
-                q, k = rotary(q, positions, self.rotary_base), rotary(k, positions, self.rotary_base)
+                q = rotary(q, positions, self.rotary_base, self.rope_scaling)
+                k = rotary(k, positions, self.rotary_base, self.rope_scaling)
         if decode and not cross and self.attention == "linear":
             out = self._linear_decode(q, k, v, mask, decode)
         else:

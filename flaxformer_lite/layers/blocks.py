@@ -56,8 +56,9 @@ class TransformerBlock(nn.Module):
     of `nn.scan`).
 
     Attributes: cfg (fields: num_heads, num_kv_heads, head_dim, mlp_dim, max_len, attention, attention_impl,
-    feature_map, talking_heads, dropout_rate, attention_dropout_rate, position, rope_base, norm, norm_position,
-    norm_epsilon, condition_dim, activation, use_bias, init_std, dtype, param_dtype); cross_attention (decoder
+    feature_map, talking_heads, dropout_rate, attention_dropout_rate, position, rope_base, rope_scaling, norm,
+    norm_position, norm_epsilon, condition_dim, activation, use_bias, qkv_bias, qk_norm, init_std, dtype,
+    param_dtype); cross_attention (decoder
     blocks of an encoder-decoder); deterministic (False enables dropout); decode (None | "prefill" | "step"). The last
     two are attributes, not call arguments, so that `nn.remat` and `nn.scan` see them as static Python values.
     """
@@ -84,8 +85,10 @@ class TransformerBlock(nn.Module):
             attention_impl=cfg.attention_impl, feature_map=cfg.feature_map,
             talking_heads=cfg.talking_heads and kind == "softmax", max_len=cfg.max_len,
             dropout_rate=cfg.attention_dropout_rate if kind != "linear" else 0.0,
-            rotary_base=cfg.rope_base if rotary and cfg.position == "rotary" else None, use_bias=cfg.use_bias,
-            dtype=dtype, param_dtype=param_dtype, kernel_init=nn.initializers.normal(cfg.init_std), name=name)
+            rotary_base=cfg.rope_base if rotary and cfg.position == "rotary" else None,
+            rope_scaling=cfg.rope_scaling, use_bias=cfg.use_bias, qkv_bias=cfg.qkv_bias, qk_norm=cfg.qk_norm,
+            norm_epsilon=cfg.norm_epsilon, dtype=dtype, param_dtype=param_dtype,
+            kernel_init=nn.initializers.normal(cfg.init_std), name=name)
 
     @nn.compact
     def __call__(self, x: jax.Array, inputs: BlockInputs | None = None) -> tuple[jax.Array, None]:

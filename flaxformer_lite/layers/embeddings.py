@@ -1,9 +1,12 @@
-"""Token embeddings (optionally tied to the output projection) and position encodings: learned, sinusoidal, rotary.
+"""Token embeddings (optionally tied to the output projection) and position encodings: learned, sinusoidal, rotary
+(with the rope scalings of long-context checkpoints: linear, dynamic NTK, Llama 3).
 
 Shape key: b batch, l length, e embed dim, v vocab, h heads, d head dim.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -51,14 +54,102 @@ def sinusoidal(positions: jax.Array, features: int, max_timescale: float = 10_00
     return jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1).reshape(*positions.shape, features)
 
 
-def rotary(x: jax.Array, positions: jax.Array, base: float = 10_000.0) -> jax.Array:
-    """Rotary position embedding (Su et al. 2021), rotating pairs ``(x[i], x[i + d/2])`` (the GPT-NeoX / Llama layout).
+ROPE_TYPES = ("linear", "dynamic", "llama3")
 
-    ``x [b, l, h, d]``, ``positions [b, l]`` -> ``[b, l, h, d]``; computed in float32, returned in x's dtype."""
+
+def _positive_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """How rotary frequencies are stretched for contexts longer than pre-training's (Hugging Face's ``rope_scaling``
+    / ``rope_parameters``; the defaults are Llama 3.1's).
+
+    Attributes:
+      rope_type: ``"linear"`` (positions divided by ``factor``, Chen et al. 2023), ``"dynamic"`` (NTK-aware: the base
+        grows with the longest position of the call once it passes ``original_max_len``), ``"llama3"`` (Llama 3.1:
+        low frequencies divided by ``factor``, high ones kept, a smooth ramp between).
+      factor: the stretch (> 0); low_freq_factor, high_freq_factor (llama3; high > low > 0): wavelengths longer
+        than ``original_max_len / low_freq_factor`` are scaled, shorter than ``original_max_len / high_freq_factor``
+        kept.
+      original_max_len: the pre-training context (llama3, dynamic; a positive int).
+    """
+
+    rope_type: str = "llama3"
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_len: int = 8192
+
+    def __post_init__(self):
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(f"RopeScaling.rope_type must be one of {list(ROPE_TYPES)}, got {self.rope_type!r}")
+        for name in ("factor", "low_freq_factor", "high_freq_factor"):
+            if not _positive_number(getattr(self, name)):
+                raise ValueError(f"RopeScaling.{name} must be a finite number > 0, got {getattr(self, name)!r}")
+            object.__setattr__(self, name, float(getattr(self, name)))  # 8 and 8.0: one config, one YAML form
+        value = self.original_max_len
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"RopeScaling.original_max_len must be a positive int, got {value!r}")
+        if self.rope_type == "llama3" and self.high_freq_factor <= self.low_freq_factor:
+            raise ValueError(f"RopeScaling.high_freq_factor ({self.high_freq_factor}) must exceed low_freq_factor "
+                             f"({self.low_freq_factor}) for rope_type='llama3'")
+
+    @classmethod
+    def from_dict(cls, values) -> "RopeScaling":
+        """From a mapping (a YAML/JSON form); an unknown key raises `ValueError` listing the valid ones."""
+        if isinstance(values, cls):
+            return values
+        fields = [f.name for f in dataclasses.fields(cls)]
+        if not isinstance(values, dict):
+            raise ValueError(f"rope_scaling must be a mapping with keys {fields} (or None), got {values!r}")
+        unknown = sorted(set(values) - set(fields))
+        if unknown:
+            raise ValueError(f"unknown rope_scaling key {unknown[0]!r}; valid keys: {fields}")
+        return cls(**values)
+
+
+def rope_frequencies(head_dim: int, base: float, scaling: RopeScaling | None = None) -> np.ndarray:
+    """The ``d/2`` inverse frequencies ``base^(-2i/d)`` (float64), scaled as ``scaling`` says; for ``"dynamic"`` the
+    unscaled ones (it depends on the positions: see `rotary`)."""
+    inv = 1.0 / base ** (np.arange(0, head_dim, 2) / head_dim)
+    if scaling is None or scaling.rope_type == "dynamic":
+        return inv
+    if scaling.rope_type == "linear":
+        return inv / scaling.factor
+    # Llama 3.1 (as transformers' _compute_llama3_parameters)
+    old = scaling.original_max_len
+    wavelen = 2 * np.pi / inv
+    low_wavelen, high_wavelen = old / scaling.low_freq_factor, old / scaling.high_freq_factor
+    smooth = (old / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    scaled = np.where(wavelen > low_wavelen, inv / scaling.factor, inv)
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, (1 - smooth) * scaled / scaling.factor + smooth * scaled, scaled)
+
+
+def _dynamic_frequencies(head_dim: int, base: float, scaling: RopeScaling, positions: jax.Array) -> jax.Array:
+    """Dynamic NTK: the base grows with the longest position of this call once it passes ``original_max_len``."""
+    length = jnp.maximum(jnp.max(positions).astype(jnp.float32) + 1, scaling.original_max_len)
+    grown = base * (scaling.factor * length / scaling.original_max_len - (scaling.factor - 1)) ** (
+        head_dim / (head_dim - 2))
+    return 1.0 / grown ** jnp.asarray(np.arange(0, head_dim, 2) / head_dim, jnp.float32)
+
+
+def rotary(x: jax.Array, positions: jax.Array, base: float = 10_000.0, scaling: RopeScaling | None = None) -> jax.Array:
+    """Rotary position embedding (Su et al. 2021), rotating pairs ``(x[i], x[i + d/2])``: the GPT-NeoX layout, which
+    is Hugging Face's ``rotate_half`` (Llama, Mistral, Qwen checkpoints load without permuting q/k rows; Meta's
+    original checkpoints rotate interleaved pairs ``(x[2i], x[2i+1])`` and need transformers' permutation first).
+
+    ``x [b, l, h, d]``, ``positions [b, l]`` -> ``[b, l, h, d]``; ``scaling`` stretches the frequencies
+    (`RopeScaling`); computed in float32, returned in x's dtype."""
     d = x.shape[-1]
     if d % 2:
         raise ValueError(f"rotary positions need an even head_dim, got {d}")
-    inv = 1.0 / base ** (np.arange(0, d, 2) / d)
+    if scaling is not None and scaling.rope_type == "dynamic":
+        inv = _dynamic_frequencies(d, base, scaling, positions)
+    else:
+        inv = jnp.asarray(rope_frequencies(d, base, scaling), jnp.float32)
     angles = positions[..., None, None].astype(jnp.float32) * inv  # [b, l, 1, d/2]
     cos, sin = jnp.cos(angles), jnp.sin(angles)
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)

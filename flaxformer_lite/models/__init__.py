@@ -1,5 +1,6 @@
 """Models: `GPT`, `BERT`, `EncoderDecoder`, fine-tuning heads, and `ModelConfig` with its presets."""
 from .bert import BERT, BertOutput
+from ..layers.embeddings import RopeScaling
 from .config import PRESETS, ModelConfig, list_presets, preset
 from .encoder_decoder import EncoderDecoder
 from .gpt import GPT
@@ -14,4 +15,4 @@ def build(cfg: ModelConfig):
 
 
 __all__ = ["GPT", "BERT", "BertOutput", "EncoderDecoder", "SequenceClassifier", "MultipleChoice", "TokenClassifier",
-           "ModelConfig", "preset", "list_presets", "PRESETS", "build"]
+           "ModelConfig", "RopeScaling", "preset", "list_presets", "PRESETS", "build"]

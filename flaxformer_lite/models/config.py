@@ -11,6 +11,7 @@ import math
 from ..attention import FEATURE_MAPS, IMPLS
 from ..layers.attention import ATTENTION_KINDS
 from ..layers.embedder import POSITIONS
+from ..layers.embeddings import RopeScaling
 from ..layers.mlp import ACTIVATIONS
 from ..layers.norms import NORMS
 
@@ -47,7 +48,9 @@ _FIELDS = {
     "rope_base": ("a finite number > 1", lambda v, c: _is_number(v) and v > 1),  # base 1: one frequency for all
     **dict.fromkeys(("pad_id", "bos_id", "eos_id"), _TOKEN_ID),
     **dict.fromkeys(("talking_heads", "use_bias", "tie_embeddings", "embed_scale", "embed_norm", "share_layers",
-                     "remat", "scan_layers"), _BOOL),
+                     "remat", "scan_layers", "qk_norm"), _BOOL),
+    "qkv_bias": ("a bool or None", lambda v, c: v is None or isinstance(v, bool)),
+    "sliding_window": _POSITIVE_INT_OR_NONE,
 }
 
 
@@ -65,12 +68,18 @@ class ModelConfig:
       attention: ``"softmax"``, ``"linear"``, or a dense variant: ``"additive"`` (Bahdanau), ``"synthesizer_dense"``,
         ``"synthesizer_random"`` (Tay et al.; self-attention only); attention_impl: the softmax impl; feature_map:
         the linear map. talking_heads: mix logits and probabilities across heads (softmax; computed densely).
-      position: ``"learned"``, ``"sinusoidal"``, ``"rotary"`` or ``"none"``; rope_base (> 1) for rotary.
+      position: ``"learned"``, ``"sinusoidal"``, ``"rotary"`` or ``"none"``; rope_base (> 1) for rotary (Hugging
+        Face's ``rope_theta``); rope_scaling: a `RopeScaling` (``linear``, ``dynamic`` or ``llama3`` long-context
+        frequency stretch; a mapping of its fields is accepted, as YAML gives it) or None; rotary only.
       norm: ``"layernorm"`` or ``"rmsnorm"``; norm_position ``"pre"`` or ``"post"``; norm_epsilon (> 0).
       condition_dim: > 0 makes the layer-stack and final norms conditional on a ``condition [b, condition_dim]``
         model input (γ, β predicted from it; GPT and BERT).
       activation: MLP activation (``relu``, ``gelu``, ``gelu_tanh``, ``silu``, ``swiglu``, ``geglu``).
-      use_bias: biases in attention and MLP projections.
+      use_bias: biases in attention and MLP projections; qkv_bias: biases on the query/key/value projections when
+        it differs from that (None: as use_bias; Qwen2: ``use_bias=False, qkv_bias=True``).
+      qk_norm: RMSNorm over each head's queries and keys before rotary (Qwen3), with norm_epsilon.
+      sliding_window: each query sees itself and the ``sliding_window - 1`` tokens before it (Mistral; Hugging
+        Face's ``sliding_window``), in training and decoding; None: the whole causal context. GPT, not linear.
       tie_embeddings: output projection = token embedding transposed.
       embed_scale: multiply token embeddings by sqrt(embed_dim) (Vaswani et al.).
       embed_norm: normalise the embeddings (BERT); type_vocab_size: token types (BERT: 2; 0 for none).
@@ -101,12 +110,16 @@ class ModelConfig:
     feature_map: str = "elu"
     position: str = "learned"
     rope_base: float = 10_000.0
+    rope_scaling: RopeScaling | None = None
     norm: str = "layernorm"
     norm_position: str = "pre"
     norm_epsilon: float = 1e-5
     condition_dim: int = 0
     activation: str = "gelu_tanh"
     use_bias: bool = True
+    qkv_bias: bool | None = None
+    qk_norm: bool = False
+    sliding_window: int | None = None
     tie_embeddings: bool = True
     embed_scale: bool = False
     embed_norm: bool = False
@@ -123,6 +136,8 @@ class ModelConfig:
     scan_layers: bool = False
 
     def __post_init__(self):
+        if self.rope_scaling is not None:  # a mapping from YAML or config.json becomes the (hashable) dataclass
+            object.__setattr__(self, "rope_scaling", RopeScaling.from_dict(self.rope_scaling))
         for name, choices in _CHOICES.items():
             if getattr(self, name) not in choices:
                 raise ValueError(f"ModelConfig.{name} must be one of {list(choices)}, got {getattr(self, name)!r}")
@@ -148,9 +163,21 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.talking_heads needs attention='softmax', got {self.attention!r}")
         if self.condition_dim and self.model not in ("gpt", "bert"):
             raise ValueError(f"ModelConfig.condition_dim is supported for model 'gpt' and 'bert', not {self.model!r}")
+        self._check_decoder_fields()
         if self.table_dim is not None and self.model != "bert":
             raise ValueError(f"ModelConfig.table_dim (factorised embeddings) is supported for model 'bert' "
                              f"(ALBERT), not {self.model!r}")
+
+    def _check_decoder_fields(self):
+        """The fields of the modern decoders (Llama, Mistral, Qwen): each only where it has a meaning."""
+        if self.rope_scaling is not None and self.position != "rotary":
+            raise ValueError(f"ModelConfig.rope_scaling needs position='rotary', got position={self.position!r}")
+        if self.sliding_window is not None and self.model != "gpt":
+            raise ValueError(f"ModelConfig.sliding_window is supported for model 'gpt', not {self.model!r}")
+        if self.sliding_window is not None and self.attention == "linear":
+            raise ValueError("ModelConfig.sliding_window needs attention='softmax' (or a dense variant), not 'linear'")
+        if self.qk_norm and self.attention in ("synthesizer_dense", "synthesizer_random"):
+            raise ValueError(f"ModelConfig.qk_norm needs queries and keys; attention={self.attention!r} has none")
 
     @property
     def resolved_head_dim(self) -> int:
@@ -182,6 +209,16 @@ def _transformer(embed, heads, mlp, dropout, layers=6, vocab=37000):
                        embed_scale=True, init_std=embed ** -0.5)
 
 
+def _decoder(vocab, layers, heads, kv_heads, embed, mlp, max_len, theta, eps, bos, eos, **fields):
+    """A Llama-style decoder: pre-RMSNorm, SwiGLU, rotary (``rope_base`` = theta), no biases, no dropout; the pad id
+    is the end-of-text id unless given (these checkpoints have none)."""
+    fields = {"pad_id": eos, **fields}
+    return ModelConfig(model="gpt", vocab_size=vocab, num_layers=layers, num_heads=heads, num_kv_heads=kv_heads,
+                       embed_dim=embed, mlp_dim=mlp, max_len=max_len, dropout_rate=0.0, attention_dropout_rate=0.0,
+                       position="rotary", rope_base=theta, norm="rmsnorm", norm_position="pre", norm_epsilon=eps,
+                       activation="swiglu", use_bias=False, bos_id=bos, eos_id=eos, **fields)
+
+
 PRESETS = {
     "gpt2-small": _gpt2(12, 12, 768),
     "gpt2-medium": _gpt2(24, 16, 1024),
@@ -201,6 +238,19 @@ PRESETS = {
     "transformer-base": _transformer(512, 8, 2048, 0.1),
     "transformer-big": _transformer(1024, 16, 4096, 0.3),
     "transformer-tiny": _transformer(128, 4, 512, 0.1, layers=2, vocab=4096),
+    # Hugging Face's config.json of each (counts: 1,235,814,400; 494,032,768; 596,049,920 parameters)
+    "llama-3.2-1b": _decoder(128256, 16, 32, 8, 2048, 8192, 131072, 500_000.0, 1e-5, 128000, 128001,
+                             tie_embeddings=True, rope_scaling=RopeScaling("llama3", 32.0, 1.0, 4.0, 8192)),
+    "qwen2.5-0.5b": _decoder(151936, 24, 14, 2, 896, 4864, 32768, 1_000_000.0, 1e-6, 151643, 151643,
+                             tie_embeddings=True, qkv_bias=True),
+    "qwen3-0.6b": _decoder(151936, 28, 16, 8, 1024, 3072, 40960, 1_000_000.0, 1e-6, 151643, 151645,
+                           tie_embeddings=True, head_dim=128, qk_norm=True),
+    # small ones for tests and train.py (a few minutes on a CPU, as gpt-tiny)
+    "llama-tiny": _decoder(4096, 4, 8, 2, 256, 768, 256, 10_000.0, 1e-5, 1, 2, pad_id=0, tie_embeddings=False),
+    "mistral-tiny": _decoder(4096, 4, 8, 2, 256, 768, 256, 10_000.0, 1e-5, 1, 2, pad_id=0, tie_embeddings=False,
+                             sliding_window=64),
+    "qwen3-tiny": _decoder(4096, 4, 8, 4, 256, 768, 256, 1_000_000.0, 1e-6, 1, 2, pad_id=0, tie_embeddings=True,
+                           head_dim=64, qk_norm=True),
 }
 
 

@@ -22,6 +22,11 @@ class GPT(nn.Module):
 
     ``prefix_lengths [b]`` switches to the prefix-LM mask (bidirectional over the prefix); ``segment_ids [b, l]``
     packs several documents per row (no attention across them, positions restart per document unless given).
+    ``cfg.sliding_window`` limits every query to that many latest keys (Mistral); it excludes ``prefix_lengths``.
+
+    The same class is GPT-2 and the Llama family (Llama 2/3, Mistral, Qwen2, Qwen3): ``position="rotary"``,
+    ``norm="rmsnorm"``, ``activation="swiglu"``, ``use_bias=False`` and the `ModelConfig` fields ``num_kv_heads``,
+    ``head_dim``, ``rope_scaling``, ``qkv_bias``, ``qk_norm``, ``sliding_window`` (see the presets).
     """
 
     cfg: ModelConfig
@@ -49,8 +54,11 @@ class GPT(nn.Module):
         if positions is None:
             positions = segment_positions(segment_ids) if segment_ids is not None else \
                 jnp.broadcast_to(jnp.arange(l), (b, l)) + (0 if start is None else start)
+        # the window also bounds decoding: the cache keeps every key, the mask (offset by the cache index) hides
+        # the ones more than sliding_window - 1 positions back
+        window = {} if self.cfg.sliding_window is None else {"window": self.cfg.sliding_window}
         mask = Mask(causal=True, prefix_lengths=prefix_lengths, q_segment_ids=segment_ids,
-                    kv_segment_ids=segment_ids, q_offset=start)
+                    kv_segment_ids=segment_ids, q_offset=start, **window)
         x = self.embedder(tokens, positions, deterministic=deterministic)
         x = self.decoder(x, mask=mask, positions=positions, deterministic=deterministic, decode=decode,
                          cache_index=start, condition=condition)
