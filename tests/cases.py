@@ -27,8 +27,16 @@ MASK_CASES = {
     "cross": (LQ, LK, {}),
     "cross_padding": (LQ, LK, {"kv_lengths": np.array([29, 3])}),
     "cross_causal_offset": (LQ, LK, {"causal": True, "q_offset": np.array([16, 10])}),
+    # sliding windows (Mistral): each query sees itself and the window - 1 keys before it
+    "window": (L, L, {"causal": True, "window": 6, "kv_lengths": np.array([37, 9])}),  # row 1: rows 14+ see nothing
+    "window_segments": (L, L, {"causal": True, "window": 5, "q_segment_ids": _SEG, "kv_segment_ids": _SEG}),
+    # decoding against a cache: in row 1 the queries from position 18 on see no key (the window has left the 12)
+    "cross_window_offset": (LQ, LK, {"causal": True, "window": 7, "q_offset": np.array([16, 10]),
+                                     "kv_lengths": np.array([29, 12])}),
 }
-LINEAR_UNSUPPORTED = {"cross_causal_offset"}  # linear attention decodes with linear_step() instead
+WINDOW_CASES = {"window", "window_segments", "cross_window_offset"}
+# linear attention decodes with linear_step() instead of q_offset, and refuses windows
+LINEAR_UNSUPPORTED = {"cross_causal_offset"} | WINDOW_CASES
 
 
 def build(name):

@@ -8,8 +8,10 @@ import numpy as np
 
 
 def dense_mask(b, lq, lk, *, causal=False, prefix_lengths=None, kv_lengths=None, kv_valid=None,
-               q_segment_ids=None, kv_segment_ids=None, q_offset=0):
-    """The mask each Mask field describes, built entry by entry: bool [b, lq, lk]."""
+               q_segment_ids=None, kv_segment_ids=None, q_offset=0, window=None):
+    """The mask each Mask field describes, built entry by entry: bool [b, lq, lk]. ``window``: query i (at position
+    i + q_offset) sees only the ``window`` most recent positions up to its own, as Mistral's sliding window in
+    Hugging Face transformers (``kv_idx > q_idx - sliding_window``)."""
     out = np.ones((b, lq, lk), bool)
     off = np.broadcast_to(np.asarray(q_offset), (b,))
     for bi in range(b):
@@ -18,6 +20,8 @@ def dense_mask(b, lq, lk, *, causal=False, prefix_lengths=None, kv_lengths=None,
                 ok = True
                 if causal or prefix_lengths is not None:
                     ok &= j <= i + off[bi] or (prefix_lengths is not None and j < prefix_lengths[bi])
+                if window is not None:
+                    ok &= j > i + off[bi] - window
                 if kv_lengths is not None:
                     ok &= j < kv_lengths[bi]
                 if kv_valid is not None:

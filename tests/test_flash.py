@@ -12,7 +12,7 @@ import reference
 from cases import B, MASK_CASES, qkv
 from flaxformer_lite.attention import Mask
 from flaxformer_lite.attention.checks import Dims, check_mask, check_qkv
-from flaxformer_lite.attention.flash import fit_blocks, flash_attention, flash_unsupported
+from flaxformer_lite.attention.flash import _first_kv_blocks, _q_blocks, fit_blocks, flash_attention, flash_unsupported
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 SCALE = 0.3  # not 1/sqrt(d): the scale must be the one given
@@ -29,6 +29,8 @@ CASES = {
                             "q_segment_ids": np.array([[0] * 6 + [1] * 7, [4] * 13]),
                             "kv_segment_ids": np.array([[0] * 15 + [1] * 14, [4] * 29])}),
     "long": (100, 100, {"causal": True, "kv_lengths": np.array([90, 57])}),  # backward blocks smaller than forward
+    # a window spanning blocks: kv_lo/kv_hi and q_lo/q_hi bounds with 7 query and 4 key blocks
+    "long_window": (100, 100, {"causal": True, "window": 20, "kv_lengths": np.array([90, 57])}),
 }
 
 
@@ -83,7 +85,7 @@ def check(name, kv_heads=2, head_dim=16, value_dim=None, dtype=np.float32, tol=T
 
 
 # cases.py's "segments", "causal_kv_valid" and "cross" take no kernel path that the others leave untaken.
-@pytest.mark.parametrize("name", sorted(set(CASES) - {"long", "segments", "causal_kv_valid", "cross"}))
+@pytest.mark.parametrize("name", sorted(set(CASES) - {"long", "long_window", "segments", "causal_kv_valid", "cross"}))
 def test_matches_reference_gqa(name):
     check(name)
 
@@ -95,7 +97,7 @@ def test_mha_and_mqa(name, kv_heads):
 
 
 @pytest.mark.parametrize("name,block_q,block_kv", [("prefix_padding", 32, 16), ("cross_causal_offset", 16, 32),
-                                                   ("long", 128, 128)])
+                                                   ("long", 128, 128), ("long_window", 16, 32)])
 def test_other_block_sizes(name, block_q, block_kv):
     check(name, block_q=block_q, block_kv=block_kv)
 
@@ -135,7 +137,7 @@ def test_reference_grads_match_finite_differences():
 
 
 @pytest.mark.parametrize("name,kv_heads,dtype", [("all_fields", 2, jnp.float32), ("causal", 4, jnp.bfloat16),
-                                                 ("none", 1, jnp.float32)])
+                                                 ("none", 1, jnp.float32), ("cross_window_offset", 2, jnp.bfloat16)])
 def test_lowers_to_triton(name, kv_heads, dtype):
     """Forward and both backward kernels lower through the Pallas Triton backend (to TTIR; compiling it to PTX
     needs a GPU) without falling back: three Triton custom calls."""
@@ -145,6 +147,27 @@ def test_lowers_to_triton(name, kv_heads, dtype):
     lowered = flash_and_grads.trace(q, k, v, mask, w, block_q=64, block_kv=32, interpret=False)
     text = lowered.lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("xla.gpu.triton") == 3
+
+
+@pytest.mark.parametrize("name", ["window", "long_window", "cross_window_offset"])
+def test_window_loop_bounds(name):
+    """The kernels' window bounds drop no visible pair (``kv_lo`` per query block, ``q_hi`` per key block) and do
+    skip: in a long sequence, some key blocks lie left of a query block's band."""
+    lq, lk, mask, dense = build(name)
+    bq = bk = 16
+    lq_pad, lk_pad = -(-lq // bq) * bq, -(-lk // bk) * bk
+    dims = Dims(B, lq, lk, 4, 2, 16, 16)
+    kv_lo = np.asarray(_first_kv_blocks(mask, dims, lq_pad, bq, bk))
+    q_hi = np.asarray(_q_blocks(mask, dims, lq_pad, lk_pad, bq, bk))
+    full = np.zeros((B, lq_pad, lk_pad), bool)
+    full[:, :lq, :lk] = dense
+    for b in range(B):
+        for i in range(lq_pad // bq):
+            assert not full[b, i * bq:(i + 1) * bq, :kv_lo[b, i] * bk].any()
+        for j in range(lk_pad // bk):
+            assert not full[b, q_hi[b, j] * bq:, j * bk:(j + 1) * bk].any()
+    if name == "long_window":  # a window of 20 over 100 tokens leaves blocks on both sides of the band
+        assert kv_lo.max() > 0 and (q_hi < lq_pad // bq).any()
 
 
 def test_blocks_are_clipped_to_128():

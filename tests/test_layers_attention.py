@@ -1,5 +1,8 @@
 """MultiHeadAttention: parameter shapes and logical names, parity with a NumPy forward pass built from its params,
-GQA/MQA, free head_dim, cross-attention, dropout, dtypes, causality and configuration errors."""
+GQA/MQA, free head_dim, cross-attention, dropout, dtypes, causality, a sliding window through the KV cache and
+configuration errors."""
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -122,3 +125,29 @@ def test_config_errors(kwargs, match):
 def test_input_rank_error():
     with pytest.raises(ValueError, match="batch, length, features"):
         MultiHeadAttention(num_heads=4).init(jax.random.key(0), jnp.zeros((11, E)))
+
+
+@pytest.mark.parametrize("impl", ["blockwise"])  # the dense impls share the layer's mask path; blockwise also skips
+def test_sliding_window_cache_equals_full_forward(impl):
+    """Decoding against the KV cache with a windowed mask (``q_offset`` = the cache index: a prompt, then one token
+    a step) gives the full forward pass's outputs under the same window; the window does change them."""
+    layer = MultiHeadAttention(num_heads=4, num_kv_heads=2, attention_impl=impl, rotary_base=10000.0)
+    x, window, prompt = _x(length=12), 3, 5
+    pos = jnp.broadcast_to(jnp.arange(12), (2, 12))
+    params = {"params": layer.init(jax.random.key(0), x)["params"]}
+    full = layer.apply(params, x, mask=Mask(causal=True, window=window), positions=pos)
+    assert not np.allclose(full, layer.apply(params, x, mask=Mask(causal=True), positions=pos), atol=1e-3)
+    _, cache = layer.apply(params, x, decode="prefill", mutable=["cache"])  # allocates a zeroed 12-position cache
+
+    @functools.partial(jax.jit, static_argnames="decode")
+    def call(cache, xs, ps, start, decode):
+        mask = Mask(causal=True, window=window, q_offset=start)
+        return layer.apply({**params, **cache}, xs, mask=mask, positions=ps, decode=decode, cache_index=start,
+                           mutable=["cache"])
+
+    out, cache = call(cache, x[:, :prompt], pos[:, :prompt], jnp.asarray(0), "prefill")
+    outs = [out]
+    for t in range(prompt, 12):
+        out, cache = call(cache, x[:, t:t + 1], pos[:, t:t + 1], jnp.asarray(t), "step")
+        outs.append(out)
+    np.testing.assert_allclose(jnp.concatenate(outs, 1), full, rtol=1e-5, atol=1e-5)

@@ -206,6 +206,7 @@ def test_favor_estimates_softmax_attention():
     (dict(block_size=0), "block_size"),
     (dict(feature_map="softmax"), "feature_map"),
     (dict(mask=Mask(causal=True, q_offset=2)), "q_offset"),
+    (dict(mask=Mask(causal=True, window=3)), "^sliding-window masks are not supported by linear attention"),
 ])
 def test_bad_input_raises(kwargs, match):
     _, (q, k, v) = qkv(5, 5)

@@ -36,7 +36,8 @@ def test_materialize_infers_lengths_from_fields():
         Mask(causal=True).materialize()
 
 
-@pytest.mark.parametrize("name", ["causal", "segments_causal", "prefix_padding", "cross_causal_offset", "kv_valid"])
+@pytest.mark.parametrize("name", ["causal", "segments_causal", "prefix_padding", "cross_causal_offset", "kv_valid",
+                                  "window_segments", "cross_window_offset"])
 def test_block_is_a_tile_of_materialize(name):
     lq, lk, mask, _ = build(name)
     full = np.asarray(mask.materialize(lq, lk))
@@ -46,7 +47,7 @@ def test_block_is_a_tile_of_materialize(name):
         np.testing.assert_array_equal(tile, full[:, :, qs:qs + 5, ks:ks + 7])
 
 
-COMBINABLE = ["causal", "prefix", "kv_lengths", "kv_valid", "segments", "prefix_padding"]
+COMBINABLE = ["causal", "prefix", "kv_lengths", "kv_valid", "segments", "prefix_padding", "window"]
 
 
 @pytest.mark.parametrize("a,b", list(itertools.combinations(COMBINABLE, 2)))
@@ -57,6 +58,17 @@ def test_and_is_intersection(a, b):
         pytest.skip("two segment masks cannot be combined")
     combined = np.asarray((ma & mb).materialize(37, 37))
     np.testing.assert_array_equal(np.broadcast_to(combined[:, 0], da.shape), da & db)
+
+
+def test_and_of_two_windows_keeps_the_smaller():
+    seg = jnp.asarray(np.array([[0] * 9 + [1] * 7]))
+    wide = Mask(causal=True, window=7, q_segment_ids=seg, kv_segment_ids=seg)
+    for a, b in ((wide, Mask(causal=True, window=3)), (Mask(causal=True, window=3), wide)):
+        both = a & b
+        assert both.window == 3 and both.causal and both.has_segments
+        want = reference.dense_mask(1, 16, 16, causal=True, window=3, q_segment_ids=np.asarray(seg),
+                                    kv_segment_ids=np.asarray(seg))
+        np.testing.assert_array_equal(np.asarray(both.materialize(16, 16))[:, 0], want)
 
 
 def test_and_errors():
@@ -82,6 +94,27 @@ def test_pytree_through_jit():
     np.testing.assert_array_equal(np.asarray(got)[:, 0], dense)
 
 
+def test_window_is_static_structure():
+    lq, lk, mask, dense = build("cross_window_offset")
+    leaves, treedef = jax.tree_util.tree_flatten(mask)
+    assert len(leaves) == 2 and mask.window == 7  # q_offset, kv_lengths; the window rides in the treedef
+    assert jax.tree_util.tree_unflatten(treedef, leaves).window == 7
+    assert treedef != jax.tree_util.tree_structure(Mask(causal=True, window=8, q_offset=mask.q_offset,
+                                                        kv_lengths=mask.kv_lengths))
+    got = jax.jit(lambda m: m.materialize(lq, lk))(mask)
+    np.testing.assert_array_equal(np.asarray(got)[:, 0], dense)
+    assert "window=7" in repr(mask) and Mask(causal=True, window=np.int64(3)).window == 3
+
+
+def test_window_matches_hugging_face_convention():
+    """transformers' sliding_window_causal_mask_function(3) docstring picture: row 3 sees keys 1..3."""
+    got = np.asarray(Mask(causal=True, window=3).materialize(5, 5))[0, 0]
+    np.testing.assert_array_equal(got, np.array([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0],
+                                                 [0, 1, 1, 1, 0], [0, 0, 1, 1, 1]], bool))
+    one = np.asarray(Mask(causal=True, window=1).materialize(4, 4))[0, 0]
+    np.testing.assert_array_equal(one, np.eye(4, dtype=bool))
+
+
 def test_pad_to_never_attends_padding():
     _, _, mask, dense = build("segments_causal")
     padded = np.asarray(mask.pad_to(40, 45).materialize(40, 45))[:, 0]
@@ -90,9 +123,11 @@ def test_pad_to_never_attends_padding():
 
 
 @pytest.mark.parametrize("name", ["causal", "prefix", "prefix_padding", "kv_lengths", "cross_causal_offset",
-                                  "cross_padding", "segments_causal"])
+                                  "cross_padding", "segments_causal", "window", "window_segments",
+                                  "cross_window_offset"])
 def test_skip_bounds_are_sound(name):
-    """No visible pair lies outside kv_stop / q_start_for: block skipping never drops real work."""
+    """No visible pair lies outside kv_stop / q_start_for / kv_start_for / q_stop_for: block skipping never drops
+    real work."""
     lq, lk, mask, dense = build(name)
     for q_stop in range(1, lq + 1):
         stop = int(mask.kv_stop(q_stop, lk))
@@ -100,12 +135,27 @@ def test_skip_bounds_are_sound(name):
     for kv_start in range(lk):
         first = int(mask.q_start_for(kv_start))
         assert not dense[:, :first, kv_start:].any(), (kv_start, first)
+    for q_start in range(lq):
+        first = int(mask.kv_start_for(q_start))
+        assert not dense[:, q_start:, :first].any(), (q_start, first)
+    for kv_stop in range(1, lk + 1):
+        stop = int(mask.q_stop_for(kv_stop, lq))
+        assert 0 <= stop <= lq and not dense[:, stop:, :kv_stop].any(), (kv_stop, stop)
 
 
 def test_causal_bounds_are_tight():
     m = Mask(causal=True)
     assert int(m.kv_stop(8, 100)) == 8 and int(m.q_start_for(8)) == 8
     assert int(Mask(causal=True, kv_lengths=jnp.array([3, 5])).kv_stop(8, 100)) == 5
+    assert int(m.kv_start_for(50)) == 0 and int(m.q_stop_for(8, 100)) == 100  # no window: nothing left of a band
+
+
+def test_window_bounds_are_tight():
+    m = Mask(causal=True, window=4)  # row i sees keys i-3..i
+    assert int(m.kv_start_for(10)) == 7 and int(m.kv_start_for(2)) == 0
+    assert int(m.q_stop_for(8, 100)) == 11 and int(m.q_stop_for(99, 100)) == 100  # key 7 is last seen by row 10
+    off = Mask(causal=True, window=4, q_offset=jnp.array([5, 9]))  # any batch row: the smaller offset bounds
+    assert int(off.kv_start_for(10)) == 12 and int(off.q_stop_for(8, 100)) == 6
 
 
 @pytest.mark.parametrize("kwargs,field", [
@@ -118,6 +168,12 @@ def test_causal_bounds_are_tight():
     ({"q_segment_ids": jnp.zeros((2, 3)), "kv_segment_ids": jnp.zeros((2, 3))}, "q_segment_ids"),
     ({"causal": jnp.array(True)}, "causal"),
     ({"causal": True, "q_offset": 1.5}, "q_offset"),
+    ({"window": 4}, "window needs causal=True"),
+    ({"causal": True, "window": 0}, "window must be >= 1"),
+    ({"causal": True, "window": 2.5}, "window must be a Python int"),
+    ({"causal": True, "window": True}, "window must be a Python int"),
+    ({"causal": True, "window": jnp.array(4)}, "window must be a Python int"),
+    ({"prefix_lengths": jnp.array([2, 3]), "window": 4}, "window cannot be combined with Mask.prefix_lengths"),
     ({"kv_lengths": jnp.zeros((2,), jnp.int32), "prefix_lengths": jnp.zeros((3,), jnp.int32)}, "batch size"),
     ({"kv_valid": jnp.ones((2, 3), bool), "q_segment_ids": jnp.zeros((2, 3), jnp.int32),
       "kv_segment_ids": jnp.zeros((2, 4), jnp.int32)}, "key length"),

@@ -8,7 +8,7 @@ import pytest
 import reference
 from cases import B, MASK_CASES, build, qkv
 from flaxformer_lite.attention import Mask, attend_scores, softmax_attention
-from flaxformer_lite.attention.blockwise import blockwise_attention
+from flaxformer_lite.attention.blockwise import _Plan, _static_tiles, blockwise_attention
 from flaxformer_lite.attention.checks import Dims, check_qkv
 from flaxformer_lite.attention.dropout import dropout_seed, keep_mask
 from flaxformer_lite.attention.softmax import (AUTO_BLOCKWISE_MIN_LOGITS, AUTO_BLOCKWISE_MIN_LOGITS_DEFAULT,
@@ -66,7 +66,8 @@ def _loss_grads(fn, impl, q, k, v, w, **kw):
     return jax.grad(lambda q, k, v: jnp.sum(run(fn, impl, q, k, v, **kw) * w), argnums=(0, 1, 2))(q, k, v)
 
 
-GRAD_CASES = ["none", "causal", "prefix_padding", "segments_causal", "kv_lengths", "kv_valid", "cross_causal_offset"]
+GRAD_CASES = ["none", "causal", "prefix_padding", "segments_causal", "kv_lengths", "kv_valid", "cross_causal_offset",
+              "window_segments"]
 
 
 @pytest.mark.parametrize("name", GRAD_CASES)
@@ -82,7 +83,7 @@ def test_blockwise_grads_match_reference_autodiff(softmax_fn, name):
             np.testing.assert_allclose(g, r, **TOL)
 
 
-@pytest.mark.parametrize("name", ["causal", "segments_causal", "prefix_padding"])
+@pytest.mark.parametrize("name", ["causal", "segments_causal", "prefix_padding", "window"])
 def test_blockwise_static_has_no_data_dependent_control_flow(name):
     """On accelerators the blockwise loops have static trip counts and no conditional (each would sync the host)."""
     lq, lk, mask, _ = build(name)
@@ -93,6 +94,45 @@ def test_blockwise_static_has_no_data_dependent_control_flow(name):
     dynamic = str(jax.make_jaxpr(lambda q, k, v: softmax_attention(q, k, v, mask=mask, impl="blockwise", block_q=8,
                                                                    block_kv=16))(q, k, v))
     assert "while[" in text or "while[" in dynamic  # the CPU's default visit does use data-dependent bounds
+
+
+@pytest.mark.parametrize("bq,bk,window", [(8, 16, 6), (8, 8, 1), (16, 8, 20), (8, 16, 40)])
+def test_blockwise_static_tiles_are_the_band(bq, bk, window):
+    """The static visit of a windowed causal mask goes through exactly the tiles holding a visible pair: none left
+    of the band, none above the diagonal (the skip is known at trace time)."""
+    l = 37
+    plan = _Plan(1.0, bq, bk, -(-l // bq), -(-l // bk), l, 1, 0.0, skip_empty=False, static=True,
+                 lower_triangle=True, window=window)
+    dense = reference.dense_mask(1, plan.nq * bq, plan.nk * bk, causal=True, window=window)[0]
+    live = {(i, j) for i in range(plan.nq) for j in range(plan.nk)
+            if dense[i * bq:(i + 1) * bq, j * bk:(j + 1) * bk].any()}
+    for by_key in (False, True):
+        assert set(zip(*map(list, _static_tiles(plan, by_key)))) == live
+
+
+@pytest.mark.parametrize("impl", ["blockwise", "blockwise_static", "flash"])
+@pytest.mark.parametrize("offset", [None, 3])
+def test_blockwise_skips_tiles_left_of_the_window(softmax_fn, impl, offset):
+    """NaN planted in keys and values left of every later row's band: a visited tile would spread it (0 * nan), so
+    finite rows prove those tiles are skipped (by the loop bounds, or by the static tile list without q_offset)."""
+    if impl == "blockwise_static" and offset is not None:
+        pytest.skip("with q_offset the static visit goes through every tile, masked inside")
+    # keys 0..7 lie in key block 0 (16 keys); rows from 32 on see keys from 29 on (a window of 4), in later blocks
+    mask = Mask(causal=True, window=4, q_offset=None if offset is None else jnp.asarray(offset))
+    _, (q, k, v) = qkv(64, 64 + (offset or 0))
+    left = jnp.arange(k.shape[1])[None, :, None, None] < 8
+    kp, vp = jnp.where(left, jnp.nan, k), jnp.where(left, jnp.nan, v)
+    if impl == "flash":
+        attend = lambda q, k, v: softmax_fn(q, k, v, mask=mask, impl="flash", block_q=16, block_kv=16)
+    else:
+        attend = lambda q, k, v: run(softmax_fn, impl if impl == "blockwise_static" else "blockwise_small", q, k, v,
+                                     mask=mask)
+    out, out_p = np.asarray(attend(q, k, v)), np.asarray(attend(q, kp, vp))
+    assert np.isfinite(out_p[:, 32:]).all()
+    np.testing.assert_array_equal(out_p[:, 32:], out[:, 32:])
+    w = (jnp.arange(64) >= 32)[None, :, None, None].astype(jnp.float32)  # backward: dq of the late rows only
+    dq = jax.grad(lambda q: jnp.sum(jnp.nan_to_num(attend(q, kp, vp) * w)))(q)
+    assert np.isfinite(np.asarray(dq)[:, 32:]).all()
 
 
 @pytest.mark.parametrize("impl", ["reference", "xla", "blockwise_small"])
@@ -335,6 +375,9 @@ def test_flash_routes_to_cudnn_the_pallas_kernels_or_blockwise():
     with pytest.warns(UserWarning, match=r"impl='flash' cannot run this call \(dropout_rate > 0.*'blockwise'"):
         assert _flash_route(d, jnp.bfloat16, packed, None, 0.1, "gpu") == "blockwise"
     assert _flash_route(d, jnp.bfloat16, packed, None, 0.0, "tpu") == "splash"
+    window = Mask(causal=True, window=16)
+    assert [_flash_route(d, jnp.bfloat16, window, None, 0.0, b) for b in ("gpu", "tpu", "cpu")] == \
+        ["cudnn", "splash", "flash"]
     with pytest.warns(UserWarning, match=r"\(the mask field prefix_lengths \(per-example prefixes"):
         assert _flash_route(d, jnp.bfloat16, Mask(prefix_lengths=jnp.array([3])), None, 0.0, "tpu") == "blockwise"
 
@@ -368,12 +411,30 @@ def test_cudnn_reasons():
     d = Dims(1, 64, 64, 8, 8, 64, 64)
     assert cudnn_unsupported(d, jnp.bfloat16, Mask(causal=True), 0.0, "gpu") is None
     assert cudnn_unsupported(d, jnp.bfloat16, Mask(kv_lengths=jnp.array([3])), 0.0, "gpu") is None
+    assert cudnn_unsupported(d, jnp.bfloat16, Mask(causal=True, window=8, kv_lengths=jnp.array([30])), 0.0,
+                             "gpu") is None  # local_window_size
+    assert "q_offset" in cudnn_unsupported(Dims(1, 1, 64, 8, 8, 64, 64), jnp.bfloat16,
+                                           Mask(causal=True, window=8, q_offset=jnp.array(63)), 0.0, "gpu")
     assert "GPU" in cudnn_unsupported(d, jnp.bfloat16, Mask(), 0.0, "cpu")
     assert "bfloat16" in cudnn_unsupported(d, jnp.float32, Mask(), 0.0, "gpu")
     assert "prefix_lengths" in cudnn_unsupported(d, jnp.bfloat16, Mask(prefix_lengths=jnp.array([3])), 0.0, "gpu")
     assert "lq != lk" in cudnn_unsupported(Dims(1, 1, 64, 8, 8, 64, 64), jnp.bfloat16, Mask(causal=True), 0.0, "gpu")
     assert "head dim" in cudnn_unsupported(Dims(1, 64, 64, 8, 8, 60, 60), jnp.bfloat16, Mask(), 0.0, "gpu")
     assert "dropout" in cudnn_unsupported(d, jnp.bfloat16, Mask(), 0.1, "gpu")
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN needs a GPU")
+@pytest.mark.parametrize("padded", [False, True])
+def test_cudnn_window_matches_reference(padded):
+    """A sliding window as cuDNN's local_window_size (its sliding_window_length = window), alone and with key
+    padding (PADDING_CAUSAL; rows whose window holds only padding are zero), against the float64 reference."""
+    lq, lk, mask, dense = build("window")
+    if not padded:
+        mask, dense = Mask(causal=True, window=mask.window), reference.dense_mask(B, lq, lk, causal=True, window=6)
+    (qn, kn, vn), (q, k, v) = qkv(lq, lk, dtype=jnp.bfloat16)
+    out = jax.jit(lambda q, k, v: softmax_attention(q, k, v, mask=mask, impl="cudnn"))(q, k, v)
+    want = reference.softmax_attention(*[np.asarray(x, np.float64) for x in (q, k, v)], dense)
+    np.testing.assert_allclose(np.asarray(out, np.float32), want, atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the CPU error")

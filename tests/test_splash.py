@@ -30,11 +30,12 @@ def _splash_and_grads(q, k, v, mask, w):
 
 
 @pytest.mark.parametrize("kv_heads", [2, 1], ids=["gqa", "mqa"])
-@pytest.mark.parametrize("name", ["none", "causal", "segments", "segments_causal"])
+@pytest.mark.parametrize("name", ["none", "causal", "segments", "segments_causal", "window_segments"])
 def test_matches_reference(name, kv_heads):
     lq, lk, mask, dense = build(name)  # 37 tokens: padded to one 128 block
     if mask.has_segments:  # self-attention: one array on both sides, as the models pass it
-        mask = Mask(causal=mask.causal, q_segment_ids=mask.q_segment_ids, kv_segment_ids=mask.q_segment_ids)
+        mask = Mask(causal=mask.causal, window=mask.window, q_segment_ids=mask.q_segment_ids,
+                    kv_segment_ids=mask.q_segment_ids)
     (qn, kn, vn), (q, k, v) = qkv(lq, lk, kv_heads=kv_heads, seed=kv_heads)
     w = np.random.default_rng(3).standard_normal(q.shape)
     out, grads = _splash_and_grads(q, k, v, mask, jnp.asarray(w, jnp.float32))
@@ -54,6 +55,7 @@ def test_reasons():
     seg = jnp.zeros((2, 64), jnp.int32)
     assert splash_unsupported(d, jnp.bfloat16, Mask(causal=True, q_segment_ids=seg, kv_segment_ids=seg), None,
                               0.0) is None
+    assert splash_unsupported(d, jnp.bfloat16, Mask(causal=True, window=8), None, 0.0) is None  # LocalMask
     for mask, said in ((Mask(prefix_lengths=jnp.array([3, 4])), "prefix_lengths"),
                        (Mask(kv_lengths=jnp.array([3, 4])), "kv_lengths"),
                        (Mask(kv_valid=jnp.ones((2, 64), bool)), "kv_valid"),

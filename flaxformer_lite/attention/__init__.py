@@ -1,6 +1,6 @@
 """Attention kernels: pure functions, no parameters. Layout ``[batch, length, heads, head_dim]`` everywhere.
 
-- `Mask`: the structured mask (causal, prefix-LM, padding, packed segments).
+- `Mask`: the structured mask (causal, sliding window, prefix-LM, padding, packed segments).
 - `softmax_attention(q, k, v, *, mask, bias, scale, impl)`: reference | xla | blockwise | cudnn | auto;
   `attend_scores(scores, v, *, mask, head_mix)` for logits made elsewhere (additive, Synthesizer, talking-heads);
   `attention_weights` for the weights themselves (attention maps).

@@ -1,17 +1,19 @@
 """Blockwise (flash-style) softmax attention in pure JAX: O(l) memory forward *and* backward.
 
 Forward: for each query block, an online softmax over key blocks (running max ``m``, normaliser ``l``, accumulator),
-visiting only key blocks the mask can reach (causal attention does about half the work). Backward: a `custom_vjp`
-that keeps only ``out`` and the log-sum-exp ``lse`` and recomputes each tile's probabilities (FlashAttention-2's
-algorithm: outer loop over key blocks, inner loop over the query blocks that can see them).
+visiting only key blocks the mask can reach (causal attention does about half the work; a sliding ``window`` only
+the blocks its band crosses). Backward: a `custom_vjp` that keeps only ``out`` and the log-sum-exp ``lse`` and
+recomputes each tile's probabilities (FlashAttention-2's algorithm: outer loop over key blocks, inner loop over the
+query blocks that can see them).
 
 Two ways to visit the tiles (``static``):
-  - on the CPU (default there): loop bounds computed from the mask's data (lengths, prefixes, offsets) and tiles
-    with no visible pair skipped by `lax.cond`. The CPU pays nothing for that and gains the skipped work.
+  - on the CPU (default there): loop bounds computed from the mask's data (lengths, prefixes, offsets, the window)
+    and tiles with no visible pair skipped by `lax.cond`. The CPU pays nothing for that and gains the skipped work.
   - elsewhere (``static=True``): one `lax.scan` over the list of tiles the mask's *static* structure can reach (all
-    of them, or those on and below the diagonal for a plain causal mask), everything else masked inside the tile. On
-    XLA:GPU a loop with a data-dependent trip count, or a conditional, copies its predicate to the host and
-    synchronises the stream at every iteration; a scan of static length does not.
+    of them, or those on and below the diagonal for a plain causal mask, and of those only the ones the band crosses
+    for a windowed one without ``q_offset``), everything else masked inside the tile. On XLA:GPU a loop with a
+    data-dependent trip count, or a conditional, copies its predicate to the host and synchronises the stream at
+    every iteration; a scan of static length does not.
 
 Shape key: b batch, q query length, k key length, n kv heads, g query heads per kv head, d head dim, v value dim;
 ``i``/``j`` index query/key blocks of sizes ``bq``/``bk``. Tiles of scores are ``[b, n, g, bq, bk]`` float32.
@@ -46,6 +48,7 @@ class _Plan:
     skip_empty: bool  # test each tile for any visible pair (segment ids / kv_valid make the structure irregular)
     static: bool = False  # visit a static list of tiles: no data-dependent loop bounds or conditionals
     lower_triangle: bool = False  # (static) the mask is plain causal: tiles above the diagonal are never visible
+    window: int | None = None  # (static, with lower_triangle) tiles left of the sliding-window band are never visible
 
 
 def blockwise_attention(q, k, v, *, dims: Dims, mask: Mask, bias, scale: float, dropout_rate: float = 0.0,
@@ -66,9 +69,10 @@ def blockwise_attention(q, k, v, *, dims: Dims, mask: Mask, bias, scale: float, 
     if bias is not None:
         bias = _pad_axis(_pad_axis(bias, 2, lq_pad if bias.shape[2] > 1 else 1), 3, lk_pad if bias.shape[3] > 1 else 1)
     static = jax.default_backend() != "cpu" if static is None else bool(static)
+    lower_triangle = mask.causal and mask.q_offset is None and mask.prefix_lengths is None
     plan = _Plan(scale, bq, bk, nq, nk, dims.lk, dims.groups, dropout_rate,
                  skip_empty=(mask.has_segments or mask.kv_valid is not None) and not static, static=static,
-                 lower_triangle=mask.causal and mask.q_offset is None and mask.prefix_lengths is None)
+                 lower_triangle=lower_triangle, window=mask.window if lower_triangle else None)
     out = _flash(plan, q, k, v, mask, bias, dropout_seed)
     return out[:, :dims.lq]
 
@@ -119,10 +123,12 @@ def _scores(plan: _Plan, qi, kj, bias, visible, i, j):
 
 def _static_tiles(plan: _Plan, by_key: bool) -> tuple[np.ndarray, np.ndarray]:
     """The (query block, key block) indices a static visit goes through, as two int32 arrays: every tile, or for a
-    plain causal mask those holding a pair ``key <= query``; ordered by query block (``by_key`` False: the forward)
-    or by key block (the backward)."""
+    plain causal mask those holding a pair ``key <= query`` (and ``query - key < window`` for a windowed one);
+    ordered by query block (``by_key`` False: the forward) or by key block (the backward)."""
     i, j = np.meshgrid(np.arange(plan.nq), np.arange(plan.nk), indexing="ij")
     keep = j * plan.bk < (i + 1) * plan.bq if plan.lower_triangle else np.ones_like(i, bool)
+    if plan.window is not None:  # the tile's last key is within the window of its first query
+        keep &= (j + 1) * plan.bk - 1 > i * plan.bq - plan.window
     i, j = i[keep], j[keep]
     order = np.lexsort((i, j)) if by_key else np.lexsort((j, i))
     return i[order].astype(np.int32), j[order].astype(np.int32)
@@ -172,7 +178,7 @@ def _forward(plan: _Plan, q, k, v, mask, bias, seed):
     def q_block(args):
         i, qi = args
         kv_stop = mask.kv_stop((i + 1) * plan.bq, plan.lk)
-        hi = (kv_stop + plan.bk - 1) // plan.bk
+        lo, hi = mask.kv_start_for(i * plan.bq) // plan.bk, (kv_stop + plan.bk - 1) // plan.bk
 
         def kv_step(j, carry):
             visible = _tile_visible(plan, mask, i, j)
@@ -181,7 +187,7 @@ def _forward(plan: _Plan, q, k, v, mask, bias, seed):
             return _maybe_skip(plan, visible, compute, carry)
 
         init = tuple(jnp.full(shape, -jnp.inf if k == 0 else 0.0, jnp.float32) for k, shape in enumerate(stats))
-        m, l, acc = lax.fori_loop(0, hi, kv_step, init)
+        m, l, acc = lax.fori_loop(lo, hi, kv_step, init)
         return _finish(m, l, acc, q.dtype)
 
     out, lse = lax.map(q_block, (jnp.arange(plan.nq), qb))
@@ -276,6 +282,7 @@ def _backward_dynamic(plan: _Plan, tiles, mask, bias, seed, dbias):
         j, kj, vj = args
         lo = mask.q_start_for(j * plan.bk) // plan.bq
         lo = jnp.where(j * plan.bk < q_stop, lo, plan.nq)  # no query sees this key block at all
+        hi = (mask.q_stop_for((j + 1) * plan.bk, plan.nq * plan.bq) + plan.bq - 1) // plan.bq  # the window's end
 
         def q_step(i, inner):
             visible = _tile_visible(plan, mask, i, j)
@@ -288,7 +295,7 @@ def _backward_dynamic(plan: _Plan, tiles, mask, bias, seed, dbias):
             return _maybe_skip(plan, visible, compute, inner)
 
         init = (jnp.zeros(kj.shape, jnp.float32), jnp.zeros(vj.shape, jnp.float32), dq, dbias)
-        dk_j, dv_j, dq, dbias = lax.fori_loop(lo, plan.nq, q_step, init)
+        dk_j, dv_j, dq, dbias = lax.fori_loop(lo, hi, q_step, init)
         return (dq, dbias), (dk_j, dv_j)
 
     (dq, dbias), (dk, dv) = lax.scan(kv_block, (jnp.zeros(qb.shape, jnp.float32), dbias),

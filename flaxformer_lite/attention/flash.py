@@ -2,17 +2,19 @@
 
 On a GPU the kernels compile with the Pallas Triton backend; on CPU they run in Pallas interpret mode (for tests).
 Unlike `jax.experimental.pallas.ops.gpu.attention.mha` (causal and one shared segment-id array), this covers
-prefix-LM, key padding (``kv_lengths``/``kv_valid``), ``q_offset``, separate query/key segment ids, GQA/MQA,
-``lq != lk`` and a value head dim that differs from the query/key one. Softmax statistics are float32; a query row
-that may attend no key returns zeros and passes back zero gradients. No bias, no dropout: ask `flash_unsupported`
-first. The backward is a `custom_vjp` that recomputes each tile's attention weights from the saved log-sum-exp.
+prefix-LM, key padding (``kv_lengths``/``kv_valid``), ``q_offset``, a sliding ``window``, separate query/key
+segment ids, GQA/MQA, ``lq != lk`` and a value head dim that differs from the query/key one. Softmax statistics are
+float32; a query row that may attend no key returns zeros and passes back zero gradients. No bias, no dropout: ask
+`flash_unsupported` first. The backward is a `custom_vjp` that recomputes each tile's attention weights from the
+saved log-sum-exp.
 
 How the mask reaches the kernels (flash_kernels.py does the rest): four int32 rows padded to block multiples,
 ``q_pos [b, q] = i + q_offset``, ``kv_pos [b, k] = j`` (INT32_MIN for prefix keys, which every query sees),
 ``q_seg [b, q]``, ``kv_seg [b, k]`` (segment ids, zeros without segments; INT32_MIN for keys that padding hides,
 INT32_MIN + 1 for padded query rows). Query ``i`` sees key ``j`` iff ``q_seg[i] == kv_seg[j]`` and, when causal,
-``kv_pos[j] <= q_pos[i]``. Loop bounds per (batch row, block) from causal/prefix/offset/padding skip key blocks no
-query of a block can see (causal attention does about half the work).
+``kv_pos[j] <= q_pos[i]``, and with a ``window`` also ``kv_pos[j] > q_pos[i] - window``. Loop bounds per (batch
+row, block) from causal/prefix/offset/padding/window skip key blocks no query of a block can see (causal attention
+does about half the work; a window of w keys visits about w / bk + 1 key blocks per query block).
 
 Shape key: b batch, q query length, k key length, h query heads, n kv heads, g = h // n, d head dim, v value dim.
 """
@@ -99,8 +101,8 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, dims: Dims, mas
                                 q.dtype.itemsize, swapped_too=True)  # q and dO against k and v
     lq_pad, lk_pad = -(-dims.lq // bq) * bq, -(-dims.lk // bk) * bk
     plan = FlashPlan(scale=float(scale), lk=dims.lk, kv_padded=lk_pad != dims.lk, groups=dims.groups,
-                     causal=mask.causal, segmented=mask.has_segments or mask.has_padding, block_q=bq, block_kv=bk,
-                     block_q_bwd=bq_bwd, block_kv_bwd=bk_bwd,
+                     causal=mask.causal, window=mask.window, segmented=mask.has_segments or mask.has_padding,
+                     block_q=bq, block_kv=bk, block_q_bwd=bq_bwd, block_kv_bwd=bk_bwd,
                      interpret=jax.default_backend() == "cpu" if interpret is None else bool(interpret))
     out = _flash(plan, _pad(q, lq_pad, d_pad), _pad(k, lk_pad, d_pad), _pad(v, lk_pad, v_pad),
                  _encode_mask(plan, mask, dims, lq_pad, lk_pad))
@@ -170,10 +172,13 @@ def _encode_mask(plan: FlashPlan, mask: Mask, dims: Dims, lq: int, lk: int) -> F
     if valid is not None:
         valid = _pad_rows(valid, lk, False)
         kv_seg = jnp.where(valid, kv_seg, _HIDDEN)
+    fwd, bwd = (plan.block_q, plan.block_kv), (plan.block_q_bwd, plan.block_kv_bwd)
     return FlashMasks(q_pos, kv_pos, q_seg, kv_seg,
-                      kv_hi=_kv_blocks(mask, dims, valid, lq, plan.block_q, plan.block_kv),
-                      kv_hi_bwd=_kv_blocks(mask, dims, valid, lq, plan.block_q_bwd, plan.block_kv_bwd),
-                      q_lo_bwd=_first_q_blocks(mask, dims, valid, lq, lk, plan.block_q_bwd, plan.block_kv_bwd))
+                      kv_lo=_first_kv_blocks(mask, dims, lq, *fwd), kv_hi=_kv_blocks(mask, dims, valid, lq, *fwd),
+                      kv_lo_bwd=_first_kv_blocks(mask, dims, lq, *bwd),
+                      kv_hi_bwd=_kv_blocks(mask, dims, valid, lq, *bwd),
+                      q_lo_bwd=_first_q_blocks(mask, dims, valid, lq, lk, *bwd),
+                      q_hi_bwd=_q_blocks(mask, dims, lq, lk, *bwd))
 
 
 def _kv_blocks(mask: Mask, dims: Dims, valid, lq: int, bq: int, bk: int) -> jax.Array:
@@ -190,6 +195,27 @@ def _kv_blocks(mask: Mask, dims: Dims, valid, lq: int, bq: int, bk: int) -> jax.
         last = jnp.max(jnp.where(valid, jnp.arange(1, valid.shape[1] + 1, dtype=jnp.int32), 0), axis=1)
         stop = jnp.minimum(stop, last[:, None])
     return (jnp.maximum(stop, 0) + bk - 1) // bk
+
+
+def _first_kv_blocks(mask: Mask, dims: Dims, lq: int, bq: int, bk: int) -> jax.Array:
+    """int32 ``[b, q / bq]``: the first key block query block ``i`` visits; with a ``window``, every key before it
+    lies left of the band of all its rows (row ``i`` sees keys from ``i + q_offset - window + 1``); 0 without one."""
+    b, nq = dims.batch, lq // bq
+    if mask.window is None:
+        return jnp.zeros((b, nq), jnp.int32)
+    first = (jnp.arange(nq, dtype=jnp.int32) * bq)[None, :] + _offsets(mask, b)[:, None] - (mask.window - 1)
+    return (jnp.maximum(first, 0) // bk).astype(jnp.int32)
+
+
+def _q_blocks(mask: Mask, dims: Dims, lq: int, lk: int, bq: int, bk: int) -> jax.Array:
+    """int32 ``[b, k / bk]``: one past the last query block that may see key block ``j``; with a ``window``, rows
+    from ``j_last - q_offset + window`` on see only later keys; ``q / bq`` without one."""
+    b, nq, nk = dims.batch, lq // bq, lk // bk
+    if mask.window is None:
+        return jnp.full((b, nk), nq, jnp.int32)
+    last = (jnp.arange(1, nk + 1, dtype=jnp.int32) * bk - 1)[None, :]  # the block's last key
+    stop = jnp.clip(last + mask.window - _offsets(mask, b)[:, None], 0, lq)
+    return ((stop + bq - 1) // bq).astype(jnp.int32)
 
 
 def _first_q_blocks(mask: Mask, dims: Dims, valid, lq: int, lk: int, bq: int, bk: int) -> jax.Array:

@@ -8,9 +8,10 @@ Shape key: b batch, q query length, k key length (both padded to block multiples
 g = h // n, d head dim, v value dim (both padded to powers of two >= 16); ``bq``/``bk`` the query/key block sizes.
 
 The mask arrives as int32 rows (built by flash.py): query ``i`` may attend key ``j`` when
-``q_seg[i] == kv_seg[j]`` (if `FlashPlan.segmented`), ``kv_pos[j] <= q_pos[i]`` (if `FlashPlan.causal`) and
-``j < FlashPlan.lk`` (block padding). Loop bounds come precomputed per (batch row, block): ``kv_hi [b, q / bq]``
-key blocks to visit for each query block, ``q_lo [b, k / bk]`` the first query block that can see each key block.
+``q_seg[i] == kv_seg[j]`` (if `FlashPlan.segmented`), ``kv_pos[j] <= q_pos[i]`` (if `FlashPlan.causal`),
+``kv_pos[j] > q_pos[i] - window`` (if `FlashPlan.window`: a sliding window) and ``j < FlashPlan.lk`` (block
+padding). Loop bounds come precomputed per (batch row, block): key blocks ``kv_lo:kv_hi`` (``[b, q / bq]`` each) to
+visit for each query block, query blocks ``q_lo:q_hi`` (``[b, k / bk]``) that can see each key block.
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ class FlashPlan:
       kv_padded: the key length was padded up to a block multiple.
       groups: query heads per kv head (g).
       causal: compare positions (``kv_pos <= q_pos``).
+      window: with ``causal``, also ``kv_pos > q_pos - window`` (sliding-window attention); None for no window.
       segmented: compare segment ids (segments, and padding folded into them).
       block_q, block_kv: forward block sizes; block_q_bwd, block_kv_bwd: backward ones (dividing the forward ones).
       interpret: run with Pallas interpret mode (CPU) instead of compiling for Triton.
@@ -48,6 +50,7 @@ class FlashPlan:
     kv_padded: bool
     groups: int
     causal: bool
+    window: int | None
     segmented: bool
     block_q: int
     block_kv: int
@@ -63,9 +66,12 @@ class FlashMasks(NamedTuple):
     kv_pos: jax.Array  # [b, k] position of each key; INT32_MIN for prefix keys, which every query sees
     q_seg: jax.Array  # [b, q] segment id of each query row (compared only when segmented)
     kv_seg: jax.Array  # [b, k] segment id of each key; INT32_MIN where padding hides it
-    kv_hi: jax.Array  # [b, q / block_q] key blocks each forward query block visits
-    kv_hi_bwd: jax.Array  # [b, q / block_q_bwd] the same for the backward dq kernel's blocks
+    kv_lo: jax.Array  # [b, q / block_q] first key block each forward query block visits (0 without a window)
+    kv_hi: jax.Array  # [b, q / block_q] one past the last key block each forward query block visits
+    kv_lo_bwd: jax.Array  # [b, q / block_q_bwd] the same two for the backward dq kernel's blocks
+    kv_hi_bwd: jax.Array
     q_lo_bwd: jax.Array  # [b, k / block_kv_bwd] first query block that can see each key block (q / bq: none)
+    q_hi_bwd: jax.Array  # [b, k / block_kv_bwd] one past the last one (q / bq without a window)
 
     @property
     def rows(self) -> tuple[jax.Array, ...]:
@@ -95,7 +101,10 @@ def _logits(plan: FlashPlan, q, k, q_side, kv_side, kv_start):
     if plan.segmented:
         visible = jnp.broadcast_to(q_seg[:, None], shape) == jnp.broadcast_to(kv_seg[None, :], shape)
     if plan.causal:
-        seen = jnp.broadcast_to(kv_pos[None, :], shape) <= jnp.broadcast_to(q_pos[:, None], shape)
+        kv_b, q_b = jnp.broadcast_to(kv_pos[None, :], shape), jnp.broadcast_to(q_pos[:, None], shape)
+        seen = kv_b <= q_b
+        if plan.window is not None:  # no prefix with a window: kv_pos holds plain positions, nothing overflows
+            seen = seen & (kv_b > q_b - plan.window)
         visible = seen if visible is None else visible & seen
     if plan.kv_padded:
         real = jnp.broadcast_to((kv_start + jnp.arange(shape[1]))[None, :], shape) < plan.lk
@@ -104,8 +113,8 @@ def _logits(plan: FlashPlan, q, k, q_side, kv_side, kv_start):
 
 
 # -- kernels ----------------------------------------------------------------------------------------------------------
-def _forward_kernel(q_ref, k_ref, v_ref, q_pos_ref, kv_pos_ref, q_seg_ref, kv_seg_ref, kv_hi_ref, o_ref, lse_ref,
-                    *, plan: FlashPlan):
+def _forward_kernel(q_ref, k_ref, v_ref, q_pos_ref, kv_pos_ref, q_seg_ref, kv_seg_ref, kv_lo_ref, kv_hi_ref, o_ref,
+                    lse_ref, *, plan: FlashPlan):
     """One query block of one (batch row, head): online softmax over its key blocks -> ``o [bq, v]``, ``lse [bq]``."""
     bq, bk = plan.block_q, plan.block_kv
     q = q_ref[...]
@@ -126,7 +135,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_pos_ref, kv_pos_ref, q_seg_ref, kv_se
 
     init = (jnp.zeros((bq, v_ref.shape[-1]), jnp.float32), jnp.zeros((bq,), jnp.float32) + _NEG_INF,
             jnp.zeros((bq,), jnp.float32))
-    acc, m, l = lax.fori_loop(0, kv_hi_ref[...], body, init)
+    acc, m, l = lax.fori_loop(kv_lo_ref[...], kv_hi_ref[...], body, init)
     seen = l > 0.0  # a row that may attend no key has acc == 0: it returns zeros
     l_safe = jnp.where(seen, l, 1.0)
     o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
@@ -135,7 +144,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_pos_ref, kv_pos_ref, q_seg_ref, kv_se
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_pos_ref, kv_pos_ref, q_seg_ref, kv_seg_ref,
-               kv_hi_ref, dq_ref, *, plan: FlashPlan):
+               kv_lo_ref, kv_hi_ref, dq_ref, *, plan: FlashPlan):
     """One query block of one (batch row, head): ``dq [bq, d]`` from its key blocks' recomputed weights."""
     bq, bk = plan.block_q_bwd, plan.block_kv_bwd
     q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
@@ -149,19 +158,18 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_pos_ref, kv_po
         ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
         return dq + _dot(ds.astype(k.dtype), k)
 
-    dq = lax.fori_loop(0, kv_hi_ref[...], body, jnp.zeros((bq, q_ref.shape[-1]), jnp.float32))
+    dq = lax.fori_loop(kv_lo_ref[...], kv_hi_ref[...], body, jnp.zeros((bq, q_ref.shape[-1]), jnp.float32))
     dq_ref[...] = (dq * plan.scale).astype(dq_ref.dtype)
 
 
 def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_pos_ref, kv_pos_ref, q_seg_ref, kv_seg_ref,
-                 q_lo_ref, dk_ref, dv_ref, *, plan: FlashPlan):
+                 q_lo_ref, q_hi_ref, dk_ref, dv_ref, *, plan: FlashPlan):
     """One key block of one (batch row, kv head): ``dk [bk, d]``, ``dv [bk, v]`` summed over the g query heads that
     share it (GQA/MQA) and over the query blocks that can see it."""
     bq, bk = plan.block_q_bwd, plan.block_kv_bwd
     k, v = k_ref[...], v_ref[...]
     kv_start = pl.program_id(0) * bk
     kv_side = _load_side(plan, kv_pos_ref, kv_seg_ref, 0, bk)
-    num_q_blocks = q_ref.shape[0] // bq
 
     def q_block(head, i, carry):
         dk, dv = carry
@@ -174,7 +182,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_pos_ref, kv_
         return dk + _dot(ds.astype(q.dtype), q, trans_a=True), dv
 
     def head(h, carry):
-        return lax.fori_loop(q_lo_ref[...], num_q_blocks, functools.partial(q_block, h), carry)
+        return lax.fori_loop(q_lo_ref[...], q_hi_ref[...], functools.partial(q_block, h), carry)
 
     init = (jnp.zeros((bk, k_ref.shape[-1]), jnp.float32), jnp.zeros((bk, v_ref.shape[-1]), jnp.float32))
     dk, dv = head(0, init) if plan.groups == 1 else lax.fori_loop(0, plan.groups, head, init)
@@ -202,23 +210,23 @@ def _mask_specs(lq: int, lk: int, q_block: int | None, kv_block: int | None) -> 
 
 def forward(plan: FlashPlan, q, k, v, masks):
     """``q [b, q, h, d]``, ``k [b, k, n, d]``, ``v [b, k, n, v]``, ``masks`` (q_pos, kv_pos, q_seg, kv_seg,
-    kv_hi, ...) -> ``out [b, q, h, v]`` (q's dtype), ``lse [b, h, q]`` float32."""
+    kv_lo, kv_hi, ...) -> ``out [b, q, h, v]`` (q's dtype), ``lse [b, h, q]`` float32."""
     b, lq, h, d = q.shape
     lk, dv, bq, g = k.shape[1], v.shape[3], plan.block_q, plan.groups
     per_q = lambda i, bi, hi: (bi, i, hi, 0)
     per_kv = lambda i, bi, hi: (bi, 0, lax.div(hi, g), 0)
     mask_specs = _mask_specs(lq, lk, bq, None)
+    bound = pl.BlockSpec((None, None), lambda i, bi, hi: (bi, i))
     return pl.pallas_call(
         functools.partial(_forward_kernel, plan=plan),
         grid=(lq // bq, b, h),
         in_specs=[pl.BlockSpec((None, bq, None, d), per_q), pl.BlockSpec((None, lk, None, d), per_kv),
-                  pl.BlockSpec((None, lk, None, dv), per_kv), *mask_specs,
-                  pl.BlockSpec((None, None), lambda i, bi, hi: (bi, i))],
+                  pl.BlockSpec((None, lk, None, dv), per_kv), *mask_specs, *[bound] * 2],
         out_specs=[pl.BlockSpec((None, bq, None, dv), per_q),
                    pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, i))],
         out_shape=[jax.ShapeDtypeStruct((b, lq, h, dv), q.dtype), jax.ShapeDtypeStruct((b, h, lq), jnp.float32)],
         compiler_params=_compiler_params(q, v), interpret=plan.interpret, name="flash_forward",
-    )(q, k, v, *masks.rows, masks.kv_hi)
+    )(q, k, v, *masks.rows, masks.kv_lo, masks.kv_hi)
 
 
 def backward_dq(plan: FlashPlan, q, k, v, do, lse, delta, masks):
@@ -229,16 +237,17 @@ def backward_dq(plan: FlashPlan, q, k, v, do, lse, delta, masks):
     per_kv = lambda i, bi, hi: (bi, 0, lax.div(hi, g), 0)
     per_row = pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, i))
     mask_specs = _mask_specs(lq, lk, bq, None)
+    bound = pl.BlockSpec((None, None), lambda i, bi, hi: (bi, i))
     return pl.pallas_call(
         functools.partial(_dq_kernel, plan=plan),
         grid=(lq // bq, b, h),
         in_specs=[pl.BlockSpec((None, bq, None, d), per_q), pl.BlockSpec((None, lk, None, d), per_kv),
                   pl.BlockSpec((None, lk, None, dv), per_kv), pl.BlockSpec((None, bq, None, dv), per_q), per_row,
-                  per_row, *mask_specs, pl.BlockSpec((None, None), lambda i, bi, hi: (bi, i))],
+                  per_row, *mask_specs, *[bound] * 2],
         out_specs=pl.BlockSpec((None, bq, None, d), per_q),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=_compiler_params(q, v), interpret=plan.interpret, name="flash_backward_dq",
-    )(q, k, v, do, lse, delta, *masks.rows, masks.kv_hi_bwd)
+    )(q, k, v, do, lse, delta, *masks.rows, masks.kv_lo_bwd, masks.kv_hi_bwd)
 
 
 def backward_dkdv(plan: FlashPlan, q, k, v, do, lse, delta, masks):
@@ -249,13 +258,14 @@ def backward_dkdv(plan: FlashPlan, q, k, v, do, lse, delta, masks):
     group = lambda j, bi, ni: (bi, 0, ni, 0)  # the g query heads of kv head ni, all rows
     group_rows = pl.BlockSpec((None, g, lq), lambda j, bi, ni: (bi, ni, 0))
     mask_specs = _mask_specs(lq, lk, None, bk)
+    bound = pl.BlockSpec((None, None), lambda j, bi, ni: (bi, j))
     return pl.pallas_call(
         functools.partial(_dkdv_kernel, plan=plan),
         grid=(lk // bk, b, n),
         in_specs=[pl.BlockSpec((None, lq, g, d), group), pl.BlockSpec((None, bk, None, d), per_kv),
                   pl.BlockSpec((None, bk, None, dv), per_kv), pl.BlockSpec((None, lq, g, dv), group), group_rows,
-                  group_rows, *mask_specs, pl.BlockSpec((None, None), lambda j, bi, ni: (bi, j))],
+                  group_rows, *mask_specs, *[bound] * 2],
         out_specs=[pl.BlockSpec((None, bk, None, d), per_kv), pl.BlockSpec((None, bk, None, dv), per_kv)],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         compiler_params=_compiler_params(q, v), interpret=plan.interpret, name="flash_backward_dkdv",
-    )(q, k, v, do, lse, delta, *masks.rows, masks.q_lo_bwd)
+    )(q, k, v, do, lse, delta, *masks.rows, masks.q_lo_bwd, masks.q_hi_bwd)

@@ -42,7 +42,7 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask | N
     Args:
       q, k, v: as for `softmax_attention` (GQA/MQA when ``n < h``).
       mask: a `Mask`. Causal, prefix-LM and segment masks need ``q`` and ``k`` of equal length; ``q_offset`` is
-        not supported (decode with `linear_step`).
+        not supported (decode with `linear_step`), nor is a sliding ``window`` (the running sums cannot forget).
       feature_map: ``"elu"``, ``"relu"``, ``"favor"`` or a `FeatureMap`.
       block_size: block length of the causal algorithm (a performance knob; results do not depend on it).
       bias, scale, dropout_rate, dropout_rng: part of the shared kernel signature; linear attention cannot honour a
@@ -96,6 +96,9 @@ def _check_unsupported(mask: Mask, dims, block_size, bias, scale, dropout_rate):
     if dropout_rate:
         raise ValueError("linear_attention cannot honour dropout_rate (there are no attention weights)")
     check_block_size("block_size", block_size)
+    if mask.window is not None:  # the state sums every past key: a window would have to subtract the ones leaving it
+        raise ValueError(f"sliding-window masks are not supported by linear attention (Mask.window={mask.window}); "
+                         "use softmax_attention")
     if (mask.causal or mask.has_segments) and dims.lq != dims.lk:
         raise ValueError(f"linear_attention with a causal, prefix or segment mask needs lq == lk "
                          f"(got {dims.lq} vs {dims.lk}); decode one token at a time with linear_step()")

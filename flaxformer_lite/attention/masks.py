@@ -6,6 +6,10 @@ A query at row ``i`` sits at key position ``i + q_offset`` (``q_offset`` is 0 un
 Query ``i`` may attend key ``j`` when every present field allows it:
 
 - ``causal``: ``j <= i + q_offset``;
+- ``window`` (with ``causal``): also ``i + q_offset - j < window``, sliding-window attention: each query sees
+  its own position and the ``window - 1`` before it (Mistral; Hugging Face's ``sliding_window`` convention:
+  ``kv_idx > q_idx - sliding_window`` in transformers' ``sliding_window_overlay``). It needs ``causal=True`` and
+  cannot be combined with ``prefix_lengths``;
 - ``prefix_lengths [b]``: as causal, but also ``j < prefix_lengths`` (UniLM / prefix-LM: bidirectional over the
   prefix, causal after it). Giving it implies ``causal=True``;
 - ``kv_lengths [b]``: ``j < kv_lengths`` (right padding);
@@ -50,6 +54,10 @@ class Mask:
 
     Attributes:
       causal: static Python bool; key ``j`` visible to query ``i`` only if ``j <= i + q_offset``.
+      window: static Python int >= 1, or None; sliding-window attention: key ``j`` visible to query ``i`` only if
+        ``i + q_offset - j < window`` (itself and the ``window - 1`` keys before it, as Hugging Face's Mistral
+        ``sliding_window``). Needs ``causal=True`` (a window without causality would be a two-sided band no kernel
+        here needs) and no ``prefix_lengths``; else `ValueError`.
       prefix_lengths: int ``[b]`` in ``[0, k]``; prefix-LM mask (implies ``causal``).
       kv_lengths: int ``[b]`` in ``[0, k]``; keys at positions ``>= kv_lengths`` are padding. Kernels reject concrete
         lengths outside ``[0, k]`` (traced ones, under `jax.jit`, cannot be checked).
@@ -63,6 +71,7 @@ class Mask:
     """
 
     causal: bool = False
+    window: int | None = None
     prefix_lengths: Any = None
     kv_lengths: Any = None
     kv_valid: Any = None
@@ -90,7 +99,23 @@ class Mask:
         if self.prefix_lengths is not None:
             object.__setattr__(self, "causal", True)
         object.__setattr__(self, "causal", bool(self.causal))
+        self._check_window()
         self._check_consistent()
+
+    def _check_window(self):
+        if self.window is None:
+            return
+        if isinstance(self.window, (bool, np.bool_)) or not isinstance(self.window, (int, np.integer)):
+            raise ValueError(f"Mask.window must be a Python int >= 1 (it is static structure) or None, got "
+                             f"{type(self.window).__name__}")
+        if self.window < 1:
+            raise ValueError(f"Mask.window must be >= 1 (each query sees itself), got {self.window}")
+        if self.prefix_lengths is not None:
+            raise ValueError("Mask.window cannot be combined with Mask.prefix_lengths (a windowed prefix-LM is "
+                             "not a mask any model here uses)")
+        if not self.causal:
+            raise ValueError("Mask.window needs causal=True (sliding-window attention looks back only)")
+        object.__setattr__(self, "window", int(self.window))
 
     def _check_consistent(self):
         batch = {n: getattr(self, n).shape[0] for n in _ARRAY_FIELDS[:5] if getattr(self, n) is not None}
@@ -104,12 +129,13 @@ class Mask:
 
     # -- pytree ------------------------------------------------------------------------------------------------
     def tree_flatten(self):
-        return tuple(getattr(self, n) for n in _ARRAY_FIELDS), self.causal
+        return tuple(getattr(self, n) for n in _ARRAY_FIELDS), (self.causal, self.window)
 
     @classmethod
-    def tree_unflatten(cls, causal, children):
+    def tree_unflatten(cls, aux, children):
         obj = object.__new__(cls)  # leaves may be tracers, sentinels or shardings: skip validation
-        object.__setattr__(obj, "causal", causal)
+        object.__setattr__(obj, "causal", aux[0])
+        object.__setattr__(obj, "window", aux[1])
         for name, child in zip(_ARRAY_FIELDS, children):
             object.__setattr__(obj, name, child)
         return obj
@@ -201,6 +227,8 @@ class Mask:
             visible = kpos <= qpos + off
             if self.prefix_lengths is not None:
                 visible = visible | (kpos < self.prefix_lengths[:, None, None])
+            if self.window is not None:
+                visible = visible & (kpos > qpos + off - self.window)
             allowed = allowed & visible
         if self.kv_lengths is not None:
             allowed = allowed & (kpos < self.kv_lengths[:, None, None])
@@ -260,10 +288,28 @@ class Mask:
             first = jnp.where(kv_start < jnp.max(self.prefix_lengths), 0, first)
         return jnp.maximum(first, 0).astype(jnp.int32)
 
+    def kv_start_for(self, q_start) -> jax.Array:
+        """The first key position any query row ``>= q_start`` may attend in any batch row (int32 scalar, >= 0):
+        with a ``window``, keys before it lie left of the band and can be skipped; 0 without one."""
+        if self.window is None:
+            return jnp.zeros((), jnp.int32)
+        off = 0 if self.q_offset is None else jnp.min(self.q_offset)
+        return jnp.maximum(jnp.asarray(q_start + off - self.window + 1, jnp.int32), 0).astype(jnp.int32)
+
+    def q_stop_for(self, kv_stop, lq: int) -> jax.Array:
+        """Exclusive bound on the query rows that may attend any key ``< kv_stop`` in any batch row (int32 scalar,
+        at most ``lq``): with a ``window``, rows at or past it see only later keys; ``lq`` without one."""
+        stop = jnp.asarray(lq, jnp.int32)
+        if self.window is None:
+            return stop
+        off = 0 if self.q_offset is None else jnp.min(self.q_offset)
+        reach = jnp.asarray(kv_stop - 1 + self.window - off, jnp.int32)  # row i sees key j only if i < j + w - off
+        return jnp.clip(reach, 0, stop).astype(jnp.int32)
+
     # -- combination -------------------------------------------------------------------------------------------
     def __and__(self, other: "Mask") -> "Mask":
-        """The mask allowing what both allow. Two masks with segment ids, or two different ``q_offset``s,
-        cannot be intersected into one structure and raise `ValueError`."""
+        """The mask allowing what both allow (two windows keep the smaller). Two masks with segment ids, or two
+        different ``q_offset``s, cannot be intersected into one structure and raise `ValueError`."""
         if not isinstance(other, Mask):
             return NotImplemented
         if self.has_segments and other.has_segments:
@@ -274,13 +320,14 @@ class Mask:
         def both(a, b, op):
             return b if a is None else a if b is None else op(a, b)
 
+        windows = [w for w in (self.window, other.window) if w is not None]  # the narrower band is the intersection
         prefix = None
-        if self.causal and other.causal:  # causal & prefix-LM is causal; two prefixes keep the shorter
+        if self.causal and other.causal:  # causal & prefix-LM is causal (windowed too); two prefixes keep the shorter
             if self.prefix_lengths is not None and other.prefix_lengths is not None:
                 prefix = jnp.minimum(self.prefix_lengths, other.prefix_lengths)
         else:
             prefix = both(self.prefix_lengths, other.prefix_lengths, jnp.minimum)
-        return Mask(causal=self.causal or other.causal, prefix_lengths=prefix,
+        return Mask(causal=self.causal or other.causal, window=min(windows, default=None), prefix_lengths=prefix,
                     kv_lengths=both(self.kv_lengths, other.kv_lengths, jnp.minimum),
                     kv_valid=both(self.kv_valid, other.kv_valid, jnp.logical_and),
                     q_segment_ids=both(self.q_segment_ids, other.q_segment_ids, None),
@@ -289,6 +336,8 @@ class Mask:
 
     def __repr__(self) -> str:
         parts = [f"causal={self.causal}"] if self.causal else []
+        if self.window is not None:
+            parts.append(f"window={self.window}")
         for name in _ARRAY_FIELDS:
             x = getattr(self, name)
             if x is not None:

@@ -9,12 +9,13 @@ Implementations (``impl=``):
   - ``"reference"``: einsum + softmax over the dense ``[b, h, q, k]`` logits; the readable definition.
   - ``"xla"``: `jax.nn.dot_product_attention` (XLA) with the mask mapped onto its arguments.
   - ``"blockwise"``: flash-style online softmax in pure JAX, O(l) memory forward and backward (see blockwise.py).
-  - ``"cudnn"``: `jax.nn.dot_product_attention(implementation="cudnn")`; GPU, bf16/fp16, causal/kv_lengths masks.
+  - ``"cudnn"``: `jax.nn.dot_product_attention(implementation="cudnn")`; GPU, bf16/fp16, causal/kv_lengths masks
+    (and a sliding ``window``, as its ``local_window_size``).
   - ``"flash"``: the accelerator's fused kernel: on GPU cuDNN where the call fits it, else the Pallas kernels of
-    flash.py (every `Mask`: packed segments, prefix-LM, ``kv_valid``, ``q_offset``); on TPU splash attention
-    (splash.py: causal and/or packed self-attention); on CPU the flash.py kernels in Pallas interpret mode (slow: for
-    tests). A call the kernel at hand cannot take (a bias, dropout, a mask splash lacks) runs ``"blockwise"``
-    instead, with one warning.
+    flash.py (every `Mask`: packed segments, prefix-LM, ``kv_valid``, ``q_offset``, ``window``); on TPU splash
+    attention (splash.py: causal, sliding-window and/or packed self-attention); on CPU the flash.py kernels in Pallas
+    interpret mode (slow: for tests). A call the kernel at hand cannot take (a bias, dropout, a mask splash lacks)
+    runs ``"blockwise"`` instead, with one warning.
   - ``"auto"``: the fastest correct choice for the backend, dtype, length and mask (`choose_impl`).
 
 Shape key: b batch, q query length, k key length, h query heads, n kv heads, g = h // n, d head dim, v value dim.
@@ -203,16 +204,18 @@ def _softmax_values(s, v, dims: Dims, mask: Mask, dropout_rate: float, dropout_s
 
 # -- jax.nn.dot_product_attention (xla, cudnn) --------------------------------------------------------------------
 def _dot_product_attention(q, k, v, mask: Mask, bias, scale: float, implementation: str) -> jax.Array:
-    """`jax.nn.dot_product_attention` with our mask as ``is_causal`` + ``key_value_seq_lengths`` when that is all it
-    holds, else as one dense ``mask``; rows with no visible key are zeroed (jax would average them)."""
+    """`jax.nn.dot_product_attention` with our mask as ``is_causal`` + ``key_value_seq_lengths`` (+
+    ``local_window_size``) when that is all it holds, else as one dense ``mask``; rows with no visible key are zeroed
+    (jax would average them)."""
     lq, lk = q.shape[1], k.shape[1]
     native = (mask.prefix_lengths is None and mask.q_offset is None and mask.kv_valid is None
               and not mask.has_segments and (not mask.causal or lq == lk))
     if native:
         kv_lengths = None if mask.kv_lengths is None else mask.kv_lengths.astype(jnp.int32)
         out = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale, is_causal=mask.causal,
-                                           key_value_seq_lengths=kv_lengths, implementation=implementation)
-        row_visible = None if kv_lengths is None else (kv_lengths > 0)[:, None]  # row i always sees key 0
+                                           key_value_seq_lengths=kv_lengths, local_window_size=_local_window(mask),
+                                           implementation=implementation)
+        row_visible = None if kv_lengths is None else _native_rows_visible(mask, kv_lengths, lq)
     else:
         dense = mask.block(0, lq, 0, lk)
         out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=dense, scale=scale,
@@ -221,6 +224,22 @@ def _dot_product_attention(q, k, v, mask: Mask, bias, scale: float, implementati
     if row_visible is None:
         return out
     return jnp.where(row_visible[:, :, None, None], out, jnp.zeros((), out.dtype))
+
+
+def _native_rows_visible(mask: Mask, kv_lengths, lq: int) -> jax.Array:
+    """bool ``[b, 1 or q]``: which rows see a key under causal (+ window) + ``kv_lengths``. Row ``i`` sees key 0
+    unless all keys are padding; with a window it sees keys from ``i - window + 1`` on, so it needs
+    ``i - window + 1 < kv_lengths``."""
+    if mask.window is None:
+        return (kv_lengths > 0)[:, None]
+    return jnp.arange(lq)[None, :] - (mask.window - 1) < kv_lengths[:, None]
+
+
+def _local_window(mask: Mask) -> tuple[int, int] | None:
+    """Our ``window`` as jax's ``local_window_size = (left, right)``: query ``i`` sees key ``j`` iff
+    ``j >= i - left`` and ``j <= i + right``, so ``i - j < window`` is ``left = window - 1``; ``right = 0`` (causal).
+    cuDNN turns it into its ``sliding_window_length = left + 1``: keys in ``(i - window, i]``, the same band."""
+    return None if mask.window is None else (mask.window - 1, 0)
 
 
 def xla_unsupported(dims: Dims, dtype, dropout_rate: float, backend: str) -> str | None:
@@ -247,6 +266,8 @@ def cudnn_unsupported(dims: Dims, dtype, mask: Mask, dropout_rate: float, backen
             return f"the mask field {field} (cuDNN supports causal and kv_lengths)"
     if mask.causal and dims.lq != dims.lk:
         return "a causal mask with lq != lk (set q_offset-free causal only for self-attention)"
+    # A sliding window (mask.window) fits: it maps onto local_window_size (`_local_window`), which cuDNN takes with
+    # its causal and padding-causal masks.
     if dropout_rate > 0:
         return "dropout_rate > 0"
     return None

@@ -1,9 +1,10 @@
 """`splash_attention`: the TPU's fused softmax attention, `jax.experimental.pallas.ops.tpu.splash_attention`, for the
 masks it can take. ``impl="flash"`` runs it on a TPU; on other backends it runs in Pallas interpret mode (tests).
 
-Splash attention takes a static mask (causal or full, per head) and-ed with segment ids, and needs every query row to
-see at least one key. So it serves self-attention that is causal and/or packed (the GPT, BERT-without-padding and
-prefix-free training cases); ``splash_unsupported`` names what it cannot take (prefix-LM, key padding, ``q_offset``,
+Splash attention takes a static mask (causal, local or full, per head) and-ed with segment ids, and needs every
+query row to see at least one key. So it serves self-attention that is causal (with or without a sliding ``window``:
+its ``LocalMask``, whose block tables skip the tiles outside the band) and/or packed (the GPT, BERT-without-padding
+and prefix-free training cases); ``splash_unsupported`` names what it cannot take (prefix-LM, key padding, ``q_offset``,
 separate query/key segments, a bias, dropout), and the caller falls back. Lengths are padded to a block multiple;
 padded rows and keys get a segment id of their own, so a real row never sees a padded key and a padded row is never
 empty. Query heads share a kv head through the MQA kernel, one call per (batch row, kv head).
@@ -62,7 +63,7 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, dims: Dims, ma
     padded = -(-dims.lq // _LANE) * _LANE
     block = min(max(_LANE, block_size // _LANE * _LANE), padded)
     padded = -(-padded // block) * block
-    kernel = _kernel(mask.causal, dims.groups, padded, block, interpret)
+    kernel = _kernel(mask.causal, mask.window, dims.groups, padded, block, interpret)
     seg = mask.q_segment_ids if mask.has_segments else jnp.zeros((dims.batch, dims.lq), jnp.int32)
     seg = jnp.pad(seg.astype(jnp.int32), ((0, 0), (0, padded - dims.lq)), constant_values=_PAD_SEGMENT)
     b, n, g, d = dims.batch, dims.kv_heads, dims.groups, dims.head_dim
@@ -75,13 +76,18 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, dims: Dims, ma
     return out.transpose(0, 3, 1, 2, 4).reshape(b, padded, n * g, d)[:, :dims.lq]
 
 
-def _kernel(causal: bool, groups: int, length: int, block: int, interpret: bool):
+def _kernel(causal: bool, window: int | None, groups: int, length: int, block: int, interpret: bool):
     """The MQA splash kernel for ``groups`` query heads over one kv head, ``length`` tokens. Built anew per trace,
-    not cached: its mask tables become arrays of the trace that builds it."""
+    not cached: its mask tables become arrays of the trace that builds it. A ``window`` is splash's
+    ``LocalMask(window_size=(window - 1, 0))``: key ``j`` visible to query ``i`` iff ``i - (window - 1) <= j <= i``,
+    our ``0 <= i - j < window``."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel_lib
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib
 
-    head = mask_lib.CausalMask((length, length)) if causal else mask_lib.FullMask((length, length))
+    if window is not None:
+        head = mask_lib.LocalMask((length, length), window_size=(window - 1, 0), offset=0)
+    else:
+        head = mask_lib.CausalMask((length, length)) if causal else mask_lib.FullMask((length, length))
     sizes = kernel_lib.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                                   block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block,
                                   block_kv_dq=block)
