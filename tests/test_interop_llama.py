@@ -217,3 +217,45 @@ def test_rope_scaling_through_yaml_and_overrides(tmp_path):
         load_config(None, ["model.preset=llama-tiny", "model.rope_scaling.rope_type=yarn"])
     with pytest.raises(ValueError, match="rope_scaling needs position='rotary'"):
         load_config(None, ["model.rope_scaling.rope_type=linear"])  # gpt-tiny: learned positions
+
+
+def test_train_init_from_a_llama_folder_starts_at_its_weights(tmp_path):
+    """train.py continues pre-training from a Hugging Face Llama folder, with its own tokenizer."""
+    import importlib.util
+    from pathlib import Path
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from flaxformer_lite.pretrained import load_pretrained
+    from flaxformer_lite.training import Checkpoints
+    spec = importlib.util.spec_from_file_location("train_cli_llama", Path(__file__).resolve().parent.parent / "train.py")
+    train_cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_cli)
+    words = ["alpha", "beta", "gamma", "delta", "river", "stone", "cloud", "paper", "light", "green"]
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", *words])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf = tmp_path / "hf"
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                         eos_token="</s>").save_pretrained(hf)
+    _hf_model("llama", seed=5).save_pretrained(hf)
+    rng = np.random.default_rng(0)
+    (tmp_path / "corpus.txt").write_text("\n\n".join(" ".join(rng.choice(words, 30)) for _ in range(60)))
+    run = tmp_path / "run"
+    assert train_cli.main([f"data.path={tmp_path / 'corpus.txt'}", f"train.init_from={hf}", "train.steps=1",
+                           "optim.lr=0.0", "optim.weight_decay=0.0", "train.eval_every=0", "train.samples=0",
+                           "train.seq_len=16", "train.batch_size=8", "train.progress=false",
+                           f"train.run_dir={run}"]) == 0
+    ckpt = Checkpoints(run / "checkpoints")
+    params, _ = ckpt.restore_params()
+    ckpt.close()
+    want = dict(jax.tree_util.tree_flatten_with_path(load_pretrained(hf).params)[0])
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    assert len(leaves) == len(want)
+    for path, leaf in leaves:
+        np.testing.assert_array_equal(leaf, want[path])
+    assert (run / "tokenizer" / "tokenizer.json").is_file()
+    from flaxformer_lite.data.hf_tokenizer import StoreEncoder  # what the token store encoded the corpus with
+    texts = ["alpha beta\n\ngamma", "river stone cloud unknown"]
+    tokenizer = load_pretrained(hf).tokenizer
+    assert StoreEncoder(tokenizer.proto).encode_batch(texts) == tokenizer.encode_batch(texts)

@@ -4,7 +4,11 @@ ids it was trained with. Needs ``transformers`` (it reads ``tokenizer.json`` / `
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
+
+STORE_FORMAT = "flaxformer_lite.hf_tokenizer/1"  # the bytes a token store keeps for a Hugging Face tokenizer
 
 
 class HFTokenizer:
@@ -57,6 +61,23 @@ class HFTokenizer:
         return len(self.hf)
 
     @property
+    def proto(self) -> bytes:
+        """What a token store keeps to encode with this tokenizer in its worker processes: the fast tokenizer's
+        ``tokenizer.json``, the end id and the number of ids (JSON). `ValueError` for a tokenizer without the fast
+        (Rust) backend."""
+        backend = getattr(self.hf, "backend_tokenizer", None)
+        if backend is None:
+            raise ValueError(f"{type(self.hf).__name__} has no fast (tokenizers) backend; a token store needs one "
+                             "(save the model folder with its tokenizer.json)")
+        return json.dumps({"format": STORE_FORMAT, "tokenizer": backend.to_str(), "eos_id": self.eos_id,
+                           "vocab_size": self.vocab_size}, sort_keys=True).encode()
+
+    @property
+    def sha256(self) -> str:
+        """The SHA-256 (hex) of `proto`: what token stores record."""
+        return hashlib.sha256(self.proto).hexdigest()
+
+    @property
     def special_ids(self) -> set[int]:
         """Ids that are not text."""
         return {int(i) for i in self.hf.all_special_ids} | {self.pad_id, self.cls_id, self.sep_id}
@@ -76,3 +97,24 @@ class HFTokenizer:
     def decode(self, ids) -> str:
         """Ids -> text, special tokens dropped."""
         return self.hf.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+class StoreEncoder:
+    """A Hugging Face tokenizer rebuilt from `HFTokenizer.proto` with the `tokenizers` library alone (no
+    transformers): what a token store's encoding workers use. ``encode_batch`` gives `HFTokenizer.encode_batch`'s
+    ids (no special tokens added)."""
+
+    def __init__(self, proto: bytes):
+        from tokenizers import Tokenizer
+        contents = json.loads(proto)
+        self.tokenizer = Tokenizer.from_str(contents["tokenizer"])
+        self.eos_id, self.vocab_size = int(contents["eos_id"]), int(contents["vocab_size"])
+
+    @staticmethod
+    def holds(proto: bytes) -> bool:
+        """Whether ``proto`` is an `HFTokenizer.proto` (a SentencePiece model file is binary protobuf)."""
+        return proto[:1] == b"{" and STORE_FORMAT.encode() in proto[:200]
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Texts -> ids, in one call (the tokenizer's own threads)."""
+        return [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=False)]

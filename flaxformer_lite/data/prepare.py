@@ -105,7 +105,7 @@ def _write(data, folder: Path, source: dict, tokenizer: Tokenizer | None, seed: 
     tok = tokenizer or prepare_tokenizer(sample(), data)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tok_path = folder.with_name(f"{folder.name}.tokenizer-{np.random.default_rng().integers(1 << 30)}.model")
-    tok.save(tok_path)
+    tok_path.write_bytes(tok.proto)  # SentencePiece's model file, or a Hugging Face tokenizer's (HFTokenizer.proto)
     try:
         total = sum(f[1] for f in source.get("files", [])) or None
         write_store(texts, tok_path, folder, source=source, workers=data.workers, total_bytes=total,

@@ -192,3 +192,12 @@ def _train(model, sentences, vocab_size, model_type, character_coverage, byte_fa
         hard_vocab_limit=False, minloglevel=2, num_threads=os.cpu_count() or 1,
         remove_extra_whitespaces=normalization != "identity", split_digits=True)
 
+
+
+def tokenizer_from_proto(proto: bytes):
+    """The encoder of a token store's tokenizer bytes: a SentencePiece `Tokenizer`, or for a Hugging Face tokenizer
+    (`HFTokenizer.proto`) its `hf_tokenizer.StoreEncoder`. Both give ``encode_batch``, ``eos_id`` and ``vocab_size``."""
+    from .hf_tokenizer import StoreEncoder
+    if StoreEncoder.holds(proto):
+        return StoreEncoder(proto)
+    return Tokenizer(proto)
