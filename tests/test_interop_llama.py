@@ -119,6 +119,51 @@ def test_presets_have_the_published_parameter_counts(name, count):
     assert config_from_hf(json.loads(json.dumps(config_to_hf(cfg)))) == cfg
 
 
+# the fields that matter of each published config.json (meta-llama/Llama-3.2-1B, Qwen/Qwen2.5-0.5B, Qwen/Qwen3-0.6B)
+PUBLISHED = {
+    "llama-3.2-1b": {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 128256,
+                     "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+                     "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64, "hidden_act": "silu",
+                     "max_position_embeddings": 131072, "rms_norm_eps": 1e-05, "rope_theta": 500000.0,
+                     "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                                      "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+                     "attention_bias": False, "mlp_bias": False, "pretraining_tp": 1, "tie_word_embeddings": True,
+                     "bos_token_id": 128000, "eos_token_id": 128001, "initializer_range": 0.02,
+                     "torch_dtype": "bfloat16", "use_cache": True},
+    "qwen2.5-0.5b": {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "vocab_size": 151936,
+                     "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+                     "num_attention_heads": 14, "num_key_value_heads": 2, "hidden_act": "silu",
+                     "max_position_embeddings": 32768, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
+                     "sliding_window": 32768, "use_sliding_window": False, "max_window_layers": 24,
+                     "tie_word_embeddings": True, "bos_token_id": 151643, "eos_token_id": 151643,
+                     "attention_dropout": 0.0, "initializer_range": 0.02, "torch_dtype": "bfloat16"},
+    "qwen3-0.6b": {"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"], "vocab_size": 151936,
+                   "hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 16,
+                   "num_key_value_heads": 8, "head_dim": 128, "hidden_act": "silu", "max_position_embeddings": 40960,
+                   "rms_norm_eps": 1e-06, "rope_theta": 1000000, "rope_scaling": None, "attention_bias": False,
+                   "sliding_window": None, "use_sliding_window": False, "max_window_layers": 28,
+                   "tie_word_embeddings": True, "bos_token_id": 151643, "eos_token_id": 151645,
+                   "attention_dropout": 0.0, "initializer_range": 0.02, "torch_dtype": "bfloat16"},
+}
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED))
+def test_published_configs_give_the_presets(name):
+    assert config_from_hf(PUBLISHED[name]) == ffl.models.preset(name)
+
+
+@pytest.mark.parametrize("name,scan", [("qwen3-tiny", False), ("qwen3-tiny", True), ("mistral-tiny", True)])
+def test_every_param_has_logical_names(name, scan):
+    import flax.linen as nn
+    cfg = dataclasses.replace(ffl.models.preset(name), qkv_bias=True, scan_layers=scan)
+    boxed = jax.eval_shape(lambda: ffl.models.GPT(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
+    leaves = jax.tree_util.tree_flatten_with_path(boxed["params"], is_leaf=lambda x: isinstance(x, nn.Partitioned))[0]
+    assert all(isinstance(p, nn.LogicallyPartitioned) and len(p.names) == p.value.ndim for _, p in leaves)
+    names = {"/".join(k.key for k in path[-2:]): p.names[scan:] for path, p in leaves}
+    assert names["query/bias"] == ("heads", "head_dim") and names["value/bias"] == ("kv_heads", "head_dim")
+    assert names.get("query_norm/scale") == (("head_dim",) if cfg.qk_norm else None)
+
+
 @pytest.mark.parametrize("name", ["llama-tiny", "mistral-tiny", "qwen3-tiny"])
 def test_small_presets_round_trip_their_config(name):
     cfg = ffl.models.preset(name)
