@@ -62,8 +62,6 @@ def _logits(model, variables, tokens=TOKENS):
 def family(request, tmp_path_factory):
     """One family's transformers model, saved, and read back by load_hf."""
     kind = request.param
-    if kind == "mistral" and "window" not in {f.name for f in dataclasses.fields(ffl.attention.Mask)}:
-        pytest.skip("Mask(window=...) (sliding-window attention, issue 15 item 2) has not landed")
     hf = _hf_model(kind)
     folder = tmp_path_factory.mktemp(kind)
     hf.save_pretrained(folder)

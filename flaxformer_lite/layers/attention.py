@@ -115,8 +115,7 @@ class MultiHeadAttention(nn.Module):
     def _project(self, name: str, x: jax.Array, heads: int, head_dim: int, head_axis: str) -> jax.Array:
         y = nn.DenseGeneral(
             (heads, head_dim), use_bias=self.use_bias if self.qkv_bias is None else self.qkv_bias, dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            dot_general=kernel_dot_general,
+            param_dtype=self.param_dtype, dot_general=kernel_dot_general,
             kernel_init=general_kernel_init(self.kernel_init, ("embed", head_axis, "head_dim")),
             bias_init=general_kernel_init(nn.initializers.zeros, (head_axis, "head_dim")), name=name)(x)
         y = nn.with_logical_constraint(y, ("batch", "length", head_axis, "head_dim"))

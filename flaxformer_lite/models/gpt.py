@@ -56,9 +56,8 @@ class GPT(nn.Module):
                 jnp.broadcast_to(jnp.arange(l), (b, l)) + (0 if start is None else start)
         # the window also bounds decoding: the cache keeps every key, the mask (offset by the cache index) hides
         # the ones more than sliding_window - 1 positions back
-        window = {} if self.cfg.sliding_window is None else {"window": self.cfg.sliding_window}
-        mask = Mask(causal=True, prefix_lengths=prefix_lengths, q_segment_ids=segment_ids,
-                    kv_segment_ids=segment_ids, q_offset=start, **window)
+        mask = Mask(causal=True, window=self.cfg.sliding_window, prefix_lengths=prefix_lengths,
+                    q_segment_ids=segment_ids, kv_segment_ids=segment_ids, q_offset=start)
         x = self.embedder(tokens, positions, deterministic=deterministic)
         x = self.decoder(x, mask=mask, positions=positions, deterministic=deterministic, decode=decode,
                          cache_index=start, condition=condition)
