@@ -5,7 +5,8 @@
 
 Kernel level: one query attending to a ``[b, c, h, d]`` cache (``softmax_attention`` with ``kv_lengths``) against
 one ``linear_step`` on a ``[b, h, f, d]`` state. Model level: one cached decode step of a GPT (``decode="step"``)
-whose cache holds ``c`` tokens. Median of ``--repeats`` calls after warm-up.
+whose cache holds ``c`` tokens, and of the ``llama-tiny`` preset of the same width and depth (the Llama family's
+decoding against GPT's). Median of ``--repeats`` calls after warm-up.
 """
 from __future__ import annotations
 
@@ -52,9 +53,10 @@ def kernel_step_ms(kind: str, context: int, b: int, h: int, d: int, repeats: int
     return _median_ms(lambda: f(state, q[:, 0], kt, vt), repeats)
 
 
-def model_step_ms(attention: str, context: int, repeats: int) -> float:
-    """Milliseconds for one cached decode step of a gpt-tiny-shaped model holding ``context`` tokens."""
-    cfg = dataclasses.replace(preset("gpt-tiny"), attention=attention, feature_map="elu", max_len=context + 8,
+def model_step_ms(attention: str, context: int, repeats: int, name: str = "gpt-tiny") -> float:
+    """Milliseconds for one cached decode step of the preset ``name`` (4 layers, 256 dims for the tiny ones) holding
+    ``context`` tokens."""
+    cfg = dataclasses.replace(preset(name), attention=attention, feature_map="elu", max_len=context + 8,
                               dropout_rate=0.0, attention_dropout_rate=0.0)
     model = GPT(cfg)
     prompt = jnp.ones((1, context), jnp.int32)
@@ -84,6 +86,8 @@ def main(argv=None):
             row[f"kernel {kind} ms"] = kernel_step_ms(kind, c, args.batch, args.heads, args.head_dim, args.repeats)
         for attention in ("softmax", "linear"):
             row[f"model {attention} ms"] = model_step_ms(attention, c, args.repeats)
+        row["llama-tiny ms"] = model_step_ms("softmax", c, args.repeats, "llama-tiny")
+        row["llama / gpt"] = row["llama-tiny ms"] / row["model softmax ms"]
         row["kernel softmax / elu"] = row["kernel softmax ms"] / row["kernel elu ms"]
         row["model softmax / linear"] = row["model softmax ms"] / row["model linear ms"]
         rows.append(row)
@@ -91,7 +95,8 @@ def main(argv=None):
     cols = list(rows[0])
     first, last = rows[0], rows[-1]
     notes = [f"kernel: b={args.batch} h={args.heads} d={args.head_dim} float32; model: gpt-tiny shape (4 layers, 256 "
-             "dims, elu feature map for linear)",
+             "dims, elu feature map for linear); llama-tiny: 4 layers, 256 dims, 8 heads on 2 kv heads, SwiGLU 768, "
+             "RMSNorm, rotary, untied head (GQA: a 4x smaller cache)",
              f"linear (elu) per-token kernel time x{last['kernel elu ms'] / first['kernel elu ms']:.2f} from context "
              f"{first['context']} to {last['context']} (flat = 1); softmax x"
              f"{last['kernel softmax ms'] / first['kernel softmax ms']:.1f}"]
