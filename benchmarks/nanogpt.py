@@ -52,8 +52,6 @@ _EVAL = re.compile(r"^step (\d+): train loss ([\d.]+), val loss ([\d.]+)")
 def prepare_nanogpt(checkout: Path, text: Path, work: Path) -> Path:
     """A copy of the nanoGPT checkout in ``work`` with its character data written by its own prepare.py (the
     download it would attempt is skipped: input.txt is already there)."""
-    if not (checkout / "train.py").is_file() or not (checkout / "model.py").is_file():
-        raise SystemExit(f"nanogpt.py: error: --nanogpt {checkout}: not a nanoGPT checkout (no train.py/model.py)")
     copy = work / "nanoGPT"
     shutil.copytree(checkout, copy, ignore=shutil.ignore_patterns(".git", "out-*", "*.bin"))
     data = copy / "data" / "shakespeare_char"
@@ -103,13 +101,16 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=300, help="steps per run")
     p.add_argument("--rounds", type=int, default=2, help="nanoGPT-then-ours rounds")
     args = p.parse_args(argv)
+    checkout = args.nanogpt.expanduser()
+    if not (checkout / "train.py").is_file() or not (checkout / "model.py").is_file():
+        p.error(f"--nanogpt {checkout}: not a nanoGPT checkout (no train.py/model.py)")
     if not args.text.is_file():
         p.error(f"--text {args.text}: no such file (tiny Shakespeare; ../shared/data holds a copy)")
     if args.steps < 20 or args.rounds < 1:
         p.error(f"--steps must be >= 20 and --rounds >= 1, got {args.steps} and {args.rounds}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        copy = prepare_nanogpt(args.nanogpt.expanduser(), args.text, Path(tmp))
+        copy = prepare_nanogpt(checkout, args.text, Path(tmp))
         for r in range(args.rounds):
             for name, run in (("nanoGPT (PyTorch eager)", lambda: run_nanogpt(copy, args.steps)),
                               ("flaxformer_lite train.py", lambda: run_ours(args.text, Path(tmp) / f"ours{r}",
