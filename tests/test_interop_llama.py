@@ -271,7 +271,8 @@ def test_train_init_from_a_llama_folder_starts_at_its_weights(tmp_path):
 
     from flaxformer_lite.pretrained import load_pretrained
     from flaxformer_lite.training import Checkpoints
-    spec = importlib.util.spec_from_file_location("train_cli_llama", Path(__file__).resolve().parent.parent / "train.py")
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("train_cli_llama", root / "train.py")
     train_cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(train_cli)
     words = ["alpha", "beta", "gamma", "delta", "river", "stone", "cloud", "paper", "light", "green"]

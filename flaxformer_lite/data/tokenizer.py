@@ -143,7 +143,8 @@ def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 4096, model_type:
     if faults:
         raise faults[0]
     tok = Tokenizer(model.getvalue())
-    if tok.vocab_size < vocab_size and model_type != "char":  # the soft limit stops at what the text supports: say so instead of clamping
+    # the soft limit stops at what the text supports: say so instead of clamping (char: vocab_size is an upper bound)
+    if tok.vocab_size < vocab_size and model_type != "char":
         raise ValueError(f"data.vocab_size={vocab_size} is more than this text supports: SentencePiece ({model_type}) "
                          f"finds at most {tok.vocab_size} pieces in it; set data.vocab_size <= {tok.vocab_size} or "
                          "train on more text")

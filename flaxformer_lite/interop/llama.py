@@ -154,7 +154,8 @@ def config_from_hf(hf: Mapping) -> ModelConfig:
         use_bias=attention_bias and kind != "qwen2", qkv_bias=True if kind == "qwen2" else None,
         qk_norm=kind == "qwen3", sliding_window=_window(hf, kind, layers),
         tie_embeddings=_get(hf, "tie_word_embeddings", False, bool),
-        init_std=_get(hf, "initializer_range", 0.02, float), pad_id=_special_id(hf, "pad_token_id", eos), bos_id=bos, eos_id=eos)
+        init_std=_get(hf, "initializer_range", 0.02, float), pad_id=_special_id(hf, "pad_token_id", eos), bos_id=bos,
+        eos_id=eos)
 
 
 def family_of(cfg: ModelConfig) -> str:
@@ -170,7 +171,8 @@ def family_of(cfg: ModelConfig) -> str:
 def _check_exportable(cfg: ModelConfig, kind: str) -> None:
     """Raise `ValueError` naming the first field of ``cfg`` that ``kind``'s layout cannot express."""
     accepted = {"model": ("gpt",), "position": ("rotary",), "attention": ("softmax",), "talking_heads": (False,),
-                "condition_dim": (0,), "share_layers": (False,), "scan_layers": (False,), "norm": ("rmsnorm",), "norm_position": ("pre",),
+                "condition_dim": (0,), "share_layers": (False,), "scan_layers": (False,), "norm": ("rmsnorm",),
+                "norm_position": ("pre",),
                 "embed_scale": (False,), "embed_norm": (False,), "type_vocab_size": (0,),
                 "activation": tuple(sorted(_ACTIVATIONS.values())),
                 "qkv_bias": (None, cfg.use_bias), "qk_norm": (False,)}
