@@ -230,3 +230,24 @@ def test_lengths_in_range_pass_eagerly_and_under_jit(kernel):
     np.testing.assert_allclose(jitted, eager, rtol=1e-6, atol=1e-6)
     bad = Mask(kv_lengths=jnp.array([40, 3]))
     jax.jit(KERNELS[kernel])(q, k, v, bad)  # traced: cannot be read, so not checked
+
+
+def test_one_segment_array_stays_shared_through_jit_and_combination():
+    """Self-attention's one segment array is static structure: through `jax.jit` (two leaves arrive) and `&`, the
+    mask still knows every row sees its own position (splash attention and the row zeroing rely on it)."""
+    seg = np.array([[0, 0, 1, 1]])
+    shared, separate = Mask(q_segment_ids=seg, kv_segment_ids=seg), Mask(q_segment_ids=seg, kv_segment_ids=seg + 0)
+    assert shared.shares_segments and shared.every_row_sees_a_key and not separate.shares_segments
+    seen = {}
+
+    @jax.jit
+    def f(m):
+        seen["jit"] = m.shares_segments
+        seen["and"] = (Mask(causal=True) & m).shares_segments and (m & Mask(causal=True)).shares_segments
+        return m.q_segment_ids
+
+    f(shared)
+    assert seen == {"jit": True, "and": True}
+    f(separate)
+    assert seen == {"jit": False, "and": False}
+    assert not shared.pad_to(6, 6).shares_segments  # padded rows and keys get ids of their own

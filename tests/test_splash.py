@@ -16,8 +16,7 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 
 
 def _splash_and_grads(q, k, v, mask, w):
-    """Output and vjp. The mask is closed over, as a model builds it inside its trace: self-attention's segment ids
-    stay one array (a Mask passed through jit as an argument would arrive as two)."""
+    """Output and vjp, jitted once per mask (closed over, as a model builds it inside its trace)."""
     def f(q, k, v):
         dims = check_qkv(q, k, v)
         return splash_attention(q, k, v, dims=dims, mask=mask, scale=dims.head_dim ** -0.5)

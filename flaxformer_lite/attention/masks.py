@@ -63,7 +63,8 @@ class Mask:
         lengths outside ``[0, k]`` (traced ones, under `jax.jit`, cannot be checked).
       kv_valid: bool ``[b, k]``; False marks a padding key.
       q_segment_ids: int ``[b, q]``; with ``kv_segment_ids [b, k]``, attend only within equal ids.
-      kv_segment_ids: int ``[b, k]``.
+      kv_segment_ids: int ``[b, k]``. Passing one array for both (self-attention) is remembered as static structure
+        (`shares_segments`, kept through `jax.jit`): then every query row sees at least its own position.
       q_offset: int scalar or ``[b]``; key position of query row 0 (decoding with a cache). None means 0.
 
     Combine with ``&`` (the intersection of what both allow). Invalid shapes or dtypes raise `ValueError`
@@ -80,6 +81,7 @@ class Mask:
     q_offset: Any = None
 
     def __post_init__(self):
+        shared = self.q_segment_ids is not None and self.q_segment_ids is self.kv_segment_ids
         if not isinstance(self.causal, (bool, np.bool_)):
             raise ValueError(f"Mask.causal must be a Python bool (it is static structure), got {type(self.causal)}")
         specs = {"prefix_lengths": (1, "int"), "kv_lengths": (1, "int"), "kv_valid": (2, "bool"),
@@ -90,6 +92,9 @@ class Mask:
         if (self.q_segment_ids is None) != (self.kv_segment_ids is None):
             raise ValueError("Mask needs both q_segment_ids and kv_segment_ids, or neither "
                              "(for self-attention pass the same array twice)")
+        if shared:  # one converted array on both sides (conversion may have copied a NumPy input twice)
+            object.__setattr__(self, "kv_segment_ids", self.q_segment_ids)
+        object.__setattr__(self, "_shared_segments", shared)
         if self.q_offset is not None:
             off = jnp.asarray(self.q_offset)
             if off.ndim > 1 or not jnp.issubdtype(off.dtype, jnp.integer):
@@ -129,13 +134,14 @@ class Mask:
 
     # -- pytree ------------------------------------------------------------------------------------------------
     def tree_flatten(self):
-        return tuple(getattr(self, n) for n in _ARRAY_FIELDS), (self.causal, self.window)
+        return tuple(getattr(self, n) for n in _ARRAY_FIELDS), (self.causal, self.window, self.shares_segments)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
         obj = object.__new__(cls)  # leaves may be tracers, sentinels or shardings: skip validation
         object.__setattr__(obj, "causal", aux[0])
         object.__setattr__(obj, "window", aux[1])
+        object.__setattr__(obj, "_shared_segments", aux[2])
         for name, child in zip(_ARRAY_FIELDS, children):
             object.__setattr__(obj, name, child)
         return obj
@@ -178,8 +184,14 @@ class Mask:
         """True when the structure guarantees each query row may attend at least one key, so no row needs zeroing:
         no padding, no query offset, and either no segments or the same segment array on both sides (self-attention:
         a query always shares its own position's segment). Conservative: False means "not known"."""
-        segments_ok = not self.has_segments or self.q_segment_ids is self.kv_segment_ids
+        segments_ok = not self.has_segments or self.shares_segments
         return not self.has_padding and self.q_offset is None and segments_ok
+
+    @property
+    def shares_segments(self) -> bool:
+        """True when one segment-id array was given for queries and keys (self-attention over packed sequences):
+        static structure, so it survives `jax.jit` (where the two fields arrive as separate leaves)."""
+        return self.has_segments and bool(getattr(self, "_shared_segments", False))
 
     @property
     def is_trivial(self) -> bool:
@@ -314,6 +326,7 @@ class Mask:
             return NotImplemented
         if self.has_segments and other.has_segments:
             raise ValueError("cannot combine two masks that both carry segment ids")
+        segments = self if self.has_segments else other  # (one array on both sides stays one array)
         if self.q_offset is not None and other.q_offset is not None and self.q_offset is not other.q_offset:
             raise ValueError("cannot combine two masks that both set q_offset")
 
@@ -330,8 +343,8 @@ class Mask:
         return Mask(causal=self.causal or other.causal, window=min(windows, default=None), prefix_lengths=prefix,
                     kv_lengths=both(self.kv_lengths, other.kv_lengths, jnp.minimum),
                     kv_valid=both(self.kv_valid, other.kv_valid, jnp.logical_and),
-                    q_segment_ids=both(self.q_segment_ids, other.q_segment_ids, None),
-                    kv_segment_ids=both(self.kv_segment_ids, other.kv_segment_ids, None),
+                    q_segment_ids=segments.q_segment_ids,
+                    kv_segment_ids=segments.q_segment_ids if segments.shares_segments else segments.kv_segment_ids,
                     q_offset=both(self.q_offset, other.q_offset, None))
 
     def __repr__(self) -> str:

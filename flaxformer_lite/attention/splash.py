@@ -40,7 +40,7 @@ def splash_unsupported(dims: Dims, dtype, mask: Mask, bias, dropout_rate: float)
                        ("kv_valid", "key padding leaves rows that see no key, which splash cannot take")):
         if getattr(mask, field) is not None:
             return f"the mask field {field} ({why})"
-    if mask.has_segments and mask.q_segment_ids is not mask.kv_segment_ids:
+    if mask.has_segments and not mask.shares_segments:
         return "separate query and key segment ids (splash needs self-attention's one array, pass it twice)"
     if dims.lq != dims.lk:
         return f"lq != lk ({dims.lq} vs {dims.lk}): splash serves self-attention here"
