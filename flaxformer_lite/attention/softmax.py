@@ -273,17 +273,19 @@ def cudnn_unsupported(dims: Dims, dtype, mask: Mask, dropout_rate: float, backen
     return None
 
 
-def _flash_route(dims: Dims, dtype, mask: Mask, bias, dropout_rate: float, backend: str) -> str:
-    """What ``impl="flash"`` runs: ``"cudnn"`` on a GPU where the call fits it, ``"splash"`` on a TPU, ``"flash"``
-    (the Pallas kernels) where they can take it, else ``"blockwise"`` with one warning saying why."""
+def _flash_target(dims: Dims, dtype, mask: Mask, bias, dropout_rate: float, backend: str) -> tuple[str, str | None]:
+    """The kernel ``impl="flash"`` aims at on ``backend`` (``"cudnn"`` on a GPU where the call fits it,
+    ``"splash"`` on a TPU, else ``"flash"``: the Pallas kernels) and why it cannot take this call (None if it can)."""
     if cudnn_unsupported(dims, dtype, mask, dropout_rate, backend) is None:
-        return "cudnn"
+        return "cudnn", None
     if backend == "tpu":
-        reason = splash_unsupported(dims, dtype, mask, bias, dropout_rate)
-        route = "splash"
-    else:
-        reason = flash_unsupported(dims, dtype, mask, bias, dropout_rate, backend)
-        route = "flash"
+        return "splash", splash_unsupported(dims, dtype, mask, bias, dropout_rate)
+    return "flash", flash_unsupported(dims, dtype, mask, bias, dropout_rate, backend)
+
+
+def _flash_route(dims: Dims, dtype, mask: Mask, bias, dropout_rate: float, backend: str) -> str:
+    """What ``impl="flash"`` runs: its `_flash_target`, else ``"blockwise"`` with one warning saying why."""
+    route, reason = _flash_target(dims, dtype, mask, bias, dropout_rate, backend)
     if reason is None:
         return route
     warnings.warn(f"impl='flash' cannot run this call ({reason}); using the portable impl='blockwise'",
@@ -298,10 +300,8 @@ def choose_impl(dims: Dims, dtype, mask: Mask, dropout_rate: float, backend: str
     benchmarks/RESULTS.md) and XLA elsewhere (the reference where XLA cannot take the call). Never a fused kernel
     on the CPU."""
     low_precision = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-    fused = {"gpu": lambda: (cudnn_unsupported(dims, dtype, mask, dropout_rate, backend) is None
-                             or flash_unsupported(dims, dtype, mask, bias, dropout_rate, backend) is None),
-             "tpu": lambda: splash_unsupported(dims, dtype, mask, bias, dropout_rate) is None}
-    if low_precision and backend in fused and fused[backend]():
+    if low_precision and backend in ("gpu", "tpu") and \
+            _flash_target(dims, dtype, mask, bias, dropout_rate, backend)[1] is None:
         return "flash"
     threshold = AUTO_BLOCKWISE_MIN_LOGITS.get(backend, AUTO_BLOCKWISE_MIN_LOGITS_DEFAULT)
     if dims.batch * dims.heads * dims.lq * dims.lk >= threshold and dims.lq > 1:
