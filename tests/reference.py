@@ -163,6 +163,33 @@ def linear_attention(q, k, v, mask=None, phi=elu_plus_one):
     return np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)
 
 
+def gated_linear_attention(q, k, v, log_decay, segment_ids=None, kv_valid=None, phi=elu_plus_one):
+    """Causal gated linear attention by its recurrence, one position at a time (RetNet, GLA, Mamba-2's scalar gate):
+    ``S_t = exp(log_decay_t) S_{t-1} + phi(k_t) v_t^T``, ``z_t = exp(log_decay_t) z_{t-1} + phi(k_t)``,
+    ``out_t = phi(q_t) S_t / phi(q_t) z_t`` (0 if that is 0). ``log_decay [b, l, n]`` per kv head. The state restarts
+    (is zeroed) where ``segment_ids [b, l]`` changes; where ``kv_valid [b, l]`` is False the position neither decays
+    nor adds to the state (its query still reads it)."""
+    q, k, v, log_decay = (np.asarray(x, np.float64) for x in (q, k, v, log_decay))
+    b, l, h, _ = q.shape
+    n, g = k.shape[2], h // k.shape[2]
+    fq, fk = phi(q), phi(k)
+    out = np.zeros((b, l, h, v.shape[-1]))
+    for bi in range(b):
+        state = np.zeros((n, fk.shape[-1], v.shape[-1]))
+        norm = np.zeros((n, fk.shape[-1]))
+        for t in range(l):
+            if segment_ids is not None and t > 0 and segment_ids[bi, t] != segment_ids[bi, t - 1]:
+                state, norm = np.zeros_like(state), np.zeros_like(norm)
+            if kv_valid is None or kv_valid[bi, t]:
+                decay = np.exp(log_decay[bi, t])  # [n]
+                state = decay[:, None, None] * state + np.einsum("nf,nv->nfv", fk[bi, t], v[bi, t])
+                norm = decay[:, None] * norm + fk[bi, t]
+            for head in range(h):
+                num, den = fq[bi, t, head] @ state[head // g], fq[bi, t, head] @ norm[head // g]
+                out[bi, t, head] = num / den if den > 0 else 0.0
+    return out
+
+
 def numerical_directional_grad(f, x, direction, eps=1e-6):
     """Central difference of scalar f along direction at x (float64)."""
     x = np.asarray(x, np.float64)

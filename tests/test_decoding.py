@@ -15,6 +15,7 @@ from flaxformer_lite.models import BERT, GPT, EncoderDecoder
 GPT_VARIANTS = {
     "softmax": {},
     "linear": {"attention": "linear", "feature_map": "favor"},
+    "linear_gated": {"attention": "linear", "linear_gate": "data", "num_kv_heads": 2},
     "gqa_rotary": {"num_kv_heads": 2, "position": "rotary"},
     "scan_sinusoidal": {"scan_layers": True, "position": "sinusoidal"},
     "shared": {"share_layers": True},  # caches [layers, b, ...] under SHARED_LAYER: beams must reorder axis 1
@@ -62,6 +63,10 @@ def test_gpt_prefix_lm_prompt_equals_recompute(gpt):
     model, variables, apply = gpt
     prompt = _prompt()
     prefix = jnp.array([5, 5])
+    if model.cfg.linear_gate != "none":  # a decay runs forward in time: no bidirectional prefix
+        with pytest.raises(ValueError, match="without prefix_lengths"):
+            ffl.generate(model, variables, prompt, 6, prefix_lengths=prefix)
+        return
     want = reference.greedy(lambda t: apply(t, jnp.array([5, 5, 5])), np.asarray(prompt), 6)
     got = ffl.generate(model, variables, prompt, 6, prefix_lengths=prefix)
     np.testing.assert_array_equal(got, want)

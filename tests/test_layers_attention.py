@@ -90,6 +90,29 @@ def test_dropout_only_when_not_deterministic():
     assert not np.allclose(a, plain) and not np.allclose(a, b)
 
 
+@pytest.mark.parametrize("gate", ["fixed", "data"])
+def test_linear_gate_matches_numpy_forward(gate):
+    """The gate's decay (RetNet's constants, or GLA's log_sigmoid(x W + b) / 16 from the layer's own parameters)
+    reaches the float64 recurrence of tests/reference.py; ``gate`` params are ``[embed, kv_heads]``, ``[kv_heads]``."""
+    layer = MultiHeadAttention(num_heads=4, num_kv_heads=2, attention="linear", linear_gate=gate,
+                               kernel_init=nn.initializers.normal(0.2))
+    x, mask = _x(), Mask(causal=True)
+    variables = layer.init(jax.random.key(0), x, mask=mask)
+    p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), nn.unbox(variables["params"]))
+    xn = np.asarray(x, np.float64)
+    if gate == "fixed":
+        assert "gate" not in p
+        log_decay = np.broadcast_to(np.log(1 - 2.0 ** (-5 - np.arange(2))), (2, 11, 2))
+    else:
+        assert p["gate"]["kernel"].shape == (E, 2) and p["gate"]["bias"].shape == (2,)
+        logits = xn @ p["gate"]["kernel"] + p["gate"]["bias"]
+        log_decay = -np.logaddexp(0, -logits) / 16
+    proj = lambda name: np.einsum("ble,ehd->blhd", xn, p[name]["kernel"]) + p[name]["bias"]
+    o = reference.gated_linear_attention(proj("query"), proj("key"), proj("value"), log_decay)
+    want = np.einsum("blhd,hde->ble", o, p["out"]["kernel"]) + p["out"]["bias"]
+    np.testing.assert_allclose(layer.apply(variables, x, mask=mask), want, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("attention", ["softmax", "linear"])
 def test_causal_through_the_layer(attention):
     layer = MultiHeadAttention(num_heads=4, attention=attention, feature_map="favor")
@@ -116,6 +139,8 @@ def test_dtypes():
     (dict(num_heads=4, attention_impl="splash"), "attention_impl"),
     (dict(num_heads=4, attention="linear", feature_map="softmax"), "feature_map"),
     (dict(num_heads=4, attention="linear", dropout_rate=0.1), "dropout_rate"),
+    (dict(num_heads=4, attention="linear", linear_gate="retnet"), r"linear_gate must be one of \('none'"),
+    (dict(num_heads=4, linear_gate="fixed"), "linear_gate='fixed' needs attention='linear'"),
 ])
 def test_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):

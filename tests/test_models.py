@@ -257,10 +257,11 @@ def _xent(logits, targets):
     return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
 
 
-@pytest.mark.parametrize("kind,attention", [("gpt", "softmax"), ("gpt", "linear"), ("bert", "softmax"),
-                                            ("encoder_decoder", "softmax")])
+@pytest.mark.parametrize("kind,attention", [("gpt", "softmax"), ("gpt", "linear"), ("gpt", "linear_gated"),
+                                            ("bert", "softmax"), ("encoder_decoder", "softmax")])
 def test_tiny_model_overfits_one_batch(kind, attention):
-    cfg = tiny_config(kind, attention=attention)
+    gated = attention == "linear_gated"  # GLA-style data-dependent decay: gradients reach the gate
+    cfg = tiny_config(kind, attention="linear" if gated else attention, linear_gate="data" if gated else "none")
     model = build(cfg)
     toks = _tokens(4, 16)
     if kind == "gpt":

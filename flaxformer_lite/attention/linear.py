@@ -25,26 +25,32 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from .checks import check_block_size, check_mask, check_qkv, check_rank4
 from .feature_maps import FeatureMap, get_feature_map
+from .linear_causal import FLOOR, causal_sums
 from .masks import Mask
-
-_FLOOR = -1e30  # finite floor for running log-scales: exp(floor - floor) = 1, exp(-inf - floor) = 0
 
 
 def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask | None = None,
-                     feature_map: "str | FeatureMap" = "elu", block_size: int = 64, bias=None, scale=None,
-                     dropout_rate: float = 0.0, dropout_rng=None) -> jax.Array:
+                     feature_map: "str | FeatureMap" = "elu", block_size: int = 64, decay=None, log_decay=None,
+                     bias=None, scale=None, dropout_rate: float = 0.0, dropout_rng=None) -> jax.Array:
     """Linear attention ``[b, q, h, d] x [b, k, n, d] x [b, k, n, v] -> [b, q, h, v]``.
 
     Args:
-      q, k, v: as for `softmax_attention` (GQA/MQA when ``n < h``).
+      q, k, v: as for `softmax_attention` (GQA/MQA when ``n < h``). bf16/fp16 inputs stay in their dtype inside
+        the matmuls, which accumulate in float32.
       mask: a `Mask`. Causal, prefix-LM and segment masks need ``q`` and ``k`` of equal length; ``q_offset`` is
         not supported (decode with `linear_step`), nor is a sliding ``window`` (the running sums cannot forget).
       feature_map: ``"elu"``, ``"relu"``, ``"favor"`` or a `FeatureMap`.
       block_size: block length of the causal algorithm (a performance knob; results do not depend on it).
+      decay: a fixed decay per kv head, ``[n]`` in (0, 1] (RetNet): key j reaches row i with weight
+        ``decay ** (i - j)``. Needs a causal mask without ``prefix_lengths``.
+      log_decay: a data-dependent decay per position and kv head, ``[b, l, n]``, in log space (<= 0; GLA, Mamba-2):
+        key j reaches row i with weight ``exp(log_decay[j+1] + ... + log_decay[i])``. Positions that padding hides
+        do not decay the state. Same masks as ``decay``; give one of the two at most.
       bias, scale, dropout_rate, dropout_rng: part of the shared kernel signature; linear attention cannot honour a
         bias, a logit scale or dropout on attention weights, and raises `ValueError` if one is given.
 
@@ -55,18 +61,24 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask | N
     mask = check_mask(mask, dims)
     _check_unsupported(mask, dims, block_size, bias, scale, dropout_rate)
     fmap = get_feature_map(feature_map)
+    valid = mask.kv_valid_mask(dims.lk)
+    log_decay = gate_log_decay(decay, log_decay, (dims.batch, dims.lk, dims.kv_heads), valid)
+    if log_decay is not None and (not mask.causal or mask.prefix_lengths is not None):
+        raise ValueError("decay gates (decay=, log_decay=) need a causal mask without prefix_lengths: a decay runs "
+                         "forward in time")
     b, lq, h, d = q.shape
     n, g = dims.kv_heads, dims.groups
+    dtype = matmul_dtype(q.dtype)
     qf = fmap(q.reshape(b, lq, n, g, d), is_query=True)[0]
-    kf, ka, v32 = _key_features(fmap, k, v, mask.kv_valid_mask(dims.lk))
+    kf, ka, v = _key_features(fmap, k, v, valid)
     if not mask.causal:
-        num, den = _bidirectional(qf, kf, ka, v32, mask, block_size)
+        num, den = _bidirectional(qf, kf, ka, v, mask, block_size, dtype)
     else:
-        num, den, _ = _causal_sums(qf, kf, ka, v32, mask.q_segment_ids, mask.kv_segment_ids, block_size)
+        num, den, _ = causal_sums(qf, kf, ka, v, mask.q_segment_ids, mask.kv_segment_ids, log_decay, block_size,
+                                  dtype=dtype)
         if mask.prefix_lengths is not None:
             in_prefix = jnp.arange(dims.lk)[None, :] < mask.prefix_lengths[:, None]
-            pnum, pden = _bidirectional(qf, kf, jnp.where(in_prefix[:, :, None], ka, -jnp.inf), v32, mask,
-                                        block_size)
+            pnum, pden = _bidirectional(qf, *_hide(kf, ka, in_prefix), v, mask, block_size, dtype)
             row_in_prefix = (jnp.arange(lq)[None, :] < mask.prefix_lengths[:, None])[:, :, None, None]
             num = jnp.where(row_in_prefix[..., None], pnum, num)
             den = jnp.where(row_in_prefix, pden, den)
@@ -74,18 +86,67 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask | N
     return out.reshape(b, lq, h, dims.value_dim).astype(q.dtype)
 
 
+def matmul_dtype(dtype) -> jnp.dtype:
+    """The operand dtype of linear attention's matmuls: bf16/fp16 inputs keep theirs, anything else float32."""
+    return jnp.dtype(dtype) if jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else jnp.dtype(jnp.float32)
+
+
+def gate_log_decay(decay, log_decay, shape: tuple, valid=None) -> jax.Array | None:
+    """The log decay ``[b, l, n]`` float32 from ``decay [n]`` or ``log_decay [b, l, n]`` (``shape``), or None;
+    0 (no decay) where ``valid [b, l]`` is False. Concrete values are checked: a decay in (0, 1], a log decay
+    <= 0."""
+    b, l, n = shape
+    if decay is not None and log_decay is not None:
+        raise ValueError("give decay (fixed per head) or log_decay (per position), not both")
+    if decay is not None:
+        decay = jnp.asarray(decay)
+        if decay.shape != (n,):
+            raise ValueError(f"decay must have shape [kv_heads] = [{n}] (one per key/value head: the state is kept "
+                             f"per kv head), got {list(decay.shape)}")
+        _check_range("decay", decay, lambda x: (x > 0) & (x <= 1), "in (0, 1]")
+        log_decay = jnp.broadcast_to(jnp.log(decay.astype(jnp.float32)), shape)
+    elif log_decay is not None:
+        log_decay = jnp.asarray(log_decay)
+        if log_decay.shape != tuple(shape):
+            raise ValueError(f"log_decay must have shape [batch, length, kv_heads] = {list(shape)}, got "
+                             f"{list(log_decay.shape)}")
+        _check_range("log_decay", log_decay, lambda x: x <= 0, "<= 0 (a decay in (0, 1])")
+        log_decay = log_decay.astype(jnp.float32)
+    else:
+        return None
+    return log_decay if valid is None else jnp.where(valid.reshape(valid.shape + (1,) * (3 - valid.ndim)),
+                                                     log_decay, 0.0)
+
+
+def _check_range(name: str, x, ok, accepted: str):
+    """Raise if a concrete ``x`` has an entry where ``ok`` is False (traced values cannot be checked)."""
+    try:
+        vals = np.asarray(x, np.float64)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return
+    bad = ~ok(vals)
+    if bad.any():
+        raise ValueError(f"{name} must be {accepted}; got {vals[bad].ravel()[:3].tolist()} among its values")
+
+
 def _key_features(fmap: FeatureMap, k, v, valid):
-    """``(phi(k) features [..., f], log-scales [...], v in float32)`` for keys ``k [b, (l,) n, d]``, values
+    """``(phi(k) features [..., f] float32, log-scales [...] or None, v)`` for keys ``k [b, (l,) n, d]``, values
     ``v [b, (l,) n, v]``. Where ``valid [b(, l)]`` is False the key and value are zeroed first (``0 * nan`` is nan: a
-    NaN there must reach no output or gradient) and the key gets log-scale -inf, weight 0."""
-    if valid is not None:
-        expand = lambda x: jnp.reshape(valid, valid.shape + (1,) * (x.ndim - valid.ndim))
-        k, v = (jnp.where(expand(x), x, jnp.zeros((), x.dtype)) for x in (k, v))
+    NaN there must reach no output or gradient), then the key's features (and its log-scale goes to -inf)."""
+    if valid is None:
+        kf, ka = fmap(k, is_query=False)
+        return kf, ka, v
+    expand = lambda x: jnp.reshape(valid, valid.shape + (1,) * (x.ndim - valid.ndim))
+    k, v = (jnp.where(expand(x), x, jnp.zeros((), x.dtype)) for x in (k, v))
     kf, ka = fmap(k, is_query=False)
-    ka = jnp.zeros(kf.shape[:-1], jnp.float32) if ka is None else ka
-    if valid is not None:
-        ka = jnp.where(expand(ka), ka, -jnp.inf)
-    return kf, ka, v.astype(jnp.float32)
+    return _hide(kf, ka, valid) + (v,)
+
+
+def _hide(kf, ka, visible):
+    """Keys where ``visible [b(, l)]`` is False get zero features and log-scale -inf (weight 0)."""
+    expand = lambda x: jnp.reshape(visible, visible.shape + (1,) * (x.ndim - visible.ndim))
+    kf = jnp.where(expand(kf), kf, 0.0)
+    return kf, None if ka is None else jnp.where(expand(ka), ka, -jnp.inf)
 
 
 def _check_unsupported(mask: Mask, dims, block_size, bias, scale, dropout_rate):
@@ -107,14 +168,17 @@ def _check_unsupported(mask: Mask, dims, block_size, bias, scale, dropout_rate):
                          "linear_init_state()/linear_step()")
 
 
-def _bidirectional(qf, kf, ka, v, mask: Mask, block_size: int):
+def _bidirectional(qf, kf, ka, v, mask: Mask, block_size: int, dtype):
     """Sums over every visible key (no causal structure): ``num [b, q, n, g, v]``, ``den [b, q, n, g]``."""
     if mask.has_segments:  # within a segment: keys up to i (forward pass) plus keys after i (reverse pass)
-        fwd = _causal_sums(qf, kf, ka, v, mask.q_segment_ids, mask.kv_segment_ids, block_size)
         flip = lambda x: None if x is None else jnp.flip(x, 1)
-        rev = _causal_sums(flip(qf), flip(kf), flip(ka), flip(v), flip(mask.q_segment_ids),
-                           flip(mask.kv_segment_ids), block_size, strict=True)
-        (fn, fd, fc), (rn, rd, rc) = fwd, tuple(flip(x) for x in rev)
+        fn, fd, fc = causal_sums(qf, kf, ka, v, mask.q_segment_ids, mask.kv_segment_ids, None, block_size,
+                                 dtype=dtype)
+        rn, rd, rc = (flip(x) for x in causal_sums(flip(qf), flip(kf), flip(ka), flip(v), flip(mask.q_segment_ids),
+                                                   flip(mask.kv_segment_ids), None, block_size, strict=True,
+                                                   dtype=dtype))
+        if fc is None:
+            return fn + rn, fd + rd
         c = lax.stop_gradient(jnp.maximum(fc, rc))
         wf, wr = jnp.exp(fc - c)[..., None], jnp.exp(rc - c)[..., None]  # [b, q, n, 1]
         return fn * wf[..., None] + rn * wr[..., None], fd * wf + rd * wr
@@ -123,72 +187,15 @@ def _bidirectional(qf, kf, ka, v, mask: Mask, block_size: int):
 
 
 def _sum_state(kf, ka, v):
-    """Sum over all keys: ``state [b, n, f, v]``, ``norm [b, n, f]`` relative to ``scale [b, n]`` (their largest
-    log-scale, floored). Stabilisers cancel in the output, so they carry no gradient."""
-    c = lax.stop_gradient(jnp.maximum(ka.max(1), _FLOOR))
+    """Sum over all keys: ``state [b, n, f, v]``, ``norm [b, n, f]`` float32 relative to ``scale [b, n]`` (their
+    largest log-scale, floored; 0 without log-scales). Stabilisers cancel in the output, so they carry no gradient."""
+    v = v.astype(jnp.float32)
+    if ka is None:
+        return (jnp.einsum("bknf,bknv->bnfv", kf, v), kf.sum(1),
+                jnp.zeros(kf.shape[:1] + kf.shape[2:3], jnp.float32))
+    c = lax.stop_gradient(jnp.maximum(ka.max(1), FLOOR))
     w = jnp.exp(ka - c[:, None])  # [b, k, n]
     return jnp.einsum("bknf,bkn,bknv->bnfv", kf, w, v), jnp.einsum("bknf,bkn->bnf", kf, w), c
-
-
-def _pad_to_blocks(pad: int, qf, kf, ka, v, q_seg, kv_seg):
-    """Pad the length axis by ``pad``: padded keys get log-scale -inf (weight 0), padded rows and keys segment ids
-    of their own; no segment ids become one segment for all."""
-    if pad:
-        widths = lambda x, value: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=value)
-        qf, kf, v, ka = widths(qf, 0), widths(kf, 0), widths(v, 0), widths(ka, -jnp.inf)
-        if q_seg is not None:
-            q_seg, kv_seg = widths(q_seg, -1), widths(kv_seg, -2)
-    if q_seg is None:
-        q_seg = kv_seg = jnp.zeros(qf.shape[:2], jnp.int32)
-    return qf, kf, ka, v, q_seg, kv_seg
-
-
-def _causal_sums(qf, kf, ka, v, q_seg, kv_seg, block: int, strict: bool = False):
-    """Sums over keys ``j <= i`` (``j < i`` if strict) in the same segment, block by block.
-
-    Returns ``num [b, l, n, g, v]`` and ``den [b, l, n, g]``, both relative to ``c [b, l, n]``, the largest
-    log-scale among the keys row i sees (floored at -1e30).
-    """
-    b, l, n, g, f = qf.shape
-    dv = v.shape[-1]
-    block = min(block, l)
-    nc = -(-l // block)
-    qf, kf, ka, v, q_seg, kv_seg = _pad_to_blocks(nc * block - l, qf, kf, ka, v, q_seg, kv_seg)
-    blocks = lambda x: x.reshape((b, nc, block) + x.shape[2:]).swapaxes(0, 1)
-    tri = jnp.tril(jnp.ones((block, block), bool), -1 if strict else 0)
-
-    def body(carry, xs):
-        state, norm, c_prev, seg_prev = carry  # [b,n,f,v], [b,n,f], [b,n], [b]
-        qc, kc, ac, vc, qs, ks = xs
-        visible = tri & (qs[:, :, None] == ks[:, None, :])  # [b, c, c]
-        logw = jnp.where(visible[:, None], ac.swapaxes(1, 2)[:, :, None, :], -jnp.inf)  # [b, n, c(q), c(k)]
-        carried = (qs == seg_prev[:, None])[:, None, :]  # [b, 1, c]: row continues the carried segment
-        cq = jnp.maximum(jnp.maximum(logw.max(-1), jnp.where(carried, c_prev[:, :, None], -jnp.inf)), _FLOOR)
-        cq = lax.stop_gradient(cq)
-        weights = jnp.einsum("bqngf,bknf->bngqk", qc, kc) * jnp.exp(logw - cq[..., None])[:, :, None]
-        from_state = jnp.where(carried, jnp.exp(c_prev[:, :, None] - cq), 0.0)  # [b, n, c]
-        num = jnp.einsum("bngqk,bknv->bqngv", weights, vc)
-        num = num + jnp.einsum("bqngf,bnfv->bqngv", qc, state) * from_state.swapaxes(1, 2)[:, :, :, None, None]
-        den = weights.sum(-1).transpose(0, 3, 1, 2)
-        den = den + jnp.einsum("bqngf,bnf->bqng", qc, norm) * from_state.swapaxes(1, 2)[:, :, :, None]
-        # The state after this block belongs to the segment of its last key.
-        seg_new = ks[:, -1]
-        keep_old = seg_prev == seg_new
-        in_seg = (ks == seg_new[:, None])[:, :, None]  # [b, c, 1]
-        a_new = jnp.where(in_seg, ac, -jnp.inf)  # [b, c, n]
-        c_new = lax.stop_gradient(
-            jnp.maximum(jnp.maximum(a_new.max(1), jnp.where(keep_old[:, None], c_prev, -jnp.inf)), _FLOOR))
-        old = jnp.where(keep_old[:, None], jnp.exp(c_prev - c_new), 0.0)  # [b, n]
-        w = jnp.exp(a_new - c_new[:, None])  # [b, c, n]
-        state = old[:, :, None, None] * state + jnp.einsum("bknf,bkn,bknv->bnfv", kc, w, vc)
-        norm = old[:, :, None] * norm + jnp.einsum("bknf,bkn->bnf", kc, w)
-        return (state, norm, c_new, seg_new), (num, den, cq.swapaxes(1, 2))
-
-    init = (jnp.zeros((b, n, f, dv), jnp.float32), jnp.zeros((b, n, f), jnp.float32),
-            jnp.full((b, n), _FLOOR, jnp.float32), q_seg[:, 0])
-    _, (num, den, c) = lax.scan(body, init, tuple(map(blocks, (qf, kf, ka, v, q_seg, kv_seg))))
-    unblock = lambda x: x.swapaxes(0, 1).reshape((b, nc * block) + x.shape[3:])[:, :l]
-    return unblock(num), unblock(den), unblock(c)
 
 
 # -- recurrent form (decoding) ---------------------------------------------------------------------------------------
@@ -214,44 +221,64 @@ def init_state(batch: int, kv_heads: int, head_dim: int, value_dim: int,
     """The empty state (no keys seen yet) for `linear_step` (exported as `linear_init_state`)."""
     shapes = _state_shapes(batch, kv_heads, get_feature_map(feature_map).num_features(head_dim), value_dim)
     return LinearState(jnp.zeros(shapes.state, jnp.float32), jnp.zeros(shapes.norm, jnp.float32),
-                       jnp.full(shapes.scale, _FLOOR, jnp.float32))
+                       jnp.full(shapes.scale, FLOOR, jnp.float32))
 
 
 def prefill_state(k: jax.Array, v: jax.Array, *, feature_map: "str | FeatureMap" = "elu",
-                  kv_valid: jax.Array | None = None) -> LinearState:
+                  kv_valid: jax.Array | None = None, decay=None, log_decay=None) -> LinearState:
     """The state after keys/values ``k [b, l, n, d]``, ``v [b, l, n, v]`` (``kv_valid [b, l]`` marks real ones):
-    what `linear_step` would have accumulated over them, in one pass. Used to prefill a prompt before decoding
-    (exported as `linear_prefill_state`)."""
+    what `linear_step` would have accumulated over them, in one pass, decayed by ``decay [n]`` or
+    ``log_decay [b, l, n]`` as in `linear_attention`. Used to prefill a prompt before decoding (exported as
+    `linear_prefill_state`)."""
     for name, x in (("k", k), ("v", v)):
         check_rank4(name, x, "[batch, length, kv_heads, dim]")
     if v.shape[:3] != k.shape[:3]:
         raise ValueError(f"v must match k in batch, length and kv heads: k {k.shape}, v {v.shape}")
     kv_valid = _check_valid("kv_valid", kv_valid, k.shape[:2])
-    return LinearState(*_sum_state(*_key_features(get_feature_map(feature_map), k, v, kv_valid)))
+    log_decay = gate_log_decay(decay, log_decay, k.shape[:3], kv_valid)
+    kf, ka, v = _key_features(get_feature_map(feature_map), k, v, kv_valid)
+    if log_decay is not None:  # key j is decayed by every later position: sum_{t > j} log_decay_t
+        later = jnp.flip(jnp.cumsum(jnp.flip(log_decay, 1), 1), 1) - log_decay
+        ka = later if ka is None else ka + later
+    return LinearState(*_sum_state(kf, ka, v))
 
 
 def step(state: LinearState, q_t: jax.Array, k_t: jax.Array, v_t: jax.Array, *,
-         feature_map: "str | FeatureMap" = "elu", valid: jax.Array | None = None) -> tuple[jax.Array, LinearState]:
-    """One causal position: add key/value ``t`` to the state, then attend with query ``t`` (exported as
+         feature_map: "str | FeatureMap" = "elu", valid: jax.Array | None = None, decay=None,
+         log_decay=None) -> tuple[jax.Array, LinearState]:
+    """One causal position: decay the state, add key/value ``t`` to it, then attend with query ``t`` (exported as
     `linear_step`).
 
     Args:
       state: from `linear_init_state`, `linear_prefill_state` or a previous `linear_step`.
       q_t: ``[b, h, d]``; k_t: ``[b, n, d]``; v_t: ``[b, n, v]``.
       feature_map: the same map as the causal pass.
-      valid: optional bool ``[b]``; False leaves the state unchanged (a padding position).
+      valid: optional bool ``[b]``; False leaves the state unchanged (a padding position: no key, no decay).
+      decay: ``[n]`` in (0, 1], or log_decay: ``[b, n]`` (<= 0): this position's decay, as in `linear_attention`.
 
     Returns:
-      ``(out_t [b, h, v], new_state)``; out_t equals `linear_attention` with ``Mask(causal=True)`` at position t.
+      ``(out_t [b, h, v], new_state)``; out_t equals `linear_attention` with ``Mask(causal=True)`` (and the same
+      decay) at position t.
     """
     fmap = get_feature_map(feature_map)
     b, h, d, n = _check_step(state, q_t, k_t, v_t, fmap)
     valid = _check_valid("valid", valid, (b,))
+    if log_decay is not None:
+        log_decay = jnp.asarray(log_decay)
+        if log_decay.shape != (b, n):
+            raise ValueError(f"log_decay of one position must have shape [batch, kv_heads] = [{b}, {n}], got "
+                             f"{list(log_decay.shape)}")
+        log_decay = log_decay[:, None]
+    log_decay = gate_log_decay(decay, log_decay, (b, 1, n), None if valid is None else valid[:, None])
     qf = fmap(q_t.reshape(b, n, h // n, d), is_query=True)[0]
-    kf, ka, v32 = _key_features(fmap, k_t, v_t, valid)
-    c_new = lax.stop_gradient(jnp.maximum(jnp.maximum(state.scale, ka), _FLOOR))
-    old, w = jnp.exp(state.scale - c_new), jnp.exp(ka - c_new)
-    s = old[..., None, None] * state.state + jnp.einsum("bnf,bn,bnv->bnfv", kf, w, v32)
+    kf, ka, v_t = _key_features(fmap, k_t, v_t, valid)
+    ka = jnp.zeros((b, n), jnp.float32) if ka is None else ka
+    if valid is not None:
+        ka = jnp.where(valid[:, None], ka, -jnp.inf)
+    scale = state.scale if log_decay is None else state.scale + log_decay[:, 0]
+    c_new = lax.stop_gradient(jnp.maximum(jnp.maximum(scale, ka), FLOOR))
+    old, w = jnp.exp(scale - c_new), jnp.exp(ka - c_new)
+    s = old[..., None, None] * state.state + jnp.einsum("bnf,bn,bnv->bnfv", kf, w, v_t.astype(jnp.float32))
     z = old[..., None] * state.norm + kf * w[..., None]
     num, den = jnp.einsum("bngf,bnfv->bngv", qf, s), jnp.einsum("bngf,bnf->bng", qf, z)
     out = num / jnp.where(den > 0, den, 1.0)[..., None]

@@ -21,6 +21,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from ..attention import (FEATURE_MAPS, IMPLS, FeatureMap, Mask, attend_scores, attention_weights, linear_attention,
@@ -33,6 +34,7 @@ from .embeddings import RopeScaling, rotary
 ATTENTION_KINDS = ("softmax", "linear", "additive", "synthesizer_dense", "synthesizer_random")
 SYNTHESIZERS = ("synthesizer_dense", "synthesizer_random")  # logits from positions/tokens alone: no queries, no keys
 DECODE_MODES = (None, "prefill", "step")
+LINEAR_GATES = ("none", "fixed", "data")
 default_kernel_init = nn.initializers.normal(stddev=0.02)
 
 
@@ -58,6 +60,9 @@ class MultiHeadAttention(nn.Module):
       talking_heads: mix the logits and the probabilities across heads (Shazeer et al. 2020); softmax only.
       max_len: the longest key axis of the Synthesizer tables.
       feature_map: linear-attention feature map (``"elu"``, ``"relu"``, ``"favor"`` or a `FeatureMap`).
+      linear_gate: decay of linear self-attention's state (causal masks only): ``"none"``; ``"fixed"``, RetNet's
+        ``1 - 2^(-5 - i)`` for kv head i (no parameters); ``"data"``, a per-token decay per kv head,
+        ``log_sigmoid(x W + b) / 16`` as in GLA (parameters ``gate``: ``[embed, n]`` and ``[n]``).
       dropout_rate: attention-probability dropout (not linear), active when ``deterministic=False``.
       rotary_base: if set, rotary position embedding (base e.g. 10000) on self-attention queries and keys;
         rope_scaling: its `RopeScaling` (long-context frequency stretch), or None.
@@ -76,6 +81,7 @@ class MultiHeadAttention(nn.Module):
     attention: str = "softmax"
     attention_impl: str = "auto"
     feature_map: "str | FeatureMap" = "elu"
+    linear_gate: str = "none"
     talking_heads: bool = False
     max_len: int | None = None
     dropout_rate: float = 0.0
@@ -102,6 +108,10 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"attention_impl must be one of {IMPLS}, got {self.attention_impl!r}")
         if self.attention == "linear" and isinstance(self.feature_map, str) and self.feature_map not in FEATURE_MAPS:
             raise ValueError(f"feature_map must be one of {sorted(FEATURE_MAPS)}, got {self.feature_map!r}")
+        if self.linear_gate not in LINEAR_GATES:
+            raise ValueError(f"linear_gate must be one of {LINEAR_GATES}, got {self.linear_gate!r}")
+        if self.linear_gate != "none" and self.attention != "linear":
+            raise ValueError(f"linear_gate={self.linear_gate!r} needs attention='linear', got {self.attention!r}")
         if self.attention == "linear" and self.dropout_rate:
             raise ValueError("dropout_rate must be 0 with attention='linear' (no attention probabilities to drop)")
         if self.talking_heads and self.attention != "softmax":
@@ -148,6 +158,8 @@ class MultiHeadAttention(nn.Module):
         cross = inputs_kv is not None
         if cross and self.attention in SYNTHESIZERS:
             raise ValueError(f"attention={self.attention!r} is self-attention only (its logits ignore the keys)")
+        if cross and self.linear_gate != "none":
+            raise ValueError(f"linear_gate={self.linear_gate!r} is for causal self-attention, not cross-attention")
         keyless = self.attention in SYNTHESIZERS
         q = None if keyless else self._project("query", inputs_q, self.num_heads, head_dim, "heads")
         if cross:
@@ -160,12 +172,13 @@ class MultiHeadAttention(nn.Module):
                     positions = jnp.broadcast_to(jnp.arange(inputs_q.shape[1]), inputs_q.shape[:2])
                 q = rotary(q, positions, self.rotary_base, self.rope_scaling)
                 k = rotary(k, positions, self.rotary_base, self.rope_scaling)
+        gate = self._linear_gate(inputs_q, kv_heads) if self.linear_gate != "none" else {}
         if decode and not cross and self.attention == "linear":
-            out = self._linear_decode(q, k, v, mask, decode)
+            out = self._linear_decode(q, k, v, mask, decode, gate)
         else:
             if decode and not cross:
                 k, v = self._softmax_cache(k, v, cache_index)
-            out = self._attend(q, k, v, mask, bias, deterministic, inputs_q, positions)
+            out = self._attend(q, k, v, mask, bias, deterministic, inputs_q, positions, gate)
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
         return nn.DenseGeneral(
             self.out_dim or inputs_q.shape[-1], axis=(-2, -1), use_bias=self.use_bias, dtype=self.dtype,
@@ -173,9 +186,19 @@ class MultiHeadAttention(nn.Module):
             kernel_init=general_kernel_init(self.kernel_init, ("heads", "head_dim", "embed")),
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), name="out")(out)
 
-    def _attend(self, q, k, v, mask, bias, deterministic, inputs_q, positions):
+    def _linear_gate(self, inputs_q: jax.Array, kv_heads: int) -> dict:
+        """``{"decay": [n]}`` (fixed) or ``{"log_decay": [b, l, n]}`` (data) for `linear_attention`."""
+        if self.linear_gate == "fixed":  # RetNet (Sun et al. 2023): gamma_i = 1 - 2^(-5 - i)
+            return {"decay": 1.0 - 2.0 ** (-5.0 - np.arange(kv_heads, dtype=np.float32))}
+        logits = nn.Dense(kv_heads, dtype=jnp.float32, param_dtype=self.param_dtype,
+                          kernel_init=nn.with_logical_partitioning(self.kernel_init, ("embed", "kv_heads")),
+                          bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("kv_heads",)),
+                          name="gate")(inputs_q)
+        return {"log_decay": jax.nn.log_sigmoid(logits) / 16.0}  # GLA's gate_logit_normalizer (Yang et al. 2024)
+
+    def _attend(self, q, k, v, mask, bias, deterministic, inputs_q, positions, gate):
         if self.attention == "linear":
-            return linear_attention(q, k, v, mask=mask, feature_map=self.feature_map, bias=bias)
+            return linear_attention(q, k, v, mask=mask, feature_map=self.feature_map, bias=bias, **gate)
         rate = 0.0 if deterministic else self.dropout_rate
         rng = self.make_rng("dropout") if rate > 0 else None
         sowing = self.is_mutable_collection("intermediates")
@@ -244,20 +267,23 @@ class MultiHeadAttention(nn.Module):
                                                  (0, cache_index, 0, 0))
         return (cached["cached_key"].value if k is not None else None), cached["cached_value"].value
 
-    def _linear_decode(self, q, k, v, mask, decode):
-        """Linear self-attention against its recurrent state: prefill sums the prompt, a step adds one token."""
+    def _linear_decode(self, q, k, v, mask, decode, gate):
+        """Linear self-attention against its recurrent state: prefill sums the prompt, a step adds one token.
+        ``gate``: `_linear_gate`'s decay, or empty."""
         initializing = not self.has_variable("cache", "linear_state")
         b, _, n, d = k.shape
         state = self.variable("cache", "linear_state",
                               lambda: linear_init_state(b, n, d, v.shape[-1], self.feature_map))
         no_offset = None if mask is None else dataclasses.replace(mask, q_offset=None)
         if initializing:
-            return linear_attention(q, k, v, mask=no_offset, feature_map=self.feature_map)
+            return linear_attention(q, k, v, mask=no_offset, feature_map=self.feature_map, **gate)
         if decode == "prefill":
             kv_valid = None if mask is None else mask.kv_valid_mask(k.shape[1])
-            state.value = linear_prefill_state(k, v, feature_map=self.feature_map, kv_valid=kv_valid)
-            return linear_attention(q, k, v, mask=no_offset, feature_map=self.feature_map)
+            state.value = linear_prefill_state(k, v, feature_map=self.feature_map, kv_valid=kv_valid, **gate)
+            return linear_attention(q, k, v, mask=no_offset, feature_map=self.feature_map, **gate)
         if q.shape[1] != 1:
             raise ValueError(f"linear-attention decode steps take one token at a time, got {q.shape[1]}")
-        out, state.value = linear_step(state.value, q[:, 0], k[:, 0], v[:, 0], feature_map=self.feature_map)
+        if "log_decay" in gate:
+            gate = {"log_decay": gate["log_decay"][:, 0]}
+        out, state.value = linear_step(state.value, q[:, 0], k[:, 0], v[:, 0], feature_map=self.feature_map, **gate)
         return out[:, None]

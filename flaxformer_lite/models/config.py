@@ -9,7 +9,7 @@ import dataclasses
 import math
 
 from ..attention import FEATURE_MAPS, IMPLS
-from ..layers.attention import ATTENTION_KINDS
+from ..layers.attention import ATTENTION_KINDS, LINEAR_GATES
 from ..layers.embedder import POSITIONS
 from ..layers.embeddings import RopeScaling
 from ..layers.mlp import ACTIVATIONS
@@ -19,7 +19,8 @@ MODELS = ("gpt", "bert", "encoder_decoder")
 DTYPES = ("float32", "bfloat16", "float16")
 _CHOICES = {"model": MODELS, "attention": ATTENTION_KINDS, "attention_impl": IMPLS, "position": POSITIONS,
             "norm": NORMS, "norm_position": ("pre", "post"), "activation": tuple(sorted(ACTIVATIONS)),
-            "dtype": DTYPES, "param_dtype": DTYPES, "feature_map": tuple(sorted(FEATURE_MAPS))}
+            "dtype": DTYPES, "param_dtype": DTYPES, "feature_map": tuple(sorted(FEATURE_MAPS)),
+            "linear_gate": LINEAR_GATES}
 
 
 def _is_int(value) -> bool:
@@ -67,7 +68,8 @@ class ModelConfig:
       dropout_rate: embeddings, residuals and MLP hidden; attention_dropout_rate: attention probabilities.
       attention: ``"softmax"``, ``"linear"``, or a dense variant: ``"additive"`` (Bahdanau), ``"synthesizer_dense"``,
         ``"synthesizer_random"`` (Tay et al.; self-attention only); attention_impl: the softmax impl; feature_map:
-        the linear map. talking_heads: mix logits and probabilities across heads (softmax; computed densely).
+        the linear map; linear_gate: ``"none"``, ``"fixed"`` (RetNet's per-head decay) or ``"data"`` (GLA-style
+        per-token decay) of linear attention's state (model ``"gpt"``). talking_heads: mix logits and probabilities across heads (softmax; computed densely).
       position: ``"learned"``, ``"sinusoidal"``, ``"rotary"`` or ``"none"``; rope_base (> 1) for rotary (Hugging
         Face's ``rope_theta``); rope_scaling: a `RopeScaling` (``linear``, ``dynamic`` or ``llama3`` long-context
         frequency stretch; a mapping of its fields is accepted, as YAML gives it) or None; rotary only.
@@ -108,6 +110,7 @@ class ModelConfig:
     talking_heads: bool = False
     attention_impl: str = "auto"
     feature_map: str = "elu"
+    linear_gate: str = "none"
     position: str = "learned"
     rope_base: float = 10_000.0
     rope_scaling: RopeScaling | None = None
@@ -176,6 +179,10 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.sliding_window is supported for model 'gpt', not {self.model!r}")
         if self.sliding_window is not None and self.attention == "linear":
             raise ValueError("ModelConfig.sliding_window needs attention='softmax' (or a dense variant), not 'linear'")
+        if self.linear_gate != "none" and (self.attention != "linear" or self.model != "gpt"):
+            raise ValueError(f"ModelConfig.linear_gate={self.linear_gate!r} needs attention='linear' and model 'gpt' "
+                             f"(a decay runs forward in time: causal self-attention), got attention="
+                             f"{self.attention!r}, model={self.model!r}")
         if self.qk_norm and self.attention in ("synthesizer_dense", "synthesizer_random"):
             raise ValueError(f"ModelConfig.qk_norm needs queries and keys; attention={self.attention!r} has none")
 

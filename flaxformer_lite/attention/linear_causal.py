@@ -1,0 +1,210 @@
+"""Causal linear attention in block-parallel form (the "chunk" form of flash-linear-attention), with decay gates.
+
+For a row i and the keys j <= i of its segment::
+
+    num_i = sum_j D_ij w_j phi(q_i).phi(k_j) v_j        den_i = sum_j D_ij w_j phi(q_i).phi(k_j)
+
+with ``w_j = exp(ka_j)`` the key's log-scale (FAVOR+, -inf for padding) and ``D_ij = exp(sum_{t=j+1..i} a_t)`` the
+decay between j and i (``a = log_decay <= 0``; D = 1 without gates). The sequence is cut into blocks of c
+positions. Everything but one cheap pass runs for all blocks at once as batched matmuls:
+
+1. inside each block, the quadratic form ``(Q K^T * mask * decay) V``;
+2. each block's own state ``K^T V`` (keys of the block's last segment, decayed to the block's end);
+3. the states entering each block, by a `lax.scan` over blocks of one multiply-add on ``[b, n, f, v]``;
+4. the inter-block term ``Q S_in`` for all blocks.
+
+Cumulative decays are summed inside a block only (at most c terms), so long sequences stay finite and exact. With
+key log-scales (FAVOR+), every sum is kept relative to a log-scale: a row's is the largest log-weight among the keys
+it sees, as online softmax does, so no key it cannot see changes its output. Without them (elu, relu) weights are at
+most 1 (0/1 masks times decays <= 1), and the sums are plain: no running maximum is taken. (A row whose every visible
+key has decayed below float32's range, e^-87, then reads 0; a row always sees its own key unless padding hides it.)
+Matmul operands are in the input dtype (bf16 stays bf16), and every product accumulates in float32.
+
+Shape key: b batch, l length, n kv heads, g = h // n, f features, v value dim, m blocks, c block length.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+FLOOR = -1e30  # finite floor for running log-scales: exp(floor - floor) = 1, exp(-inf - floor) = 0
+
+
+def causal_sums(qf, kf, ka, v, q_seg, kv_seg, log_decay, block: int, *, strict: bool = False, dtype=jnp.float32,
+                group: int | None = None):
+    """Sums over keys ``j <= i`` (``j < i`` if ``strict``) in the same segment, decayed by ``log_decay``.
+
+    Args:
+      qf: query features ``[b, l, n, g, f]``; kf: key features ``[b, l, n, f]``; v: values ``[b, l, n, v]``.
+      ka: key log-scales ``[b, l, n]`` (-inf: the key is hidden) or None (all 0).
+      q_seg, kv_seg: segment ids ``[b, l]`` (contiguous runs; the state restarts where they change) or None.
+      log_decay: ``[b, l, n]`` log of the decay applied to the state at each position, or None.
+      block: block length c.
+      strict: exclude the diagonal (the reverse pass of non-causal segments).
+      dtype: matmul operand dtype (products accumulate in float32).
+      group: blocks computed together; groups follow one another in a `lax.scan` carrying the state. Default
+        `GROUP_BLOCKS` for the backend: all blocks at once on accelerators; a few on CPU, where a group's
+        intermediates then stay in cache (8 blocks take 0.55x the time of all 256 at 16k tokens).
+
+    Returns:
+      ``num [b, l, n, g, v]``, ``den [b, l, n, g]`` float32, relative to ``scale [b, l, n]`` (None: 0).
+    """
+    b, l, n, g, f = qf.shape
+    c = min(block, l)
+    m = -(-l // c)
+    group = min(m, group or GROUP_BLOCKS.get(jax.default_backend(), m))
+    groups = -(-m // group)
+    pad = groups * group * c - l
+    scaled = ka is not None
+
+    def grouped(x, fill, heads: bool):
+        """``[b, l, (n,) ...] -> [groups, b, (n,) group, c, ...]``, padded with ``fill``."""
+        if x is None:
+            return None
+        if pad:
+            x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+        x = jnp.moveaxis(x.reshape((b, groups, group, c) + x.shape[2:]), 1, 0)
+        return jnp.moveaxis(x, 4, 2) if heads else x
+
+    xs = dict(q=grouped(qf.astype(dtype), 0, True), k=grouped(kf.astype(dtype), 0, True),
+              v=grouped(v.astype(dtype), 0, True))
+    if q_seg is not None:  # padded rows and keys get ids of their own
+        xs.update(qs=grouped(q_seg, -1, False), ks=grouped(kv_seg, -2, False))
+    if scaled:
+        xs["ka"] = grouped(ka, -jnp.inf, True)
+    if log_decay is not None:
+        xs["decay"] = grouped(log_decay.astype(jnp.float32), 0.0, True)
+    init = _State(jnp.zeros((b, n, f, v.shape[-1]), jnp.float32), jnp.zeros((b, n, f), jnp.float32),
+                  jnp.full((b, n), FLOOR, jnp.float32), jnp.full((b,), -3, jnp.int32))
+    body = lambda state, x: _group(state, x, strict=strict, dtype=dtype, scaled=scaled)
+    if groups == 1:
+        outs = body(init, jax.tree.map(lambda x: x[0], xs))[1]
+        outs = jax.tree.map(lambda x: x[None], outs)
+    else:
+        outs = lax.scan(body, init, xs)[1]
+
+    def ungroup(x):  # [groups, b, n, group, c, ...] -> [b, l, n, ...]
+        if x is None:
+            return None
+        x = jnp.moveaxis(jnp.moveaxis(x, 0, 1), 2, 4)  # [b, groups, group, c, n, ...]
+        return x.reshape((b, groups * group * c) + x.shape[4:])[:, :l]
+
+    return tuple(ungroup(x) for x in outs)
+
+
+GROUP_BLOCKS = {"cpu": 8}
+
+
+class _State(NamedTuple):
+    """The running sums entering a group of blocks: ``state [b, n, f, v]``, ``norm [b, n, f]``, both relative to
+    ``scale [b, n]``, and ``segment [b]``, the segment they belong to (-3: none)."""
+
+    state: jax.Array
+    norm: jax.Array
+    scale: jax.Array
+    segment: jax.Array
+
+
+def _group(entering: _State, x: dict, *, strict: bool, dtype, scaled: bool):
+    """One group of blocks ``x`` (``q [b, n, m, c, g, f]``, ``k [b, n, m, c, f]``, ``v [b, n, m, c, v]``, optional
+    ``qs``/``ks [b, m, c]``, ``ka``/``decay [b, n, m, c]``) from the running sums ``entering``: the sums leaving
+    it, and its rows' ``(num, den, scale or None)``."""
+    qc, kc, vc = x["q"], x["k"], x["v"]
+    b, n, m, c = kc.shape[:4]
+    visible = jnp.tril(jnp.ones((c, c), bool), -1 if strict else 0)
+    # The sums leaving block i belong to the segment of its last key; a row reads the sums entering its block iff it
+    # is in their segment, and the sums leaving block i keep the entering ones iff both have one segment.
+    if "qs" in x:
+        qs, ks = x["qs"], x["ks"]
+        visible = visible & (qs[..., :, None] == ks[..., None, :])  # [b, m, c(q), c(k)]
+        last = ks[..., -1]  # [b, m]
+        before = jnp.concatenate([entering.segment[:, None], last[:, :-1]], 1)
+        keep, segment = last == before, last[:, -1]
+        carried = (qs == before[..., None])[:, None]  # [b, 1, m, c]
+        in_last = (ks == last[..., None])[:, None]  # [b, 1, m, c]
+    else:  # one segment: the first block's entering sums are zero, so keeping them is harmless
+        keep, segment = jnp.ones((b, m), bool), entering.segment
+        carried = jnp.ones((b, 1, m, c), bool)
+        in_last = None
+    visible = jnp.broadcast_to(visible, (b, m, c, c))[:, None, :, :, None, :]  # [b, 1, m, q, 1, k]
+
+    scores = jnp.einsum("xnmqgf,xnmkf->xnmqgk", qc, kc, preferred_element_type=jnp.float32)
+    if not scaled:  # weights are 0/1 times decays <= 1: plain sums, no log-scale needed
+        kc_last = kc if in_last is None else jnp.where(in_last[..., None], kc, jnp.zeros((), kc.dtype))
+        if "decay" in x:
+            cum = jnp.cumsum(x["decay"], -1)  # [b, n, m, c]: log decay since the block's start
+            pair = jnp.exp(jnp.where(visible[:, :, :, :, 0], cum[..., :, None] - cum[..., None, :], -jnp.inf))
+            weights = scores * pair[:, :, :, :, None, :]
+            kc_last = kc_last * jnp.exp(cum[..., -1:] - cum)[..., None].astype(kc.dtype)  # decayed to block end
+            q_gain, block_decay = jnp.exp(cum)[..., None, None].astype(qc.dtype), cum[..., -1]
+        else:
+            weights = jnp.where(visible, scores, 0.0)
+            q_gain, block_decay = 1, None
+        own = _Own(jnp.einsum("xnmkf,xnmkv->xnmfv", kc_last, vc, preferred_element_type=jnp.float32),
+                   kc_last.astype(jnp.float32).sum(3), None, block_decay)
+        leaving, (s_in, z_in, _) = _chain(entering, own, keep, segment)
+        q_in = jnp.where(carried[..., None, None], qc * q_gain, jnp.zeros((), qc.dtype))
+        row_scale = None
+    else:
+        ka = x["ka"]  # [b, n, m, c]
+        cum = jnp.cumsum(x["decay"], -1) if "decay" in x else jnp.zeros_like(ka)  # log decay since block start
+        logw = jnp.where(visible[:, :, :, :, 0], cum[..., :, None] + (ka - cum)[..., None, :], -jnp.inf)
+        to_end = ka + cum[..., -1:] - cum  # a key's log-weight at its block's end
+        if in_last is not None:
+            to_end = jnp.where(in_last, to_end, -jnp.inf)
+        own_scale = lax.stop_gradient(jnp.maximum(to_end.max(-1), FLOOR))  # [b, n, m]
+        kc_w = kc * jnp.exp(to_end - own_scale[..., None])[..., None].astype(kc.dtype)
+        own = _Own(jnp.einsum("xnmkf,xnmkv->xnmfv", kc_w, vc, preferred_element_type=jnp.float32),
+                   kc_w.astype(jnp.float32).sum(3), own_scale, cum[..., -1])
+        leaving, (s_in, z_in, c_in) = _chain(entering, own, keep, segment)
+        from_state = jnp.where(carried, c_in[..., None] + cum, -jnp.inf)  # [b, n, m, c]
+        row_scale = lax.stop_gradient(jnp.maximum(jnp.maximum(logw.max(-1), from_state), FLOOR))
+        weights = scores * jnp.exp(logw - row_scale[..., None])[:, :, :, :, None, :]
+        q_in = qc * jnp.exp(from_state - row_scale)[..., None, None].astype(qc.dtype)
+
+    num = (jnp.einsum("xnmqgk,xnmkv->xnmqgv", weights.astype(vc.dtype), vc, preferred_element_type=jnp.float32)
+           + jnp.einsum("xnmqgf,xnmfv->xnmqgv", q_in, s_in.astype(qc.dtype), preferred_element_type=jnp.float32))
+    den = weights.sum(-1) + jnp.einsum("xnmqgf,xnmf->xnmqg", q_in, z_in.astype(qc.dtype),
+                                       preferred_element_type=jnp.float32)
+    return leaving, (num, den, row_scale)
+
+
+class _Own(NamedTuple):
+    """Each block's own contribution to the running sums: ``state [b, n, m, f, v]``, ``norm [b, n, m, f]``, their
+    ``scale [b, n, m]`` and the block's total log ``decay [b, n, m]`` (None: 0)."""
+
+    state: jax.Array
+    norm: jax.Array
+    scale: jax.Array | None
+    decay: jax.Array | None
+
+
+def _chain(entering: _State, own: _Own, keep, segment):
+    """Running sums along the blocks of a group, by `lax.scan` over blocks: returns the sums leaving the group and
+    those entering each block, ``(state [b, n, m, f, v], norm [b, n, m, f], scale [b, n, m])``. ``keep [b, m]``:
+    False restarts the sums after the block's own keys."""
+    b, n = own.state.shape[:2]
+    m = own.state.shape[2]
+    scales = jnp.zeros((b, n, m), jnp.float32) if own.scale is None else own.scale
+    decay = jnp.zeros((b, n, m), jnp.float32) if own.decay is None else own.decay
+
+    def body(carry, xs):
+        state, norm, scale = carry
+        st, zt, own_scale, kp, dec = xs
+        if own.scale is None:  # no log-scales: plain sums, decayed
+            a = jnp.where(kp[:, None], 1.0 if own.decay is None else jnp.exp(dec), 0.0)
+            new = (a[..., None, None] * state + st, a[..., None] * norm + zt, scale)
+        else:
+            old = jnp.where(kp[:, None], scale + dec, -jnp.inf)
+            c = lax.stop_gradient(jnp.maximum(jnp.maximum(old, own_scale), FLOOR))
+            a, w = jnp.exp(old - c), jnp.exp(own_scale - c)
+            new = (a[..., None, None] * state + w[..., None, None] * st, a[..., None] * norm + w[..., None] * zt, c)
+        return new, carry
+
+    xs = (jnp.moveaxis(own.state, 2, 0), jnp.moveaxis(own.norm, 2, 0), jnp.moveaxis(scales, 2, 0), keep.T,
+          jnp.moveaxis(decay, 2, 0))
+    (state, norm, scale), entering_each = lax.scan(body, entering[:3], xs)
+    return _State(state, norm, scale, segment), tuple(jnp.moveaxis(x, 0, 2) for x in entering_each)

@@ -1,0 +1,161 @@
+"""Decay-gated linear attention (RetNet's fixed decay, GLA/Mamba-2's data-dependent one) against the float64
+recurrence in tests/reference.py: every causal mask kind x feature map x MHA/GQA, block sizes, gradients, the
+recurrent step and prefill, long sequences, bf16, and the documented errors."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import reference
+from cases import B, L, build, qkv
+from flaxformer_lite.attention import Mask, linear_attention, linear_init_state, linear_prefill_state, linear_step
+from test_linear import PHI, TOL
+
+CASES = ["causal", "causal_kv_valid", "segments_causal"]
+
+
+def _gate(kind, n, l=L, seed=3):
+    """``(kwargs for linear_attention, log_decay [b, l, n] float64 for the reference)``."""
+    if kind == "fixed":
+        decay = np.linspace(0.6, 0.95, n)
+        return {"decay": jnp.asarray(decay, jnp.float32)}, np.broadcast_to(np.log(decay), (B, l, n))
+    log_decay = -np.logaddexp(0, np.random.default_rng(seed).standard_normal((B, l, n)) - 1)  # -softplus
+    return {"log_decay": jnp.asarray(log_decay, jnp.float32)}, log_decay
+
+
+def _reference(name, qn, kn, vn, log_decay, fmap):
+    fields = build(name)[2]
+    seg = None if fields.q_segment_ids is None else np.asarray(fields.q_segment_ids)
+    valid = None if fields.kv_valid is None else np.asarray(fields.kv_valid)
+    return reference.gated_linear_attention(qn, kn, vn, log_decay, seg, valid, PHI[fmap])
+
+
+@pytest.fixture(scope="module")
+def gated_fn():
+    """jit(linear_attention) with static knobs; the gate a traced argument."""
+    return jax.jit(linear_attention, static_argnames=("feature_map", "block_size"))
+
+
+@pytest.mark.parametrize("kind", ["fixed", "data"])
+@pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
+@pytest.mark.parametrize("fmap", ["elu", "favor"])
+@pytest.mark.parametrize("name", CASES)
+def test_matches_recurrent_reference(gated_fn, name, fmap, kv_heads, kind):
+    _, _, mask, _ = build(name)
+    (qn, kn, vn), (q, k, v) = qkv(L, L, kv_heads=kv_heads, value_dim=8, seed=kv_heads)
+    gate, log_decay = _gate(kind, kv_heads)
+    out = gated_fn(q, k, v, mask=mask, feature_map=fmap, block_size=8, **gate)
+    np.testing.assert_allclose(out, _reference(name, qn, kn, vn, log_decay, fmap), **TOL)
+
+
+@pytest.mark.parametrize("name", ["causal", "segments_causal"])
+def test_block_size_does_not_change_the_result(gated_fn, name):
+    """Block 1 and 4 cross many groups of blocks (the CPU scans groups of 8), 64 is one block."""
+    _, _, mask, _ = build(name)
+    _, (q, k, v) = qkv(L, L, kv_heads=2)
+    gate, _ = _gate("data", 2)
+    outs = [gated_fn(q, k, v, mask=mask, feature_map="favor", block_size=c, **gate) for c in (1, 4, 64)]
+    for out in outs[1:]:
+        np.testing.assert_allclose(out, outs[0], **TOL)
+
+
+@pytest.mark.parametrize("fmap", ["elu", "favor"])
+@pytest.mark.parametrize("name", ["causal_kv_valid", "segments_causal"])
+def test_grads_match_finite_differences(gated_fn, name, fmap):
+    """Gradients of q, k, v and of the log decay itself."""
+    _, _, mask, _ = build(name)
+    (qn, kn, vn), (q, k, v) = qkv(L, L, kv_heads=2, seed=11)
+    gate, log_decay = _gate("data", 2, seed=12)
+    rng = np.random.default_rng(13)
+    w = rng.standard_normal((B, L, 4, 16))
+    loss = lambda q, k, v, a: jnp.sum(gated_fn(q, k, v, mask=mask, feature_map=fmap, block_size=8, log_decay=a) * w)
+    grads = jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, gate["log_decay"])
+    arrays = [qn, kn, vn, log_decay]
+    for idx in range(4):
+        assert np.isfinite(grads[idx]).all()
+        direction = rng.standard_normal(arrays[idx].shape)
+
+        def f(x):
+            args = list(arrays)
+            args[idx] = x
+            return float((_reference(name, *args, fmap) * w).sum())
+
+        fd = reference.numerical_directional_grad(f, arrays[idx], direction)
+        np.testing.assert_allclose(float((np.asarray(grads[idx], np.float64) * direction).sum()), fd,
+                                   rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["fixed", "data"])
+@pytest.mark.parametrize("fmap", ["elu", "favor"])
+def test_step_and_prefill_follow_the_gate(gated_fn, fmap, kind):
+    """Prefill the first t positions, then step through the rest: every output equals the parallel form's."""
+    _, _, mask, _ = build("causal_kv_valid")
+    _, (q, k, v) = qkv(L, L, kv_heads=2, value_dim=8, seed=5)
+    gate, _ = _gate(kind, 2)
+    want = gated_fn(q, k, v, mask=mask, feature_map=fmap, block_size=8, **gate)
+    t = 20
+    prefix = {"decay": gate["decay"]} if kind == "fixed" else {"log_decay": gate["log_decay"][:, :t]}
+    state = linear_prefill_state(k[:, :t], v[:, :t], feature_map=fmap, kv_valid=mask.kv_valid[:, :t], **prefix)
+
+    @jax.jit
+    def steps(state, xs):
+        def body(state, x):
+            q_t, k_t, v_t, valid_t, a_t = x
+            one = {"decay": gate["decay"]} if kind == "fixed" else {"log_decay": a_t}
+            out, state = linear_step(state, q_t, k_t, v_t, feature_map=fmap, valid=valid_t, **one)
+            return state, out
+        return jax.lax.scan(body, state, xs)[1].swapaxes(0, 1)
+
+    a = gate.get("log_decay", jnp.zeros((B, L, 2)))
+    got = steps(state, tuple(x[:, t:].swapaxes(0, 1) for x in (q, k, v, mask.kv_valid, a)))
+    np.testing.assert_allclose(got, want[:, t:], **TOL)
+
+
+def test_long_sequences_stay_finite_and_exact():
+    """4096 positions of strong decay: the cumulative log decay reaches -12000, far past float32's exp range, so
+    factoring exp(A_i - A_j) as exp(A_i) exp(-A_j) over the sequence would give inf/nan. Sums inside a block only
+    keep every output exact."""
+    l = 4096
+    (qn, kn, vn), (q, k, v) = qkv(l, l, kv_heads=2, seed=21)
+    log_decay = np.full((B, l, 2), -3.0)
+    out = jax.jit(lambda q, k, v: linear_attention(q, k, v, mask=Mask(causal=True), log_decay=log_decay))(q, k, v)
+    assert np.isfinite(out).all()
+    want = reference.gated_linear_attention(qn[:, -64:], kn[:, -64:], vn[:, -64:], log_decay[:, -64:])
+    # the last 64 rows see 64 keys and a state decayed by >= e^-192 from before them: equal to within rounding
+    np.testing.assert_allclose(out[:, -32:], want[:, -32:], **TOL)
+
+
+def test_bfloat16_inputs_accumulate_in_float32(gated_fn):
+    _, _, mask, _ = build("segments_causal")
+    _, (q, k, v) = qkv(L, L, dtype=jnp.bfloat16)
+    gate, log_decay = _gate("data", 2)
+    out = gated_fn(q, k, v, mask=mask, feature_map="elu", block_size=8, **gate)
+    assert out.dtype == jnp.bfloat16
+    want = _reference("segments_causal", *(np.asarray(x, np.float64) for x in (q, k, v)), log_decay, "elu")
+    np.testing.assert_allclose(np.asarray(out, np.float32), want, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(decay=jnp.full((3,), 0.9)), r"decay must have shape \[kv_heads\] = \[2\]"),
+    (dict(decay=jnp.array([0.9, 0.0])), r"decay must be in \(0, 1\]"),
+    (dict(decay=jnp.array([0.9, 1.5])), r"decay must be in \(0, 1\]"),
+    (dict(log_decay=jnp.full((B, 5, 2), 0.1)), r"log_decay must be <= 0"),
+    (dict(log_decay=jnp.zeros((B, 5, 4))), r"log_decay must have shape \[batch, length, kv_heads\] = \[2, 5, 2\]"),
+    (dict(decay=jnp.full((2,), 0.9), log_decay=jnp.zeros((B, 5, 2))), "not both"),
+    (dict(decay=jnp.full((2,), 0.9), mask=Mask()), "need a causal mask"),
+    (dict(decay=jnp.full((2,), 0.9), mask=Mask(prefix_lengths=jnp.array([2, 2]))), "without prefix_lengths"),
+])
+def test_bad_gates_raise(kwargs, match):
+    _, (q, k, v) = qkv(5, 5, kv_heads=2)
+    kwargs.setdefault("mask", Mask(causal=True))
+    with pytest.raises(ValueError, match=match):
+        linear_attention(q, k, v, **kwargs)
+
+
+def test_bad_step_gates_raise():
+    state = linear_init_state(2, 2, 16, 16)
+    one = (jnp.zeros((2, 4, 16)), jnp.zeros((2, 2, 16)), jnp.zeros((2, 2, 16)))
+    with pytest.raises(ValueError, match=r"log_decay of one position must have shape \[batch, kv_heads\] = \[2, 2\]"):
+        linear_step(state, *one, log_decay=jnp.zeros((2, 5, 2)))
+    with pytest.raises(ValueError, match=r"decay must be in \(0, 1\]"):
+        linear_step(state, *one, decay=jnp.array([1.0, 2.0]))
