@@ -56,11 +56,10 @@ class TransformerBlock(nn.Module):
     of `nn.scan`).
 
     Attributes: cfg (fields: num_heads, num_kv_heads, head_dim, mlp_dim, max_len, attention, attention_impl,
-    feature_map, linear_gate, talking_heads, dropout_rate, attention_dropout_rate, position, rope_base, rope_scaling, norm,
-    norm_position, norm_epsilon, condition_dim, activation, use_bias, qkv_bias, qk_norm, init_std, dtype,
-    param_dtype); cross_attention (decoder
-    blocks of an encoder-decoder); deterministic (False enables dropout); decode (None | "prefill" | "step"). The last
-    two are attributes, not call arguments, so that `nn.remat` and `nn.scan` see them as static Python values.
+    feature_map, linear_gate (self-attention only), talking_heads, dropout_rate, attention_dropout_rate, position,
+    rope_base, rope_scaling, norm, norm_position, norm_epsilon, condition_dim, activation, use_bias, qkv_bias,
+    qk_norm, init_std, dtype, param_dtype); cross_attention (decoder blocks of an encoder-decoder); deterministic
+    (False enables dropout); decode (None | "prefill" | "step"). The last two are attributes, not call arguments, so that `nn.remat` and `nn.scan` see them as static Python values.
     """
 
     cfg: Any
