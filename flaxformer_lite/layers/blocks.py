@@ -59,7 +59,8 @@ class TransformerBlock(nn.Module):
     feature_map, linear_gate (self-attention only), talking_heads, dropout_rate, attention_dropout_rate, position,
     rope_base, rope_scaling, norm, norm_position, norm_epsilon, condition_dim, activation, use_bias, qkv_bias,
     qk_norm, init_std, dtype, param_dtype); cross_attention (decoder blocks of an encoder-decoder); deterministic
-    (False enables dropout); decode (None | "prefill" | "step"). The last two are attributes, not call arguments, so that `nn.remat` and `nn.scan` see them as static Python values.
+    (False enables dropout); decode (None | "prefill" | "step"). The last two are attributes, not call arguments,
+    so that `nn.remat` and `nn.scan` see them as static Python values.
     """
 
     cfg: Any

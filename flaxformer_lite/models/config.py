@@ -69,7 +69,8 @@ class ModelConfig:
       attention: ``"softmax"``, ``"linear"``, or a dense variant: ``"additive"`` (Bahdanau), ``"synthesizer_dense"``,
         ``"synthesizer_random"`` (Tay et al.; self-attention only); attention_impl: the softmax impl; feature_map:
         the linear map; linear_gate: ``"none"``, ``"fixed"`` (RetNet's per-head decay) or ``"data"`` (GLA-style
-        per-token decay) of linear attention's state (model ``"gpt"``). talking_heads: mix logits and probabilities across heads (softmax; computed densely).
+        per-token decay) of linear attention's state (model ``"gpt"``). talking_heads: mix logits and
+        probabilities across heads (softmax; computed densely).
       position: ``"learned"``, ``"sinusoidal"``, ``"rotary"`` or ``"none"``; rope_base (> 1) for rotary (Hugging
         Face's ``rope_theta``); rope_scaling: a `RopeScaling` (``linear``, ``dynamic`` or ``llama3`` long-context
         frequency stretch; a mapping of its fields is accepted, as YAML gives it) or None; rotary only.
