@@ -21,7 +21,7 @@ import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from harness import compile_for, console, median_seconds, show_and_write  # noqa: E402
+from harness import compile_for, console, matmul_gflops, median_seconds, show_and_write  # noqa: E402
 
 from flaxformer_lite.attention import Mask, choose_impl, linear_attention, softmax_attention  # noqa: E402
 from flaxformer_lite.attention.checks import Dims  # noqa: E402
@@ -34,6 +34,16 @@ def _flax_peer(q, k, v, mask):
                                     mask=mask.materialize(q.shape[1], k.shape[1]))
 
 
+def _gated(q, k, v, *, mask, gate, **kw):
+    """Linear-elu attention with a decay gate: RetNet's fixed decay per kv head, or a GLA-style decay per token
+    computed from the keys (``log_sigmoid(sum_d k) / 16``), so that its gradient is part of fwd+bwd."""
+    n = k.shape[2]
+    if gate == "fixed":
+        return linear_attention(q, k, v, mask=mask, decay=1.0 - 2.0 ** (-5.0 - np.arange(n)), **kw)
+    return linear_attention(q, k, v, mask=mask, log_decay=jax.nn.log_sigmoid(k.astype(jnp.float32).sum(-1)) / 16,
+                            **kw)
+
+
 KERNELS = {
     "reference": functools.partial(softmax_attention, impl="reference"),
     "xla": functools.partial(softmax_attention, impl="xla"),
@@ -44,6 +54,10 @@ KERNELS = {
     "linear-elu": functools.partial(linear_attention, feature_map="elu"),
     "linear-relu": functools.partial(linear_attention, feature_map="relu"),
     "linear-favor": functools.partial(linear_attention, feature_map="favor"),
+    "linear-elu-xla": functools.partial(linear_attention, feature_map="elu", impl="xla"),
+    "linear-elu-pallas": functools.partial(linear_attention, feature_map="elu", impl="pallas"),  # GPU (CPU: interpret)
+    "linear-elu-fixed": functools.partial(_gated, gate="fixed"),
+    "linear-elu-data": functools.partial(_gated, gate="data"),
 }
 SOFTMAX = {"reference", "xla", "blockwise", "cudnn", "flash", "flax (peer)"}
 
@@ -106,7 +120,7 @@ def bench_case(impl, mask_name, l, args, budget_bytes, repeats, time_budget):
         return row, None
     row["fwd ms"] = 1e3 * median_seconds(c_fwd, repeats, budget_s=time_budget)
     row["fwd+bwd ms"] = 1e3 * median_seconds(c_bwd, repeats, budget_s=time_budget)
-    features = KERNELS[impl].keywords.get("feature_map") if impl.startswith("linear") else None
+    features = KERNELS[impl].keywords.get("feature_map", "elu") if impl.startswith("linear") else None
     f = {"favor": int(d * np.log(d))}.get(features, d)
     row["GFLOP/s"] = flops(impl, mask_name, b, l, h, d, f, args.chunk) / (row["fwd+bwd ms"] / 1e3) / 1e9
     return row, np.asarray(c_fwd.fn(q, k, v, mask), np.float32)
@@ -163,6 +177,16 @@ def target_notes(rows, args) -> list[str]:
     if len(lin_times) > 1 and all(t for _, t in lin_times):
         (l0, t0), (l1, t1) = lin_times[0], lin_times[-1]
         notes.append(f"linear-elu causal fwd+bwd time x{t1 / t0:.1f} for length x{l1 / l0:.0f} (linear growth: equal)")
+    if lin and lin.get("fwd+bwd ms") and args.ceiling:
+        useful = 12 * args.batch * top * args.heads * args.head_dim ** 2 / (lin["fwd+bwd ms"] / 1e3) / 1e9
+        notes.append(f"linear-elu causal @ {top}: {useful:.1f} GFLOP/s counting the recurrent form's 12 l h d^2 = "
+                     f"{100 * useful / args.ceiling:.1f}% of the {args.dtype} matmul ceiling, {args.ceiling:.0f} "
+                     "GFLOP/s measured in this run (target >= 20%)")
+    for gated in ("linear-elu-fixed", "linear-elu-data"):
+        row = get.get((gated, "causal", top))
+        if lin and row and lin.get("fwd+bwd ms") and row.get("fwd+bwd ms"):
+            notes.append(f"{gated} causal @ {top}: {row['fwd+bwd ms'] / lin['fwd+bwd ms']:.2f}x linear-elu's fwd+bwd "
+                         "time (target <= 1.3x)")
     for lin in ("linear-elu", "linear-favor"):
         notes.append(_crossover(get, args.lengths, lin))
     dims = lambda l: Dims(args.batch, l, l, args.heads, args.kv_heads, args.head_dim, args.head_dim)
@@ -202,13 +226,14 @@ def parse_args(argv=None):
     p.add_argument("--max-temp-gib", type=float, default=8.0, help="report memory only above this temp size")
     p.add_argument("--name", default=None, help="results file stem (default attention-<backend>[-quick])")
     args = p.parse_args(argv)
-    default_impls = [i for i in KERNELS if gpu or i not in ("cudnn", "flash")]
+    default_impls = [i for i in KERNELS if gpu or i not in ("cudnn", "flash", "linear-elu-pallas")]
     if args.quick:
         args.lengths = args.lengths or [256, 1024]
         args.repeats = min(args.repeats, 3)
     args.lengths = args.lengths or [512, 1024, 2048, 4096, 8192, 16384]
     args.impls = args.impls or (default_impls if args.quick else
-                                ["reference", "xla", "blockwise", "flax (peer)", "linear-elu", "linear-favor"]
+                                ["reference", "xla", "blockwise", "flax (peer)", "linear-elu", "linear-favor",
+                                 "linear-elu-fixed", "linear-elu-data"]
                                 + (["cudnn", "flash"] if gpu else []))
     for name, given, known in (("--impls", args.impls, KERNELS), ("--masks", args.masks, MASKS)):
         bad = [x for x in given if x not in known]
@@ -222,7 +247,9 @@ def main(argv=None):
     args = parse_args(argv)
     console.print(f"attention benchmark: b={args.batch} h={args.heads} kv_heads={args.kv_heads} d={args.head_dim} "
                   f"{args.dtype}, lengths {args.lengths}, masks {args.masks}")
+    args.ceiling = matmul_gflops(dtype=args.dtype)
     rows = run(args)
+    args.ceiling = max(args.ceiling, matmul_gflops(dtype=args.dtype))  # before and after the kernels: the better
     cols = ["impl", "mask", "length", "fwd ms", "fwd+bwd ms", "time / ref", "fwd+bwd temp MiB", "mem / ref",
             "GFLOP/s", "max |err|", "note"]
     title = (f"Attention, b={args.batch} h={args.heads}/{args.kv_heads} d={args.head_dim} {args.dtype}")

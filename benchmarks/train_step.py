@@ -31,7 +31,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-from harness import console, show_and_write  # noqa: E402
+from harness import console, matmul_gflops, show_and_write  # noqa: E402
 
 from flaxformer_lite.layers import dense  # noqa: E402
 from flaxformer_lite.models import build, preset  # noqa: E402
@@ -199,15 +199,6 @@ def hf_torch(cfg, batch: dict, malloc: str = "keep"):
 
 
 PEERS = {"ours": ours, "ours-plain-dot": ours_plain_dot, "hf-flax": hf_flax, "hf-torch": hf_torch}
-
-
-def matmul_gflops(size: int = 2048, repeats: int = 5, dtype: str = "float32") -> float:
-    """``dtype`` matmul throughput (GFLOP/s) on this machine, best of ``repeats``: the measured MFU ceiling."""
-    x = jnp.ones((size, size), dtype)
-    f = jax.jit(lambda a: a @ a)
-    f(x).block_until_ready()
-    best = min(_timed(lambda: f(x).block_until_ready()) for _ in range(repeats))
-    return 2 * size ** 3 / best / 1e9
 
 
 def _timed(fn) -> float:

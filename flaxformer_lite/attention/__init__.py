@@ -4,11 +4,12 @@
 - `softmax_attention(q, k, v, *, mask, bias, scale, impl)`: reference | xla | blockwise | cudnn | auto;
   `attend_scores(scores, v, *, mask, head_mix)` for logits made elsewhere (additive, Synthesizer, talking-heads);
   `attention_weights` for the weights themselves (attention maps).
-- `linear_attention(q, k, v, *, mask, feature_map)`: elu | relu | favor; non-causal, causal, prefix, segments;
-  `linear_init_state` / `linear_step` for recurrent decoding.
+- `linear_attention(q, k, v, *, mask, feature_map, decay, log_decay, impl)`: elu | relu | favor; non-causal, causal,
+  prefix, segments; decay gates (fixed per head, or per position); impl xla | pallas | auto (`linear_impl`);
+  `linear_init_state` / `linear_prefill_state` / `linear_step` for recurrent decoding.
 """
 from .feature_maps import FEATURE_MAPS, EluFeatureMap, FavorFeatureMap, FeatureMap, ReluFeatureMap, get_feature_map
-from .linear import LinearState, linear_attention
+from .linear import LINEAR_IMPLS, LinearState, linear_attention, linear_impl
 from .linear import init_state as linear_init_state
 from .linear import prefill_state as linear_prefill_state
 from .linear import step as linear_step
@@ -17,6 +18,6 @@ from .softmax import IMPLS, attend_scores, attention_weights, choose_impl, softm
 
 __all__ = [
     "Mask", "softmax_attention", "attend_scores", "attention_weights", "IMPLS", "choose_impl", "linear_attention",
-    "linear_init_state", "linear_step", "linear_prefill_state", "LinearState", "FeatureMap", "EluFeatureMap",
+    "LINEAR_IMPLS", "linear_impl", "linear_init_state", "linear_step", "linear_prefill_state", "LinearState", "FeatureMap", "EluFeatureMap",
     "ReluFeatureMap", "FavorFeatureMap", "FEATURE_MAPS", "get_feature_map",
 ]

@@ -31,12 +31,14 @@ from jax import lax
 from .checks import check_block_size, check_mask, check_qkv, check_rank4
 from .feature_maps import FeatureMap, get_feature_map
 from .linear_causal import FLOOR, causal_sums
+from .linear_pallas import pallas_causal_sums, pallas_unsupported
 from .masks import Mask
 
 
 def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask | None = None,
                      feature_map: "str | FeatureMap" = "elu", block_size: int = 64, decay=None, log_decay=None,
-                     bias=None, scale=None, dropout_rate: float = 0.0, dropout_rng=None) -> jax.Array:
+                     impl: str = "auto", bias=None, scale=None, dropout_rate: float = 0.0,
+                     dropout_rng=None) -> jax.Array:
     """Linear attention ``[b, q, h, d] x [b, k, n, d] x [b, k, n, v] -> [b, q, h, v]``.
 
     Args:
@@ -51,6 +53,11 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask | N
       log_decay: a data-dependent decay per position and kv head, ``[b, l, n]``, in log space (<= 0; GLA, Mamba-2):
         key j reaches row i with weight ``exp(log_decay[j+1] + ... + log_decay[i])``. Positions that padding hides
         do not decay the state. Same masks as ``decay``; give one of the two at most.
+      impl: ``"xla"``: the block-parallel form in XLA ops (linear_causal.py), any mask and backend; ``"pallas"``:
+        one fused Pallas kernel for the causal forward (linear_pallas.py; causal masks without a prefix, one
+        segment-id array, feature maps without key log-scales, power-of-two ``block_size`` >= 16; Triton on GPU,
+        interpret mode on CPU), whose backward differentiates the XLA form; ``"auto"``: ``"pallas"`` on a GPU where
+        it applies, else ``"xla"`` (`linear_impl`).
       bias, scale, dropout_rate, dropout_rng: part of the shared kernel signature; linear attention cannot honour a
         bias, a logit scale or dropout on attention weights, and raises `ValueError` if one is given.
 
@@ -71,7 +78,9 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask | N
     dtype = matmul_dtype(q.dtype)
     qf = fmap(q.reshape(b, lq, n, g, d), is_query=True)[0]
     kf, ka, v = _key_features(fmap, k, v, valid)
-    if not mask.causal:
+    if linear_impl(impl, mask, ka is not None, dtype, block_size) == "pallas":
+        num, den = pallas_causal_sums(qf, kf, v, mask.q_segment_ids, log_decay, block=block_size, dtype=dtype)
+    elif not mask.causal:
         num, den = _bidirectional(qf, kf, ka, v, mask, block_size, dtype)
     else:
         num, den, _ = causal_sums(qf, kf, ka, v, mask.q_segment_ids, mask.kv_segment_ids, log_decay, block_size,
@@ -84,6 +93,30 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask | N
             den = jnp.where(row_in_prefix, pden, den)
     out = num / jnp.where(den > 0, den, 1.0)[..., None]
     return out.reshape(b, lq, h, dims.value_dim).astype(q.dtype)
+
+
+LINEAR_IMPLS = ("auto", "xla", "pallas")
+
+
+def linear_impl(impl: str, mask: Mask, key_scales: bool, dtype, block_size: int, backend: str | None = None) -> str:
+    """The impl `linear_attention` runs: ``"xla"`` or ``"pallas"`` (see its ``impl``). ``key_scales``: the feature
+    map gives keys log-scales (FAVOR+); ``dtype``: the matmul operand dtype; ``backend``: None for JAX's default.
+    Raises `ValueError` for an unknown impl, or ``"pallas"`` asked for a call it cannot compute."""
+    if impl not in LINEAR_IMPLS:
+        raise ValueError(f"impl must be one of {LINEAR_IMPLS} for linear_attention, got {impl!r}")
+    backend = jax.default_backend() if backend is None else backend
+    if impl == "xla" or (impl == "auto" and backend != "gpu"):
+        return "xla"
+    reason = pallas_unsupported(key_scales, dtype, backend)
+    if not mask.causal or mask.prefix_lengths is not None:
+        reason = "a mask that is not causal, or has prefix_lengths (the kernel computes causal sums)"
+    elif mask.has_segments and not mask.shares_segments:
+        reason = "separate query and key segment ids (the kernel takes one array for both)"
+    elif block_size < 16 or block_size & (block_size - 1):
+        reason = f"block_size={block_size} (the kernel takes a power of two >= 16)"
+    if reason and impl == "pallas":
+        raise ValueError(f"linear_attention impl='pallas' cannot compute this call: {reason}; use impl='xla'")
+    return "xla" if reason else "pallas"
 
 
 def matmul_dtype(dtype) -> jnp.dtype:
