@@ -132,21 +132,24 @@ def _group(entering: _State, x: dict, *, strict: bool, dtype, scaled: bool):
     visible = jnp.broadcast_to(visible, (b, m, c, c))[:, None, :, :, None, :]  # [b, 1, m, q, 1, k]
 
     scores = jnp.einsum("xnmqgf,xnmkf->xnmqgk", qc, kc, preferred_element_type=jnp.float32)
+    # Per-key weights (decay to the block's end, log-scales, the last segment) go on the values and per-row factors
+    # (the entering sums' decay and scale) on the outputs: both are narrower than FAVOR+'s features.
     if not scaled:  # weights are 0/1 times decays <= 1: plain sums, no log-scale needed
-        kc_last = kc if in_last is None else jnp.where(in_last[..., None], kc, jnp.zeros((), kc.dtype))
+        key_w = None if in_last is None else jnp.broadcast_to(in_last, (b, n, m, c)).astype(jnp.float32)
         if "decay" in x:
             cum = jnp.cumsum(x["decay"], -1)  # [b, n, m, c]: log decay since the block's start
             pair = jnp.exp(jnp.where(visible[:, :, :, :, 0], cum[..., :, None] - cum[..., None, :], -jnp.inf))
             weights = scores * pair[:, :, :, :, None, :]
-            kc_last = kc_last * jnp.exp(cum[..., -1:] - cum)[..., None].astype(kc.dtype)  # decayed to block end
-            q_gain, block_decay = jnp.exp(cum)[..., None, None].astype(qc.dtype), cum[..., -1]
+            to_end = jnp.exp(cum[..., -1:] - cum)
+            key_w = to_end if key_w is None else key_w * to_end
+            row_w, block_decay = jnp.exp(cum), cum[..., -1]
         else:
             weights = jnp.where(visible, scores, 0.0)
-            q_gain, block_decay = 1, None
-        own = _Own(jnp.einsum("xnmkf,xnmkv->xnmfv", kc_last, vc, preferred_element_type=jnp.float32),
-                   kc_last.astype(jnp.float32).sum(3), None, block_decay)
+            row_w, block_decay = None, None
+        own = _own_sums(kc, vc, key_w, None, block_decay)
         leaving, (s_in, z_in, _) = _chain(entering, own, keep, segment)
-        q_in = jnp.where(carried[..., None, None], qc * q_gain, jnp.zeros((), qc.dtype))
+        if in_last is not None:
+            row_w = jnp.where(carried, 1.0 if row_w is None else row_w, 0.0)
         row_scale = None
     else:
         ka = x["ka"]  # [b, n, m, c]
@@ -156,20 +159,28 @@ def _group(entering: _State, x: dict, *, strict: bool, dtype, scaled: bool):
         if in_last is not None:
             to_end = jnp.where(in_last, to_end, -jnp.inf)
         own_scale = lax.stop_gradient(jnp.maximum(to_end.max(-1), FLOOR))  # [b, n, m]
-        kc_w = kc * jnp.exp(to_end - own_scale[..., None])[..., None].astype(kc.dtype)
-        own = _Own(jnp.einsum("xnmkf,xnmkv->xnmfv", kc_w, vc, preferred_element_type=jnp.float32),
-                   kc_w.astype(jnp.float32).sum(3), own_scale, cum[..., -1])
+        own = _own_sums(kc, vc, jnp.exp(to_end - own_scale[..., None]), own_scale, cum[..., -1])
         leaving, (s_in, z_in, c_in) = _chain(entering, own, keep, segment)
         from_state = jnp.where(carried, c_in[..., None] + cum, -jnp.inf)  # [b, n, m, c]
         row_scale = lax.stop_gradient(jnp.maximum(jnp.maximum(logw.max(-1), from_state), FLOOR))
         weights = scores * jnp.exp(logw - row_scale[..., None])[:, :, :, :, None, :]
-        q_in = qc * jnp.exp(from_state - row_scale)[..., None, None].astype(qc.dtype)
+        row_w = jnp.exp(from_state - row_scale)
 
-    num = (jnp.einsum("xnmqgk,xnmkv->xnmqgv", weights.astype(vc.dtype), vc, preferred_element_type=jnp.float32)
-           + jnp.einsum("xnmqgf,xnmfv->xnmqgv", q_in, s_in.astype(qc.dtype), preferred_element_type=jnp.float32))
-    den = weights.sum(-1) + jnp.einsum("xnmqgf,xnmf->xnmqg", q_in, z_in.astype(qc.dtype),
-                                       preferred_element_type=jnp.float32)
-    return leaving, (num, den, row_scale)
+    num = jnp.einsum("xnmqgf,xnmfv->xnmqgv", qc, s_in.astype(qc.dtype), preferred_element_type=jnp.float32)
+    den = jnp.einsum("xnmqgf,xnmf->xnmqg", qc, z_in.astype(qc.dtype), preferred_element_type=jnp.float32)
+    if row_w is not None:
+        num, den = num * row_w[..., None, None], den * row_w[..., None]
+    num = num + jnp.einsum("xnmqgk,xnmkv->xnmqgv", weights.astype(vc.dtype), vc, preferred_element_type=jnp.float32)
+    return leaving, (num, den + weights.sum(-1), row_scale)
+
+
+def _own_sums(kc, vc, key_w, scale, decay) -> "_Own":
+    """Each block's own sums from its keys ``kc [b, n, m, c, f]``, values ``vc [b, n, m, c, v]`` and per-key weights
+    ``key_w [b, n, m, c]`` (None: 1), with their ``scale`` and the block's total log ``decay`` (None: 0)."""
+    vw = vc if key_w is None else vc * key_w[..., None].astype(vc.dtype)
+    norm = (kc.astype(jnp.float32).sum(3) if key_w is None
+            else jnp.einsum("xnmkf,xnmk->xnmf", kc, key_w.astype(kc.dtype), preferred_element_type=jnp.float32))
+    return _Own(jnp.einsum("xnmkf,xnmkv->xnmfv", kc, vw, preferred_element_type=jnp.float32), norm, scale, decay)
 
 
 class _Own(NamedTuple):
