@@ -72,14 +72,14 @@ def causal_sums(qf, kf, ka, v, q_seg, kv_seg, log_decay, block: int, *, strict: 
     xs = dict(q=grouped(qf.astype(dtype), 0, True), k=grouped(kf.astype(dtype), 0, True),
               v=grouped(v.astype(dtype), 0, True))
     if q_seg is not None:  # padded rows and keys get ids of their own
-        xs.update(qs=grouped(q_seg, -1, False), ks=grouped(kv_seg, -2, False))
+        xs.update(qs=grouped(q_seg.astype(jnp.int32), -1, False), ks=grouped(kv_seg.astype(jnp.int32), -2, False))
     if scaled:
         xs["ka"] = grouped(ka, -jnp.inf, True)
     if log_decay is not None:
         xs["decay"] = grouped(log_decay.astype(jnp.float32), 0.0, True)
     init = _State(jnp.zeros((b, n, f, v.shape[-1]), jnp.float32), jnp.zeros((b, n, f), jnp.float32),
                   jnp.full((b, n), FLOOR, jnp.float32), jnp.full((b,), -3, jnp.int32))
-    body = lambda state, x: _group(state, x, strict=strict, dtype=dtype, scaled=scaled)
+    body = lambda state, x: _group(state, x, strict=strict, scaled=scaled)
     if groups == 1:
         outs = body(init, jax.tree.map(lambda x: x[0], xs))[1]
         outs = jax.tree.map(lambda x: x[None], outs)
@@ -108,7 +108,7 @@ class _State(NamedTuple):
     segment: jax.Array
 
 
-def _group(entering: _State, x: dict, *, strict: bool, dtype, scaled: bool):
+def _group(entering: _State, x: dict, *, strict: bool, scaled: bool):
     """One group of blocks ``x`` (``q [b, n, m, c, g, f]``, ``k [b, n, m, c, f]``, ``v [b, n, m, c, v]``, optional
     ``qs``/``ks [b, m, c]``, ``ka``/``decay [b, n, m, c]``) from the running sums ``entering``: the sums leaving
     it, and its rows' ``(num, den, scale or None)``."""
