@@ -24,6 +24,7 @@ Shape key: b batch, l length, n kv heads, g = h // n, f features, v value dim, m
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -52,6 +53,40 @@ def causal_sums(qf, kf, ka, v, q_seg, kv_seg, log_decay, block: int, *, strict: 
     Returns:
       ``num [b, l, n, g, v]``, ``den [b, l, n, g]`` float32, relative to ``scale [b, l, n]`` (None: 0).
     """
+    if log_decay is None:
+        return _sums(qf, kf, ka, v, q_seg, kv_seg, None, block, strict, dtype, group)
+    return _decayed((block, strict, jnp.dtype(dtype), group), qf, kf, ka, v, q_seg, kv_seg, log_decay)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _decayed(static, qf, kf, ka, v, q_seg, kv_seg, log_decay):
+    """`_sums` with a decay, whose gradient is read off the others' (flash-linear-attention's identity): with
+    ``A`` the cumulative log decay, ``dL/dA_t = qf_t . dL/dqf_t - kf_t . dL/dkf_t`` (row t's sums minus key t's
+    contributions), and ``dL/dlog_decay_s = sum_{t >= s} dL/dA_t``. This spares the backward pass the gradient of
+    every block's ``[c, c]`` decay matrix."""
+    return _sums(qf, kf, ka, v, q_seg, kv_seg, log_decay, *static)
+
+
+def _decayed_fwd(static, qf, kf, ka, v, q_seg, kv_seg, log_decay):
+    out, pullback = jax.vjp(lambda qf, kf, ka, v: _sums(qf, kf, ka, v, q_seg, kv_seg, log_decay, *static),
+                            qf, kf, ka, v)
+    return out, (pullback, qf, kf)
+
+
+def _decayed_bwd(static, residuals, cotangents):
+    pullback, qf, kf = residuals
+    dqf, dkf, dka, dv = pullback(cotangents)
+    da = (jnp.einsum("blngf,blngf->bln", qf, dqf.astype(qf.dtype), preferred_element_type=jnp.float32)
+          - jnp.einsum("blnf,blnf->bln", kf, dkf.astype(kf.dtype), preferred_element_type=jnp.float32))
+    d_log_decay = jnp.flip(jnp.cumsum(jnp.flip(da, 1), 1), 1)
+    return dqf, dkf, dka, dv, None, None, d_log_decay
+
+
+_decayed.defvjp(_decayed_fwd, _decayed_bwd)
+
+
+def _sums(qf, kf, ka, v, q_seg, kv_seg, log_decay, block: int, strict: bool, dtype, group: int | None):
+    """`causal_sums` without the custom gradient of ``log_decay``."""
     b, l, n, g, f = qf.shape
     c = min(block, l)
     m = -(-l // c)
