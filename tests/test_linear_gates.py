@@ -84,6 +84,21 @@ def test_grads_match_finite_differences(gated_fn, name, fmap):
                                    rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("fmap", ["elu", "favor"])
+def test_decay_gradient_by_identity_equals_autodiff(gated_fn, fmap):
+    """A learnable fixed decay (``decay=``) is differentiated through each block's decay matrix; a data-dependent
+    one (``log_decay=``) by the identity dL/dA_t = q_t.dq_t - k_t.dk_t. The same decay both ways: equal gradients."""
+    _, _, mask, _ = build("segments_causal")
+    _, (q, k, v) = qkv(L, L, kv_heads=2, seed=17)
+    w = jnp.asarray(np.random.default_rng(18).standard_normal((B, L, 4, 16)), jnp.float32)
+    decay = jnp.array([0.7, 0.9])
+    run = lambda **gate: jnp.sum(gated_fn(q, k, v, mask=mask, feature_map=fmap, block_size=8, **gate) * w)
+    by_autodiff = jax.grad(lambda d: run(decay=d))(decay)
+    by_identity = jax.grad(lambda d: run(log_decay=jnp.broadcast_to(jnp.log(d), (B, L, 2))))(decay)
+    assert np.abs(by_autodiff).min() > 1e-3
+    np.testing.assert_allclose(by_identity, by_autodiff, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("kind", ["fixed", "data"])
 @pytest.mark.parametrize("fmap", ["elu", "favor"])
 def test_step_and_prefill_follow_the_gate(gated_fn, fmap, kind):

@@ -69,6 +69,7 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask | N
     _check_unsupported(mask, dims, block_size, bias, scale, dropout_rate)
     fmap = get_feature_map(feature_map)
     valid = mask.kv_valid_mask(dims.lk)
+    data_gate = log_decay is not None
     log_decay = gate_log_decay(decay, log_decay, (dims.batch, dims.lk, dims.kv_heads), valid)
     if log_decay is not None and (not mask.causal or mask.prefix_lengths is not None):
         raise ValueError("decay gates (decay=, log_decay=) need a causal mask without prefix_lengths: a decay runs "
@@ -84,7 +85,7 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask | N
         num, den = _bidirectional(qf, kf, ka, v, mask, block_size, dtype)
     else:
         num, den, _ = causal_sums(qf, kf, ka, v, mask.q_segment_ids, mask.kv_segment_ids, log_decay, block_size,
-                                  dtype=dtype)
+                                  dtype=dtype, decay_grad_by_identity=data_gate)
         if mask.prefix_lengths is not None:
             in_prefix = jnp.arange(dims.lk)[None, :] < mask.prefix_lengths[:, None]
             pnum, pden = _bidirectional(qf, *_hide(kf, ka, in_prefix), v, mask, block_size, dtype)

@@ -35,7 +35,7 @@ FLOOR = -1e30  # finite floor for running log-scales: exp(floor - floor) = 1, ex
 
 
 def causal_sums(qf, kf, ka, v, q_seg, kv_seg, log_decay, block: int, *, strict: bool = False, dtype=jnp.float32,
-                group: int | None = None):
+                group: int | None = None, decay_grad_by_identity: bool = False):
     """Sums over keys ``j <= i`` (``j < i`` if ``strict``) in the same segment, decayed by ``log_decay``.
 
     Args:
@@ -49,12 +49,15 @@ def causal_sums(qf, kf, ka, v, q_seg, kv_seg, log_decay, block: int, *, strict: 
       group: blocks computed together; groups follow one another in a `lax.scan` carrying the state. Default
         `GROUP_BLOCKS` for the backend: all blocks at once on accelerators; a few on CPU, where a group's
         intermediates then stay in cache (at 16k tokens, 8 blocks at a time take 0.65x the time of all 256).
+      decay_grad_by_identity: differentiate ``log_decay`` by `_decayed`'s identity instead of through every
+        block's decay matrix: for data-dependent decays (1.29x the ungated fwd+bwd time at 16k on CPU, against
+        1.36x); a fixed decay, which needs no gradient, runs faster without it (1.03x).
 
     Returns:
       ``num [b, l, n, g, v]``, ``den [b, l, n, g]`` float32, relative to ``scale [b, l, n]`` (None: 0).
     """
-    if log_decay is None:
-        return _sums(qf, kf, ka, v, q_seg, kv_seg, None, block, strict, dtype, group)
+    if log_decay is None or not decay_grad_by_identity:
+        return _sums(qf, kf, ka, v, q_seg, kv_seg, log_decay, block, strict, dtype, group)
     return _decayed((block, strict, jnp.dtype(dtype), group), qf, kf, ka, v, q_seg, kv_seg, log_decay)
 
 
@@ -78,7 +81,7 @@ def _decayed_bwd(static, residuals, cotangents):
     dqf, dkf, dka, dv = pullback(cotangents)
     da = (jnp.einsum("blngf,blngf->bln", qf, dqf.astype(qf.dtype), preferred_element_type=jnp.float32)
           - jnp.einsum("blnf,blnf->bln", kf, dkf.astype(kf.dtype), preferred_element_type=jnp.float32))
-    d_log_decay = jnp.flip(jnp.cumsum(jnp.flip(da, 1), 1), 1)
+    d_log_decay = lax.cumsum(da, 1, reverse=True)
     return dqf, dkf, dka, dv, None, None, d_log_decay
 
 

@@ -156,7 +156,8 @@ def _sums_bwd(plan: _Plan, res, cotangents):
     qf, kf, v, runs, log_decay = res
 
     def xla(qf, kf, v, log_decay):
-        return causal_sums(qf, kf, None, v, runs, runs, log_decay, plan.block, dtype=jnp.dtype(plan.dtype))[:2]
+        return causal_sums(qf, kf, None, v, runs, runs, log_decay, plan.block, dtype=jnp.dtype(plan.dtype),
+                           decay_grad_by_identity=True)[:2]
 
     dqf, dkf, dv, dlog = jax.vjp(xla, qf, kf, v, log_decay)[1](cotangents)
     return dqf, dkf, dv, None, dlog
