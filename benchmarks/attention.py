@@ -21,10 +21,11 @@ import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from harness import compile_for, console, matmul_gflops, median_seconds, show_and_write  # noqa: E402
+from harness import compile_for, console, median_seconds, show_and_write  # noqa: E402
 
 from flaxformer_lite.attention import Mask, choose_impl, linear_attention, softmax_attention  # noqa: E402
 from flaxformer_lite.attention.checks import Dims  # noqa: E402
+from flaxformer_lite.training.metrics import matmul_flops  # noqa: E402
 
 
 def _flax_peer(q, k, v, mask):
@@ -247,9 +248,9 @@ def main(argv=None):
     args = parse_args(argv)
     console.print(f"attention benchmark: b={args.batch} h={args.heads} kv_heads={args.kv_heads} d={args.head_dim} "
                   f"{args.dtype}, lengths {args.lengths}, masks {args.masks}")
-    args.ceiling = matmul_gflops(dtype=args.dtype)
+    args.ceiling = matmul_flops(2048, dtype=args.dtype) / 1e9
     rows = run(args)
-    args.ceiling = max(args.ceiling, matmul_gflops(dtype=args.dtype))  # before and after the kernels: the better
+    args.ceiling = max(args.ceiling, matmul_flops(2048, dtype=args.dtype) / 1e9)  # before and after: the better
     cols = ["impl", "mask", "length", "fwd ms", "fwd+bwd ms", "time / ref", "fwd+bwd temp MiB", "mem / ref",
             "GFLOP/s", "max |err|", "note"]
     title = (f"Attention, b={args.batch} h={args.heads}/{args.kv_heads} d={args.head_dim} {args.dtype}")

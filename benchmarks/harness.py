@@ -58,21 +58,6 @@ def median_seconds(compiled: Compiled, repeats: int = 5, warmup: int = 1, budget
     return statistics.median(times)
 
 
-def matmul_gflops(size: int = 2048, repeats: int = 5, dtype: str = "float32") -> float:
-    """``dtype`` ``size``-square matmul throughput (GFLOP/s) on this machine, best of ``repeats``: the measured
-    ceiling that MFU and the kernels' efficiency are read against."""
-    import jax.numpy as jnp
-    x = jnp.ones((size, size), dtype)
-    f = jax.jit(lambda a: a @ a)
-    f(x).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f(x).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return 2 * size ** 3 / best / 1e9
-
-
 def device_description() -> str:
     """One line naming the backend and device, for result headers."""
     dev = jax.devices()[0]

@@ -147,9 +147,9 @@ def mfu_denominator(dtype: str) -> float:
     return device_peak_flops(dtype) or matmul_ceiling()
 
 
-def matmul_ceiling(size: int = 1024, repeats: int = 5) -> float:
-    """FLOP/s of a float32 ``size``-square matmul on this process's devices, measured now (the MFU denominator)."""
-    x = jnp.ones((size, size), jnp.float32)
+def matmul_flops(size: int = 1024, repeats: int = 5, dtype: str = "float32") -> float:
+    """FLOP/s of one ``dtype`` ``size``-square matmul on one device, best of ``repeats``, measured now."""
+    x = jnp.ones((size, size), dtype)
     f = jax.jit(lambda a: a @ a)
     f(x).block_until_ready()
     best = float("inf")
@@ -157,6 +157,11 @@ def matmul_ceiling(size: int = 1024, repeats: int = 5) -> float:
         t = time.perf_counter()
         f(x).block_until_ready()
         best = min(best, time.perf_counter() - t)
+    return 2.0 * size ** 3 / best
+
+
+def matmul_ceiling(size: int = 1024, repeats: int = 5) -> float:
+    """FLOP/s of a float32 ``size``-square matmul on this process's devices, measured now (the MFU denominator)."""
     # CPU "devices" (jax_num_cpu_devices) share the same cores: one measurement is the whole machine.
     devices = 1 if jax.default_backend() == "cpu" else jax.local_device_count()
-    return 2.0 * size ** 3 / best * devices
+    return matmul_flops(size, repeats) * devices
