@@ -1,4 +1,5 @@
-"""Mask cases shared by the kernel tests: each gives a Mask and the same mask built by tests/reference.py."""
+"""Mask cases shared by the kernel tests: each gives a Mask and the same mask built by tests/reference.py; and the
+finite-difference check of gradients they share."""
 from __future__ import annotations
 
 import numpy as np
@@ -64,3 +65,19 @@ def tiny_config(model: str = "gpt", **overrides):
                   dropout_rate=0.0, attention_dropout_rate=0.0, pad_id=0, bos_id=1, eos_id=2)
     fields.update(overrides)
     return dataclasses.replace(preset(base), **fields)
+
+
+def check_grads_by_finite_differences(grads, arrays, loss, rng, tol=1e-4):
+    """Each of ``grads`` (finite) along a random direction drawn from ``rng``, one array after another, equals the
+    central difference of the float64 scalar ``loss(*arrays)`` along it (rtol = atol = ``tol``)."""
+    for idx, (grad, array) in enumerate(zip(grads, arrays)):
+        assert np.isfinite(grad).all()
+        direction = rng.standard_normal(array.shape)
+
+        def along(x):
+            args = list(arrays)
+            args[idx] = x
+            return float(loss(*args))
+
+        fd = reference.numerical_directional_grad(along, array, direction)
+        np.testing.assert_allclose(float((np.asarray(grad, np.float64) * direction).sum()), fd, rtol=tol, atol=tol)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import reference
-from cases import B, LINEAR_UNSUPPORTED, MASK_CASES, build, qkv
+from cases import B, LINEAR_UNSUPPORTED, MASK_CASES, build, check_grads_by_finite_differences, qkv
 from flaxformer_lite.attention import (FavorFeatureMap, Mask, linear_attention, linear_init_state, linear_prefill_state,
                                        linear_step, softmax_attention)
 
@@ -48,18 +48,8 @@ def test_grads_match_finite_differences(linear_fn, name, fmap):
     w = rng.standard_normal((B, lq, 4, HEAD_DIM))
     grads = jax.grad(lambda q, k, v: jnp.sum(linear_fn(q, k, v, mask=mask, feature_map=fmap, block_size=8) * w),
                      argnums=(0, 1, 2))(*jax_arrays)
-    for idx in range(3):
-        assert np.isfinite(grads[idx]).all()
-        direction = rng.standard_normal(arrays[idx].shape)
-
-        def f(x):
-            args = list(arrays)
-            args[idx] = x
-            return float((reference.linear_attention(*args, dense, PHI[fmap]) * w).sum())
-
-        fd = reference.numerical_directional_grad(f, arrays[idx], direction)
-        np.testing.assert_allclose(float((np.asarray(grads[idx], np.float64) * direction).sum()), fd,
-                                   rtol=1e-4, atol=1e-4)
+    check_grads_by_finite_differences(
+        grads, arrays, lambda *a: (reference.linear_attention(*a, dense, PHI[fmap]) * w).sum(), rng)
 
 
 def _decode(q, k, v, fmap, valid=None):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import reference
-from cases import B, L, build, qkv
+from cases import B, L, build, check_grads_by_finite_differences, qkv
 from flaxformer_lite.attention import Mask, linear_attention, linear_init_state, linear_prefill_state, linear_step
 from test_linear import PHI, TOL
 
@@ -69,19 +69,8 @@ def test_grads_match_finite_differences(gated_fn, name, fmap):
     w = rng.standard_normal((B, L, 4, 16))
     loss = lambda q, k, v, a: jnp.sum(gated_fn(q, k, v, mask=mask, feature_map=fmap, block_size=8, log_decay=a) * w)
     grads = jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, gate["log_decay"])
-    arrays = [qn, kn, vn, log_decay]
-    for idx in range(4):
-        assert np.isfinite(grads[idx]).all()
-        direction = rng.standard_normal(arrays[idx].shape)
-
-        def f(x):
-            args = list(arrays)
-            args[idx] = x
-            return float((_reference(name, *args, fmap) * w).sum())
-
-        fd = reference.numerical_directional_grad(f, arrays[idx], direction)
-        np.testing.assert_allclose(float((np.asarray(grads[idx], np.float64) * direction).sum()), fd,
-                                   rtol=1e-4, atol=1e-4)
+    check_grads_by_finite_differences(grads, [qn, kn, vn, log_decay],
+                                      lambda *a: (_reference(name, *a, fmap) * w).sum(), rng)
 
 
 @pytest.mark.parametrize("fmap", ["elu", "favor"])

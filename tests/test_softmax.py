@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import reference
-from cases import B, MASK_CASES, build, qkv
+from cases import B, MASK_CASES, build, check_grads_by_finite_differences, qkv
 from flaxformer_lite.attention import Mask, attend_scores, softmax_attention
 from flaxformer_lite.attention.blockwise import _Plan, _static_tiles, blockwise_attention
 from flaxformer_lite.attention.checks import Dims, check_qkv
@@ -147,17 +147,8 @@ def test_grads_match_finite_differences(softmax_fn, impl, name):
     rng = np.random.default_rng(6)
     w = rng.standard_normal((B, lq, 4, 16))
     grads = _loss_grads(softmax_fn, impl, *jax_arrays, jnp.asarray(w, jnp.float32), mask=mask)
-    for idx in range(3):
-        direction = rng.standard_normal(arrays[idx].shape)
-
-        def f(x):
-            args = list(arrays)
-            args[idx] = x
-            return float((reference.softmax_attention(*args, dense) * w).sum())
-
-        fd = reference.numerical_directional_grad(f, arrays[idx], direction)
-        np.testing.assert_allclose(float((np.asarray(grads[idx], np.float64) * direction).sum()), fd,
-                                   rtol=1e-4, atol=1e-4)
+    check_grads_by_finite_differences(grads, arrays, lambda *a: (reference.softmax_attention(*a, dense) * w).sum(),
+                                      rng)
 
 
 @pytest.mark.parametrize("bias_shape", [(1, 4, 37, 37), (B, 1, 1, 37), (4, 37, 37), (B, 4, 1, 37)])
