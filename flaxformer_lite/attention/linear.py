@@ -148,8 +148,7 @@ def gate_log_decay(decay, log_decay, shape: tuple, valid=None) -> jax.Array | No
         log_decay = log_decay.astype(jnp.float32)
     else:
         return None
-    return log_decay if valid is None else jnp.where(valid.reshape(valid.shape + (1,) * (3 - valid.ndim)),
-                                                     log_decay, 0.0)
+    return log_decay if valid is None else jnp.where(_along(valid, log_decay), log_decay, 0.0)
 
 
 def _check_range(name: str, x, ok, accepted: str):
@@ -170,17 +169,20 @@ def _key_features(fmap: FeatureMap, k, v, valid):
     if valid is None:
         kf, ka = fmap(k, is_query=False)
         return kf, ka, v
-    expand = lambda x: jnp.reshape(valid, valid.shape + (1,) * (x.ndim - valid.ndim))
-    k, v = (jnp.where(expand(x), x, jnp.zeros((), x.dtype)) for x in (k, v))
+    k, v = (jnp.where(_along(valid, x), x, jnp.zeros((), x.dtype)) for x in (k, v))
     kf, ka = fmap(k, is_query=False)
     return _hide(kf, ka, valid) + (v,)
 
 
 def _hide(kf, ka, visible):
     """Keys where ``visible [b(, l)]`` is False get zero features and log-scale -inf (weight 0)."""
-    expand = lambda x: jnp.reshape(visible, visible.shape + (1,) * (x.ndim - visible.ndim))
-    kf = jnp.where(expand(kf), kf, 0.0)
-    return kf, None if ka is None else jnp.where(expand(ka), ka, -jnp.inf)
+    kf = jnp.where(_along(visible, kf), kf, 0.0)
+    return kf, None if ka is None else jnp.where(_along(visible, ka), ka, -jnp.inf)
+
+
+def _along(mask, x):
+    """A bool ``mask [b(, l)]`` with trailing axes of size 1 added to broadcast against ``x [b(, l), ...]``."""
+    return jnp.reshape(mask, mask.shape + (1,) * (x.ndim - mask.ndim))
 
 
 def _check_unsupported(mask: Mask, dims, block_size, bias, scale, dropout_rate):
