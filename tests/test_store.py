@@ -48,6 +48,31 @@ def test_worker_processes_write_the_same_bytes(store, tokenizer, tmp_path):
         assert (other.folder / name).read_bytes() == (store.folder / name).read_bytes()
 
 
+def test_blocks_encoded_ahead_keep_their_order(store, tokenizer, tmp_path, monkeypatch):
+    """Blocks of 7 documents: each encoded in a thread while the one before is written, in order."""
+    from flaxformer_lite.data import store as store_module
+    monkeypatch.setattr(store_module, "BLOCK_DOCS", 7)
+    other = write_store(iter(TEXTS), tokenizer[0], tmp_path / "blocks", source={"test": 1}, progress=False)
+    for name in ("tokens.bin", "offsets.npy", "counts.npy"):
+        assert (other.folder / name).read_bytes() == (store.folder / name).read_bytes()
+
+
+def test_encode_arrays_equals_encode_batch_with_any_sentencepiece(tokenizer, monkeypatch):
+    tok = tokenizer[1]
+    want = tok.encode_batch(TEXTS)
+    got = tok.encode_arrays(TEXTS)
+    assert [a.tolist() for a in got] == want
+    plain = tok.sp.encode
+
+    def without_numpy(texts, out_type=int):  # a SentencePiece before 0.2.1: no out_type="numpy"
+        if out_type == "numpy":
+            raise ValueError("unknown return_type=numpy")
+        return plain(texts, out_type=out_type)
+
+    monkeypatch.setattr(tok.sp, "encode", without_numpy)
+    assert [a.tolist() for a in tok.encode_arrays(TEXTS)] == want
+
+
 def _failing(texts, after):
     for i, t in enumerate(texts):
         if i == after:

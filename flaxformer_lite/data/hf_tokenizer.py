@@ -8,6 +8,8 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
+
 STORE_FORMAT = "flaxformer_lite.hf_tokenizer/1"  # the bytes a token store keeps for a Hugging Face tokenizer
 
 
@@ -118,3 +120,7 @@ class StoreEncoder:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Texts -> ids, in one call (the tokenizer's own threads)."""
         return [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+
+    def encode_arrays(self, texts: list[str]) -> list[np.ndarray]:
+        """`encode_batch` as int64 arrays ``[len_i]`` (what the token store encodes with)."""
+        return [np.asarray(ids, np.int64) for ids in self.encode_batch(texts)]

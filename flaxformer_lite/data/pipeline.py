@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 
 from . import objectives
-from .corpus import load_corpus
+from .corpus import column, load_corpus
 from .loader import Loader, ShardedLoader
 from .prepare import prepare_store, prepare_tokenizer, store_tokenizer, tokenizer_sample
 from .registry import get_objective
@@ -96,10 +96,10 @@ def _memory_data(data, objective, *, seq_len: int, batch_size: int, seed: int, p
     fields = [(role, getattr(data, field), field) for role, field in objective.columns if getattr(data, field)]
     ds = load_corpus(data.path, data.format, fields[0][1], data.text_unit)
     fields[0] = (fields[0][0], "text", fields[0][2])  # load_corpus names the text column "text"
-    for _, column, field in fields[1:]:
-        if column not in ds.column_names:
-            raise ValueError(f"data.{field} {column!r} is not a column; columns: {ds.column_names}")
-    label_names = label_vocabulary(ds[data.label_field]) if "label" in dict(objective.columns) else None
+    for _, name, field in fields[1:]:
+        if name not in ds.column_names:
+            raise ValueError(f"data.{field} {name!r} is not a column; columns: {ds.column_names}")
+    label_names = label_vocabulary(column(ds, data.label_field)) if "label" in dict(objective.columns) else None
     tok = tokenizer or prepare_tokenizer(tokenizer_sample(ds, seed), data)
     if data.objective == "mlm" and tok.mask_id < 0:
         raise ValueError("data.objective='mlm' needs a tokenizer with a mask token; this one has none")
@@ -149,12 +149,12 @@ def _stream_data(data, objective, store: TokenStore, held_out: TokenStore | None
 def _encode_columns(part, fields, tok: Tokenizer, label_names) -> dict[str, list]:
     """``{role: values}`` of one shard: text columns tokenized, labels as ids into ``label_names``."""
     out = {}
-    for role, column, _ in fields:
+    for role, name, _ in fields:
         if role == "label":
             index = {name: i for i, name in enumerate(label_names)}
-            out[role] = [index[str(x)] for x in part[column]]
+            out[role] = [index[str(x)] for x in column(part, name)]
         else:
-            out[role] = tok.encode_batch(list(part[column]))
+            out[role] = tok.encode_batch(column(part, name))
     return out
 
 

@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from .corpus import load_corpus, source_fingerprint
+from .corpus import column, load_corpus, source_fingerprint
 from .store import TokenStore, write_store
 from .tokenizer import Tokenizer, train_tokenizer
 
@@ -43,10 +43,11 @@ def tokenizer_sample(ds, seed: int) -> list[str]:
     documents as that takes are read (their mean length is estimated from a thousand first)."""
     n = len(ds)
     order = np.random.default_rng([seed, 11]).permutation(n)
-    probe = ds.select(np.sort(order[:1000]))["text"]
+    # rows by a list of indices come back as one batch: ds["text"] is a lazy column read one row at a time
+    probe = ds[np.sort(order[:1000]).tolist()]["text"]
     mean = max(1.0, float(np.mean([len(t) for t in probe])))
     wanted = min(n, TOKENIZER_SAMPLE_DOCS, int(1.2 * TOKENIZER_SAMPLE_CHARS / mean) + 1)
-    texts = list(ds.select(np.sort(order[:wanted]))["text"]) if wanted < n else list(ds["text"])
+    texts = ds[np.sort(order[:wanted]).tolist()]["text"] if wanted < n else column(ds, "text")
     shuffle = np.random.default_rng([seed, 12]).permutation(len(texts))
     keep = np.cumsum([len(texts[i]) for i in shuffle]) <= TOKENIZER_SAMPLE_CHARS
     keep[:1] = True  # one document at least, however long

@@ -110,14 +110,12 @@ def _init_worker(model_proto: bytes) -> None:
 
 
 def _encode_block(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """One block of documents -> (flat ids, each followed by the end id; document lengths with it), int64."""
+    """One block of documents -> (flat ids, each document followed by the end id; document lengths with it)."""
     tok = _WORKER["tok"]
-    docs = tok.encode_batch(texts)
+    docs = tok.encode_arrays(texts)
+    eos = np.full(1, tok.eos_id, docs[0].dtype if docs else np.int64)
     lengths = np.fromiter((len(d) + 1 for d in docs), np.int64, len(docs))
-    flat = np.full(int(lengths.sum()), tok.eos_id, np.int64)
-    ends = np.cumsum(lengths)
-    for doc, end, n in zip(docs, ends, lengths):
-        flat[end - n:end - 1] = doc
+    flat = np.concatenate([part for doc in docs for part in (doc, eos)]) if docs else np.zeros(0, np.int64)
     return flat, lengths
 
 
@@ -133,20 +131,22 @@ def _blocks(texts: Iterable[str], size: int) -> Iterator[list[str]]:
 
 
 def _encoded(blocks: Iterator[list[str]], model_proto: bytes, workers: int):
-    """(texts, (flat, lengths)) per block, in order; at most ``2 * workers`` blocks in flight (bounded memory). A
-    worker that dies (e.g. killed for memory) fails the prepare instead of hanging it."""
+    """(texts, (flat, lengths)) per block, in order; at most ``2 * workers`` blocks in flight (bounded memory). With
+    ``workers`` < 2, one thread encodes the next block (SentencePiece's threads, without the GIL) while the caller
+    writes this one. A worker that dies (e.g. killed for memory) fails the prepare instead of hanging it."""
+    from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
     if workers <= 1:
         _init_worker(model_proto)
-        for block in blocks:
-            yield block, _encode_block(block)
-        return
-    from concurrent.futures import ProcessPoolExecutor
-    ctx = multiprocessing.get_context("spawn")  # no fork: the parent may hold JAX's threads
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(model_proto,)) as pool:
+        pool, depth = ThreadPoolExecutor(1), 1
+    else:
+        ctx = multiprocessing.get_context("spawn")  # no fork: the parent may hold JAX's threads
+        pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(model_proto,))
+        depth = 2 * workers
+    with pool:
         pending: collections.deque = collections.deque()
         for block in blocks:
             pending.append((block, pool.submit(_encode_block, block)))
-            if len(pending) >= 2 * workers:
+            if len(pending) > depth:
                 texts, result = pending.popleft()
                 yield texts, result.result()
         while pending:

@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
 import sentencepiece as spm
 
 SPECIAL = {"pad": 0, "unk": 1, "bos": 2, "eos": 3}
@@ -57,6 +58,15 @@ class Tokenizer:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Texts -> ids, in one call (SentencePiece's threads on every core)."""
         return self.sp.encode([self._lines_in(t) for t in texts])
+
+    def encode_arrays(self, texts: list[str]) -> list[np.ndarray]:
+        """`encode_batch` as int32 arrays ``[len_i]``, which SentencePiece (0.2.1 and later) writes without making a
+        Python int per id: what the token store encodes with."""
+        lines = [self._lines_in(t) for t in texts]
+        try:
+            return self.sp.encode(lines, out_type="numpy")
+        except (ValueError, TypeError):  # an older SentencePiece: ids as lists
+            return [np.asarray(ids, np.int32) for ids in self.sp.encode(lines)]
 
     def _lines_in(self, text: str) -> str:
         if self.newline_id == self.unk_id:
@@ -197,7 +207,7 @@ def _train(model, sentences, vocab_size, model_type, character_coverage, byte_fa
 
 def tokenizer_from_proto(proto: bytes):
     """The encoder of a token store's tokenizer bytes: a SentencePiece `Tokenizer`, or for a Hugging Face tokenizer
-    (`HFTokenizer.proto`) its `hf_tokenizer.StoreEncoder`. Both give ``encode_batch``, ``eos_id`` and ``vocab_size``."""
+    (`HFTokenizer.proto`) its `hf_tokenizer.StoreEncoder`. Both give ``encode_arrays``, ``eos_id`` and ``vocab_size``."""
     from .hf_tokenizer import StoreEncoder
     if StoreEncoder.holds(proto):
         return StoreEncoder(proto)
