@@ -94,16 +94,17 @@ def run_size(megabytes: int, work: Path, texts: list[str], steps: int) -> list[d
     size_mb = corpus.stat().st_size / 1e6
     store, run = work / f"store-{megabytes}", work / f"run-{megabytes}"
     cache = work / f"datasets-cache-{megabytes}"  # datasets' Arrow copy of the corpus: made afresh, as for a new user
+    fresh = {"HF_DATASETS_CACHE": str(cache)}
     for old in (store, run, cache):
         shutil.rmtree(old, ignore_errors=True)
     prep_s, prep_gib, _ = timed([sys.executable, "-m", "flaxformer_lite.data.prepare", "--out", str(store),
-                                 f"data.path={corpus}", "data.vocab_size=8192"], {"HF_DATASETS_CACHE": str(cache)})
+                                 f"data.path={corpus}", "data.vocab_size=8192"], fresh)
     shutil.rmtree(cache)
     base = [sys.executable, "train.py", *MODEL, f"data.path={corpus}", "data.vocab_size=8192", "train.seq_len=128",
             "train.batch_size=8", "train.eval_every=0", "train.samples=0", "train.progress=false",
             f"train.run_dir={run}", "train.checkpoint_every=2"]
-    first_s, first_gib, _ = timed(base + [f"train.steps={steps}"], {"HF_DATASETS_CACHE": str(cache)})
-    resume_s, resume_gib, out = timed(base + [f"train.steps={steps + 2}"], {"HF_DATASETS_CACHE": str(cache)})
+    first_s, first_gib, _ = timed(base + [f"train.steps={steps}"], fresh)
+    resume_s, resume_gib, out = timed(base + [f"train.steps={steps + 2}"], fresh)
     shutil.rmtree(cache, ignore_errors=True)
     assert "resuming from step" in out, out[-2000:]
     tokens = json.loads((store / "manifest.json").read_text())["tokens"]

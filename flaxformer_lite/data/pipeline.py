@@ -151,7 +151,7 @@ def _encode_columns(part, fields, tok: Tokenizer, label_names) -> dict[str, list
     out = {}
     for role, name, _ in fields:
         if role == "label":
-            index = {name: i for i, name in enumerate(label_names)}
+            index = {label: i for i, label in enumerate(label_names)}
             out[role] = [index[str(x)] for x in column(part, name)]
         else:
             out[role] = tok.encode_batch(column(part, name))

@@ -43,11 +43,10 @@ def tokenizer_sample(ds, seed: int) -> list[str]:
     documents as that takes are read (their mean length is estimated from a thousand first)."""
     n = len(ds)
     order = np.random.default_rng([seed, 11]).permutation(n)
-    # rows by a list of indices come back as one batch: ds["text"] is a lazy column read one row at a time
-    probe = ds[np.sort(order[:1000]).tolist()]["text"]
+    probe = column(ds, "text", np.sort(order[:1000]).tolist())
     mean = max(1.0, float(np.mean([len(t) for t in probe])))
     wanted = min(n, TOKENIZER_SAMPLE_DOCS, int(1.2 * TOKENIZER_SAMPLE_CHARS / mean) + 1)
-    texts = ds[np.sort(order[:wanted]).tolist()]["text"] if wanted < n else column(ds, "text")
+    texts = column(ds, "text", np.sort(order[:wanted]).tolist() if wanted < n else None)
     shuffle = np.random.default_rng([seed, 12]).permutation(len(texts))
     keep = np.cumsum([len(texts[i]) for i in shuffle]) <= TOKENIZER_SAMPLE_CHARS
     keep[:1] = True  # one document at least, however long

@@ -111,13 +111,13 @@ def _init_worker(model_proto: bytes) -> None:
 
 
 def _encode_block(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """One block of documents -> (flat ids, each document followed by the end id; document lengths with it)."""
+    """One block of documents (never empty: `_blocks`) -> (flat ids, each document followed by the end id; document
+    lengths with it)."""
     tok = _WORKER["tok"]
     docs = tok.encode_arrays(texts)
-    eos = np.full(1, tok.eos_id, docs[0].dtype if docs else np.int64)
+    eos = np.full(1, tok.eos_id, docs[0].dtype)
     lengths = np.fromiter((len(d) + 1 for d in docs), np.int64, len(docs))
-    flat = np.concatenate([part for doc in docs for part in (doc, eos)]) if docs else np.zeros(0, np.int64)
-    return flat, lengths
+    return np.concatenate([part for doc in docs for part in (doc, eos)]), lengths
 
 
 def _blocks(texts: Iterable[str], size: int) -> Iterator[list[str]]:
