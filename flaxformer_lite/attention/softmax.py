@@ -27,6 +27,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 
+from ..choices import IMPLS
 from .blockwise import blockwise_attention
 from .checks import Dims, check_bias, check_dropout, check_mask, check_qkv, check_scale
 from .dropout import dropout_seed, grouped_keep_mask
@@ -34,7 +35,6 @@ from .flash import flash_attention, flash_unsupported
 from .splash import splash_attention, splash_unsupported
 from .masks import Mask
 
-IMPLS = ("auto", "reference", "xla", "blockwise", "cudnn", "flash")
 _MASKED = -1e30  # masked logits; exp(-1e30 - max) == 0 in float32
 # From this many logits per call (b * h * q * k), `auto` streams with `blockwise` instead of a dense impl. On CPU
 # blockwise is already faster from 8M logits (1024 tokens x 8 heads; 512 tokens is still faster dense), see

@@ -17,7 +17,7 @@ import warnings
 from collections.abc import Mapping
 
 from ..layers.blocks import layer_name
-from ..layers.embeddings import RopeScaling
+from ..choices import RopeScaling
 from ..models import ModelConfig
 
 FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",

@@ -1,9 +1,10 @@
 """Linen modules with parameters, built on the attention kernels. Every parameter carries logical axis names."""
+from ..choices import ROPE_TYPES, RopeScaling
 from .attention import ATTENTION_KINDS, DECODE_MODES, MultiHeadAttention
 from .blocks import LAYER_STACKS, SCANNED_LAYERS, SHARED_LAYER, BlockInputs, LayerStack, TransformerBlock, layer_name
 from .dense import kernel_dot_general
 from .embedder import POSITIONS, CacheIndex, Embedder
-from .embeddings import ROPE_TYPES, Embed, RopeScaling, rope_frequencies, rotary, sinusoidal
+from .embeddings import Embed, rope_frequencies, rotary, sinusoidal
 from .mlp import ACTIVATIONS, MLP
 from .norms import NORMS, make_norm
 

@@ -29,12 +29,11 @@ from ..attention import (FEATURE_MAPS, IMPLS, FeatureMap, Mask, attend_scores, a
 from .attention_scores import (AdditiveScores, DenseSynthesizerScores, RandomSynthesizerScores, TalkingHeads,
                                dot_scores)
 from .dense import general_kernel_init, kernel_dot_general
-from .embeddings import RopeScaling, rotary
+from ..choices import ATTENTION_KINDS, LINEAR_GATES, RopeScaling
+from .embeddings import rotary
 
-ATTENTION_KINDS = ("softmax", "linear", "additive", "synthesizer_dense", "synthesizer_random")
 SYNTHESIZERS = ("synthesizer_dense", "synthesizer_random")  # logits from positions/tokens alone: no queries, no keys
 DECODE_MODES = (None, "prefill", "step")
-LINEAR_GATES = ("none", "fixed", "data")
 default_kernel_init = nn.initializers.normal(stddev=0.02)
 
 

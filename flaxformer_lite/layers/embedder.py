@@ -11,10 +11,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ..choices import POSITIONS
 from .common import config_dtypes, config_norm, dense
 from .embeddings import Embed, sinusoidal
 
-POSITIONS = ("learned", "sinusoidal", "rotary", "none")
 
 
 class Embedder(nn.Module):

@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-NORMS = ("layernorm", "rmsnorm")
+from ..choices import NORMS
 
 
 def make_norm(kind: str, *, epsilon: float = 1e-5, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,

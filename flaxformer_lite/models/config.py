@@ -8,18 +8,14 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from ..attention import FEATURE_MAPS, IMPLS
-from ..layers.attention import ATTENTION_KINDS, LINEAR_GATES
-from ..layers.embedder import POSITIONS
-from ..layers.embeddings import RopeScaling
-from ..layers.mlp import ACTIVATIONS
-from ..layers.norms import NORMS
+from ..choices import (ACTIVATION_NAMES, ATTENTION_KINDS, FEATURE_MAP_NAMES, IMPLS, LINEAR_GATES, NORMS, POSITIONS,
+                       RopeScaling)
 
 MODELS = ("gpt", "bert", "encoder_decoder")
 DTYPES = ("float32", "bfloat16", "float16")
 _CHOICES = {"model": MODELS, "attention": ATTENTION_KINDS, "attention_impl": IMPLS, "position": POSITIONS,
-            "norm": NORMS, "norm_position": ("pre", "post"), "activation": tuple(sorted(ACTIVATIONS)),
-            "dtype": DTYPES, "param_dtype": DTYPES, "feature_map": tuple(sorted(FEATURE_MAPS)),
+            "norm": NORMS, "norm_position": ("pre", "post"), "activation": ACTIVATION_NAMES,
+            "dtype": DTYPES, "param_dtype": DTYPES, "feature_map": FEATURE_MAP_NAMES,
             "linear_gate": LINEAR_GATES}
 
 
