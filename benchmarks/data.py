@@ -89,28 +89,42 @@ def batch_read_ms(store_dir: Path, batch: int = 8, length: int = 1024, repeats: 
     return 1e3 * float(np.median(times))
 
 
-def run_size(megabytes: int, work: Path, texts: list[str], steps: int) -> list[dict]:
-    corpus = make_corpus(work, megabytes, texts)  # corpora are kept between runs of the benchmark; stores and runs not
-    size_mb = corpus.stat().st_size / 1e6
-    store, run = work / f"store-{megabytes}", work / f"run-{megabytes}"
-    cache = work / f"datasets-cache-{megabytes}"  # datasets' Arrow copy of the corpus: made afresh, as for a new user
-    fresh = {"HF_DATASETS_CACHE": str(cache)}
-    for old in (store, run, cache):
-        shutil.rmtree(old, ignore_errors=True)
-    prep_s, prep_gib, _ = timed([sys.executable, "-m", "flaxformer_lite.data.prepare", "--out", str(store),
-                                 f"data.path={corpus}", "data.vocab_size=8192"], fresh)
-    shutil.rmtree(cache)
-    base = [sys.executable, "train.py", *MODEL, f"data.path={corpus}", "data.vocab_size=8192", "train.seq_len=128",
+def train_command(work: Path, corpus: Path, megabytes: int, steps: int) -> list[str]:
+    """train.py on ``corpus``, its run folder (and the run's own store) in ``work``, up to ``steps``."""
+    return [sys.executable, "train.py", *MODEL, f"data.path={corpus}", "data.vocab_size=8192", "train.seq_len=128",
             "train.batch_size=8", "train.eval_every=0", "train.samples=0", "train.progress=false",
-            f"train.run_dir={run}", "train.checkpoint_every=2"]
-    first_s, first_gib, _ = timed(base + [f"train.steps={steps}"], fresh)
-    resume_s, resume_gib, out = timed(base + [f"train.steps={steps + 2}"], fresh)
+            f"train.run_dir={work / f'run-{megabytes}'}", "train.checkpoint_every=2", f"train.steps={steps}"]
+
+
+def prepare_and_first_run(megabytes: int, work: Path, texts: list[str], steps: int, repeats: int) -> dict:
+    """Prepare (the median of ``repeats`` runs, each from scratch) and train.py's first run, on a corpus of about
+    ``megabytes`` MB; each from an empty datasets cache."""
+    corpus = make_corpus(work, megabytes, texts)  # corpora are kept between runs of the benchmark; stores and runs not
+    store, cache = work / f"store-{megabytes}", work / f"datasets-cache-{megabytes}"
+    fresh = {"HF_DATASETS_CACHE": str(cache)}  # datasets' Arrow copy of the corpus: made afresh, as for a new user
+    prepares = []
+    for _ in range(repeats):
+        for old in (store, work / f"run-{megabytes}", cache):
+            shutil.rmtree(old, ignore_errors=True)
+        prepares.append(timed([sys.executable, "-m", "flaxformer_lite.data.prepare", "--out", str(store),
+                               f"data.path={corpus}", "data.vocab_size=8192"], fresh))
+    shutil.rmtree(cache)
+    first_s, first_gib, _ = timed(train_command(work, corpus, megabytes, steps), fresh)
     shutil.rmtree(cache, ignore_errors=True)
+    size_mb = corpus.stat().st_size / 1e6
+    prep_s = float(np.median([t[0] for t in prepares]))
+    return {"corpus MB": size_mb, "tokens": json.loads((store / "manifest.json").read_text())["tokens"],
+            "prepare s": prep_s, "prepare MB/s": size_mb / prep_s, "prepare MB/s range":
+            f"{size_mb / max(t[0] for t in prepares):.1f}-{size_mb / min(t[0] for t in prepares):.1f}",
+            "prepare peak GiB": max(t[1] for t in prepares), "first run s": first_s, "first run peak GiB": first_gib,
+            "batch read ms": batch_read_ms(store)}
+
+
+def resume(megabytes: int, work: Path, steps: int) -> tuple[float, float]:
+    """(wall seconds, peak GiB) of train.py resuming its run on the ``megabytes`` corpus, up to ``steps``."""
+    seconds, gib, out = timed(train_command(work, work / f"corpus-{megabytes}mb.jsonl", megabytes, steps))
     assert "resuming from step" in out, out[-2000:]
-    tokens = json.loads((store / "manifest.json").read_text())["tokens"]
-    return [{"corpus MB": size_mb, "tokens": tokens, "prepare s": prep_s, "prepare MB/s": size_mb / prep_s,
-             "prepare peak GiB": prep_gib, "first run s": first_s, "first run peak GiB": first_gib,
-             "resume s": resume_s, "resume peak GiB": resume_gib, "batch read ms": batch_read_ms(store)}]
+    return seconds, gib
 
 
 def main(argv=None):
@@ -118,6 +132,7 @@ def main(argv=None):
     p.add_argument("--sizes", default="8,128", help="corpus sizes in MB, comma-separated")
     p.add_argument("--steps", type=int, default=2, help="training steps of the first run (the resume runs 2 more)")
     p.add_argument("--work", default=None, help="folder for corpora, stores and runs (default: a temporary one)")
+    p.add_argument("--repeats", type=int, default=3, help="prepares and resumes per size (their median is reported)")
     args = p.parse_args(argv)
     sizes = [int(x) for x in args.sizes.split(",")]
     texts = source_texts()
@@ -126,20 +141,29 @@ def main(argv=None):
         work.mkdir(parents=True, exist_ok=True)
         rows = []
         for mb in sizes:
-            rows += run_size(mb, work, texts, args.steps)
+            rows.append(prepare_and_first_run(mb, work, texts, args.steps, args.repeats))
             console.print(rows[-1])
+        resumes = {mb: [] for mb in sizes}
+        for r in range(args.repeats):  # sizes interleaved, so that the machine's load changes hit each alike
+            for mb in sizes:
+                resumes[mb].append(resume(mb, work, args.steps + 2 * (r + 1)))
+        for mb, row in zip(sizes, rows):
+            row["resume s"] = float(np.median([t[0] for t in resumes[mb]]))
+            row["resume peak GiB"] = max(t[1] for t in resumes[mb])
     notes = [f"cores: {os.cpu_count()}; model: 2 layers, 64 dims; batch 8 x 128; data.vocab_size=8192",
              "prepare = tokenizer training on a seeded sample of <= 50,000 documents + streaming the whole corpus "
              "into the store; first run = train.py on the prepared corpus's own store in its run folder (written "
              "again there: the run's store), compile included; resume = the same command with 2 more steps; prepare "
              "and first run each start from an empty datasets cache (the corpus's Arrow copy made afresh)",
+             f"prepare s and resume s: medians of {args.repeats} runs (resumes of the sizes interleaved); peak "
+             "memory: the largest of them",
              "batch read = median over 200 random batches of 8 windows of 1024+1 tokens from the memmap"]
     if len(rows) > 1:
         small, big = rows[0], rows[1]
         notes.append(f"resume {big['corpus MB']:.0f} MB vs {small['corpus MB']:.0f} MB: wall x"
                      f"{big['resume s'] / small['resume s']:.2f}, peak memory x"
                      f"{big['resume peak GiB'] / small['resume peak GiB']:.2f} (target <= 1.25 each)")
-    cols = ["corpus MB", "tokens", "prepare s", "prepare MB/s", "prepare peak GiB", "first run s",
+    cols = ["corpus MB", "tokens", "prepare s", "prepare MB/s", "prepare MB/s range", "prepare peak GiB", "first run s",
             "first run peak GiB", "resume s", "resume peak GiB", "batch read ms"]
     show_and_write("data", "Data path: prepare, first run and resume by corpus size", cols, rows, notes)
 
