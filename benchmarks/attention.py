@@ -23,7 +23,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from harness import compile_for, console, median_seconds, show_and_write  # noqa: E402
 
-from flaxformer_lite.attention import Mask, choose_impl, linear_attention, softmax_attention  # noqa: E402
+from flaxformer_lite.attention import (Mask, choose_impl, delta_attention, linear_attention,  # noqa: E402
+                                      softmax_attention)
 from flaxformer_lite.attention.checks import Dims  # noqa: E402
 from flaxformer_lite.training.metrics import matmul_flops  # noqa: E402
 
@@ -45,6 +46,14 @@ def _gated(q, k, v, *, mask, gate, **kw):
                             **kw)
 
 
+def _delta(q, k, v, *, mask, gate="none", **kw):
+    """The delta rule (DeltaNet), beta = sigmoid of the keys' mean per position; gate "data": Gated DeltaNet with the
+    decay of `_gated`. Both computed from the inputs, so their gradients are part of fwd+bwd."""
+    keys = k.astype(jnp.float32)
+    gate = {} if gate == "none" else {"log_decay": jax.nn.log_sigmoid(keys.sum(-1)) / 16}
+    return delta_attention(q, k, v, jax.nn.sigmoid(keys.mean(-1)), mask=mask, **gate, **kw)
+
+
 KERNELS = {
     "reference": functools.partial(softmax_attention, impl="reference"),
     "xla": functools.partial(softmax_attention, impl="xla"),
@@ -59,6 +68,8 @@ KERNELS = {
     "linear-elu-pallas": functools.partial(linear_attention, feature_map="elu", impl="pallas"),  # GPU (CPU: interpret)
     "linear-elu-fixed": functools.partial(_gated, gate="fixed"),
     "linear-elu-data": functools.partial(_gated, gate="data"),
+    "delta": _delta,  # causal masks only
+    "delta-data": functools.partial(_delta, gate="data"),
 }
 SOFTMAX = {"reference", "xla", "blockwise", "cudnn", "flash", "flax (peer)"}
 
@@ -183,11 +194,12 @@ def target_notes(rows, args) -> list[str]:
         notes.append(f"linear-elu causal @ {top}: {useful:.1f} GFLOP/s counting the recurrent form's 12 l h d^2 = "
                      f"{100 * useful / args.ceiling:.1f}% of the {args.dtype} matmul ceiling, {args.ceiling:.0f} "
                      "GFLOP/s measured in this run (target >= 20%)")
-    for gated in ("linear-elu-fixed", "linear-elu-data"):
+    for gated in ("linear-elu-fixed", "linear-elu-data", "delta", "delta-data"):
         row = get.get((gated, "causal", top))
         if lin and row and lin.get("fwd+bwd ms") and row.get("fwd+bwd ms"):
+            target = " (target <= 1.3x)" if gated.startswith("linear") else ""  # a target of the gated linear forms
             notes.append(f"{gated} causal @ {top}: {row['fwd+bwd ms'] / lin['fwd+bwd ms']:.2f}x linear-elu's fwd+bwd "
-                         "time (target <= 1.3x)")
+                         f"time{target}")
     for lin in ("linear-elu", "linear-favor"):
         notes.append(_crossover(get, args.lengths, lin))
     dims = lambda l: Dims(args.batch, l, l, args.heads, args.kv_heads, args.head_dim, args.head_dim)

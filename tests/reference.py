@@ -190,6 +190,34 @@ def gated_linear_attention(q, k, v, log_decay, segment_ids=None, kv_valid=None, 
     return out
 
 
+def delta_rule_attention(q, k, v, beta, log_decay=None, segment_ids=None, kv_valid=None):
+    """Causal (gated) delta rule by its recurrence, one position at a time (DeltaNet, Yang et al. 2024; Gated DeltaNet):
+    with q and k scaled to unit L2 norm, ``S_t = a_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T`` (``S [d, v]``
+    per kv head, ``a_t = exp(log_decay_t)``, 1 without a gate) and ``out_t = q_t^T S_t``. ``beta [b, l, n]``. The state
+    restarts (is zeroed) where ``segment_ids [b, l]`` changes; where ``kv_valid [b, l]`` is False the position leaves it
+    unchanged (its query still reads it)."""
+    q, k, v, beta = (np.asarray(x, np.float64) for x in (q, k, v, beta))
+    q = q / np.linalg.norm(q, axis=-1, keepdims=True)
+    k = k / np.linalg.norm(k, axis=-1, keepdims=True)
+    b, l, h, d = q.shape
+    n, g = k.shape[2], h // k.shape[2]
+    log_decay = np.zeros((b, l, n)) if log_decay is None else np.asarray(log_decay, np.float64)
+    out = np.zeros((b, l, h, v.shape[-1]))
+    for bi in range(b):
+        state = np.zeros((n, d, v.shape[-1]))
+        for t in range(l):
+            if segment_ids is not None and t > 0 and segment_ids[bi, t] != segment_ids[bi, t - 1]:
+                state = np.zeros_like(state)
+            if kv_valid is None or kv_valid[bi, t]:
+                for j in range(n):
+                    kt, bt = k[bi, t, j], beta[bi, t, j]
+                    erase = np.eye(d) - bt * np.outer(kt, kt)
+                    state[j] = np.exp(log_decay[bi, t, j]) * erase @ state[j] + bt * np.outer(kt, v[bi, t, j])
+            for head in range(h):
+                out[bi, t, head] = q[bi, t, head] @ state[head // g]
+    return out
+
+
 def numerical_directional_grad(f, x, direction, eps=1e-6):
     """Central difference of scalar f along direction at x (float64)."""
     x = np.asarray(x, np.float64)

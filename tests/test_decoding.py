@@ -1,5 +1,5 @@
 """Decoding: cached greedy and beam search == recomputing the full forward pass at every step (tests/reference.py),
-for GPT (softmax, linear, GQA + rotary, scanned layers, ALBERT-style shared layers, prefix-LM prompts) and
+for GPT (softmax, linear, gated linear and Gated DeltaNet, GQA + rotary, scanned layers, ALBERT-style shared layers, prefix-LM prompts) and
 EncoderDecoder; sampling, EOS, the constant-size linear state, and bad input."""
 import jax
 import jax.numpy as jnp
@@ -16,6 +16,7 @@ GPT_VARIANTS = {
     "softmax": {},
     "linear": {"attention": "linear", "feature_map": "favor"},
     "linear_gated": {"attention": "linear", "linear_gate": "data", "num_kv_heads": 2},
+    "delta_gated": {"attention": "delta", "linear_gate": "data", "num_kv_heads": 2},  # Gated DeltaNet
     "gqa_rotary": {"num_kv_heads": 2, "position": "rotary"},
     "scan_sinusoidal": {"scan_layers": True, "position": "sinusoidal"},
     "shared": {"share_layers": True},  # caches [layers, b, ...] under SHARED_LAYER: beams must reorder axis 1
@@ -63,7 +64,7 @@ def test_gpt_prefix_lm_prompt_equals_recompute(gpt):
     model, variables, apply = gpt
     prompt = _prompt()
     prefix = jnp.array([5, 5])
-    if model.cfg.linear_gate != "none":  # a decay runs forward in time: no bidirectional prefix
+    if model.cfg.linear_gate != "none":  # a decay (or the delta rule) runs forward in time: no bidirectional prefix
         with pytest.raises(ValueError, match="without prefix_lengths"):
             ffl.generate(model, variables, prompt, 6, prefix_lengths=prefix)
         return

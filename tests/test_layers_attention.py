@@ -113,6 +113,24 @@ def test_linear_gate_matches_numpy_forward(gate):
     np.testing.assert_allclose(layer.apply(variables, x, mask=mask), want, rtol=1e-4, atol=1e-5)
 
 
+def test_gated_delta_matches_numpy_forward():
+    """attention='delta' with the data gate: beta = sigmoid(x W + b) from the ``beta`` params, the decay from
+    ``gate``, both ``[embed, kv_heads]`` and ``[kv_heads]``, reach the float64 delta-rule recurrence."""
+    layer = MultiHeadAttention(num_heads=4, num_kv_heads=2, attention="delta", linear_gate="data",
+                               kernel_init=nn.initializers.normal(0.2))
+    x, mask = _x(), Mask(causal=True)
+    variables = layer.init(jax.random.key(0), x, mask=mask)
+    p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), nn.unbox(variables["params"]))
+    xn = np.asarray(x, np.float64)
+    assert p["beta"]["kernel"].shape == (E, 2) and p["beta"]["bias"].shape == (2,)
+    dense = lambda name: xn @ p[name]["kernel"] + p[name]["bias"]
+    beta, log_decay = 1 / (1 + np.exp(-dense("beta"))), -np.logaddexp(0, -dense("gate")) / 16
+    proj = lambda name: np.einsum("ble,ehd->blhd", xn, p[name]["kernel"]) + p[name]["bias"]
+    o = reference.delta_rule_attention(proj("query"), proj("key"), proj("value"), beta, log_decay)
+    want = np.einsum("blhd,hde->ble", o, p["out"]["kernel"]) + p["out"]["bias"]
+    np.testing.assert_allclose(layer.apply(variables, x, mask=mask), want, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("attention", ["softmax", "linear"])
 def test_causal_through_the_layer(attention):
     layer = MultiHeadAttention(num_heads=4, attention=attention, feature_map="favor")
@@ -140,11 +158,17 @@ def test_dtypes():
     (dict(num_heads=4, attention="linear", feature_map="softmax"), "feature_map"),
     (dict(num_heads=4, attention="linear", dropout_rate=0.1), "dropout_rate"),
     (dict(num_heads=4, attention="linear", linear_gate="retnet"), r"linear_gate must be one of \('none'"),
-    (dict(num_heads=4, linear_gate="fixed"), "linear_gate='fixed' needs attention='linear'"),
+    (dict(num_heads=4, linear_gate="fixed"), "linear_gate='fixed' needs attention 'linear' or 'delta'"),
+    (dict(num_heads=4, attention="delta", dropout_rate=0.1), "dropout_rate must be 0 with attention='delta'"),
 ])
 def test_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         MultiHeadAttention(**kwargs).init(jax.random.key(0), _x())
+
+
+def test_delta_is_self_attention_only():
+    with pytest.raises(ValueError, match="attention='delta' .* is for causal self-attention, not cross-attention"):
+        MultiHeadAttention(num_heads=4, attention="delta").init(jax.random.key(0), _x(), _x(length=5))
 
 
 def test_input_rank_error():

@@ -258,10 +258,10 @@ def _xent(logits, targets):
 
 
 @pytest.mark.parametrize("kind,attention", [("gpt", "softmax"), ("gpt", "linear"), ("gpt", "linear_gated"),
-                                            ("bert", "softmax"), ("encoder_decoder", "softmax")])
+                                            ("gpt", "delta_gated"), ("bert", "softmax"), ("encoder_decoder", "softmax")])
 def test_tiny_model_overfits_one_batch(kind, attention):
-    gated = attention == "linear_gated"  # GLA-style data-dependent decay: gradients reach the gate
-    cfg = tiny_config(kind, attention="linear" if gated else attention, linear_gate="data" if gated else "none")
+    gated = attention.endswith("_gated")  # a data-dependent decay (GLA, Gated DeltaNet): gradients reach the gate
+    cfg = tiny_config(kind, attention=attention.removesuffix("_gated"), linear_gate="data" if gated else "none")
     model = build(cfg)
     toks = _tokens(4, 16)
     if kind == "gpt":

@@ -131,3 +131,25 @@ def check_block_size(name: str, size) -> int:
     if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
         raise ValueError(f"{name} must be a positive int, got {size!r}")
     return int(size)
+
+
+def check_range(name: str, x, ok, accepted: str):
+    """Raise `ValueError` if a concrete ``x`` has an entry where ``ok`` is False (traced values cannot be checked)."""
+    try:
+        vals = np.asarray(x, np.float64)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return
+    bad = ~ok(vals)
+    if bad.any():
+        raise ValueError(f"{name} must be {accepted}; got {vals[bad].ravel()[:3].tolist()} among its values")
+
+
+def check_valid(name: str, valid, shape: tuple) -> jax.Array | None:
+    """``valid`` as a bool array of ``shape``, or None."""
+    if valid is None:
+        return None
+    valid = jnp.asarray(valid)
+    if valid.shape != tuple(shape) or valid.dtype != jnp.bool_:
+        raise ValueError(f"{name} must be bool {list(shape)} (True = a real position), got {valid.dtype} "
+                         f"{list(valid.shape)}")
+    return valid

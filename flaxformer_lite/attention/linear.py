@@ -25,10 +25,9 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
-from .checks import check_block_size, check_mask, check_qkv, check_rank4
+from .checks import check_block_size, check_mask, check_qkv, check_range, check_rank4, check_valid
 from .feature_maps import FeatureMap, get_feature_map
 from .linear_causal import FLOOR, causal_sums
 from .linear_pallas import pallas_causal_sums, pallas_unsupported
@@ -137,29 +136,18 @@ def gate_log_decay(decay, log_decay, shape: tuple, valid=None) -> jax.Array | No
         if decay.shape != (n,):
             raise ValueError(f"decay must have shape [kv_heads] = [{n}] (one per key/value head: the state is kept "
                              f"per kv head), got {list(decay.shape)}")
-        _check_range("decay", decay, lambda x: (x > 0) & (x <= 1), "in (0, 1]")
+        check_range("decay", decay, lambda x: (x > 0) & (x <= 1), "in (0, 1]")
         log_decay = jnp.broadcast_to(jnp.log(decay.astype(jnp.float32)), shape)
     elif log_decay is not None:
         log_decay = jnp.asarray(log_decay)
         if log_decay.shape != tuple(shape):
             raise ValueError(f"log_decay must have shape [batch, length, kv_heads] = {list(shape)}, got "
                              f"{list(log_decay.shape)}")
-        _check_range("log_decay", log_decay, lambda x: x <= 0, "<= 0 (a decay in (0, 1])")
+        check_range("log_decay", log_decay, lambda x: x <= 0, "<= 0 (a decay in (0, 1])")
         log_decay = log_decay.astype(jnp.float32)
     else:
         return None
     return log_decay if valid is None else jnp.where(_along(valid, log_decay), log_decay, 0.0)
-
-
-def _check_range(name: str, x, ok, accepted: str):
-    """Raise if a concrete ``x`` has an entry where ``ok`` is False (traced values cannot be checked)."""
-    try:
-        vals = np.asarray(x, np.float64)
-    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-        return
-    bad = ~ok(vals)
-    if bad.any():
-        raise ValueError(f"{name} must be {accepted}; got {vals[bad].ravel()[:3].tolist()} among its values")
 
 
 def _key_features(fmap: FeatureMap, k, v, valid):
@@ -270,7 +258,7 @@ def prefill_state(k: jax.Array, v: jax.Array, *, feature_map: "str | FeatureMap"
         check_rank4(name, x, "[batch, length, kv_heads, dim]")
     if v.shape[:3] != k.shape[:3]:
         raise ValueError(f"v must match k in batch, length and kv heads: k {k.shape}, v {v.shape}")
-    kv_valid = _check_valid("kv_valid", kv_valid, k.shape[:2])
+    kv_valid = check_valid("kv_valid", kv_valid, k.shape[:2])
     log_decay = gate_log_decay(decay, log_decay, k.shape[:3], kv_valid)
     kf, ka, v = _key_features(get_feature_map(feature_map), k, v, kv_valid)
     if log_decay is not None:  # key j is decayed by every later position: sum_{t > j} log_decay_t
@@ -298,7 +286,7 @@ def step(state: LinearState, q_t: jax.Array, k_t: jax.Array, v_t: jax.Array, *,
     """
     fmap = get_feature_map(feature_map)
     b, h, d, n = _check_step(state, q_t, k_t, v_t, fmap)
-    valid = _check_valid("valid", valid, (b,))
+    valid = check_valid("valid", valid, (b,))
     if log_decay is not None:
         log_decay = jnp.asarray(log_decay)
         if log_decay.shape != (b, n):
@@ -339,14 +327,3 @@ def _check_step(state, q_t, k_t, v_t, fmap: FeatureMap) -> tuple[int, int, int, 
                          f"linear_init_state({b}, {n}, {d}, {dv}, feature_map) or linear_prefill_state with the same "
                          "feature map")
     return b, h, d, n
-
-
-def _check_valid(name: str, valid, shape: tuple) -> jax.Array | None:
-    """``valid`` as a bool array of ``shape``, or None."""
-    if valid is None:
-        return None
-    valid = jnp.asarray(valid)
-    if valid.shape != tuple(shape) or valid.dtype != jnp.bool_:
-        raise ValueError(f"{name} must be bool {list(shape)} (True = a real position), got {valid.dtype} "
-                         f"{list(valid.shape)}")
-    return valid

@@ -24,8 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ..attention import (FEATURE_MAPS, IMPLS, FeatureMap, Mask, attend_scores, attention_weights, linear_attention,
-                         linear_init_state, linear_prefill_state, linear_step, softmax_attention)
+from ..attention import (FEATURE_MAPS, IMPLS, FeatureMap, Mask, attend_scores, attention_weights, delta_attention,
+                         delta_init_state, delta_step, linear_attention, linear_init_state, linear_prefill_state,
+                         linear_step, softmax_attention)
 from .attention_scores import (AdditiveScores, DenseSynthesizerScores, RandomSynthesizerScores, TalkingHeads,
                                dot_scores)
 from .dense import general_kernel_init, kernel_dot_general
@@ -34,6 +35,7 @@ from .embeddings import rotary
 
 SYNTHESIZERS = ("synthesizer_dense", "synthesizer_random")  # logits from positions/tokens alone: no queries, no keys
 DECODE_MODES = (None, "prefill", "step")
+RECURRENT = ("linear", "delta")  # attention kinds that decode from a recurrent state, not a KV cache
 default_kernel_init = nn.initializers.normal(stddev=0.02)
 
 
@@ -51,7 +53,9 @@ class MultiHeadAttention(nn.Module):
       head_dim: d; None means ``embed_dim // num_heads``. It may differ from that (a wider head removes the
         low-rank bottleneck of small heads, Bhojanapalli et al. 2020).
       out_dim: output features; None means the query input's feature size.
-      attention: ``"softmax"``, ``"linear"``, or one of the dense variants (layers/attention_scores.py):
+      attention: ``"softmax"``, ``"linear"``, ``"delta"`` (the delta rule, DeltaNet: causal self-attention only; a
+        ``beta`` Dense ``[embed, n]`` gives each token's writing strength through a sigmoid), or one of the dense
+        variants (layers/attention_scores.py):
         ``"additive"`` (Bahdanau), ``"synthesizer_dense"``, ``"synthesizer_random"`` (Tay et al.; self-attention
         only, at most ``max_len`` keys).
       attention_impl: softmax impl (``"auto"``, ``"reference"``, ``"xla"``, ``"blockwise"``, ``"cudnn"``); the dense
@@ -59,7 +63,7 @@ class MultiHeadAttention(nn.Module):
       talking_heads: mix the logits and the probabilities across heads (Shazeer et al. 2020); softmax only.
       max_len: the longest key axis of the Synthesizer tables.
       feature_map: linear-attention feature map (``"elu"``, ``"relu"``, ``"favor"`` or a `FeatureMap`).
-      linear_gate: decay of linear self-attention's state (causal masks only): ``"none"``; ``"fixed"``, RetNet's
+      linear_gate: decay of linear or delta self-attention's state (causal masks only): ``"none"``; ``"fixed"``, RetNet's
         ``1 - 2^(-5 - i)`` for kv head i (no parameters); ``"data"``, a per-token decay per kv head,
         ``log_sigmoid(x W + b) / 16`` as in GLA (parameters ``gate``: ``[embed, n]`` and ``[n]``).
       dropout_rate: attention-probability dropout (not linear), active when ``deterministic=False``.
@@ -109,10 +113,12 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"feature_map must be one of {sorted(FEATURE_MAPS)}, got {self.feature_map!r}")
         if self.linear_gate not in LINEAR_GATES:
             raise ValueError(f"linear_gate must be one of {LINEAR_GATES}, got {self.linear_gate!r}")
-        if self.linear_gate != "none" and self.attention != "linear":
-            raise ValueError(f"linear_gate={self.linear_gate!r} needs attention='linear', got {self.attention!r}")
-        if self.attention == "linear" and self.dropout_rate:
-            raise ValueError("dropout_rate must be 0 with attention='linear' (no attention probabilities to drop)")
+        if self.linear_gate != "none" and self.attention not in RECURRENT:
+            raise ValueError(f"linear_gate={self.linear_gate!r} needs attention 'linear' or 'delta', got "
+                             f"{self.attention!r}")
+        if self.attention in RECURRENT and self.dropout_rate:
+            raise ValueError(f"dropout_rate must be 0 with attention={self.attention!r} (no attention probabilities "
+                             "to drop)")
         if self.talking_heads and self.attention != "softmax":
             raise ValueError(f"talking_heads needs attention='softmax', got {self.attention!r}")
         if self.attention in SYNTHESIZERS and not self.max_len:
@@ -157,8 +163,9 @@ class MultiHeadAttention(nn.Module):
         cross = inputs_kv is not None
         if cross and self.attention in SYNTHESIZERS:
             raise ValueError(f"attention={self.attention!r} is self-attention only (its logits ignore the keys)")
-        if cross and self.linear_gate != "none":
-            raise ValueError(f"linear_gate={self.linear_gate!r} is for causal self-attention, not cross-attention")
+        if cross and (self.linear_gate != "none" or self.attention == "delta"):
+            raise ValueError(f"attention={self.attention!r} with linear_gate={self.linear_gate!r} is for causal "
+                             "self-attention, not cross-attention")
         keyless = self.attention in SYNTHESIZERS
         q = None if keyless else self._project("query", inputs_q, self.num_heads, head_dim, "heads")
         if cross:
@@ -172,8 +179,10 @@ class MultiHeadAttention(nn.Module):
                 q = rotary(q, positions, self.rotary_base, self.rope_scaling)
                 k = rotary(k, positions, self.rotary_base, self.rope_scaling)
         gate = self._linear_gate(inputs_q, kv_heads) if self.linear_gate != "none" else {}
-        if decode and not cross and self.attention == "linear":
-            out = self._linear_decode(q, k, v, mask, decode, gate)
+        if self.attention == "delta":
+            gate["beta"] = self._delta_beta(inputs_q, kv_heads)
+        if decode and not cross and self.attention in RECURRENT:
+            out = self._recurrent_decode(q, k, v, mask, decode, gate)
         else:
             if decode and not cross:
                 k, v = self._softmax_cache(k, v, cache_index)
@@ -195,9 +204,20 @@ class MultiHeadAttention(nn.Module):
                           name="gate")(inputs_q)
         return {"log_decay": jax.nn.log_sigmoid(logits) / 16.0}  # GLA's gate_logit_normalizer (Yang et al. 2024)
 
+    def _delta_beta(self, inputs_q: jax.Array, kv_heads: int) -> jax.Array:
+        """DeltaNet's writing strength ``sigmoid(x W + b)`` ``[b, l, n]`` float32 (parameters ``beta``)."""
+        return jax.nn.sigmoid(nn.Dense(kv_heads, dtype=jnp.float32, param_dtype=self.param_dtype,
+                                       kernel_init=nn.with_logical_partitioning(self.kernel_init, ("embed", "kv_heads")),
+                                       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("kv_heads",)),
+                                       name="beta")(inputs_q))
+
     def _attend(self, q, k, v, mask, bias, deterministic, inputs_q, positions, gate):
         if self.attention == "linear":
             return linear_attention(q, k, v, mask=mask, feature_map=self.feature_map, bias=bias, **gate)
+        if self.attention == "delta":
+            if bias is not None:
+                raise ValueError("attention='delta' cannot honour bias (there is no logits matrix)")
+            return delta_attention(q, k, v, mask=mask, **gate)
         rate = 0.0 if deterministic else self.dropout_rate
         rng = self.make_rng("dropout") if rate > 0 else None
         sowing = self.is_mutable_collection("intermediates")
@@ -266,9 +286,11 @@ class MultiHeadAttention(nn.Module):
                                                  (0, cache_index, 0, 0))
         return (cached["cached_key"].value if k is not None else None), cached["cached_value"].value
 
-    def _linear_decode(self, q, k, v, mask, decode, gate):
-        """Linear self-attention against its recurrent state: prefill sums the prompt, a step adds one token.
-        ``gate``: `_linear_gate`'s decay, or empty."""
+    def _recurrent_decode(self, q, k, v, mask, decode, gate):
+        """Linear or delta self-attention against its recurrent state: prefill reads the prompt, a step adds one
+        token. ``gate``: `_linear_gate`'s decay and, for delta, ``beta``."""
+        if self.attention == "delta":
+            return self._delta_decode(q, k, v, mask, decode, gate)
         initializing = not self.has_variable("cache", "linear_state")
         b, _, n, d = k.shape
         state = self.variable("cache", "linear_state",
@@ -285,4 +307,23 @@ class MultiHeadAttention(nn.Module):
         if "log_decay" in gate:
             gate = {"log_decay": gate["log_decay"][:, 0]}
         out, state.value = linear_step(state.value, q[:, 0], k[:, 0], v[:, 0], feature_map=self.feature_map, **gate)
+        return out[:, None]
+
+    def _delta_decode(self, q, k, v, mask, decode, gate):
+        """The delta rule against its state ``delta_state [b, n, d, v]``: the prompt's is kept at prefill, a step
+        updates it by one token."""
+        initializing = not self.has_variable("cache", "delta_state")
+        b, _, n, d = k.shape
+        state = self.variable("cache", "delta_state", lambda: delta_init_state(b, n, d, v.shape[-1]))
+        no_offset = None if mask is None else dataclasses.replace(mask, q_offset=None)
+        if initializing:
+            return delta_attention(q, k, v, mask=no_offset, **gate)
+        if decode == "prefill":
+            out, state.value = delta_attention(q, k, v, mask=no_offset, return_state=True, **gate)
+            return out
+        if q.shape[1] != 1:
+            raise ValueError(f"delta-rule decode steps take one token at a time, got {q.shape[1]}")
+        one = {name: x[:, 0] for name, x in gate.items() if name != "decay"}
+        out, state.value = delta_step(state.value, q[:, 0], k[:, 0], v[:, 0], one.pop("beta"),
+                                      decay=gate.get("decay"), **one)
         return out[:, None]

@@ -62,10 +62,11 @@ class ModelConfig:
       num_decoder_layers: decoder depth of an encoder-decoder (None: ``num_layers``).
       num_kv_heads: GQA/MQA kv heads (None: ``num_heads``). head_dim: None means ``embed_dim // num_heads``.
       dropout_rate: embeddings, residuals and MLP hidden; attention_dropout_rate: attention probabilities.
-      attention: ``"softmax"``, ``"linear"``, or a dense variant: ``"additive"`` (Bahdanau), ``"synthesizer_dense"``,
-        ``"synthesizer_random"`` (Tay et al.; self-attention only); attention_impl: the softmax impl; feature_map:
-        the linear map; linear_gate: ``"none"``, ``"fixed"`` (RetNet's per-head decay) or ``"data"`` (GLA-style
-        per-token decay) of linear attention's state (model ``"gpt"``). talking_heads: mix logits and
+      attention: ``"softmax"``, ``"linear"``, ``"delta"`` (DeltaNet's delta rule; model ``"gpt"``), or a dense
+        variant: ``"additive"`` (Bahdanau), ``"synthesizer_dense"``, ``"synthesizer_random"`` (Tay et al.;
+        self-attention only); attention_impl: the softmax impl; feature_map: the linear map; linear_gate:
+        ``"none"``, ``"fixed"`` (RetNet's per-head decay) or ``"data"`` (GLA-style per-token decay; with delta,
+        Gated DeltaNet) of the linear or delta state (model ``"gpt"``). talking_heads: mix logits and
         probabilities across heads (softmax; computed densely).
       position: ``"learned"``, ``"sinusoidal"``, ``"rotary"`` or ``"none"``; rope_base (> 1) for rotary (Hugging
         Face's ``rope_theta``); rope_scaling: a `RopeScaling` (``linear``, ``dynamic`` or ``llama3`` long-context
@@ -174,12 +175,15 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.rope_scaling needs position='rotary', got position={self.position!r}")
         if self.sliding_window is not None and self.model != "gpt":
             raise ValueError(f"ModelConfig.sliding_window is supported for model 'gpt', not {self.model!r}")
-        if self.sliding_window is not None and self.attention == "linear":
-            raise ValueError("ModelConfig.sliding_window needs attention='softmax' (or a dense variant), not 'linear'")
-        if self.linear_gate != "none" and (self.attention != "linear" or self.model != "gpt"):
-            raise ValueError(f"ModelConfig.linear_gate={self.linear_gate!r} needs attention='linear' and model 'gpt' "
-                             f"(a decay runs forward in time: causal self-attention), got attention="
+        if self.sliding_window is not None and self.attention in ("linear", "delta"):
+            raise ValueError("ModelConfig.sliding_window needs attention='softmax' (or a dense variant), not "
+                             f"{self.attention!r}")
+        if self.linear_gate != "none" and (self.attention not in ("linear", "delta") or self.model != "gpt"):
+            raise ValueError(f"ModelConfig.linear_gate={self.linear_gate!r} needs attention 'linear' or 'delta' and "
+                             f"model 'gpt' (a decay runs forward in time: causal self-attention), got attention="
                              f"{self.attention!r}, model={self.model!r}")
+        if self.attention == "delta" and self.model != "gpt":
+            raise ValueError(f"ModelConfig.attention='delta' is causal self-attention: model 'gpt', not {self.model!r}")
         if self.qk_norm and self.attention in ("synthesizer_dense", "synthesizer_random"):
             raise ValueError(f"ModelConfig.qk_norm needs queries and keys; attention={self.attention!r} has none")
 

@@ -1,0 +1,203 @@
+"""The delta rule (DeltaNet, Yang et al. 2024) and its gated form (Gated DeltaNet, Yang et al. 2025), in chunk form.
+
+With q and k scaled to unit L2 norm, a state ``S [d, v]`` per kv head, ``beta_t`` the writing strength and ``a_t``
+the decay (1 without a gate)::
+
+    S_t = a_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T        out_t = q_t^T S_t
+
+Unlike linear attention's sum, a key overwrites what the state held along it (``S^T k_t`` moves towards ``v_t``), so
+the state is not a sum of independent terms; the chunk form (the WY representation of the paper) still puts most of
+the work into batched matmuls. Inside a block of c positions, with ``G`` the log decay summed from the block's start
+(``g = exp(G)``), ``D_ri = exp(G_r - G_i)`` for keys i <= r of row r's segment (0 otherwise) and ``S0`` the state
+entering the block, the pseudo-values ``u_r = beta_r (v_r - a_r S_{r-1}^T k_r)`` solve a unit lower-triangular system::
+
+    (I + strict_tril(beta K K^T * D)) U = beta V - (beta g K) S0      =>  U = U~ - W S0
+    O = g Q S0 + (tril(Q K^T) * D) U                                     S_end = g_c S0 + (K * D_c.)^T U
+
+Substituting ``U``, the state leaving a block is an affine map of the entering one, ``S_end = M S0 + K~^T U~`` with
+``M = g_c I - K~^T W`` (``K~ = K * D_c.``), and ``O = (g Q - A W) S0 + A U~`` (``A = tril(Q K^T) * D``). Everything
+but the chain of entering states is computed for all blocks at once (one batched triangular solve, batched matmuls);
+a `lax.scan` over blocks then does one ``[d, d] x [d, v]`` product each. Decays are summed inside a block only, so
+every exponent is <= 0. Computed in float32 whatever the input dtype (the triangular solve and the
+repeated erasing are less forgiving than linear attention's sums).
+
+Shape key: b batch, l length, h query heads, n kv heads, g = h // n, d head dim, v value dim, m blocks, c block
+length.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from .checks import Dims, check_block_size, check_mask, check_qkv, check_range, check_valid
+from .linear import gate_log_decay
+from .masks import Mask
+
+NORM_EPS = 1e-6  # q and k are divided by sqrt(|x|^2 + eps): a zero (padded) key stays zero
+
+
+def delta_attention(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, *, mask: Mask | None = None,
+                    decay=None, log_decay=None, block_size: int = 64, return_state: bool = False):
+    """Causal delta-rule attention ``[b, l, h, d] x [b, l, n, d] x [b, l, n, v] -> [b, l, h, v]``.
+
+    Args:
+      q, k, v: as for `linear_attention` (GQA/MQA when ``n < h``); q and k are scaled to unit L2 norm here.
+      beta: ``[b, l, n]``: how strongly each position writes its value, in [0, 2] (DeltaNet's sigmoid gives (0, 1);
+        up to 2 lets the erasing step reflect, as in the "negative eigenvalues" variants).
+      mask: causal (None means causal), with optional padding (a padded position leaves the state unchanged) and
+        packed segments given as one array for queries and keys (the state restarts where the id changes).
+        Prefix-LM, sliding windows, ``q_offset`` and non-causal masks raise `ValueError`: the rule runs forward in
+        time.
+      decay: a fixed decay per kv head ``[n]`` in (0, 1]; log_decay: ``[b, l, n]`` <= 0 per position (Gated
+        DeltaNet). One of the two at most, as in `linear_attention`.
+      block_size: positions per block (a performance knob; results do not depend on it).
+      return_state: also return the state after the last position, ``[b, n, d, v]`` float32 (that of the last
+        segment), to go on decoding with `delta_step`.
+
+    Returns:
+      ``[b, l, h, v]`` in q's dtype; with ``return_state``, ``(out, state)``.
+    """
+    dims = check_qkv(q, k, v)
+    mask = check_mask(Mask(causal=True) if mask is None else mask, dims)
+    _check_mask(mask, dims)
+    block = check_block_size("block_size", block_size)
+    shape = (dims.batch, dims.lk, dims.kv_heads)
+    valid = mask.kv_valid_mask(dims.lk)
+    beta = _check_beta(beta, shape, valid)
+    log_decay = gate_log_decay(decay, log_decay, shape, valid)
+    k, v = mask.zero_invalid_keys(k, v)
+    b, l, h, d = q.shape
+    qg = _unit(q.reshape(b, l, dims.kv_heads, dims.groups, d))
+    out, state = _blocks(qg, _unit(k), v.astype(jnp.float32), beta, log_decay, mask.q_segment_ids, min(block, l))
+    out = out.reshape(b, l, h, dims.value_dim).astype(q.dtype)
+    return (out, state) if return_state else out
+
+
+def delta_init_state(batch: int, kv_heads: int, head_dim: int, value_dim: int) -> jax.Array:
+    """The empty state ``[b, n, d, v]`` (float32 zeros) for `delta_step`."""
+    return jnp.zeros((batch, kv_heads, head_dim, value_dim), jnp.float32)
+
+
+def delta_step(state: jax.Array, q_t: jax.Array, k_t: jax.Array, v_t: jax.Array, beta_t: jax.Array, *,
+               decay=None, log_decay=None, valid: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """One position of the delta rule: ``S = a (I - beta k k^T) S + beta k v^T``, then ``out = q^T S``.
+
+    Args:
+      state: ``[b, n, d, v]`` from `delta_init_state`, `delta_attention(..., return_state=True)` or a previous step.
+      q_t: ``[b, h, d]``; k_t: ``[b, n, d]``; v_t: ``[b, n, v]``; beta_t: ``[b, n]`` in [0, 2].
+      decay: ``[n]`` in (0, 1], or log_decay: ``[b, n]`` (<= 0): this position's decay, as in `delta_attention`.
+      valid: optional bool ``[b]``; False leaves the state unchanged (a padding position).
+
+    Returns:
+      ``(out_t [b, h, v] in q_t's dtype, new_state)``: `delta_attention` at this position.
+    """
+    if any(getattr(x, "ndim", None) != 3 for x in (q_t, k_t, v_t)):
+        raise ValueError("delta_step takes one position: q_t [b, h, d], k_t [b, n, d], v_t [b, n, v]; got shapes "
+                         f"{[getattr(x, 'shape', type(x)) for x in (q_t, k_t, v_t)]}")
+    b, h, d = q_t.shape
+    n, dv = k_t.shape[1], v_t.shape[2]
+    if k_t.shape != (b, n, d) or v_t.shape[:2] != (b, n) or not 0 < n <= h or h % n:
+        raise ValueError(f"q_t [b, h, d], k_t [b, n, d], v_t [b, n, v] disagree (h must be a multiple of n >= 1): "
+                         f"got {q_t.shape}, {k_t.shape}, {v_t.shape}")
+    if getattr(state, "shape", None) != (b, n, d, dv):
+        raise ValueError(f"state must have shape [batch, kv_heads, head_dim, value_dim] = {[b, n, d, dv]}, got "
+                         f"{getattr(state, 'shape', type(state))}; build it with delta_init_state({b}, {n}, {d}, {dv})")
+    valid = check_valid("valid", valid, (b,))
+    seq_valid = None if valid is None else valid[:, None]
+    beta = _check_beta(jnp.reshape(beta_t, (b, 1, n)) if jnp.shape(beta_t) == (b, n) else beta_t, (b, 1, n),
+                       seq_valid)[:, 0]
+    if log_decay is not None:
+        if jnp.shape(log_decay) != (b, n):
+            raise ValueError(f"log_decay of one position must have shape [batch, kv_heads] = [{b}, {n}], got "
+                             f"{list(jnp.shape(log_decay))}")
+        log_decay = jnp.reshape(log_decay, (b, 1, n))
+    log_decay = gate_log_decay(decay, log_decay, (b, 1, n), seq_valid)
+    k = _unit(k_t if valid is None else jnp.where(valid[:, None, None], k_t, 0))
+    v = v_t.astype(jnp.float32) if valid is None else jnp.where(valid[:, None, None], v_t, 0).astype(jnp.float32)
+    kept = state if log_decay is None else jnp.exp(log_decay[:, 0])[..., None, None] * state
+    u = beta[..., None] * (v - jnp.einsum("bnd,bndv->bnv", k, kept))  # the value written, less what was there
+    new = kept + jnp.einsum("bnd,bnv->bndv", k, u)
+    out = jnp.einsum("bngd,bndv->bngv", _unit(q_t.reshape(b, n, h // n, d)), new)
+    return out.reshape(b, h, dv).astype(q_t.dtype), new
+
+
+def _unit(x: jax.Array) -> jax.Array:
+    """``x`` in float32, scaled to unit L2 norm over its last axis (a zero vector stays zero)."""
+    x = x.astype(jnp.float32)
+    return x * lax.rsqrt(jnp.sum(x * x, -1, keepdims=True) + NORM_EPS)
+
+
+def _check_mask(mask: Mask, dims: Dims) -> None:
+    if not mask.causal or mask.prefix_lengths is not None or mask.window is not None or mask.q_offset is not None:
+        raise ValueError("delta_attention needs a causal mask without prefix_lengths, window or q_offset (the rule "
+                         "runs forward in time; decode with delta_step)")
+    if dims.lq != dims.lk:
+        raise ValueError(f"delta_attention needs lq == lk, got {dims.lq} vs {dims.lk}")
+    if mask.has_segments and not mask.shares_segments:
+        raise ValueError("delta_attention takes packed segments as one array for queries and keys "
+                         "(Mask(segment_ids=...)), not separate q/kv segment ids")
+
+
+def _check_beta(beta, shape: tuple, valid) -> jax.Array:
+    """``beta`` as float32 ``shape``, 0 where ``valid`` is False; a concrete value outside [0, 2] is refused."""
+    beta = jnp.asarray(beta)
+    if beta.shape != tuple(shape):
+        raise ValueError(f"beta must have shape [batch, length, kv_heads] = {list(shape)}, got {list(beta.shape)}")
+    check_range("beta", beta, lambda x: (x >= 0) & (x <= 2), "in [0, 2]")
+    beta = beta.astype(jnp.float32)
+    return beta if valid is None else jnp.where(valid[..., None], beta, 0.0)
+
+
+def _blocks(q, k, v, beta, log_decay, segments, c: int):
+    """The chunk form: unit ``q [b, l, n, g, d]``, ``k [b, l, n, d]``, ``v [b, l, n, v]``, ``beta [b, l, n]`` (0 at
+    padding), ``log_decay [b, l, n]`` or None, ``segments [b, l]`` or None, block length ``c`` ->
+    ``(out [b, l, n, g, v], state [b, n, d, v])``, float32."""
+    b, l, n, g, d = q.shape
+    m = -(-l // c)
+    pad = m * c - l
+
+    def blocked(x, fill=0):  # [b, l, ...] -> [b, m, c, ...], padded with fill
+        if pad:
+            x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+        return x.reshape((b, m, c) + x.shape[2:])
+
+    heads_first = lambda x: jnp.moveaxis(blocked(x), 3, 1)  # [b, l, n, ...] -> [b, n, m, c, ...]
+    qb, kb, vb, bb = (heads_first(x) for x in (q, k, v, beta))
+    cum = jnp.zeros_like(bb) if log_decay is None else jnp.cumsum(heads_first(log_decay), -1)  # [b, n, m, c]
+    lower = jnp.tril(jnp.ones((c, c), bool))
+    if segments is None:
+        same, carried, in_last = lower, jnp.ones((1, 1, m, c), bool), jnp.ones((1, 1, m, c), bool)
+    else:  # padded positions get an id of their own; a block's entering state is that of the position before it
+        sb = blocked(segments.astype(jnp.int32), -1)  # [b, m, c]
+        before = jnp.concatenate([jnp.full((b, 1), -2, jnp.int32), sb[:, :-1, -1]], 1)  # [b, m]
+        same = (lower & (sb[..., :, None] == sb[..., None, :]))[:, None]  # [b, 1, m, c, c]
+        carried = (sb == before[..., None])[:, None]  # [b, 1, m, c]: rows that read the entering state
+        in_last = (sb == sb[..., -1:])[:, None]  # [b, 1, m, c]: keys in the state leaving the block
+    # D[r, i] = exp(cum_r - cum_i) for keys i <= r of row r's segment (exponent masked first: exp(-inf) = 0)
+    pair = jnp.exp(jnp.where(same, cum[..., :, None] - cum[..., None, :], -jnp.inf))  # [b, n, m, c, c]
+    strict = pair * ~jnp.eye(c, dtype=bool)
+    kk = jnp.einsum("bnmrd,bnmid->bnmri", kb, kb)
+    system = jnp.eye(c, dtype=jnp.float32) + bb[..., None] * kk * strict
+    g_row = jnp.where(carried, jnp.exp(cum), 0.0)  # [b, n, m, c]: the entering state's decay at each row
+    rhs = jnp.concatenate([bb[..., None] * vb, (bb * g_row)[..., None] * kb], -1)
+    solved = lax.linalg.triangular_solve(system, rhs, left_side=True, lower=True, unit_diagonal=True)
+    u0, w = solved[..., :vb.shape[-1]], solved[..., vb.shape[-1]:]  # U = u0 - w S0
+    scores = jnp.einsum("bnmrgd,bnmid->bnmrgi", qb, kb) * pair[..., :, None, :]  # [b, n, m, c, g, c]
+    q_in = qb * g_row[..., None, None] - jnp.einsum("bnmrgi,bnmid->bnmrgd", scores, w)  # reads S0
+    k_out = kb * jnp.where(in_last, jnp.exp(cum[..., -1:] - cum), 0.0)[..., None]  # keys decayed to the block end
+    s_keep = jnp.where(carried[..., -1], jnp.exp(cum[..., -1]), 0.0)  # [b, n, m]: what of S0 the block keeps
+    # S_end = M S0 + k_out^T u0, M = s_keep I - k_out^T w: chained by one scan over blocks
+    step_map = s_keep[..., None, None] * jnp.eye(d, dtype=jnp.float32) - jnp.einsum("bnmid,bnmie->bnmde", k_out, w)
+    step_add = jnp.einsum("bnmid,bnmiv->bnmdv", k_out, u0)
+
+    def chain(s, x):
+        return jnp.einsum("bnde,bnev->bndv", x[0], s) + x[1], s
+
+    xs = (jnp.moveaxis(step_map, 2, 0), jnp.moveaxis(step_add, 2, 0))
+    state, entering = lax.scan(chain, jnp.zeros((b, n, d, vb.shape[-1]), jnp.float32), xs)
+    entering = jnp.moveaxis(entering, 0, 2)  # [b, n, m, d, v]
+    out = (jnp.einsum("bnmrgd,bnmdv->bnmrgv", q_in, entering)
+           + jnp.einsum("bnmrgi,bnmiv->bnmrgv", scores, u0))  # [b, n, m, c, g, v]
+    out = jnp.moveaxis(out, 1, 3).reshape(b, m * c, n, g, -1)[:, :l]
+    return out, state

@@ -1,0 +1,166 @@
+"""The delta rule (DeltaNet) and its gated form against the float64 recurrence in tests/reference.py: causal,
+padding and packed segments x MHA/GQA x no/fixed/data gate, block sizes, gradients, the recurrent step after a
+prefill, and the documented errors."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import reference
+from cases import B, L, build, check_grads_by_finite_differences, qkv
+from flaxformer_lite.attention import Mask, delta_attention, delta_init_state, delta_step
+
+TOL = dict(rtol=2e-5, atol=2e-5)
+CASES = ["causal", "causal_kv_valid", "segments_causal"]
+
+
+def _mask(name):
+    """The case's mask, with one segment-id array for queries and keys (as a packed batch gives it)."""
+    mask = build(name)[2]
+    if mask.q_segment_ids is not None:
+        mask = Mask(causal=True, q_segment_ids=mask.q_segment_ids, kv_segment_ids=mask.q_segment_ids)
+    return mask
+
+
+def _inputs(kv_heads, gate, seed=0, l=L):
+    """``(float64 q, k, v, beta, log_decay), (jax q, k, v, beta), gate kwargs``."""
+    (qn, kn, vn), (q, k, v) = qkv(l, l, kv_heads=kv_heads, value_dim=8, seed=seed)
+    rng = np.random.default_rng(seed + 100)
+    beta = 1 / (1 + np.exp(-rng.standard_normal((B, l, kv_heads))))
+    log_decay, kwargs = None, {}
+    if gate == "fixed":
+        decay = np.linspace(0.7, 0.95, kv_heads)
+        log_decay, kwargs = np.broadcast_to(np.log(decay), (B, l, kv_heads)), {"decay": jnp.asarray(decay, jnp.float32)}
+    elif gate == "data":
+        log_decay = -np.logaddexp(0, rng.standard_normal((B, l, kv_heads)) - 1)  # -softplus
+        kwargs = {"log_decay": jnp.asarray(log_decay, jnp.float32)}
+    return (qn, kn, vn, beta, log_decay), (q, k, v, jnp.asarray(beta, jnp.float32)), kwargs
+
+
+def _reference(name, qn, kn, vn, beta, log_decay):
+    mask = _mask(name)
+    seg = None if mask.q_segment_ids is None else np.asarray(mask.q_segment_ids)
+    valid = None if mask.kv_valid is None else np.asarray(mask.kv_valid)
+    return reference.delta_rule_attention(qn, kn, vn, beta, log_decay, seg, valid)
+
+
+@pytest.fixture(scope="module")
+def delta_fn():
+    return jax.jit(delta_attention, static_argnames=("block_size", "return_state"))
+
+
+@pytest.mark.parametrize("gate,kv_heads", [("none", 4), ("fixed", 2), ("data", 2), ("data", 1)],
+                         ids=["mha", "fixed-gqa", "data-gqa", "data-mqa"])
+@pytest.mark.parametrize("name", CASES)
+def test_matches_recurrent_reference(delta_fn, name, gate, kv_heads):
+    arrays, (q, k, v, beta), kwargs = _inputs(kv_heads, gate, seed=kv_heads)
+    out = delta_fn(q, k, v, beta, mask=_mask(name), block_size=8, **kwargs)
+    np.testing.assert_allclose(out, _reference(name, *arrays), **TOL)
+
+
+@pytest.mark.parametrize("name", ["causal", "segments_causal"])
+def test_block_size_does_not_change_the_result(delta_fn, name):
+    _, (q, k, v, beta), kwargs = _inputs(2, "data")
+    outs = [delta_fn(q, k, v, beta, mask=_mask(name), block_size=c, **kwargs) for c in (3, 16, 64)]
+    for out in outs[1:]:
+        np.testing.assert_allclose(out, outs[0], **TOL)
+
+
+@pytest.mark.parametrize("name", ["causal_kv_valid", "segments_causal"])
+def test_grads_match_finite_differences(delta_fn, name):
+    """Gradients of q, k, v, beta and the log decay."""
+    arrays, (q, k, v, beta), kwargs = _inputs(2, "data", seed=11)
+    rng = np.random.default_rng(13)
+    w = rng.standard_normal((B, L, 4, 8))
+    mask = _mask(name)
+    loss = lambda q, k, v, beta, a: jnp.sum(delta_fn(q, k, v, beta, mask=mask, block_size=8, log_decay=a) * w)
+    grads = jax.grad(loss, argnums=(0, 1, 2, 3, 4))(q, k, v, beta, kwargs["log_decay"])
+    check_grads_by_finite_differences(grads, list(arrays), lambda *a: (_reference(name, *a) * w).sum(), rng)
+
+
+@pytest.mark.parametrize("gate", ["fixed", "data"])
+def test_step_after_prefill_continues_the_parallel_form(delta_fn, gate):
+    """The state of the first t positions (``return_state``), then `delta_step` through the rest (padding
+    included): every output equals the parallel form's."""
+    mask = _mask("causal_kv_valid")
+    _, (q, k, v, beta), kwargs = _inputs(2, gate, seed=5)
+    want = delta_fn(q, k, v, beta, mask=mask, block_size=8, **kwargs)
+    t = 20
+    head = {"decay": kwargs["decay"]} if gate == "fixed" else {"log_decay": kwargs["log_decay"][:, :t]}
+    prefix = Mask(causal=True, kv_valid=mask.kv_valid[:, :t])
+    out, state = delta_fn(q[:, :t], k[:, :t], v[:, :t], beta[:, :t], mask=prefix, block_size=8, return_state=True,
+                          **head)
+    np.testing.assert_allclose(out, want[:, :t], **TOL)
+
+    @jax.jit
+    def steps(state, xs):
+        def body(state, x):
+            q_t, k_t, v_t, beta_t, valid_t, a_t = x
+            one = {"decay": kwargs["decay"]} if gate == "fixed" else {"log_decay": a_t}
+            out, state = delta_step(state, q_t, k_t, v_t, beta_t, valid=valid_t, **one)
+            return state, out
+        return jax.lax.scan(body, state, xs)[1].swapaxes(0, 1)
+
+    a = kwargs.get("log_decay", jnp.zeros((B, L, 2)))
+    got = steps(state, tuple(x[:, t:].swapaxes(0, 1) for x in (q, k, v, beta, mask.kv_valid, a)))
+    np.testing.assert_allclose(got, want[:, t:], **TOL)
+
+
+def test_steps_from_the_empty_state_equal_the_reference():
+    arrays, (q, k, v, beta), _ = _inputs(2, "none", seed=9, l=6)
+    state, outs = delta_init_state(B, 2, 16, 8), []
+    for t in range(6):
+        out, state = delta_step(state, q[:, t], k[:, t], v[:, t], beta[:, t])
+        outs.append(out)
+    np.testing.assert_allclose(jnp.stack(outs, 1), reference.delta_rule_attention(*arrays[:4]), **TOL)
+
+
+def test_long_sequences_stay_finite():
+    """4096 positions with strong decay (cumulative log decay -12000) and full-strength writes: every output is finite
+    and the last rows equal the reference run over their last 64 positions (the state before is decayed away)."""
+    l = 4096
+    arrays, (q, k, v, beta), _ = _inputs(2, "none", seed=21, l=l)
+    log_decay = np.full((B, l, 2), -3.0)
+    out = jax.jit(lambda *x: delta_attention(*x, log_decay=log_decay))(q, k, v, beta)
+    assert np.isfinite(out).all()
+    want = reference.delta_rule_attention(*(x[:, -64:] for x in arrays[:4]), log_decay[:, -64:])
+    np.testing.assert_allclose(out[:, -32:], want[:, -32:], **TOL)
+
+
+def test_bfloat16_inputs_compute_in_float32(delta_fn):
+    arrays, (q, k, v, beta), _ = _inputs(2, "none")
+    q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
+    out = delta_fn(q, k, v, beta, block_size=8)
+    assert out.dtype == jnp.bfloat16
+    want = reference.delta_rule_attention(*(np.asarray(x, np.float64) for x in (q, k, v)), arrays[3])
+    np.testing.assert_allclose(np.asarray(out, np.float32), want, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(beta=jnp.full((B, 5, 3), 0.5)), r"beta must have shape \[batch, length, kv_heads\] = \[2, 5, 2\]"),
+    (dict(beta=jnp.full((B, 5, 2), 2.5)), r"beta must be in \[0, 2\]"),
+    (dict(decay=jnp.array([0.9, 1.5])), r"decay must be in \(0, 1\]"),
+    (dict(log_decay=jnp.full((B, 5, 2), 0.1)), r"log_decay must be <= 0"),
+    (dict(mask=Mask()), "needs a causal mask"),
+    (dict(mask=Mask(prefix_lengths=jnp.array([2, 2]))), "without prefix_lengths"),
+    (dict(mask=Mask(causal=True, window=3)), "without prefix_lengths, window"),
+    (dict(mask=Mask(causal=True, q_segment_ids=jnp.zeros((B, 5), int), kv_segment_ids=jnp.zeros((B, 5), int))),
+     "one array for queries and keys"),
+    (dict(block_size=0), "block_size must be a positive int"),
+])
+def test_bad_input_raises(kwargs, match):
+    _, (q, k, v) = qkv(5, 5, kv_heads=2)
+    kwargs.setdefault("beta", jnp.full((B, 5, 2), 0.5))
+    with pytest.raises(ValueError, match=match):
+        delta_attention(q, k, v, **kwargs)
+
+
+def test_bad_step_input_raises():
+    state = delta_init_state(2, 2, 16, 16)
+    one = (jnp.zeros((2, 4, 16)), jnp.zeros((2, 2, 16)), jnp.zeros((2, 2, 16)))
+    with pytest.raises(ValueError, match=r"state must have shape \[batch, kv_heads, head_dim, value_dim\]"):
+        delta_step(delta_init_state(2, 2, 16, 8), *one, jnp.full((2, 2), 0.5))
+    with pytest.raises(ValueError, match=r"beta must have shape"):
+        delta_step(state, *one, jnp.full((2, 3), 0.5))
+    with pytest.raises(ValueError, match=r"log_decay of one position must have shape \[batch, kv_heads\] = \[2, 2\]"):
+        delta_step(state, *one, jnp.full((2, 2), 0.5), log_decay=jnp.zeros((2, 5, 2)))
