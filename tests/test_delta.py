@@ -9,6 +9,7 @@ import pytest
 import reference
 from cases import B, L, build, check_grads_by_finite_differences, qkv
 from flaxformer_lite.attention import Mask, delta_attention, delta_init_state, delta_step
+from flaxformer_lite.attention.delta import unit_lower_inverse
 
 TOL = dict(rtol=2e-5, atol=2e-5)
 CASES = ["causal", "causal_kv_valid", "segments_causal"]
@@ -113,6 +114,24 @@ def test_steps_from_the_empty_state_equal_the_reference():
         out, state = delta_step(state, q[:, t], k[:, t], v[:, t], beta[:, t])
         outs.append(out)
     np.testing.assert_allclose(jnp.stack(outs, 1), reference.delta_rule_attention(*arrays[:4]), **TOL)
+
+
+@pytest.mark.parametrize("c", [1, 3, 16, 37, 64])
+def test_unit_lower_inverse_matches_numpy(c):
+    """The block system's inverse by recursive doubling against float64 `np.linalg.inv`, for sizes that are and
+    are not powers of two."""
+    a = np.tril(np.random.default_rng(c).uniform(-1, 1, (2, 3, c, c)), -1)
+    want = np.linalg.inv(np.eye(c) + a)
+    got = unit_lower_inverse(jnp.asarray(a, jnp.float32))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_no_lapack_triangular_solve():
+    """The chunk form and its gradient use matmuls only: LAPACK's trsm, run twice at once on XLA:CPU's thread pool,
+    deadlocks (jaxlib 0.10; a gpt-tiny DeltaNet training run hung in 1 of 5 starts)."""
+    (q, k, v, beta), kwargs = _inputs(2, "data")[1:]
+    grad = jax.grad(lambda *x: delta_attention(*x, **kwargs).sum(), (0, 1, 2, 3))
+    assert "triangular_solve" not in str(jax.make_jaxpr(grad)(q, k, v, beta))
 
 
 def test_long_sequences_stay_finite():

@@ -16,7 +16,8 @@ entering the block, the pseudo-values ``u_r = beta_r (v_r - a_r S_{r-1}^T k_r)``
 
 Substituting ``U``, the state leaving a block is an affine map of the entering one, ``S_end = M S0 + K~^T U~`` with
 ``M = g_c I - K~^T W`` (``K~ = K * D_c.``), and ``O = (g Q - A W) S0 + A U~`` (``A = tril(Q K^T) * D``). Everything
-but the chain of entering states is computed for all blocks at once (one batched triangular solve, batched matmuls);
+but the chain of entering states is computed for all blocks at once (the system's inverse by recursive doubling,
+batched matmuls);
 a `lax.scan` over blocks then does one ``[d, d] x [d, v]`` product each. Decays are summed inside a block only, so
 every exponent is <= 0. Computed in float32 whatever the input dtype (the triangular solve and the
 repeated erasing are less forgiving than linear attention's sums).
@@ -178,10 +179,9 @@ def _blocks(q, k, v, beta, log_decay, segments, c: int):
     pair = jnp.exp(jnp.where(same, cum[..., :, None] - cum[..., None, :], -jnp.inf))  # [b, n, m, c, c]
     strict = pair * ~jnp.eye(c, dtype=bool)
     kk = jnp.einsum("bnmrd,bnmid->bnmri", kb, kb)
-    system = jnp.eye(c, dtype=jnp.float32) + bb[..., None] * kk * strict
     g_row = jnp.where(carried, jnp.exp(cum), 0.0)  # [b, n, m, c]: the entering state's decay at each row
     rhs = jnp.concatenate([bb[..., None] * vb, (bb * g_row)[..., None] * kb], -1)
-    solved = lax.linalg.triangular_solve(system, rhs, left_side=True, lower=True, unit_diagonal=True)
+    solved = jnp.einsum("bnmri,bnmie->bnmre", unit_lower_inverse(bb[..., None] * kk * strict), rhs)
     u0, w = solved[..., :vb.shape[-1]], solved[..., vb.shape[-1]:]  # U = u0 - w S0
     scores = jnp.einsum("bnmrgd,bnmid->bnmrgi", qb, kb) * pair[..., :, None, :]  # [b, n, m, c, g, c]
     q_in = qb * g_row[..., None, None] - jnp.einsum("bnmrgi,bnmid->bnmrgd", scores, w)  # reads S0
@@ -201,3 +201,32 @@ def _blocks(q, k, v, beta, log_decay, segments, c: int):
            + jnp.einsum("bnmrgi,bnmiv->bnmrgv", scores, u0))  # [b, n, m, c, g, v]
     out = jnp.moveaxis(out, 1, 3).reshape(b, m * c, n, g, -1)[:, :l]
     return out, state
+
+
+def unit_lower_inverse(a: jax.Array) -> jax.Array:
+    """``(I + a)^-1`` for strictly lower-triangular ``a [..., c, c]``, by recursive doubling: the inverse of each
+    diagonal block of size 2s is ``[[T1, 0], [-T2 A21 T1, T2]]`` from those of its halves, starting from s = 1
+    (where it is 1). Batched matmuls only, no sequential loop: about log2(c) steps.
+
+    (`lax.linalg.triangular_solve` does the same on CPU through LAPACK's trsm, but two such calls running at once on
+    XLA:CPU's thread pool can deadlock in jaxlib 0.10, and on accelerators small solves are slower than matmuls.)
+    """
+    c = a.shape[-1]
+    size = 1 << max(c - 1, 0).bit_length()  # the next power of two: padded rows invert to identity
+    if size != c:
+        a = jnp.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, size - c), (0, size - c)])
+    lead = a.shape[:-2]
+    inv = jnp.ones(lead + (size, 1, 1), a.dtype)  # the inverses of the diagonal blocks of size s, [..., size/s, s, s]
+    s = 1
+    while s < size:
+        pairs = size // (2 * s)
+        tiles = a.reshape(lead + (pairs, 2, s, pairs, 2, s))
+        a21 = jnp.diagonal(tiles[..., :, 1, :, :, 0, :], axis1=-4, axis2=-2)  # [..., s, s, pairs]
+        a21 = jnp.moveaxis(a21, -1, -3)  # [..., pairs, s, s]
+        inv = inv.reshape(lead + (pairs, 2, s, s))
+        t1, t2 = inv[..., 0, :, :], inv[..., 1, :, :]
+        low = -jnp.einsum("...ij,...jk,...kl->...il", t2, a21, t1)
+        top = jnp.concatenate([t1, jnp.zeros_like(t1)], -1)
+        inv = jnp.concatenate([top, jnp.concatenate([low, t2], -1)], -2)  # [..., pairs, 2s, 2s]
+        s *= 2
+    return inv.reshape(lead + (size, size))[..., :c, :c]
