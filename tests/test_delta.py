@@ -128,7 +128,7 @@ def test_unit_lower_inverse_matches_numpy(c):
 
 def test_no_lapack_triangular_solve():
     """The chunk form and its gradient use matmuls only: LAPACK's trsm, run twice at once on XLA:CPU's thread pool,
-    deadlocks (jaxlib 0.10; a gpt-tiny DeltaNet training run hung in 1 of 5 starts)."""
+    deadlocks (jaxlib 0.10; train.py on gpt-tiny-deltanet.yaml hung in both of two starts)."""
     (q, k, v, beta), kwargs = _inputs(2, "data")[1:]
     grad = jax.grad(lambda *x: delta_attention(*x, **kwargs).sum(), (0, 1, 2, 3))
     assert "triangular_solve" not in str(jax.make_jaxpr(grad)(q, k, v, beta))
