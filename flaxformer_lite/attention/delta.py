@@ -33,6 +33,7 @@ from jax import lax
 
 from .checks import Dims, check_block_size, check_mask, check_qkv, check_range, check_valid
 from .linear import gate_log_decay
+from .linear_causal import GROUP_BLOCKS
 from .masks import Mask
 
 NORM_EPS = 1e-6  # q and k are divided by sqrt(|x|^2 + eps): a zero (padded) key stays zero
@@ -153,25 +154,52 @@ def _check_beta(beta, shape: tuple, valid) -> jax.Array:
 def _blocks(q, k, v, beta, log_decay, segments, c: int):
     """The chunk form: unit ``q [b, l, n, g, d]``, ``k [b, l, n, d]``, ``v [b, l, n, v]``, ``beta [b, l, n]`` (0 at
     padding), ``log_decay [b, l, n]`` or None, ``segments [b, l]`` or None, block length ``c`` ->
-    ``(out [b, l, n, g, v], state [b, n, d, v])``, float32."""
+    ``(out [b, l, n, g, v], state [b, n, d, v])``, float32. Blocks go in groups of `GROUP_BLOCKS` (all at once on
+    accelerators) under a `lax.scan` carrying the state, as in linear_causal.py: on CPU a group's intermediates stay
+    in cache."""
     b, l, n, g, d = q.shape
     m = -(-l // c)
-    pad = m * c - l
+    group = min(m, GROUP_BLOCKS.get(jax.default_backend(), m))
+    groups = -(-m // group)
+    pad = groups * group * c - l
 
-    def blocked(x, fill=0):  # [b, l, ...] -> [b, m, c, ...], padded with fill
+    def grouped(x, fill=0):  # [b, l, ...] -> [groups, b, group, c, ...], padded with fill
         if pad:
             x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
-        return x.reshape((b, m, c) + x.shape[2:])
+        return jnp.moveaxis(x.reshape((b, groups, group, c) + x.shape[2:]), 1, 0)
 
-    heads_first = lambda x: jnp.moveaxis(blocked(x), 3, 1)  # [b, l, n, ...] -> [b, n, m, c, ...]
-    qb, kb, vb, bb = (heads_first(x) for x in (q, k, v, beta))
-    cum = jnp.zeros_like(bb) if log_decay is None else jnp.cumsum(heads_first(log_decay), -1)  # [b, n, m, c]
+    heads_first = lambda x: jnp.moveaxis(grouped(x), 4, 2)  # [b, l, n, ...] -> [groups, b, n, group, c, ...]
+    xs = {"q": heads_first(q), "k": heads_first(k), "v": heads_first(v), "beta": heads_first(beta)}
+    if log_decay is not None:
+        xs["cum"] = jnp.cumsum(heads_first(log_decay), -1)  # log decay since the block's start
+    if segments is not None:  # padded positions get an id of their own; -2 precedes the first block
+        xs["seg"] = grouped(segments.astype(jnp.int32), -1)  # [groups, b, group, c]
+        last = jnp.moveaxis(xs["seg"][..., -1], 0, 1).reshape(b, groups * group)
+        before = jnp.concatenate([jnp.full((b, 1), -2, jnp.int32), last[:, :-1]], 1)
+        xs["before"] = jnp.moveaxis(before.reshape(b, groups, group), 1, 0)  # [groups, b, group]
+    init = jnp.zeros((b, n, d, v.shape[-1]), jnp.float32)
+    if groups == 1:
+        state, out = _group(init, jax.tree.map(lambda x: x[0], xs))
+        out = out[None]
+    else:
+        state, out = lax.scan(_group, init, xs)
+    out = jnp.moveaxis(jnp.moveaxis(out, 0, 1), 2, 4)  # [b, groups, group, c, n, g, v]
+    return out.reshape((b, groups * group * c) + out.shape[4:])[:, :l], state
+
+
+def _group(entering, x: dict):
+    """One group of blocks from the state ``entering [b, n, d, v]``: ``x`` holds ``q [b, n, m, c, g, d]``,
+    ``k [b, n, m, c, d]``, ``v [b, n, m, c, v]``, ``beta [b, n, m, c]``, optionally ``cum [b, n, m, c]`` and
+    ``seg [b, m, c]`` with ``before [b, m]`` (the segment of the position before each block). Returns the state
+    leaving the group and its outputs ``[b, n, m, c, g, v]``."""
+    qb, kb, vb, bb = x["q"], x["k"], x["v"], x["beta"]
+    d, c = kb.shape[-1], kb.shape[-2]
+    cum = x.get("cum", jnp.zeros_like(bb))  # [b, n, m, c]
     lower = jnp.tril(jnp.ones((c, c), bool))
-    if segments is None:
-        same, carried, in_last = lower, jnp.ones((1, 1, m, c), bool), jnp.ones((1, 1, m, c), bool)
-    else:  # padded positions get an id of their own; a block's entering state is that of the position before it
-        sb = blocked(segments.astype(jnp.int32), -1)  # [b, m, c]
-        before = jnp.concatenate([jnp.full((b, 1), -2, jnp.int32), sb[:, :-1, -1]], 1)  # [b, m]
+    if "seg" not in x:
+        same, carried, in_last = lower, jnp.ones((1, 1, 1, c), bool), True
+    else:  # a block's entering state is that of the position before it
+        sb, before = x["seg"], x["before"]
         same = (lower & (sb[..., :, None] == sb[..., None, :]))[:, None]  # [b, 1, m, c, c]
         carried = (sb == before[..., None])[:, None]  # [b, 1, m, c]: rows that read the entering state
         in_last = (sb == sb[..., -1:])[:, None]  # [b, 1, m, c]: keys in the state leaving the block
@@ -186,7 +214,7 @@ def _blocks(q, k, v, beta, log_decay, segments, c: int):
     scores = jnp.einsum("bnmrgd,bnmid->bnmrgi", qb, kb) * pair[..., :, None, :]  # [b, n, m, c, g, c]
     q_in = qb * g_row[..., None, None] - jnp.einsum("bnmrgi,bnmid->bnmrgd", scores, w)  # reads S0
     k_out = kb * jnp.where(in_last, jnp.exp(cum[..., -1:] - cum), 0.0)[..., None]  # keys decayed to the block end
-    s_keep = jnp.where(carried[..., -1], jnp.exp(cum[..., -1]), 0.0)  # [b, n, m]: what of S0 the block keeps
+    s_keep = jnp.where(carried[..., -1], jnp.exp(cum[..., -1]), 0.0)  # [b, n, m]: what of S0 is kept
     # S_end = M S0 + k_out^T u0, M = s_keep I - k_out^T w: chained by one scan over blocks
     step_map = s_keep[..., None, None] * jnp.eye(d, dtype=jnp.float32) - jnp.einsum("bnmid,bnmie->bnmde", k_out, w)
     step_add = jnp.einsum("bnmid,bnmiv->bnmdv", k_out, u0)
@@ -194,13 +222,11 @@ def _blocks(q, k, v, beta, log_decay, segments, c: int):
     def chain(s, x):
         return jnp.einsum("bnde,bnev->bndv", x[0], s) + x[1], s
 
-    xs = (jnp.moveaxis(step_map, 2, 0), jnp.moveaxis(step_add, 2, 0))
-    state, entering = lax.scan(chain, jnp.zeros((b, n, d, vb.shape[-1]), jnp.float32), xs)
-    entering = jnp.moveaxis(entering, 0, 2)  # [b, n, m, d, v]
-    out = (jnp.einsum("bnmrgd,bnmdv->bnmrgv", q_in, entering)
+    leaving, each = lax.scan(chain, entering, (jnp.moveaxis(step_map, 2, 0), jnp.moveaxis(step_add, 2, 0)))
+    each = jnp.moveaxis(each, 0, 2)  # [b, n, m, d, v]: the state entering each block
+    out = (jnp.einsum("bnmrgd,bnmdv->bnmrgv", q_in, each)
            + jnp.einsum("bnmrgi,bnmiv->bnmrgv", scores, u0))  # [b, n, m, c, g, v]
-    out = jnp.moveaxis(out, 1, 3).reshape(b, m * c, n, g, -1)[:, :l]
-    return out, state
+    return leaving, out
 
 
 def unit_lower_inverse(a: jax.Array) -> jax.Array:
