@@ -9,6 +9,7 @@ import pytest
 import reference
 from cases import B, L, build, check_grads_by_finite_differences, qkv
 from flaxformer_lite.attention import Mask, delta_attention, delta_init_state, delta_step
+from flaxformer_lite.attention import linear_causal
 from flaxformer_lite.attention.delta import unit_lower_inverse
 
 TOL = dict(rtol=2e-5, atol=2e-5)
@@ -55,7 +56,7 @@ def delta_fn():
 @pytest.mark.parametrize("name", CASES)
 def test_matches_recurrent_reference(delta_fn, name, gate, kv_heads):
     arrays, (q, k, v, beta), kwargs = _inputs(kv_heads, gate, seed=kv_heads)
-    out = delta_fn(q, k, v, beta, mask=_mask(name), block_size=4, **kwargs)  # 10 blocks: two groups on CPU
+    out = delta_fn(q, k, v, beta, mask=_mask(name), block_size=8, **kwargs)
     np.testing.assert_allclose(out, _reference(name, *arrays), **TOL)
 
 
@@ -114,6 +115,16 @@ def test_steps_from_the_empty_state_equal_the_reference():
         out, state = delta_step(state, q[:, t], k[:, t], v[:, t], beta[:, t])
         outs.append(out)
     np.testing.assert_allclose(jnp.stack(outs, 1), reference.delta_rule_attention(*arrays[:4]), **TOL)
+
+
+@pytest.mark.parametrize("gate", ["none", "data"])
+def test_groups_of_one_block_match_the_reference(monkeypatch, gate):
+    """With one block per group (on CPU `blocks_per_group` sizes groups by their states; these tiny shapes fit all at
+    once), the scan over groups carries the state across group boundaries, segments and padding included."""
+    monkeypatch.setitem(linear_causal.GROUP_BYTES, jax.default_backend(), 1)
+    arrays, (q, k, v, beta), kwargs = _inputs(2, gate, seed=4)
+    out = jax.jit(lambda *x: delta_attention(*x, mask=_mask("segments_causal"), block_size=4, **kwargs))(q, k, v, beta)
+    np.testing.assert_allclose(out, _reference("segments_causal", *arrays), **TOL)
 
 
 @pytest.mark.parametrize("c", [1, 3, 16, 37, 64])

@@ -9,6 +9,7 @@ import pytest
 import reference
 from cases import B, L, build, check_grads_by_finite_differences, qkv
 from flaxformer_lite.attention import Mask, linear_attention, linear_init_state, linear_prefill_state, linear_step
+from flaxformer_lite.attention import linear_causal
 from test_linear import PHI, TOL
 
 CASES = ["causal", "causal_kv_valid", "segments_causal"]
@@ -49,13 +50,37 @@ def test_matches_recurrent_reference(gated_fn, name, fmap, kind, kv_heads):
 
 @pytest.mark.parametrize("name", ["causal", "segments_causal"])
 def test_block_size_does_not_change_the_result(gated_fn, name):
-    """Blocks of 3 and 4 make two groups of blocks (the CPU scans groups of 8); 64 is one block."""
+    """Blocks of 3 and 4 make 13 and 10 blocks; 64 is one block."""
     _, _, mask, _ = build(name)
     _, (q, k, v) = qkv(L, L, kv_heads=2)
     gate, _ = _gate("data", 2)
     outs = [gated_fn(q, k, v, mask=mask, feature_map="favor", block_size=c, **gate) for c in (3, 4, 64)]
     for out in outs[1:]:
         np.testing.assert_allclose(out, outs[0], **TOL)
+
+
+def test_blocks_per_group_keeps_a_group_in_cache():
+    """b=1, 8 heads of 64 x 64 states: 8 blocks at a time on CPU; FAVOR+'s 266 x 64, or 8 batch rows: one; all at once
+    on accelerators."""
+    elu, favor = 4 * 8 * 64 * 64, 4 * 8 * 266 * 64
+    assert linear_causal.blocks_per_group(256, elu, "cpu") == 8
+    assert linear_causal.blocks_per_group(256, favor, "cpu") == linear_causal.blocks_per_group(256, 8 * elu, "cpu") == 1
+    assert linear_causal.blocks_per_group(5, elu, "cpu") == 5
+    assert linear_causal.blocks_per_group(256, elu, "gpu") == linear_causal.blocks_per_group(256, elu, "tpu") == 256
+
+
+@pytest.mark.parametrize("fmap", ["elu", "favor"])
+def test_groups_of_one_block_match_the_reference(monkeypatch, fmap):
+    """On CPU, blocks go in groups sized to keep their states in cache (`blocks_per_group`; these tiny shapes fit all
+    at once). With one block per group, the scan over groups carries the sums across group boundaries, segments and
+    padding included."""
+    monkeypatch.setitem(linear_causal.GROUP_BYTES, jax.default_backend(), 1)
+    _, _, mask, _ = build("segments_causal")
+    (qn, kn, vn), (q, k, v) = qkv(L, L, kv_heads=2, value_dim=8, seed=5)
+    gate, log_decay = _gate("data", 2)
+    out = jax.jit(lambda q, k, v: linear_attention(q, k, v, mask=mask, feature_map=fmap, block_size=4, **gate))(
+        q, k, v)
+    np.testing.assert_allclose(out, _reference("segments_causal", qn, kn, vn, log_decay, fmap), **TOL)
 
 
 @pytest.mark.parametrize("fmap", ["elu", "favor"])

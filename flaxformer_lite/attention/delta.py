@@ -33,7 +33,7 @@ from jax import lax
 
 from .checks import Dims, check_block_size, check_mask, check_qkv, check_range, check_valid
 from .linear import gate_log_decay
-from .linear_causal import GROUP_BLOCKS
+from .linear_causal import blocks_per_group
 from .masks import Mask
 
 NORM_EPS = 1e-6  # q and k are divided by sqrt(|x|^2 + eps): a zero (padded) key stays zero
@@ -154,12 +154,12 @@ def _check_beta(beta, shape: tuple, valid) -> jax.Array:
 def _blocks(q, k, v, beta, log_decay, segments, c: int):
     """The chunk form: unit ``q [b, l, n, g, d]``, ``k [b, l, n, d]``, ``v [b, l, n, v]``, ``beta [b, l, n]`` (0 at
     padding), ``log_decay [b, l, n]`` or None, ``segments [b, l]`` or None, block length ``c`` ->
-    ``(out [b, l, n, g, v], state [b, n, d, v])``, float32. Blocks go in groups of `GROUP_BLOCKS` (all at once on
+    ``(out [b, l, n, g, v], state [b, n, d, v])``, float32. Blocks go in groups (`blocks_per_group`: all at once on
     accelerators) under a `lax.scan` carrying the state, as in linear_causal.py: on CPU a group's intermediates stay
     in cache."""
     b, l, n, g, d = q.shape
     m = -(-l // c)
-    group = min(m, GROUP_BLOCKS.get(jax.default_backend(), m))
+    group = blocks_per_group(m, 4 * b * n * d * v.shape[-1])
     groups = -(-m // group)
     pad = groups * group * c - l
 

@@ -47,8 +47,8 @@ def causal_sums(qf, kf, ka, v, q_seg, kv_seg, log_decay, block: int, *, strict: 
       strict: exclude the diagonal (the reverse pass of non-causal segments).
       dtype: matmul operand dtype (products accumulate in float32).
       group: blocks computed together; groups follow one another in a `lax.scan` carrying the state. Default
-        `GROUP_BLOCKS` for the backend: all blocks at once on accelerators; a few on CPU, where a group's
-        intermediates then stay in cache (at 16k tokens, 8 blocks at a time take 0.65x the time of all 256).
+        `blocks_per_group`: all blocks at once on accelerators; on CPU as many as keep the group's block states in
+        cache (at 16k tokens, 8 blocks at a time take 0.65x the time of all 256).
       decay_grad_by_identity: differentiate ``log_decay`` by `_decayed`'s identity instead of through every
         block's decay matrix: for data-dependent decays (1.29x the ungated fwd+bwd time at 16k on CPU, against
         1.36x); a fixed decay, which needs no gradient, runs faster without it (1.03x).
@@ -93,7 +93,7 @@ def _sums(qf, kf, ka, v, q_seg, kv_seg, log_decay, block: int, strict: bool, dty
     b, l, n, g, f = qf.shape
     c = min(block, l)
     m = -(-l // c)
-    group = min(m, group or GROUP_BLOCKS.get(jax.default_backend(), m))
+    group = min(m, group or blocks_per_group(m, 4 * b * n * f * v.shape[-1]))
     groups = -(-m // group)
     pad = groups * group * c - l
     scaled = ka is not None
@@ -133,7 +133,16 @@ def _sums(qf, kf, ka, v, q_seg, kv_seg, log_decay, block: int, strict: bool, dty
     return tuple(ungroup(x) for x in outs)
 
 
-GROUP_BLOCKS = {"cpu": 8}
+GROUP_BYTES = {"cpu": 1 << 20}  # per backend: the block states a group may hold; absent: all blocks at once
+
+
+def blocks_per_group(blocks: int, state_bytes: int, backend: str | None = None) -> int:
+    """How many of ``blocks`` blocks the chunk forms here and in delta.py compute at once, given one block's states
+    over all batch rows and heads (``state_bytes``): all of them on accelerators; on CPU as many as fit in
+    `GROUP_BYTES` (about a core's L2 cache), at least one. Measured on 2 cores at 16k tokens, h=8, d=64, fwd+bwd:
+    elu+1 (64 x 64 states) runs best with 8 blocks at a time at b=1 and 1-2 at b=8; FAVOR+ (266 x 64) with 1."""
+    budget = GROUP_BYTES.get(jax.default_backend() if backend is None else backend)
+    return blocks if budget is None else max(1, min(blocks, budget // max(state_bytes, 1)))
 
 
 class _State(NamedTuple):
