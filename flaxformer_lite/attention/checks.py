@@ -66,6 +66,20 @@ def check_qkv(q: jax.Array, k: jax.Array, v: jax.Array) -> Dims:
     return Dims(b, lq, lk, h, n, d, v.shape[3])
 
 
+def check_step_qkv(fn: str, q_t, k_t, v_t) -> tuple[int, int, int, int, int]:
+    """Check one decoding position's ``q_t [b, h, d]``, ``k_t [b, n, d]``, ``v_t [b, n, v]`` for the step function
+    ``fn``; return ``(b, h, d, n, v)``."""
+    if any(getattr(x, "ndim", None) != 3 for x in (q_t, k_t, v_t)):
+        raise ValueError(f"{fn} takes one position: q_t [b, h, d], k_t [b, n, d], v_t [b, n, v]; got shapes "
+                         f"{[getattr(x, 'shape', type(x)) for x in (q_t, k_t, v_t)]}")
+    b, h, d = q_t.shape
+    n, dv = k_t.shape[1], v_t.shape[2]
+    if k_t.shape != (b, n, d) or v_t.shape[:2] != (b, n) or not 0 < n <= h or h % n:
+        raise ValueError(f"q_t [b, h, d], k_t [b, n, d], v_t [b, n, v] disagree (h must be a multiple of n >= 1): "
+                         f"got {q_t.shape}, {k_t.shape}, {v_t.shape}")
+    return b, h, d, n, dv
+
+
 def check_mask(mask: Mask | None, dims: Dims) -> Mask:
     """Default a missing mask to 'attend everywhere' and check it fits the call: shapes always, and the lengths
     ``kv_lengths``/``prefix_lengths [b]`` in ``[0, lk]`` when their values are concrete (under `jax.jit` they are

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .checks import Dims, check_block_size, check_mask, check_qkv, check_range, check_valid
+from .checks import Dims, check_block_size, check_mask, check_qkv, check_range, check_step_qkv, check_valid
 from .linear import gate_log_decay
 from .linear_causal import blocks_per_group
 from .masks import Mask
@@ -94,14 +94,7 @@ def delta_step(state: jax.Array, q_t: jax.Array, k_t: jax.Array, v_t: jax.Array,
     Returns:
       ``(out_t [b, h, v] in q_t's dtype, new_state)``: `delta_attention` at this position.
     """
-    if any(getattr(x, "ndim", None) != 3 for x in (q_t, k_t, v_t)):
-        raise ValueError("delta_step takes one position: q_t [b, h, d], k_t [b, n, d], v_t [b, n, v]; got shapes "
-                         f"{[getattr(x, 'shape', type(x)) for x in (q_t, k_t, v_t)]}")
-    b, h, d = q_t.shape
-    n, dv = k_t.shape[1], v_t.shape[2]
-    if k_t.shape != (b, n, d) or v_t.shape[:2] != (b, n) or not 0 < n <= h or h % n:
-        raise ValueError(f"q_t [b, h, d], k_t [b, n, d], v_t [b, n, v] disagree (h must be a multiple of n >= 1): "
-                         f"got {q_t.shape}, {k_t.shape}, {v_t.shape}")
+    b, h, d, n, dv = check_step_qkv("delta_step", q_t, k_t, v_t)
     if getattr(state, "shape", None) != (b, n, d, dv):
         raise ValueError(f"state must have shape [batch, kv_heads, head_dim, value_dim] = {[b, n, d, dv]}, got "
                          f"{getattr(state, 'shape', type(state))}; build it with delta_init_state({b}, {n}, {d}, {dv})")

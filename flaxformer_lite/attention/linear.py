@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .checks import check_block_size, check_mask, check_qkv, check_range, check_rank4, check_valid
+from .checks import check_block_size, check_mask, check_qkv, check_range, check_rank4, check_step_qkv, check_valid
 from .feature_maps import FeatureMap, get_feature_map
 from .linear_causal import FLOOR, causal_sums
 from .linear_pallas import pallas_causal_sums, pallas_unsupported
@@ -311,14 +311,7 @@ def step(state: LinearState, q_t: jax.Array, k_t: jax.Array, v_t: jax.Array, *,
 
 def _check_step(state, q_t, k_t, v_t, fmap: FeatureMap) -> tuple[int, int, int, int]:
     """Check `linear_step`'s inputs against each other and the state's shapes; return ``(b, h, d, n)``."""
-    if any(getattr(x, "ndim", None) != 3 for x in (q_t, k_t, v_t)):
-        raise ValueError("linear_step takes one position: q_t [b, h, d], k_t [b, n, d], v_t [b, n, v]; got shapes "
-                         f"{[getattr(x, 'shape', type(x)) for x in (q_t, k_t, v_t)]}")
-    b, h, d = q_t.shape
-    n, dv = k_t.shape[1], v_t.shape[2]
-    if k_t.shape != (b, n, d) or v_t.shape[:2] != (b, n) or not 0 < n <= h or h % n:
-        raise ValueError(f"q_t [b, h, d], k_t [b, n, d], v_t [b, n, v] disagree (h must be a multiple of n >= 1): "
-                         f"got {q_t.shape}, {k_t.shape}, {v_t.shape}")
+    b, h, d, n, dv = check_step_qkv("linear_step", q_t, k_t, v_t)
     want = _state_shapes(b, n, fmap.num_features(d), dv)
     got = LinearState(*(tuple(getattr(x, "shape", ())) for x in state)) if isinstance(state, LinearState) else None
     if got != want:
