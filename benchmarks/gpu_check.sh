@@ -42,15 +42,15 @@ section "attention benchmark, bf16, causal, 1k-16k" 60
 run 60 python3 benchmarks/attention.py --lengths 1024,4096,16384 --impls reference,xla,blockwise,cudnn,flash,linear-elu \
   --masks causal --repeats 5 --time-budget 3 --name attention-gpu-bf16
 
-section "linear attention: Pallas kernel vs XLA block-parallel form vs cuDNN softmax, bf16, causal, 4k-64k" 70
-run 70 python3 benchmarks/attention.py --lengths 4096,16384,65536 \
-  --impls cudnn,linear-elu-pallas,linear-elu-xla,linear-elu-data --masks causal --repeats 5 --time-budget 3 \
+section "linear attention: Pallas kernel vs XLA block-parallel form vs DeltaNet vs cuDNN softmax, bf16, causal, 4k-64k" 80
+run 80 python3 benchmarks/attention.py --lengths 4096,16384,65536 \
+  --impls cudnn,linear-elu-pallas,linear-elu-xla,linear-elu-data,delta-data --masks causal --repeats 5 --time-budget 3 \
   --name attention-gpu-linear-bf16
 
 section "kernel and layer tests on the GPU (highest matmul precision)" 90
 JAX_DEFAULT_MATMUL_PRECISION=highest run 90 python3 -m pytest -q -p no:cacheprovider -n 4 \
   tests/test_flash.py tests/test_softmax.py tests/test_masks.py tests/test_linear.py tests/test_linear_gates.py \
-  tests/test_linear_pallas.py tests/test_layers_attention.py \
+  tests/test_linear_pallas.py tests/test_delta.py tests/test_layers_attention.py \
   2>&1 | tail -40
 
 section "collect" 10
