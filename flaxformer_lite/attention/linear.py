@@ -91,8 +91,30 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask | N
             row_in_prefix = (jnp.arange(lq)[None, :] < mask.prefix_lengths[:, None])[:, :, None, None]
             num = jnp.where(row_in_prefix[..., None], pnum, num)
             den = jnp.where(row_in_prefix, pden, den)
-    out = num / jnp.where(den > 0, den, 1.0)[..., None]
-    return out.reshape(b, lq, h, dims.value_dim).astype(q.dtype)
+    return normalize(num, den).reshape(b, lq, h, dims.value_dim).astype(q.dtype)
+
+
+@jax.custom_vjp
+def normalize(num: jax.Array, den: jax.Array) -> jax.Array:
+    """``num [..., v] / den [...]``, 0 where ``den`` is 0 (a row that sees no key). Its gradient is written out:
+    JAX's own sums ``d den`` over v from a broadcast, which XLA:CPU ran at a third of this one's speed (65 against
+    21 ms at 16k tokens x 8 heads x 64)."""
+    return num / jnp.where(den > 0, den, 1.0)[..., None]
+
+
+def _normalize_fwd(num, den):
+    safe = jnp.where(den > 0, den, 1.0)
+    out = num / safe[..., None]
+    return out, (out, safe, den > 0)
+
+
+def _normalize_bwd(residuals, d_out):
+    out, safe, seen = residuals
+    d_num = d_out / safe[..., None]
+    return d_num, jnp.where(seen, -jnp.einsum("...v,...v->...", d_num, out), 0.0)
+
+
+normalize.defvjp(_normalize_fwd, _normalize_bwd)
 
 
 LINEAR_IMPLS = ("auto", "xla", "pallas")
@@ -305,8 +327,7 @@ def step(state: LinearState, q_t: jax.Array, k_t: jax.Array, v_t: jax.Array, *,
     s = old[..., None, None] * state.state + jnp.einsum("bnf,bn,bnv->bnfv", kf, w, v_t.astype(jnp.float32))
     z = old[..., None] * state.norm + kf * w[..., None]
     num, den = jnp.einsum("bngf,bnfv->bngv", qf, s), jnp.einsum("bngf,bnf->bng", qf, z)
-    out = num / jnp.where(den > 0, den, 1.0)[..., None]
-    return out.reshape(b, h, -1).astype(q_t.dtype), LinearState(s, z, c_new)
+    return normalize(num, den).reshape(b, h, -1).astype(q_t.dtype), LinearState(s, z, c_new)
 
 
 def _check_step(state, q_t, k_t, v_t, fmap: FeatureMap) -> tuple[int, int, int, int]:
