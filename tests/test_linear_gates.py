@@ -60,12 +60,14 @@ def test_block_size_does_not_change_the_result(gated_fn, name):
 
 
 def test_blocks_per_group_keeps_a_group_in_cache():
-    """b=1, 8 heads of 64 x 64 states: 8 blocks at a time on CPU; FAVOR+'s 266 x 64, or 8 batch rows: one; all at once
-    on accelerators."""
+    """b=1, 8 heads of 64 x 64 states: 8 blocks at a time on CPU; FAVOR+'s 266 x 64, or 8 batch rows: one, unless that
+    makes just two groups; all at once on accelerators."""
     elu, favor = 4 * 8 * 64 * 64, 4 * 8 * 266 * 64
     assert linear_causal.blocks_per_group(256, elu, "cpu") == 8
     assert linear_causal.blocks_per_group(256, favor, "cpu") == linear_causal.blocks_per_group(256, 8 * elu, "cpu") == 1
     assert linear_causal.blocks_per_group(5, elu, "cpu") == 5
+    assert linear_causal.blocks_per_group(2, 8 * elu, "cpu") == 2  # two groups of one: all at once instead
+    assert linear_causal.blocks_per_group(4, 8 * elu, "cpu") == 1
     assert linear_causal.blocks_per_group(256, elu, "gpu") == linear_causal.blocks_per_group(256, elu, "tpu") == 256
 
 
