@@ -16,11 +16,10 @@ entering the block, the pseudo-values ``u_r = beta_r (v_r - a_r S_{r-1}^T k_r)``
 
 Substituting ``U``, the state leaving a block is an affine map of the entering one, ``S_end = M S0 + K~^T U~`` with
 ``M = g_c I - K~^T W`` (``K~ = K * D_c.``), and ``O = (g Q - A W) S0 + A U~`` (``A = tril(Q K^T) * D``). Everything
-but the chain of entering states is computed for all blocks at once (the system's inverse by recursive doubling,
-batched matmuls);
-a `lax.scan` over blocks then does one ``[d, d] x [d, v]`` product each. Decays are summed inside a block only, so
-every exponent is <= 0. Computed in float32 whatever the input dtype (the triangular solve and the
-repeated erasing are less forgiving than linear attention's sums).
+but the chain of entering states is computed for a group of blocks at once (the system's inverse by recursive
+doubling, batched matmuls); a `lax.scan` over the group's blocks then does one ``[d, d] x [d, v]`` product each.
+Decays are summed inside a block only, so every exponent is <= 0. Computed in float32 whatever the input dtype (the
+system's inverse and the repeated erasing are less forgiving than linear attention's sums).
 
 Shape key: b batch, l length, h query heads, n kv heads, g = h // n, d head dim, v value dim, m blocks, c block
 length.
@@ -33,7 +32,7 @@ from jax import lax
 
 from .checks import Dims, check_block_size, check_mask, check_qkv, check_range, check_step_qkv, check_valid
 from .linear import gate_log_decay
-from .linear_causal import blocks_per_group
+from .linear_causal import from_groups, plan_groups, scan_groups, to_groups
 from .masks import Mask
 
 NORM_EPS = 1e-6  # q and k are divided by sqrt(|x|^2 + eps): a zero (padded) key stays zero
@@ -151,33 +150,18 @@ def _blocks(q, k, v, beta, log_decay, segments, c: int):
     accelerators) under a `lax.scan` carrying the state, as in linear_causal.py: on CPU a group's intermediates stay
     in cache."""
     b, l, n, g, d = q.shape
-    m = -(-l // c)
-    group = blocks_per_group(m, 4 * b * n * d * v.shape[-1])
-    groups = -(-m // group)
-    pad = groups * group * c - l
-
-    def grouped(x, fill=0):  # [b, l, ...] -> [groups, b, group, c, ...], padded with fill
-        if pad:
-            x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
-        return jnp.moveaxis(x.reshape((b, groups, group, c) + x.shape[2:]), 1, 0)
-
-    heads_first = lambda x: jnp.moveaxis(grouped(x), 4, 2)  # [b, l, n, ...] -> [groups, b, n, group, c, ...]
-    xs = {"q": heads_first(q), "k": heads_first(k), "v": heads_first(v), "beta": heads_first(beta)}
+    plan = plan_groups(l, c, 4 * b * n * d * v.shape[-1])
+    heads = lambda x: to_groups(x, plan, heads=True)  # [b, l, n, ...] -> [groups, b, n, group, c, ...]
+    xs = {"q": heads(q), "k": heads(k), "v": heads(v), "beta": heads(beta)}
     if log_decay is not None:
-        xs["cum"] = jnp.cumsum(heads_first(log_decay), -1)  # log decay since the block's start
+        xs["cum"] = jnp.cumsum(heads(log_decay), -1)  # log decay since the block's start
     if segments is not None:  # padded positions get an id of their own; -2 precedes the first block
-        xs["seg"] = grouped(segments.astype(jnp.int32), -1)  # [groups, b, group, c]
-        last = jnp.moveaxis(xs["seg"][..., -1], 0, 1).reshape(b, groups * group)
+        xs["seg"] = to_groups(segments.astype(jnp.int32), plan, -1)  # [groups, b, group, c]
+        last = jnp.moveaxis(xs["seg"][..., -1], 0, 1).reshape(b, plan.count * plan.size)
         before = jnp.concatenate([jnp.full((b, 1), -2, jnp.int32), last[:, :-1]], 1)
-        xs["before"] = jnp.moveaxis(before.reshape(b, groups, group), 1, 0)  # [groups, b, group]
-    init = jnp.zeros((b, n, d, v.shape[-1]), jnp.float32)
-    if groups == 1:
-        state, out = _group(init, jax.tree.map(lambda x: x[0], xs))
-        out = out[None]
-    else:
-        state, out = lax.scan(_group, init, xs)
-    out = jnp.moveaxis(jnp.moveaxis(out, 0, 1), 2, 4)  # [b, groups, group, c, n, g, v]
-    return out.reshape((b, groups * group * c) + out.shape[4:])[:, :l], state
+        xs["before"] = jnp.moveaxis(before.reshape(b, plan.count, plan.size), 1, 0)  # [groups, b, group]
+    state, out = scan_groups(_group, jnp.zeros((b, n, d, v.shape[-1]), jnp.float32), xs)
+    return from_groups(out, plan), state
 
 
 def _group(entering, x: dict):

@@ -91,46 +91,62 @@ _decayed.defvjp(_decayed_fwd, _decayed_bwd)
 def _sums(qf, kf, ka, v, q_seg, kv_seg, log_decay, block: int, strict: bool, dtype, group: int | None):
     """`causal_sums` without the custom gradient of ``log_decay``."""
     b, l, n, g, f = qf.shape
-    c = min(block, l)
-    m = -(-l // c)
-    group = min(m, group or blocks_per_group(m, 4 * b * n * f * v.shape[-1]))
-    groups = -(-m // group)
-    pad = groups * group * c - l
+    plan = plan_groups(l, min(block, l), 4 * b * n * f * v.shape[-1], group)
     scaled = ka is not None
-
-    def grouped(x, fill, heads: bool):
-        """``[b, l, (n,) ...] -> [groups, b, (n,) group, c, ...]``, padded with ``fill``."""
-        if x is None:
-            return None
-        if pad:
-            x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
-        x = jnp.moveaxis(x.reshape((b, groups, group, c) + x.shape[2:]), 1, 0)
-        return jnp.moveaxis(x, 4, 2) if heads else x
-
-    xs = dict(q=grouped(qf.astype(dtype), 0, True), k=grouped(kf.astype(dtype), 0, True),
-              v=grouped(v.astype(dtype), 0, True))
+    xs = dict(q=to_groups(qf.astype(dtype), plan, heads=True), k=to_groups(kf.astype(dtype), plan, heads=True),
+              v=to_groups(v.astype(dtype), plan, heads=True))
     if q_seg is not None:  # padded rows and keys get ids of their own
-        xs.update(qs=grouped(q_seg.astype(jnp.int32), -1, False), ks=grouped(kv_seg.astype(jnp.int32), -2, False))
+        xs.update(qs=to_groups(q_seg.astype(jnp.int32), plan, -1), ks=to_groups(kv_seg.astype(jnp.int32), plan, -2))
     if scaled:
-        xs["ka"] = grouped(ka, -jnp.inf, True)
+        xs["ka"] = to_groups(ka, plan, -jnp.inf, heads=True)
     if log_decay is not None:
-        xs["decay"] = grouped(log_decay.astype(jnp.float32), 0.0, True)
+        xs["decay"] = to_groups(log_decay.astype(jnp.float32), plan, heads=True)
     init = _State(jnp.zeros((b, n, f, v.shape[-1]), jnp.float32), jnp.zeros((b, n, f), jnp.float32),
                   jnp.full((b, n), FLOOR, jnp.float32), jnp.full((b,), -3, jnp.int32))
-    body = lambda state, x: _group(state, x, strict=strict, scaled=scaled)
-    if groups == 1:
-        outs = body(init, jax.tree.map(lambda x: x[0], xs))[1]
-        outs = jax.tree.map(lambda x: x[None], outs)
-    else:
-        outs = lax.scan(body, init, xs)[1]
+    outs = scan_groups(lambda state, x: _group(state, x, strict=strict, scaled=scaled), init, xs)[1]
+    return tuple(None if x is None else from_groups(x, plan) for x in outs)
 
-    def ungroup(x):  # [groups, b, n, group, c, ...] -> [b, l, n, ...]
-        if x is None:
-            return None
-        x = jnp.moveaxis(jnp.moveaxis(x, 0, 1), 2, 4)  # [b, groups, group, c, n, ...]
-        return x.reshape((b, groups * group * c) + x.shape[4:])[:, :l]
 
-    return tuple(ungroup(x) for x in outs)
+class Groups(NamedTuple):
+    """How a chunk form cuts ``length`` positions: blocks of ``block`` positions, ``size`` blocks to a group,
+    ``count`` groups (the last padded)."""
+
+    length: int
+    block: int
+    size: int
+    count: int
+
+
+def plan_groups(length: int, block: int, state_bytes: int, size: int | None = None) -> Groups:
+    """The `Groups` for ``length`` positions in blocks of ``block``: ``size`` blocks to a group, default
+    `blocks_per_group` for one block's states of ``state_bytes``."""
+    blocks = -(-length // block)
+    size = min(blocks, size or blocks_per_group(blocks, state_bytes))
+    return Groups(length, block, size, -(-blocks // size))
+
+
+def to_groups(x: jax.Array, plan: Groups, fill=0, heads: bool = False) -> jax.Array:
+    """``[b, l, ...] -> [count, b, size, block, ...]``, padded with ``fill``; with ``heads``, axis 2 of ``x`` (the
+    heads) goes before the blocks: ``[count, b, n, size, block, ...]``."""
+    pad = plan.count * plan.size * plan.block - plan.length
+    if pad:
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+    x = jnp.moveaxis(x.reshape((x.shape[0], plan.count, plan.size, plan.block) + x.shape[2:]), 1, 0)
+    return jnp.moveaxis(x, 4, 2) if heads else x
+
+
+def from_groups(x: jax.Array, plan: Groups) -> jax.Array:
+    """``[count, b, n, size, block, ...] -> [b, l, n, ...]``: `to_groups` with ``heads`` undone."""
+    x = jnp.moveaxis(jnp.moveaxis(x, 0, 1), 2, 4)  # [b, count, size, block, n, ...]
+    return x.reshape((x.shape[0], plan.count * plan.size * plan.block) + x.shape[4:])[:, :plan.length]
+
+
+def scan_groups(body, init, xs: dict):
+    """``lax.scan(body, init, xs)`` over the groups (leading axis of ``xs``); a single group runs without a loop."""
+    if jax.tree.leaves(xs)[0].shape[0] > 1:
+        return lax.scan(body, init, xs)
+    carry, ys = body(init, jax.tree.map(lambda x: x[0], xs))
+    return carry, jax.tree.map(lambda y: y[None], ys)
 
 
 GROUP_BYTES = {"cpu": 1 << 20}  # per backend: the block states a group may hold; absent: all blocks at once
