@@ -1,6 +1,8 @@
 """Decay-gated linear attention (RetNet's fixed decay, GLA/Mamba-2's data-dependent one) against the float64
 recurrence in tests/reference.py: every causal mask kind x feature map x MHA/GQA, block sizes, gradients, the
 recurrent step and prefill, long sequences, bf16, and the documented errors."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,7 +36,7 @@ def _reference(name, qn, kn, vn, log_decay, fmap):
 @pytest.fixture(scope="module")
 def gated_fn():
     """jit(linear_attention) with static knobs; the gate a traced argument."""
-    return jax.jit(linear_attention, static_argnames=("feature_map", "block_size"))
+    return jax.jit(linear_attention, static_argnames=("feature_map", "block_size", "impl"))
 
 
 @pytest.mark.parametrize("kind,kv_heads", [("fixed", 4), ("data", 2)], ids=["fixed-mha", "data-gqa"])
@@ -85,16 +87,20 @@ def test_groups_of_one_block_match_the_reference(monkeypatch, fmap):
     np.testing.assert_allclose(out, _reference("segments_causal", qn, kn, vn, log_decay, fmap), **TOL)
 
 
-@pytest.mark.parametrize("fmap", ["elu", "favor"])
+@pytest.mark.parametrize("fmap,impl", [("elu", "xla"), ("favor", "xla"), ("elu", "pallas")])
 @pytest.mark.parametrize("name", ["causal_kv_valid", "segments_causal"])
-def test_grads_match_finite_differences(gated_fn, name, fmap):
-    """Gradients of q, k, v and of the log decay itself."""
+def test_grads_match_finite_differences(gated_fn, name, fmap, impl):
+    """Gradients of q, k, v and of the log decay itself; ``pallas``: the Pallas backward kernel (interpret mode)."""
     _, _, mask, _ = build(name)
+    if impl == "pallas" and mask.has_segments:  # the kernel takes one array of segment ids for queries and keys
+        mask = dataclasses.replace(mask, kv_segment_ids=mask.q_segment_ids)
     (qn, kn, vn), (q, k, v) = qkv(L, L, kv_heads=2, seed=11)
     gate, log_decay = _gate("data", 2, seed=12)
     rng = np.random.default_rng(13)
     w = rng.standard_normal((B, L, 4, 16))
-    loss = lambda q, k, v, a: jnp.sum(gated_fn(q, k, v, mask=mask, feature_map=fmap, block_size=8, log_decay=a) * w)
+    loss = lambda q, k, v, a: jnp.sum(
+        gated_fn(q, k, v, mask=mask, feature_map=fmap, block_size=8 if impl == "xla" else 16, log_decay=a,
+                 impl=impl) * w)
     grads = jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, gate["log_decay"])
     check_grads_by_finite_differences(grads, [qn, kn, vn, log_decay],
                                       lambda *a: (_reference(name, *a, fmap) * w).sum(), rng)

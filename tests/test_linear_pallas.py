@@ -1,7 +1,9 @@
 """pallas_causal_sums (Pallas kernel, interpret mode on CPU) against the float64 recurrence of gated linear attention
 (reference.gated_linear_attention) for causal, padded and packed sequences with no, fixed and data-dependent decay,
-MHA/GQA, float32/bfloat16; against the XLA form (causal_sums) in values and gradients; value tiles and block sizes;
-the lowering to Triton (no GPU needed); argument errors and pallas_unsupported's reasons."""
+MHA/GQA, float32/bfloat16; against the XLA form (causal_sums) in values and gradients (the backward kernel); value
+tiles and block sizes; the lowering of both kernels to Triton (no GPU needed); argument errors and
+pallas_unsupported's reasons. test_linear_gates checks the backward kernel against finite differences of the
+reference."""
 import functools
 
 import jax
@@ -21,8 +23,6 @@ VALID[1, :3] = False  # rows that see no key yet: zeros
 F32 = dict(rtol=1e-5, atol=1e-5)
 BF16 = dict(rtol=3e-2, atol=3e-2)
 sums = functools.partial(jax.jit, static_argnames=("block", "block_v"))(pallas_causal_sums)
-xla_sums = functools.partial(jax.jit, static_argnames=("block",))(
-    lambda qf, kf, v, seg, log_decay, block=16: causal_sums(qf, kf, None, v, seg, seg, log_decay, block)[:2])
 
 
 @functools.partial(jax.jit, static_argnames=("impl", "block", "block_v", "interpret"))
@@ -126,24 +126,25 @@ def test_values_and_grads_match_xla_form(mask, decay, kv_heads, dtype):
             assert_close(got, want, rel)
 
 
-def test_value_tiles_and_block_sizes():
-    """Two value tiles (block_v 16 of 32), and one tile with blocks of 128 (clipped to 64), give the XLA form's
-    sums."""
+@pytest.mark.parametrize("blocks", [dict(block=16, block_v=16), dict(block=128, block_v=64)])
+def test_value_tiles_and_block_sizes(blocks):
+    """Two value tiles (block_v 16 of 32: the backward sums their shares of dq and dk, and counts d den once), and
+    one tile with blocks of 128 (clipped to 64), give the XLA form's sums and gradients."""
     inputs, _ = case("segments", "data", length=45, value_dim=32, seed=2)
-    num_x, den_x = xla_sums(*inputs[:5])
-    for blocks in (dict(block=16, block_v=16), dict(block=128, block_v=64)):
-        num, den = sums(*inputs[:5], **blocks)
-        assert_close(num, num_x, 1e-5)
-        assert_close(den, den_x, 1e-5)
+    (num_x, den_x), grads_x = sums_and_grads(*inputs, impl="xla")
+    (num, den), grads = sums_and_grads(*inputs, **blocks)
+    for got, want in zip((num, den) + grads, (num_x, den_x) + grads_x):
+        assert_close(got, want, 1e-5)
 
 
 @pytest.mark.parametrize("dtype,structure", [(jnp.float32, True), (jnp.bfloat16, True), (jnp.bfloat16, False)])
 def test_lowers_to_triton(dtype, structure):
-    """The forward kernel lowers through the Pallas Triton backend (to TTIR; compiling it to PTX needs a GPU): one
-    Triton custom call for values and gradients (the backward is XLA). ``structure``: segments and decay."""
+    """Both kernels lower through the Pallas Triton backend (to TTIR; compiling it to PTX needs a GPU): one Triton
+    custom call for the values, one for the gradients. ``structure``: segments and decay."""
     inputs, _ = case("segments" if structure else "causal", "data" if structure else "none", dtype=dtype)
     text = sums_and_grads.trace(*inputs, interpret=False).lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("xla.gpu.triton") == 1
+    assert text.count("xla.gpu.triton") == 2
+    assert "linear_causal_forward" in text and "linear_causal_backward" in text
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -79,13 +79,18 @@ def _decayed_fwd(static, qf, kf, ka, v, q_seg, kv_seg, log_decay):
 def _decayed_bwd(static, residuals, cotangents):
     pullback, qf, kf = residuals
     dqf, dkf, dka, dv = pullback(cotangents)
-    da = (jnp.einsum("blngf,blngf->bln", qf, dqf.astype(qf.dtype), preferred_element_type=jnp.float32)
-          - jnp.einsum("blnf,blnf->bln", kf, dkf.astype(kf.dtype), preferred_element_type=jnp.float32))
-    d_log_decay = lax.cumsum(da, 1, reverse=True)
-    return dqf, dkf, dka, dv, None, None, d_log_decay
+    return dqf, dkf, dka, dv, None, None, decay_grad(qf, kf, dqf, dkf)
 
 
 _decayed.defvjp(_decayed_fwd, _decayed_bwd)
+
+
+def decay_grad(qf: jax.Array, kf: jax.Array, dqf: jax.Array, dkf: jax.Array) -> jax.Array:
+    """The gradient of the log decay ``[b, l, n]`` float32 read off those of the features (flash-linear-attention's
+    identity, see `_decayed`): ``qf [b, l, n, g, f]``, ``kf [b, l, n, f]`` and their gradients ``dqf``, ``dkf``."""
+    da = (jnp.einsum("blngf,blngf->bln", qf, dqf.astype(qf.dtype), preferred_element_type=jnp.float32)
+          - jnp.einsum("blnf,blnf->bln", kf, dkf.astype(kf.dtype), preferred_element_type=jnp.float32))
+    return lax.cumsum(da, 1, reverse=True)
 
 
 def _sums(qf, kf, ka, v, q_seg, kv_seg, log_decay, block: int, strict: bool, dtype, group: int | None):

@@ -20,8 +20,12 @@ with ``A_i`` the log decay summed from the block's start to row i (a masked row 
 Decays are <= 1 and there are no key log-scales, so every exponent is <= 0 and no running maximum is needed.
 Segment ids become run indices (0, 1, 2, ... up the sequence, a new one at each change) before the kernel, so a run
 is a contiguous range and a block's last run is its largest index. Matmul operands keep the input dtype (bf16 stays
-bf16) and accumulate in float32. The backward is a `custom_vjp` that differentiates the XLA form
-(`causal_sums`) on the same inputs; only the forward is a kernel.
+bf16) and accumulate in float32.
+
+The backward (a `custom_vjp`) is a second kernel on the same grid, flash-linear-attention's chunk backward: one walk
+forward over the blocks for the query gradients, one walk backward for the key and value gradients, each carrying its
+own ``[f, v]`` state (`_backward_kernel`). The log decay's gradient follows from those by
+`linear_causal.decay_grad`'s identity; nothing of size ``[l, f, v]`` is stored.
 
 Shape key: b batch, l length (padded to a block multiple inside), n kv heads, g = h // n query heads per kv head,
 f features, v value dim (both padded to powers of two >= 16), c block length.
@@ -38,7 +42,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from .checks import check_block_size
-from .linear_causal import causal_sums
+from .linear_causal import decay_grad
 
 MIN_BLOCK = 16  # Triton's smallest matmul tile
 MAX_BLOCK = 128  # [c, c] float32 score and decay tiles live in registers
@@ -142,7 +146,7 @@ def _runs(seg: jax.Array) -> jax.Array:
     return jnp.cumsum(change, 1, dtype=jnp.int32)
 
 
-# -- custom_vjp: the kernel forward, the XLA form's backward ---------------------------------------------------------
+# -- custom_vjp: a forward kernel and a backward kernel -------------------------------------------------------------
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _sums(plan: _Plan, qf, kf, v, runs, log_decay):
     return _forward(plan, qf, kf, v, runs, log_decay)
@@ -154,72 +158,154 @@ def _sums_fwd(plan: _Plan, qf, kf, v, runs, log_decay):
 
 def _sums_bwd(plan: _Plan, res, cotangents):
     qf, kf, v, runs, log_decay = res
-
-    def xla(qf, kf, v, log_decay):
-        return causal_sums(qf, kf, None, v, runs, runs, log_decay, plan.block, dtype=jnp.dtype(plan.dtype),
-                           decay_grad_by_identity=True)[:2]
-
-    dqf, dkf, dv, dlog = jax.vjp(xla, qf, kf, v, log_decay)[1](cotangents)
-    return dqf, dkf, dv, None, dlog
+    dqf, dkf, dv = _backward(plan, qf, kf, v, runs, log_decay, *cotangents)
+    dlog = None if log_decay is None else decay_grad(qf, kf, dqf, dkf)
+    return dqf.astype(qf.dtype), dkf.astype(kf.dtype), dv.astype(v.dtype), None, dlog
 
 
 _sums.defvjp(_sums_fwd, _sums_bwd)
 
 
-def _forward(plan: _Plan, qf, kf, v, runs, log_decay):
-    """Pad, lay out for the kernel, run it, and cut back: ``(num [b, l, n, g, v], den [b, l, n, g])``."""
+def _layout(plan: _Plan, qf, kf, v, runs, log_decay):
+    """The kernels' operands: ``q [b, lp, h, fp]``, ``k [b, lp, n, fp]``, ``v [b, lp, n, vp]`` in the operand dtype,
+    zero-padded to a block multiple and to the padded feature and value dims, then ``log_decay [b, n, lp]`` float32
+    and ``runs [b, lp]`` int32 where present (padded positions do not decay and form a run of their own)."""
     b, l, n, g, f = qf.shape
-    dv, c = v.shape[-1], plan.block
-    lp, fp, vp = -(-l // c) * c, _padded(f), _padded(dv)
+    lp = -(-l // plan.block) * plan.block
     op = jnp.dtype(plan.dtype)
     pad = lambda x, dim: jnp.pad(x.astype(op), [(0, 0), (0, lp - l), (0, 0), (0, dim - x.shape[-1])])
-    q = pad(qf.reshape(b, l, n * g, f), fp)
-    k, vals = pad(kf, fp), pad(v, vp)
-    extra = []
-    if log_decay is not None:  # [b, n, l]: one row per kv head; padded positions do not decay
-        extra.append(jnp.pad(jnp.moveaxis(log_decay, 1, 2), [(0, 0), (0, 0), (0, lp - l)]))
-    if runs is not None:  # padded positions form a run of their own
-        extra.append(jnp.concatenate([runs, jnp.broadcast_to(runs[:, -1:] + 1, (b, lp - l))], 1))
-    num, den = _call(plan, q, k, vals, *extra, decayed=log_decay is not None, segmented=runs is not None)
-    num = num[:, :l, :, :dv].reshape(b, l, n, g, dv)
+    operands = [pad(qf.reshape(b, l, n * g, f), _padded(f)), pad(kf, _padded(f)), pad(v, _padded(v.shape[-1]))]
+    if log_decay is not None:
+        operands.append(jnp.pad(jnp.moveaxis(log_decay, 1, 2), [(0, 0), (0, 0), (0, lp - l)]))
+    if runs is not None:
+        operands.append(jnp.concatenate([runs, jnp.broadcast_to(runs[:, -1:] + 1, (b, lp - l))], 1))
+    return operands
+
+
+def _specs(plan: _Plan, lp: int, fp: int, decayed: bool, segmented: bool) -> list:
+    """Block specs of `_layout`'s operands for the grid ``(b, h, value tiles)``: a program sees its query head's
+    rows, its kv head's keys, and its value tile."""
+    g, bv = plan.groups, plan.block_v
+    specs = [pl.BlockSpec((None, lp, None, fp), lambda bi, hi, vi: (bi, 0, hi, 0)),
+             pl.BlockSpec((None, lp, None, fp), lambda bi, hi, vi: (bi, 0, lax.div(hi, g), 0)),
+             pl.BlockSpec((None, lp, None, bv), lambda bi, hi, vi: (bi, 0, lax.div(hi, g), vi))]
+    if decayed:
+        specs.append(pl.BlockSpec((None, None, lp), lambda bi, hi, vi: (bi, lax.div(hi, g), 0)))
+    if segmented:
+        specs.append(pl.BlockSpec((None, lp), lambda bi, hi, vi: (bi, 0)))
+    return specs
+
+
+def _value_tile(lp: int, bv: int) -> pl.BlockSpec:
+    """Block spec of ``[b, lp, h, vp]`` rows of a query head's value tile (the sums' ``num`` and its cotangent)."""
+    return pl.BlockSpec((None, lp, None, bv), lambda bi, hi, vi: (bi, 0, hi, vi))
+
+
+def _launch(plan: _Plan, kernel, operands, extra_specs, out_specs, out_shape, decayed: bool, segmented: bool,
+            name: str):
+    """`pl.pallas_call` of ``kernel`` over the grid ``(b, h, value tiles)`` on `_layout`'s ``operands`` (then
+    operands of ``extra_specs``)."""
+    b, lp, h, fp = operands[0].shape
+    specs = _specs(plan, lp, fp, decayed, segmented) + list(extra_specs)
+    return pl.pallas_call(
+        functools.partial(kernel, plan=plan, decayed=decayed, segmented=segmented),
+        grid=(b, h, operands[2].shape[-1] // plan.block_v), in_specs=specs, out_specs=out_specs, out_shape=out_shape,
+        compiler_params=plgpu.CompilerParams(num_warps=4 if max(fp, plan.block_v) <= 64 else 8, num_stages=2),
+        interpret=plan.interpret, name=name,
+    )(*operands)
+
+
+def _forward(plan: _Plan, qf, kf, v, runs, log_decay):
+    """Lay out, run the forward kernel, and cut back: ``(num [b, l, n, g, v], den [b, l, n, g])`` float32."""
+    b, l, n, g, _ = qf.shape
+    operands = _layout(plan, qf, kf, v, runs, log_decay)
+    _, lp, h, _ = operands[0].shape
+    vp, bv = operands[2].shape[-1], plan.block_v
+    tiles = vp // bv
+    num, den = _launch(  # den [b, h, tiles, lp]: each value tile writes its own copy
+        plan, _forward_kernel, operands, (),
+        [_value_tile(lp, bv), pl.BlockSpec((None, None, None, lp), lambda bi, hi, vi: (bi, hi, vi, 0))],
+        [jax.ShapeDtypeStruct((b, lp, h, vp), jnp.float32), jax.ShapeDtypeStruct((b, h, tiles, lp), jnp.float32)],
+        log_decay is not None, runs is not None, "linear_causal_forward")
+    num = num[:, :l, :, :v.shape[-1]].reshape(b, l, n, g, v.shape[-1])
     den = jnp.moveaxis(den[:, :, 0, :l], 1, 2).reshape(b, l, n, g)
     return num, den
 
 
-def _call(plan: _Plan, q, k, v, *extra, decayed: bool, segmented: bool):
-    """``q [b, l, h, f]``, ``k [b, l, n, f]``, ``v [b, l, n, v]``, then ``log_decay [b, n, l]`` float32 and
-    ``runs [b, l]`` int32 where present -> ``num [b, l, h, v]``, ``den [b, h, v / block_v, l]`` float32 (each value
-    tile writes its own copy of den)."""
-    b, lp, h, fp = q.shape
-    vp, bv, g = v.shape[-1], plan.block_v, plan.groups
+def _backward(plan: _Plan, qf, kf, v, runs, log_decay, d_num, d_den):
+    """Lay out, run the backward kernel, and sum its partial gradients: ``(dqf, dkf, dv)`` float32 in the shapes of
+    ``qf``, ``kf``, ``v``. ``d_num [b, l, n, g, v]``, ``d_den [b, l, n, g]``: the cotangents of the sums."""
+    b, l, n, g, f = qf.shape
+    operands = _layout(plan, qf, kf, v, runs, log_decay)
+    _, lp, h, fp = operands[0].shape
+    vp, bv = operands[2].shape[-1], plan.block_v
     tiles = vp // bv
-    in_specs = [pl.BlockSpec((None, lp, None, fp), lambda bi, hi, vi: (bi, 0, hi, 0)),
-                pl.BlockSpec((None, lp, None, fp), lambda bi, hi, vi: (bi, 0, lax.div(hi, g), 0)),
-                pl.BlockSpec((None, lp, None, bv), lambda bi, hi, vi: (bi, 0, lax.div(hi, g), vi))]
-    if decayed:
-        in_specs.append(pl.BlockSpec((None, None, lp), lambda bi, hi, vi: (bi, lax.div(hi, g), 0)))
-    if segmented:
-        in_specs.append(pl.BlockSpec((None, lp), lambda bi, hi, vi: (bi, 0)))
-    return pl.pallas_call(
-        functools.partial(_kernel, plan=plan, decayed=decayed, segmented=segmented),
-        grid=(b, h, tiles),
-        in_specs=in_specs,
-        out_specs=[pl.BlockSpec((None, lp, None, bv), lambda bi, hi, vi: (bi, 0, hi, vi)),
-                   pl.BlockSpec((None, None, None, lp), lambda bi, hi, vi: (bi, hi, vi, 0))],
-        out_shape=[jax.ShapeDtypeStruct((b, lp, h, vp), jnp.float32),
-                   jax.ShapeDtypeStruct((b, h, tiles, lp), jnp.float32)],
-        compiler_params=plgpu.CompilerParams(num_warps=4 if max(fp, bv) <= 64 else 8, num_stages=2),
-        interpret=plan.interpret, name="linear_causal_forward",
-    )(q, k, v, *extra)
+    operands.append(jnp.pad(d_num.astype(jnp.float32).reshape(b, l, h, -1),
+                            [(0, 0), (0, lp - l), (0, 0), (0, vp - v.shape[-1])]))
+    operands.append(jnp.pad(jnp.moveaxis(d_den.astype(jnp.float32).reshape(b, l, h), 1, 2),
+                            [(0, 0), (0, 0), (0, lp - l)]))
+    rows = _value_tile(lp, bv)
+    per_tile = pl.BlockSpec((None, None, lp, None, fp), lambda bi, hi, vi: (bi, vi, 0, hi, 0))
+    dq, dk, dv = _launch(  # dq, dk [b, tiles, lp, h, fp]: each value tile's share; dv [b, lp, h, vp]: per query head
+        plan, _backward_kernel, operands, [rows, pl.BlockSpec((None, None, lp), lambda bi, hi, vi: (bi, hi, 0))],
+        [per_tile, per_tile, rows],
+        [jax.ShapeDtypeStruct((b, tiles, lp, h, fp), jnp.float32)] * 2
+        + [jax.ShapeDtypeStruct((b, lp, h, vp), jnp.float32)],
+        log_decay is not None, runs is not None, "linear_causal_backward")
+    dq = jnp.sum(dq[:, :, :l, :, :f], 1).reshape(b, l, n, g, f)
+    dk = jnp.sum(dk[:, :, :l, :, :f], 1).reshape(b, l, n, g, f).sum(3)
+    dv = dv[:, :l, :, :v.shape[-1]].reshape(b, l, n, g, -1).sum(3)
+    return dq, dk, dv
 
 
-# -- the kernel -------------------------------------------------------------------------------------------------------
+# -- the kernels ------------------------------------------------------------------------------------------------------
 def _dot(a, b, *, trans_a=False, trans_b=False):
     """``a @ b`` (either transposed) accumulated in float32; float32 operands in full precision (no TF32)."""
     return plgpu.dot(a, b, trans_a=trans_a, trans_b=trans_b, precision=lax.Precision.HIGHEST)
 
 
-def _kernel(q_ref, k_ref, v_ref, *refs, plan: _Plan, decayed: bool, segmented: bool):
+def _triangle(c: int, upper: bool = False) -> jax.Array:
+    """``[c, c]`` bool: ``col <= row`` (``col >= row`` if ``upper``)."""
+    row = jnp.broadcast_to(jnp.arange(c)[:, None], (c, c))
+    col = jnp.broadcast_to(jnp.arange(c)[None, :], (c, c))
+    return col >= row if upper else col <= row
+
+
+def _same(run: jax.Array) -> jax.Array:
+    """``[c, c]`` bool: positions i, j of one run."""
+    c = run.shape[0]
+    return jnp.broadcast_to(run[:, None], (c, c)) == jnp.broadcast_to(run[None, :], (c, c))
+
+
+def _cumulative(a: jax.Array, lower: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """A block's log decays ``a [c]`` -> ``(A [c], A_last)``: ``A_i`` summed from the block's start to row i (a
+    masked row sum over at most c terms; ``lower`` is `_triangle`)."""
+    c = a.shape[0]
+    return jnp.sum(jnp.where(lower, jnp.broadcast_to(a[None, :], (c, c)), 0.0), axis=1), jnp.sum(a)
+
+
+def _gap(cum: jax.Array, visible: jax.Array, transposed: bool = False) -> jax.Array:
+    """``[c, c]`` decays ``exp(A_i - A_j)`` (row i, column j; rows j, columns i if ``transposed``) where
+    ``visible``, 0 elsewhere."""
+    c = cum.shape[0]
+    rows, cols = jnp.broadcast_to(cum[:, None], (c, c)), jnp.broadcast_to(cum[None, :], (c, c))
+    return jnp.where(visible, jnp.exp(jnp.where(visible, cols - rows if transposed else rows - cols, 0.0)), 0.0)
+
+
+def _keep(flag, factor):
+    """``factor`` (None: 1) where ``flag`` (None: everywhere), 0 elsewhere."""
+    if flag is None:
+        return factor
+    return jnp.where(flag, 1.0 if factor is None else factor, 0.0)
+
+
+def _scaled(x: jax.Array, factor) -> jax.Array:
+    """``x [c, d]`` float32, rows times ``factor [c]`` (None: 1)."""
+    x = x.astype(jnp.float32)
+    return x if factor is None else x * factor[:, None]
+
+
+def _forward_kernel(q_ref, k_ref, v_ref, *refs, plan: _Plan, decayed: bool, segmented: bool):
     """One (batch row, query head, value tile): ``q [l, f]``, ``k [l, f]``, ``v [l, bv]``, ``log_decay [l]``,
     ``runs [l]`` (where present) -> ``num [l, bv]``, ``den [l]``, block by block with the state carried."""
     refs = list(refs)
@@ -228,9 +314,7 @@ def _kernel(q_ref, k_ref, v_ref, *refs, plan: _Plan, decayed: bool, segmented: b
     num_ref, den_ref = refs
     c = plan.block
     fp, bv = q_ref.shape[-1], v_ref.shape[-1]
-    row = jnp.broadcast_to(jnp.arange(c)[:, None], (c, c))
-    col = jnp.broadcast_to(jnp.arange(c)[None, :], (c, c))
-    lower = col <= row  # [c(q), c(k)]
+    lower = _triangle(c)
 
     def body(i, carry):
         s, z, prev = carry  # s [f, bv], z [f] float32; prev: the run of the carried state (segmented only)
@@ -241,43 +325,112 @@ def _kernel(q_ref, k_ref, v_ref, *refs, plan: _Plan, decayed: bool, segmented: b
         if segmented:
             run = run_ref[rows]
             last = jnp.max(run)  # runs increase along the sequence
-            visible = visible & (jnp.broadcast_to(run[:, None], (c, c)) == jnp.broadcast_to(run[None, :], (c, c)))
+            visible = visible & _same(run)
             reads, keeps, owns = run == prev, last == prev, run == last
             prev = last
         scores = _dot(q, k, trans_b=True)  # [c, c] float32
+        into = to_end = kept = None  # the entering state's decay at each row, each key's to the block's end
         if decayed:
-            a = decay_ref[rows]
-            cum = jnp.sum(jnp.where(lower, jnp.broadcast_to(a[None, :], (c, c)), 0.0), axis=1)  # [c]: A_i
-            total = jnp.sum(a)  # A_last
-            gap = jnp.broadcast_to(cum[:, None], (c, c)) - jnp.broadcast_to(cum[None, :], (c, c))
-            weights = jnp.where(visible, scores * jnp.exp(jnp.where(visible, gap, 0.0)), 0.0)
-            into = jnp.exp(cum)  # the entering state's decay at each row
-            to_end = jnp.exp(total - cum)  # each key's decay to the block's end
-            kept = jnp.exp(total)
+            cum, total = _cumulative(decay_ref[rows], lower)
+            weights = scores * _gap(cum, visible)
+            into, to_end, kept = jnp.exp(cum), jnp.exp(total - cum), jnp.exp(total)
         else:
             weights = jnp.where(visible, scores, 0.0)
-            into = to_end = None
-            kept = jnp.float32(1.0)
-        num = _dot(weights.astype(v.dtype), v)
-        den = jnp.sum(weights, axis=1)
-        if reads is not None:
-            into = jnp.where(reads, 1.0 if into is None else into, 0.0)
-        state_num = _dot(q, s.astype(q.dtype))  # [c, bv]
-        state_den = jnp.sum(q.astype(jnp.float32) * z[None, :], axis=1)
-        if into is None:
-            num, den = num + state_num, den + state_den
-        else:
-            num, den = num + into[:, None] * state_num, den + into * state_den
+        into, to_end, kept = _keep(reads, into), _keep(owns, to_end), _keep(keeps, kept)
+        num = _dot(weights.astype(v.dtype), v) + _scaled(_dot(q, s.astype(q.dtype)), into)
+        den = jnp.sum(weights, axis=1) + jnp.sum(_scaled(q, into) * z[None, :], axis=1)
         num_ref[rows, :] = num
         den_ref[rows] = den
-        if owns is not None:
-            to_end = jnp.where(owns, 1.0 if to_end is None else to_end, 0.0)
-        kw = k.astype(jnp.float32) if to_end is None else k.astype(jnp.float32) * to_end[:, None]
-        if keeps is not None:
-            kept = jnp.where(keeps, kept, 0.0)
-        s = kept * s + _dot(kw.astype(k.dtype), v, trans_a=True)
-        z = kept * z + jnp.sum(kw, axis=0)
+        kw = _scaled(k, to_end)
+        s = (s if kept is None else kept * s) + _dot(kw.astype(k.dtype), v, trans_a=True)
+        z = (z if kept is None else kept * z) + jnp.sum(kw, axis=0)
         return s, z, prev
 
     init = (jnp.zeros((fp, bv), jnp.float32), jnp.zeros((fp,), jnp.float32), jnp.int32(-1))
     lax.fori_loop(0, q_ref.shape[0] // c, body, init)
+
+
+def _backward_kernel(q_ref, k_ref, v_ref, *refs, plan: _Plan, decayed: bool, segmented: bool):
+    """One (batch row, query head, value tile): `_forward_kernel`'s inputs, ``d_num [l, bv]`` and ``d_den [l]`` ->
+    ``dq [l, f]`` and ``dk [l, f]`` (this value tile's share), ``dv [l, bv]``.
+
+    With ``P_ij = d_num_i . v_j + d_den_i`` (d_den counted by value tile 0 only) and ``D_ij`` the decay of key j at
+    row i (0 where j is hidden from i)::
+
+        dq_i = sum_{j <= i} D_ij P_ij k_j        dk_j = sum_{i >= j} D_ij P_ij q_i        dv_j = sum_{i >= j} D_ij (q_i . k_j) d_num_i
+
+    dq walks the blocks forward carrying ``H = sum_j D v_j k_j^T [bv, f]`` and ``sum_j D k_j [f]``; dk and dv walk
+    them backward carrying ``G = sum_i D q_i d_num_i^T [f, bv]`` and ``sum_i D q_i d_den_i [f]``."""
+    refs = list(refs)
+    decay_ref = refs.pop(0) if decayed else None
+    run_ref = refs.pop(0) if segmented else None
+    dnum_ref, dden_ref, dq_ref, dk_ref, dv_ref = refs
+    c, blocks = plan.block, q_ref.shape[0] // plan.block
+    fp, bv = q_ref.shape[-1], v_ref.shape[-1]
+    lower, upper = _triangle(c), _triangle(c, upper=True)
+    first_tile = (pl.program_id(2) == 0).astype(jnp.float32)
+
+    def load(i):
+        rows = pl.ds(pl.multiple_of(i * c, c), c)
+        q, k, v = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :]
+        dn, dd = dnum_ref[rows, :].astype(v.dtype), dden_ref[rows] * first_tile
+        cum = total = None
+        if decayed:
+            cum, total = _cumulative(decay_ref[rows], lower)
+        return rows, q, k, v, dn, dd, (run_ref[rows] if segmented else None), cum, total
+
+    def forward(i, carry):  # dq
+        h, hz, prev = carry  # h [bv, f], hz [f] float32; prev: the run of the carried state
+        rows, q, k, v, dn, dd, run, cum, total = load(i)
+        visible, reads, keeps, owns = lower, None, None, None
+        if segmented:
+            last = jnp.max(run)
+            visible = visible & _same(run)
+            reads, keeps, owns = run == prev, last == prev, run == last
+            prev = last
+        p = _dot(dn, v, trans_b=True) + dd[:, None]  # [c, c]
+        into = to_end = kept = None
+        if decayed:
+            p = p * _gap(cum, visible)
+            into, to_end, kept = jnp.exp(cum), jnp.exp(total - cum), jnp.exp(total)
+        else:
+            p = jnp.where(visible, p, 0.0)
+        into, to_end, kept = _keep(reads, into), _keep(owns, to_end), _keep(keeps, kept)
+        inter = _dot(dn, h.astype(dn.dtype)) + dd[:, None] * hz[None, :]
+        dq_ref[rows, :] = _dot(p.astype(k.dtype), k) + _scaled(inter, into)
+        kw = _scaled(k, to_end)
+        h = (h if kept is None else kept * h) + _dot(v, kw.astype(k.dtype), trans_a=True)
+        hz = (hz if kept is None else kept * hz) + jnp.sum(kw, axis=0)
+        return h, hz, prev
+
+    def backward(t, carry):  # dk, dv
+        gs, gz, after = carry  # gs [f, bv], gz [f] float32; after: the run of the carried state
+        rows, q, k, v, dn, dd, run, cum, total = load(blocks - 1 - t)
+        visible, reads, keeps, owns = upper, None, None, None  # [c(k), c(q)]: rows are keys here
+        if segmented:
+            first = jnp.min(run)
+            visible = visible & _same(run)
+            reads, keeps, owns = run == after, first == after, run == first
+            after = first
+        scores = _dot(k, q, trans_b=True)  # [c(k), c(q)]
+        p = _dot(v, dn, trans_b=True) + dd[None, :]
+        from_row = to_end = kept = None  # each row's decay from the block's start, each key's to its end
+        if decayed:
+            gap = _gap(cum, visible, transposed=True)
+            scores, p = scores * gap, p * gap
+            from_row, to_end, kept = jnp.exp(cum), jnp.exp(total - cum), jnp.exp(total)
+        else:
+            scores, p = jnp.where(visible, scores, 0.0), jnp.where(visible, p, 0.0)
+        to_end, from_row, kept = _keep(reads, to_end), _keep(owns, from_row), _keep(keeps, kept)
+        dv_ref[rows, :] = _dot(scores.astype(dn.dtype), dn) + _scaled(_dot(k, gs.astype(k.dtype)), to_end)
+        dk_ref[rows, :] = _dot(p.astype(q.dtype), q) + _scaled(_dot(v, gs.astype(v.dtype), trans_b=True)
+                                                              + gz[None, :], to_end)
+        qw = _scaled(q, from_row)
+        gs = (gs if kept is None else kept * gs) + _dot(qw.astype(q.dtype), dn, trans_a=True)
+        gz = (gz if kept is None else kept * gz) + jnp.sum(qw * dd[:, None], axis=0)
+        return gs, gz, after
+
+    lax.fori_loop(0, blocks, forward, (jnp.zeros((bv, fp), jnp.float32), jnp.zeros((fp,), jnp.float32),
+                                       jnp.int32(-1)))
+    lax.fori_loop(0, blocks, backward, (jnp.zeros((fp, bv), jnp.float32), jnp.zeros((fp,), jnp.float32),
+                                        jnp.int32(-1)))
