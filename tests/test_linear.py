@@ -11,6 +11,7 @@ import reference
 from cases import B, LINEAR_UNSUPPORTED, MASK_CASES, build, check_grads_by_finite_differences, qkv
 from flaxformer_lite.attention import (FavorFeatureMap, Mask, linear_attention, linear_init_state, linear_prefill_state,
                                        linear_step, softmax_attention)
+from flaxformer_lite.attention import linear_causal
 
 HEAD_DIM = 16
 PHI = {"elu": reference.elu_plus_one, "relu": reference.relu,
@@ -50,6 +51,24 @@ def test_grads_match_finite_differences(linear_fn, name, fmap):
                      argnums=(0, 1, 2))(*jax_arrays)
     check_grads_by_finite_differences(
         grads, arrays, lambda *a: (reference.linear_attention(*a, dense, PHI[fmap]) * w).sum(), rng)
+
+
+@pytest.mark.parametrize("name", ["causal", "causal_kv_valid"])
+def test_groups_of_two_blocks_match_the_reference(monkeypatch, name):
+    """Plain causal sums (elu+1, no segments or gates) chain a group's blocks by a cumulative sum: groups of two
+    blocks of 4 positions, the sums carried across five groups. Values and gradients against the reference."""
+    state_bytes = 4 * B * 2 * HEAD_DIM * HEAD_DIM  # one block's [f, v] states over 2 batch rows and 2 kv heads
+    monkeypatch.setitem(linear_causal.GROUP_BYTES, jax.default_backend(), 2 * state_bytes)
+    assert linear_causal.blocks_per_group(10, state_bytes) == 2
+    lq, lk, mask, dense = build(name)
+    arrays, jax_arrays = qkv(lq, lk, kv_heads=2, seed=13)
+    w = np.random.default_rng(14).standard_normal((B, lq, 4, HEAD_DIM))
+    fn = jax.jit(lambda q, k, v: linear_attention(q, k, v, mask=mask, block_size=4))  # traced under the patch
+    np.testing.assert_allclose(fn(*jax_arrays), reference.linear_attention(*arrays, dense, PHI["elu"]), **TOL)
+    grads = jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) * w), argnums=(0, 1, 2))(*jax_arrays)
+    check_grads_by_finite_differences(
+        grads, arrays, lambda *a: (reference.linear_attention(*a, dense, PHI["elu"]) * w).sum(),
+        np.random.default_rng(15))
 
 
 def _decode(q, k, v, fmap, valid=None):
