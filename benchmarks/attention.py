@@ -70,6 +70,8 @@ KERNELS = {
     "linear-elu-data": functools.partial(_gated, gate="data"),
     "delta": _delta,  # causal masks only
     "delta-data": functools.partial(_delta, gate="data"),
+    "delta-data-xla": functools.partial(_delta, gate="data", impl="xla"),
+    "delta-data-pallas": functools.partial(_delta, gate="data", impl="pallas"),  # GPU (CPU: interpret)
 }
 SOFTMAX = {"reference", "xla", "blockwise", "cudnn", "flash", "flax (peer)"}
 
@@ -239,7 +241,7 @@ def parse_args(argv=None):
     p.add_argument("--max-temp-gib", type=float, default=8.0, help="report memory only above this temp size")
     p.add_argument("--name", default=None, help="results file stem (default attention-<backend>[-quick])")
     args = p.parse_args(argv)
-    default_impls = [i for i in KERNELS if gpu or i not in ("cudnn", "flash", "linear-elu-pallas")]
+    default_impls = [i for i in KERNELS if gpu or i not in ("cudnn", "flash", "linear-elu-pallas", "delta-data-pallas")]
     if args.quick:
         args.lengths = args.lengths or [256, 1024]
         args.repeats = min(args.repeats, 3)

@@ -27,8 +27,8 @@ nvidia-smi -L 2>/dev/null || echo "nvidia-smi: not found"
 run 30 python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', \
 optax.__version__, jax.devices())"
 
-section "fused attention kernels: values, gradients, fully masked rows, fwd+bwd time" 140
-run 140 python3 benchmarks/fused_probe.py --lengths 2048,8192 --masks causal,segments,prefix \
+section "fused attention kernels: values, gradients, fully masked rows, fwd+bwd time" 130
+run 130 python3 benchmarks/fused_probe.py --lengths 2048,8192 --masks causal,segments,prefix \
   --kernels ours-flash,ours-xla,ours-blockwise,ours-cudnn,pallas-mha,tokamax-mosaic,tokamax-triton,tokamax-cudnn --repeats 10
 
 section "training step: GPT-2 small, bf16, batch 16 x 1024, impl auto" 90
@@ -42,9 +42,10 @@ section "attention benchmark, bf16, causal, 1k-16k" 60
 run 60 python3 benchmarks/attention.py --lengths 1024,4096,16384 --impls reference,xla,blockwise,cudnn,flash,linear-elu \
   --masks causal --repeats 5 --time-budget 3 --name attention-gpu-bf16
 
-section "linear attention: Pallas kernel vs XLA block-parallel form vs DeltaNet vs cuDNN softmax, bf16, causal, 4k-64k" 80
-run 80 python3 benchmarks/attention.py --lengths 4096,16384,65536 \
-  --impls cudnn,linear-elu-pallas,linear-elu-xla,linear-elu-data,delta-data --masks causal --repeats 5 --time-budget 3 \
+section "linear attention and Gated DeltaNet: Pallas kernels vs XLA chunk forms vs cuDNN softmax, bf16, causal, 4k-64k" 90
+run 90 python3 benchmarks/attention.py --lengths 4096,16384,65536 \
+  --impls cudnn,linear-elu-pallas,linear-elu-xla,linear-elu-data,delta-data-pallas,delta-data-xla --masks causal \
+  --repeats 5 --time-budget 3 \
   --name attention-gpu-linear-bf16
 
 section "kernel and layer tests on the GPU (highest matmul precision)" 90

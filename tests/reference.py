@@ -190,12 +190,13 @@ def gated_linear_attention(q, k, v, log_decay, segment_ids=None, kv_valid=None, 
     return out
 
 
-def delta_rule_attention(q, k, v, beta, log_decay=None, segment_ids=None, kv_valid=None):
+def delta_rule_attention(q, k, v, beta, log_decay=None, segment_ids=None, kv_valid=None, return_state=False):
     """Causal (gated) delta rule by its recurrence, one position at a time (DeltaNet, Yang et al. 2024; Gated DeltaNet):
     with q and k scaled to unit L2 norm, ``S_t = a_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T`` (``S [d, v]``
     per kv head, ``a_t = exp(log_decay_t)``, 1 without a gate) and ``out_t = q_t^T S_t``. ``beta [b, l, n]``. The state
     restarts (is zeroed) where ``segment_ids [b, l]`` changes; where ``kv_valid [b, l]`` is False the position leaves it
-    unchanged (its query still reads it)."""
+    unchanged (its query still reads it). With ``return_state``, also the states after the last position
+    ``[b, n, d, v]``."""
     q, k, v, beta = (np.asarray(x, np.float64) for x in (q, k, v, beta))
     q = q / np.linalg.norm(q, axis=-1, keepdims=True)
     k = k / np.linalg.norm(k, axis=-1, keepdims=True)
@@ -203,6 +204,7 @@ def delta_rule_attention(q, k, v, beta, log_decay=None, segment_ids=None, kv_val
     n, g = k.shape[2], h // k.shape[2]
     log_decay = np.zeros((b, l, n)) if log_decay is None else np.asarray(log_decay, np.float64)
     out = np.zeros((b, l, h, v.shape[-1]))
+    states = np.zeros((b, n, d, v.shape[-1]))
     for bi in range(b):
         state = np.zeros((n, d, v.shape[-1]))
         for t in range(l):
@@ -215,7 +217,8 @@ def delta_rule_attention(q, k, v, beta, log_decay=None, segment_ids=None, kv_val
                     state[j] = np.exp(log_decay[bi, t, j]) * erase @ state[j] + bt * np.outer(kt, v[bi, t, j])
             for head in range(h):
                 out[bi, t, head] = q[bi, t, head] @ state[head // g]
-    return out
+        states[bi] = state
+    return (out, states) if return_state else out
 
 
 def numerical_directional_grad(f, x, direction, eps=1e-6):

@@ -1,6 +1,7 @@
 """The delta rule (DeltaNet) and its gated form against the float64 recurrence in tests/reference.py: causal,
 padding and packed segments x MHA/GQA x no/fixed/data gate, block sizes, gradients, the recurrent step after a
-prefill, and the documented errors."""
+prefill, and the documented errors; impl='pallas' (the Pallas kernel, interpret mode on CPU) against the same
+reference, the XLA form's state and gradients, and its lowering to Triton."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,9 +9,10 @@ import pytest
 
 import reference
 from cases import B, L, build, check_grads_by_finite_differences, qkv
-from flaxformer_lite.attention import Mask, delta_attention, delta_init_state, delta_step
+from flaxformer_lite.attention import Mask, delta_attention, delta_impl, delta_init_state, delta_step
 from flaxformer_lite.attention import linear_causal
 from flaxformer_lite.attention.delta import unit_lower_inverse
+from flaxformer_lite.attention.delta_pallas import pallas_delta
 
 TOL = dict(rtol=2e-5, atol=2e-5)
 CASES = ["causal", "causal_kv_valid", "segments_causal"]
@@ -39,16 +41,16 @@ def _inputs(kv_heads, gate, seed=0, l=L):
     return (qn, kn, vn, beta, log_decay), (q, k, v, jnp.asarray(beta, jnp.float32)), kwargs
 
 
-def _reference(name, qn, kn, vn, beta, log_decay):
+def _reference(name, qn, kn, vn, beta, log_decay, return_state=False):
     mask = _mask(name)
     seg = None if mask.q_segment_ids is None else np.asarray(mask.q_segment_ids)
     valid = None if mask.kv_valid is None else np.asarray(mask.kv_valid)
-    return reference.delta_rule_attention(qn, kn, vn, beta, log_decay, seg, valid)
+    return reference.delta_rule_attention(qn, kn, vn, beta, log_decay, seg, valid, return_state)
 
 
 @pytest.fixture(scope="module")
 def delta_fn():
-    return jax.jit(delta_attention, static_argnames=("block_size", "return_state"))
+    return jax.jit(delta_attention, static_argnames=("block_size", "return_state", "impl"))
 
 
 @pytest.mark.parametrize("gate,kv_heads", [("none", 4), ("fixed", 2), ("data", 2), ("data", 1)],
@@ -194,3 +196,81 @@ def test_bad_step_input_raises():
         delta_step(state, *one, jnp.full((2, 3), 0.5))
     with pytest.raises(ValueError, match=r"log_decay of one position must have shape \[batch, kv_heads\] = \[2, 2\]"):
         delta_step(state, *one, jnp.full((2, 2), 0.5), log_decay=jnp.zeros((2, 5, 2)))
+
+
+# -- impl='pallas': the fused forward kernel (interpret mode here) ---------------------------------------------------
+@pytest.mark.parametrize("gate,kv_heads", [("none", 4), ("fixed", 2), ("data", 1)],
+                         ids=["mha", "fixed-gqa", "data-mqa"])
+@pytest.mark.parametrize("name", CASES)
+def test_pallas_matches_recurrent_reference(delta_fn, name, gate, kv_heads):
+    """Blocks of 16: 37 positions make 3 blocks, the last one padded; segment boundaries inside and across blocks."""
+    arrays, (q, k, v, beta), kwargs = _inputs(kv_heads, gate, seed=kv_heads)
+    out = delta_fn(q, k, v, beta, mask=_mask(name), block_size=16, impl="pallas", **kwargs)
+    np.testing.assert_allclose(out, _reference(name, *arrays), **TOL)
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+@pytest.mark.parametrize("name", CASES)
+def test_final_state_matches_the_reference(delta_fn, name, impl):
+    """``return_state``: the states after the last position, those of the last segment. 37 positions in blocks of
+    16: the last block is padded inside, which must not start a segment of its own."""
+    arrays, (q, k, v, beta), kwargs = _inputs(2, "data", seed=41)
+    out, state = delta_fn(q, k, v, beta, mask=_mask(name), block_size=16, return_state=True, impl=impl, **kwargs)
+    want_out, want_state = _reference(name, *arrays, return_state=True)
+    np.testing.assert_allclose(out, want_out, **TOL)
+    np.testing.assert_allclose(state, want_state, **TOL)
+
+
+@pytest.mark.parametrize("name", ["causal_kv_valid", "segments_causal"])
+def test_pallas_grads_equal_the_xla_form(delta_fn, name):
+    """Gradients through the kernel's custom_vjp, of the outputs and the final state, equal the XLA form's."""
+    _, (q, k, v, beta), kwargs = _inputs(2, "data", seed=21)
+    mask = _mask(name)
+    w = jnp.asarray(np.random.default_rng(22).standard_normal((B, L, 4, 8)), jnp.float32)
+    ws = jnp.asarray(np.random.default_rng(23).standard_normal((B, 2, 16, 8)), jnp.float32)
+
+    def loss(q, k, v, beta, a, impl):
+        out, state = delta_fn(q, k, v, beta, mask=mask, block_size=16, log_decay=a, return_state=True, impl=impl)
+        return jnp.sum(out * w) + jnp.sum(state * ws), (out, state)
+
+    results = {impl: jax.grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True)(q, k, v, beta, kwargs["log_decay"], impl)
+               for impl in ("pallas", "xla")}
+    (grads, (out, state)), (grads_x, (out_x, state_x)) = results["pallas"], results["xla"]
+    for got, want in zip((out, state) + grads, (out_x, state_x) + grads_x):
+        np.testing.assert_allclose(got, want, **TOL)
+
+
+def test_pallas_value_tiles():
+    """A value dim of 32 in two tiles of 16, and blocks of 128 clipped to 64: the XLA form's outputs and state."""
+    _, (q, k, _, beta), kwargs = _inputs(2, "data", seed=31)
+    v = jnp.asarray(np.random.default_rng(32).standard_normal((B, L, 2, 32)), jnp.float32)
+    mask = _mask("segments_causal")
+    want = delta_attention(q, k, v, beta, mask=mask, return_state=True, impl="xla", **kwargs)
+    qg, kg = (x / jnp.linalg.norm(x, axis=-1, keepdims=True) for x in (q.reshape(B, L, 2, 2, 16), k))
+    for blocks in (dict(block=16, block_v=16), dict(block=128, block_v=64)):
+        out, state = pallas_delta(qg, kg, v, beta, mask.q_segment_ids, kwargs["log_decay"], **blocks)
+        np.testing.assert_allclose(out.reshape(B, L, 4, 32), want[0], **TOL)
+        np.testing.assert_allclose(state, want[1], **TOL)
+
+
+def test_pallas_lowers_to_triton():
+    """The forward kernel lowers through the Pallas Triton backend (to TTIR; compiling it needs a GPU): one Triton
+    call for values and gradients (the backward is XLA), segments and decay included."""
+    _, (q, k, v, beta), kwargs = _inputs(2, "data")
+    seg = _mask("segments_causal").q_segment_ids
+    loss = lambda q, k: jnp.sum(pallas_delta(q, k, v, beta, seg, kwargs["log_decay"], interpret=False)[0])
+    text = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(q.reshape(B, L, 2, 2, 16), k).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert text.count("xla.gpu.triton") == 1 and "delta_rule_forward" in text
+
+
+def test_delta_impl_choice_and_errors():
+    assert delta_impl("auto", 64, backend="gpu") == "pallas"
+    assert delta_impl("auto", 64, backend="cpu") == delta_impl("auto", 24, backend="gpu") == "xla"
+    assert delta_impl("pallas", 16, backend="cpu") == "pallas"
+    with pytest.raises(ValueError, match=r"impl must be one of \('auto', 'xla', 'pallas'\) for delta_attention"):
+        delta_impl("flash", 64)
+    with pytest.raises(ValueError, match="impl='pallas' cannot compute this call: block_size=24"):
+        delta_impl("pallas", 24, backend="gpu")
+    with pytest.raises(ValueError, match="Triton"):
+        delta_impl("pallas", 64, backend="tpu")

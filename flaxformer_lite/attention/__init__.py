@@ -7,10 +7,11 @@
 - `linear_attention(q, k, v, *, mask, feature_map, decay, log_decay, impl)`: elu | relu | favor; non-causal, causal,
   prefix, segments; decay gates (fixed per head, or per position); impl xla | pallas | auto (`linear_impl`);
   `linear_init_state` / `linear_prefill_state` / `linear_step` for recurrent decoding.
-- `delta_attention(q, k, v, beta, *, mask, decay, log_decay)`: the delta rule (DeltaNet) and its gated form, causal,
-  in chunk form; `delta_init_state` / `delta_step` for recurrent decoding.
+- `delta_attention(q, k, v, beta, *, mask, decay, log_decay, impl)`: the delta rule (DeltaNet) and its gated form,
+  causal, in chunk form; impl xla | pallas | auto (`delta_impl`); `delta_init_state` / `delta_step` for recurrent
+  decoding.
 """
-from .delta import delta_attention, delta_init_state, delta_step
+from .delta import delta_attention, delta_impl, delta_init_state, delta_step
 from .feature_maps import FEATURE_MAPS, EluFeatureMap, FavorFeatureMap, FeatureMap, ReluFeatureMap, get_feature_map
 from .linear import LINEAR_IMPLS, LinearState, linear_attention, linear_impl
 from .linear import init_state as linear_init_state
@@ -22,6 +23,6 @@ from .softmax import IMPLS, attend_scores, attention_weights, choose_impl, softm
 __all__ = [
     "Mask", "softmax_attention", "attend_scores", "attention_weights", "IMPLS", "choose_impl", "linear_attention",
     "LINEAR_IMPLS", "linear_impl", "linear_init_state", "linear_step", "linear_prefill_state", "LinearState", "FeatureMap", "EluFeatureMap",
-    "ReluFeatureMap", "FavorFeatureMap", "FEATURE_MAPS", "get_feature_map", "delta_attention", "delta_init_state",
-    "delta_step",
+    "ReluFeatureMap", "FavorFeatureMap", "FEATURE_MAPS", "get_feature_map", "delta_attention", "delta_impl",
+    "delta_init_state", "delta_step",
 ]

@@ -31,7 +31,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from .checks import Dims, check_block_size, check_mask, check_qkv, check_range, check_step_qkv, check_valid
-from .linear import gate_log_decay
+from .delta_pallas import pallas_delta
+from .linear import LINEAR_IMPLS, gate_log_decay
+from .linear_pallas import MIN_BLOCK, pallas_unsupported
 from .linear_causal import from_groups, plan_groups, scan_groups, to_groups
 from .masks import Mask
 
@@ -39,7 +41,8 @@ NORM_EPS = 1e-6  # q and k are divided by sqrt(|x|^2 + eps): a zero (padded) key
 
 
 def delta_attention(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, *, mask: Mask | None = None,
-                    decay=None, log_decay=None, block_size: int = 64, return_state: bool = False):
+                    decay=None, log_decay=None, block_size: int = 64, return_state: bool = False,
+                    impl: str = "auto"):
     """Causal delta-rule attention ``[b, l, h, d] x [b, l, n, d] x [b, l, n, v] -> [b, l, h, v]``.
 
     Args:
@@ -55,6 +58,10 @@ def delta_attention(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, *
       block_size: positions per block (a performance knob; results do not depend on it).
       return_state: also return the state after the last position, ``[b, n, d, v]`` float32 (that of the last
         segment), to go on decoding with `delta_step`.
+      impl: ``"xla"`` (the chunk form above, any backend), ``"pallas"`` (`delta_pallas`: one fused kernel for the
+        forward, the state carried on chip; Triton on GPU, interpret mode on CPU for tests; its backward
+        differentiates the ``xla`` form), or ``"auto"`` (``pallas`` on a GPU where ``block_size`` suits it, else
+        ``xla``). ``"pallas"`` with a block size that is not a power of two >= 16 raises `ValueError`.
 
     Returns:
       ``[b, l, h, v]`` in q's dtype; with ``return_state``, ``(out, state)``.
@@ -70,9 +77,29 @@ def delta_attention(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, *
     k, v = mask.zero_invalid_keys(k, v)
     b, l, h, d = q.shape
     qg = _unit(q.reshape(b, l, dims.kv_heads, dims.groups, d))
-    out, state = _blocks(qg, _unit(k), v.astype(jnp.float32), beta, log_decay, mask.q_segment_ids, min(block, l))
+    if delta_impl(impl, block) == "pallas":
+        out, state = pallas_delta(qg, _unit(k), v, beta, mask.q_segment_ids, log_decay, block=block)
+    else:
+        out, state = _blocks(qg, _unit(k), v.astype(jnp.float32), beta, log_decay, mask.q_segment_ids,
+                             min(block, l))
     out = out.reshape(b, l, h, dims.value_dim).astype(q.dtype)
     return (out, state) if return_state else out
+
+
+def delta_impl(impl: str, block_size: int, backend: str | None = None) -> str:
+    """The impl `delta_attention` runs, ``"xla"`` or ``"pallas"`` (see its ``impl``); ``backend``: None for JAX's
+    default. Raises `ValueError` for an unknown impl, or ``"pallas"`` asked for a call it cannot compute."""
+    if impl not in LINEAR_IMPLS:
+        raise ValueError(f"impl must be one of {LINEAR_IMPLS} for delta_attention, got {impl!r}")
+    backend = jax.default_backend() if backend is None else backend
+    if impl == "xla" or (impl == "auto" and backend != "gpu"):
+        return "xla"
+    reason = pallas_unsupported(False, jnp.float32, backend)
+    if block_size < MIN_BLOCK or block_size & (block_size - 1):
+        reason = f"block_size={block_size} (the kernel takes a power of two >= {MIN_BLOCK})"
+    if reason and impl == "pallas":
+        raise ValueError(f"delta_attention impl='pallas' cannot compute this call: {reason}; use impl='xla'")
+    return "xla" if reason else "pallas"
 
 
 def delta_init_state(batch: int, kv_heads: int, head_dim: int, value_dim: int) -> jax.Array:
@@ -155,8 +182,9 @@ def _blocks(q, k, v, beta, log_decay, segments, c: int):
     xs = {"q": heads(q), "k": heads(k), "v": heads(v), "beta": heads(beta)}
     if log_decay is not None:
         xs["cum"] = jnp.cumsum(heads(log_decay), -1)  # log decay since the block's start
-    if segments is not None:  # padded positions get an id of their own; -2 precedes the first block
-        xs["seg"] = to_groups(segments.astype(jnp.int32), plan, -1)  # [groups, b, group, c]
+    if segments is not None:  # padded positions join the last segment (with zero keys and beta they change nothing,
+        # and the state returned stays that segment's); -2 precedes the first block
+        xs["seg"] = to_groups(segments.astype(jnp.int32), plan, "edge")  # [groups, b, group, c]
         last = jnp.moveaxis(xs["seg"][..., -1], 0, 1).reshape(b, plan.count * plan.size)
         before = jnp.concatenate([jnp.full((b, 1), -2, jnp.int32), last[:, :-1]], 1)
         xs["before"] = jnp.moveaxis(before.reshape(b, plan.count, plan.size), 1, 0)  # [groups, b, group]

@@ -131,11 +131,13 @@ def plan_groups(length: int, block: int, state_bytes: int, size: int | None = No
 
 
 def to_groups(x: jax.Array, plan: Groups, fill=0, heads: bool = False) -> jax.Array:
-    """``[b, l, ...] -> [count, b, size, block, ...]``, padded with ``fill``; with ``heads``, axis 2 of ``x`` (the
-    heads) goes before the blocks: ``[count, b, n, size, block, ...]``."""
+    """``[b, l, ...] -> [count, b, size, block, ...]``, padded with ``fill`` (``"edge"``: the last position
+    repeated); with ``heads``, axis 2 of ``x`` (the heads) goes before the blocks: ``[count, b, n, size, block,
+    ...]``."""
     pad = plan.count * plan.size * plan.block - plan.length
     if pad:
-        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+        widths = [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)
+        x = jnp.pad(x, widths, mode="edge") if fill == "edge" else jnp.pad(x, widths, constant_values=fill)
     x = jnp.moveaxis(x.reshape((x.shape[0], plan.count, plan.size, plan.block) + x.shape[2:]), 1, 0)
     return jnp.moveaxis(x, 4, 2) if heads else x
 

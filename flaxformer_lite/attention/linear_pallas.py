@@ -357,7 +357,8 @@ def _backward_kernel(q_ref, k_ref, v_ref, *refs, plan: _Plan, decayed: bool, seg
     With ``P_ij = d_num_i . v_j + d_den_i`` (d_den counted by value tile 0 only) and ``D_ij`` the decay of key j at
     row i (0 where j is hidden from i)::
 
-        dq_i = sum_{j <= i} D_ij P_ij k_j        dk_j = sum_{i >= j} D_ij P_ij q_i        dv_j = sum_{i >= j} D_ij (q_i . k_j) d_num_i
+        dq_i = sum_{j <= i} D_ij P_ij k_j        dk_j = sum_{i >= j} D_ij P_ij q_i
+        dv_j = sum_{i >= j} D_ij (q_i . k_j) d_num_i
 
     dq walks the blocks forward carrying ``H = sum_j D v_j k_j^T [bv, f]`` and ``sum_j D k_j [f]``; dk and dv walk
     them backward carrying ``G = sum_i D q_i d_num_i^T [f, bv]`` and ``sum_i D q_i d_den_i [f]``."""
