@@ -22,7 +22,8 @@ from .softmax import IMPLS, attend_scores, attention_weights, choose_impl, softm
 
 __all__ = [
     "Mask", "softmax_attention", "attend_scores", "attention_weights", "IMPLS", "choose_impl", "linear_attention",
-    "LINEAR_IMPLS", "linear_impl", "linear_init_state", "linear_step", "linear_prefill_state", "LinearState", "FeatureMap", "EluFeatureMap",
+    "LINEAR_IMPLS", "linear_impl", "linear_init_state", "linear_step", "linear_prefill_state", "LinearState",
+    "FeatureMap", "EluFeatureMap",
     "ReluFeatureMap", "FavorFeatureMap", "FEATURE_MAPS", "get_feature_map", "delta_attention", "delta_impl",
     "delta_init_state", "delta_step",
 ]

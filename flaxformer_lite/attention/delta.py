@@ -33,9 +33,10 @@ from jax import lax
 from .checks import Dims, check_block_size, check_mask, check_qkv, check_range, check_step_qkv, check_valid
 from .delta_pallas import pallas_delta
 from .linear import LINEAR_IMPLS, gate_log_decay
-from .linear_pallas import MIN_BLOCK, pallas_unsupported
 from .linear_causal import from_groups, plan_groups, scan_groups, to_groups
+from .linear_pallas import pallas_unsupported
 from .masks import Mask
+from .pallas_tiles import MIN_BLOCK
 
 NORM_EPS = 1e-6  # q and k are divided by sqrt(|x|^2 + eps): a zero (padded) key stays zero
 

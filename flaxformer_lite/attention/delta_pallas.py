@@ -3,7 +3,7 @@
 The GPU counterpart of `delta._blocks`. One program per (batch row, query head, value tile) walks the sequence in
 blocks of c positions with a `lax.fori_loop`, carrying the state ``S [d, bv]`` in float32 (the rule acts on each
 value column alone, so value tiles are independent). Per block, with ``D_ri = exp(G_r - G_i)`` for keys i <= r of
-row r's run (`linear_pallas._gap`), ``g_r = exp(G_r)`` where row r reads the entering state (0 elsewhere) and
+row r's run (`pallas_tiles.block_step`), ``g_r = exp(G_r)`` where row r reads the entering state (0 elsewhere) and
 ``S0`` that state (see `delta` for the derivation)::
 
     T = (I + strict_tril(beta K K^T * D))^-1                  by forward substitution, one row at a time
@@ -29,8 +29,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from .linear_pallas import MAX_BLOCK, MIN_BLOCK, _cumulative, _dot, _gap, _keep, _padded, _runs, _same, _scaled
-from .linear_pallas import _tile, _triangle
+from .pallas_tiles import block_length, block_step, dot, padded_dim, run_ids, scale, scale_rows, tile_size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,10 +59,10 @@ def pallas_delta(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, seg:
       interpret: Pallas interpret mode; None uses it exactly when JAX runs on the CPU.
     """
     b, l, n, g, d = q.shape
-    c = min(_tile("block", block, MAX_BLOCK), max(MIN_BLOCK, pl.next_power_of_2(max(l, 1))))
-    plan = _Plan(block=c, block_v=min(_tile("block_v", block_v, None), _padded(v.shape[-1])), groups=g,
-                 interpret=jax.default_backend() == "cpu" if interpret is None else bool(interpret))
-    runs = None if seg is None else _runs(jnp.asarray(seg))
+    plan = _Plan(block=block_length(block, l), block_v=min(tile_size("block_v", block_v, None),
+                                                           padded_dim(v.shape[-1])),
+                 groups=g, interpret=jax.default_backend() == "cpu" if interpret is None else bool(interpret))
+    runs = None if seg is None else run_ids(jnp.asarray(seg))
     f32 = lambda x: None if x is None else x.astype(jnp.float32)
     return _delta(plan, f32(q), f32(k), f32(v), f32(beta), runs, f32(log_decay))
 
@@ -96,7 +95,7 @@ def _forward(plan: _Plan, q, k, v, beta, runs, log_decay):
     """Pad, lay out for the kernel, run it, and cut back: ``(out [b, l, n, g, v], state [b, n, d, v])``."""
     b, l, n, g, d = q.shape
     dv, c, bv = v.shape[-1], plan.block, plan.block_v
-    lp, dp, vp = -(-l // c) * c, _padded(d), _padded(dv)
+    lp, dp, vp = -(-l // c) * c, padded_dim(d), padded_dim(dv)
     pad = lambda x, dim: jnp.pad(x, [(0, 0), (0, lp - l), (0, 0), (0, dim - x.shape[-1])])
     by_head = lambda x: jnp.pad(jnp.moveaxis(x, 1, 2), [(0, 0), (0, 0), (0, lp - l)])  # [b, l, n] -> [b, n, lp]
     operands = [pad(q.reshape(b, l, n * g, d), dp), pad(k, dp), pad(v, vp), by_head(beta)]
@@ -136,7 +135,8 @@ def _unit_lower_inverse(a: jax.Array, row: jax.Array) -> jax.Array:
         a_r = jnp.sum(jnp.where(row == r, a, 0.0), axis=0)  # [c]: row r of a, zero from column r on
         return jnp.where(row == r, t - jnp.sum(a_r[:, None] * t, axis=0)[None, :], t)
 
-    return lax.fori_loop(1, c, body, jnp.where(row == jnp.transpose(row), 1.0, 0.0))
+    col = jnp.broadcast_to(jnp.arange(c)[None, :], (c, c))
+    return lax.fori_loop(1, c, body, jnp.where(row == col, 1.0, 0.0))
 
 
 def _kernel(q_ref, k_ref, v_ref, beta_ref, *refs, plan: _Plan, decayed: bool, segmented: bool):
@@ -147,37 +147,21 @@ def _kernel(q_ref, k_ref, v_ref, beta_ref, *refs, plan: _Plan, decayed: bool, se
     run_ref = refs.pop(0) if segmented else None
     out_ref, state_ref = refs
     c = plan.block
-    lower = _triangle(c)
     row = jnp.broadcast_to(jnp.arange(c)[:, None], (c, c))
-    strict = jnp.transpose(row) < row  # [c(r), c(i)]: i < r
+    strict = jnp.broadcast_to(jnp.arange(c)[None, :], (c, c)) < row  # [c(r), c(i)]: i < r
 
     def body(i, carry):
-        s, prev = carry  # s [d, bv] float32; prev: the run of the carried state (segmented only)
+        s, run = carry  # s [d, bv] float32; run: the carried state's (segmented only)
         rows = pl.ds(pl.multiple_of(i * c, c), c)
         q, k, v, beta = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], beta_ref[rows]
-        visible = lower
-        reads = keeps = owns = None  # rows reading the state, keeping it, keys adding to it (None: all)
-        if segmented:
-            run = run_ref[rows]
-            last = jnp.max(run)
-            visible = visible & _same(run)
-            reads, keeps, owns = run == prev, last == prev, run == last
-            prev = last
-        into = to_end = kept = None  # the entering state's decay at each row, each key's to the block's end
-        if decayed:
-            cum, total = _cumulative(decay_ref[rows], lower)
-            pair = _gap(cum, visible)
-            into, to_end, kept = jnp.exp(cum), jnp.exp(total - cum), jnp.exp(total)
-        else:
-            pair = jnp.where(visible, 1.0, 0.0)
-        into, to_end, kept = _keep(reads, into), _keep(owns, to_end), _keep(keeps, kept)
-        system = beta[:, None] * _dot(k, k, trans_b=True) * jnp.where(strict, pair, 0.0)
+        step = block_step(rows, c, decay_ref, run_ref, run)
+        system = beta[:, None] * dot(k, k, trans_b=True) * jnp.where(strict, step.pair, 0.0)
         inverse = _unit_lower_inverse(system, row)
-        k_in = _scaled(k, beta if into is None else beta * into)  # beta g K: what reads the entering state
-        u = _dot(inverse, _scaled(v, beta)) - _dot(_dot(inverse, k_in), s)  # [c, bv]
-        out_ref[rows, :] = _scaled(_dot(q, s), into) + _dot(_dot(q, k, trans_b=True) * pair, u)
-        s = (s if kept is None else kept * s) + _dot(_scaled(k, to_end), u, trans_a=True)
-        return s, prev
+        k_in = scale_rows(k, beta if step.read is None else beta * step.read)  # beta g K: reads the entering state
+        u = dot(inverse, scale_rows(v, beta)) - dot(dot(inverse, k_in), s)  # [c, bv]
+        out_ref[rows, :] = scale_rows(dot(q, s), step.read) + dot(dot(q, k, trans_b=True) * step.pair, u)
+        s = scale(s, step.keep) + dot(scale_rows(k, step.add), u, trans_a=True)
+        return s, step.run
 
     d, bv = q_ref.shape[-1], v_ref.shape[-1]
     state, _ = lax.fori_loop(0, q_ref.shape[0] // c, body, (jnp.zeros((d, bv), jnp.float32), jnp.int32(-1)))

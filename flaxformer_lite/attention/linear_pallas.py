@@ -18,9 +18,8 @@ with ``A_i`` the log decay summed from the block's start to row i (a masked row 
    the keys of the block's last segment.
 
 Decays are <= 1 and there are no key log-scales, so every exponent is <= 0 and no running maximum is needed.
-Segment ids become run indices (0, 1, 2, ... up the sequence, a new one at each change) before the kernel, so a run
-is a contiguous range and a block's last run is its largest index. Matmul operands keep the input dtype (bf16 stays
-bf16) and accumulate in float32.
+`pallas_tiles.block_step` gives each block's decays and segment masks. Matmul operands keep the input dtype (bf16
+stays bf16) and accumulate in float32.
 
 The backward (a `custom_vjp`) is a second kernel on the same grid, flash-linear-attention's chunk backward: one walk
 forward over the blocks for the query gradients, one walk backward for the key and value gradients, each carrying its
@@ -41,11 +40,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from .checks import check_block_size
 from .linear_causal import decay_grad
+from .pallas_tiles import block_length, block_step, dot, padded_dim, run_ids, scale, scale_rows, tile_size
 
-MIN_BLOCK = 16  # Triton's smallest matmul tile
-MAX_BLOCK = 128  # [c, c] float32 score and decay tiles live in registers
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -99,14 +96,13 @@ def pallas_causal_sums(qf: jax.Array, kf: jax.Array, v: jax.Array, seg: jax.Arra
     reason = pallas_unsupported(False, dtype)
     if reason:
         raise ValueError(f"pallas_causal_sums cannot run this call: {reason}")
-    c = _tile("block", block, MAX_BLOCK)
-    c = min(c, max(MIN_BLOCK, pl.next_power_of_2(max(l, 1))))
-    bv = min(_tile("block_v", block_v, None), _padded(v.shape[-1]))
+    c = block_length(block, l)
+    bv = min(tile_size("block_v", block_v, None), padded_dim(v.shape[-1]))
     if l == 0:
         return jnp.zeros((b, 0, n, g, v.shape[-1]), jnp.float32), jnp.zeros((b, 0, n, g), jnp.float32)
     plan = _Plan(block=c, block_v=bv, groups=g, dtype=dtype.name,
                  interpret=jax.default_backend() == "cpu" if interpret is None else bool(interpret))
-    runs = None if seg is None else _runs(jnp.asarray(seg))
+    runs = None if seg is None else run_ids(jnp.asarray(seg))
     return _sums(plan, qf, kf, v, runs, None if log_decay is None else log_decay.astype(jnp.float32))
 
 
@@ -124,26 +120,6 @@ def _check(qf, kf, v, seg, log_decay) -> tuple[int, int, int, int, int]:
     if log_decay is not None and jnp.shape(log_decay) != (b, l, n):
         raise ValueError(f"log_decay must have shape [b, l, n] = {[b, l, n]}, got {list(jnp.shape(log_decay))}")
     return b, l, n, g, f
-
-
-def _tile(name: str, size, largest: int | None) -> int:
-    """A tile size checked to be a power of two >= 16, clipped to ``largest``."""
-    size = check_block_size(name, size)
-    if size < MIN_BLOCK or size & (size - 1):
-        raise ValueError(f"{name} must be a power of two >= {MIN_BLOCK} for the linear attention kernel, got {size}")
-    return size if largest is None else min(size, largest)
-
-
-def _padded(size: int) -> int:
-    """Feature and value dims padded to a power of two >= 16 (zeros change no sum)."""
-    return max(MIN_BLOCK, pl.next_power_of_2(size))
-
-
-def _runs(seg: jax.Array) -> jax.Array:
-    """int32 ``[b, l]`` run indices: 0 at the start, +1 wherever ``seg [b, l]`` changes."""
-    change = jnp.concatenate([jnp.zeros_like(seg[:, :1], jnp.int32), (seg[:, 1:] != seg[:, :-1]).astype(jnp.int32)],
-                             1)
-    return jnp.cumsum(change, 1, dtype=jnp.int32)
 
 
 # -- custom_vjp: a forward kernel and a backward kernel -------------------------------------------------------------
@@ -174,7 +150,7 @@ def _layout(plan: _Plan, qf, kf, v, runs, log_decay):
     lp = -(-l // plan.block) * plan.block
     op = jnp.dtype(plan.dtype)
     pad = lambda x, dim: jnp.pad(x.astype(op), [(0, 0), (0, lp - l), (0, 0), (0, dim - x.shape[-1])])
-    operands = [pad(qf.reshape(b, l, n * g, f), _padded(f)), pad(kf, _padded(f)), pad(v, _padded(v.shape[-1]))]
+    operands = [pad(qf.reshape(b, l, n * g, f), padded_dim(f)), pad(kf, padded_dim(f)), pad(v, padded_dim(v.shape[-1]))]
     if log_decay is not None:
         operands.append(jnp.pad(jnp.moveaxis(log_decay, 1, 2), [(0, 0), (0, 0), (0, lp - l)]))
     if runs is not None:
@@ -259,52 +235,6 @@ def _backward(plan: _Plan, qf, kf, v, runs, log_decay, d_num, d_den):
 
 
 # -- the kernels ------------------------------------------------------------------------------------------------------
-def _dot(a, b, *, trans_a=False, trans_b=False):
-    """``a @ b`` (either transposed) accumulated in float32; float32 operands in full precision (no TF32)."""
-    return plgpu.dot(a, b, trans_a=trans_a, trans_b=trans_b, precision=lax.Precision.HIGHEST)
-
-
-def _triangle(c: int, upper: bool = False) -> jax.Array:
-    """``[c, c]`` bool: ``col <= row`` (``col >= row`` if ``upper``)."""
-    row = jnp.broadcast_to(jnp.arange(c)[:, None], (c, c))
-    col = jnp.broadcast_to(jnp.arange(c)[None, :], (c, c))
-    return col >= row if upper else col <= row
-
-
-def _same(run: jax.Array) -> jax.Array:
-    """``[c, c]`` bool: positions i, j of one run."""
-    c = run.shape[0]
-    return jnp.broadcast_to(run[:, None], (c, c)) == jnp.broadcast_to(run[None, :], (c, c))
-
-
-def _cumulative(a: jax.Array, lower: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """A block's log decays ``a [c]`` -> ``(A [c], A_last)``: ``A_i`` summed from the block's start to row i (a
-    masked row sum over at most c terms; ``lower`` is `_triangle`)."""
-    c = a.shape[0]
-    return jnp.sum(jnp.where(lower, jnp.broadcast_to(a[None, :], (c, c)), 0.0), axis=1), jnp.sum(a)
-
-
-def _gap(cum: jax.Array, visible: jax.Array, transposed: bool = False) -> jax.Array:
-    """``[c, c]`` decays ``exp(A_i - A_j)`` (row i, column j; rows j, columns i if ``transposed``) where
-    ``visible``, 0 elsewhere."""
-    c = cum.shape[0]
-    rows, cols = jnp.broadcast_to(cum[:, None], (c, c)), jnp.broadcast_to(cum[None, :], (c, c))
-    return jnp.where(visible, jnp.exp(jnp.where(visible, cols - rows if transposed else rows - cols, 0.0)), 0.0)
-
-
-def _keep(flag, factor):
-    """``factor`` (None: 1) where ``flag`` (None: everywhere), 0 elsewhere."""
-    if flag is None:
-        return factor
-    return jnp.where(flag, 1.0 if factor is None else factor, 0.0)
-
-
-def _scaled(x: jax.Array, factor) -> jax.Array:
-    """``x [c, d]`` float32, rows times ``factor [c]`` (None: 1)."""
-    x = x.astype(jnp.float32)
-    return x if factor is None else x * factor[:, None]
-
-
 def _forward_kernel(q_ref, k_ref, v_ref, *refs, plan: _Plan, decayed: bool, segmented: bool):
     """One (batch row, query head, value tile): ``q [l, f]``, ``k [l, f]``, ``v [l, bv]``, ``log_decay [l]``,
     ``runs [l]`` (where present) -> ``num [l, bv]``, ``den [l]``, block by block with the state carried."""
@@ -314,37 +244,19 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, plan: _Plan, decayed: bool, segm
     num_ref, den_ref = refs
     c = plan.block
     fp, bv = q_ref.shape[-1], v_ref.shape[-1]
-    lower = _triangle(c)
 
     def body(i, carry):
-        s, z, prev = carry  # s [f, bv], z [f] float32; prev: the run of the carried state (segmented only)
+        s, z, run = carry  # s [f, bv], z [f] float32; run: the carried state's (segmented only)
         rows = pl.ds(pl.multiple_of(i * c, c), c)
         q, k, v = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :]
-        visible = lower
-        reads = keeps = owns = None  # rows reading the state, keeping it, keys adding to it (None: all)
-        if segmented:
-            run = run_ref[rows]
-            last = jnp.max(run)  # runs increase along the sequence
-            visible = visible & _same(run)
-            reads, keeps, owns = run == prev, last == prev, run == last
-            prev = last
-        scores = _dot(q, k, trans_b=True)  # [c, c] float32
-        into = to_end = kept = None  # the entering state's decay at each row, each key's to the block's end
-        if decayed:
-            cum, total = _cumulative(decay_ref[rows], lower)
-            weights = scores * _gap(cum, visible)
-            into, to_end, kept = jnp.exp(cum), jnp.exp(total - cum), jnp.exp(total)
-        else:
-            weights = jnp.where(visible, scores, 0.0)
-        into, to_end, kept = _keep(reads, into), _keep(owns, to_end), _keep(keeps, kept)
-        num = _dot(weights.astype(v.dtype), v) + _scaled(_dot(q, s.astype(q.dtype)), into)
-        den = jnp.sum(weights, axis=1) + jnp.sum(_scaled(q, into) * z[None, :], axis=1)
-        num_ref[rows, :] = num
-        den_ref[rows] = den
-        kw = _scaled(k, to_end)
-        s = (s if kept is None else kept * s) + _dot(kw.astype(k.dtype), v, trans_a=True)
-        z = (z if kept is None else kept * z) + jnp.sum(kw, axis=0)
-        return s, z, prev
+        step = block_step(rows, c, decay_ref, run_ref, run)
+        weights = dot(q, k, trans_b=True) * step.pair  # [c, c] float32
+        num_ref[rows, :] = dot(weights.astype(v.dtype), v) + scale_rows(dot(q, s.astype(q.dtype)), step.read)
+        den_ref[rows] = jnp.sum(weights, axis=1) + jnp.sum(scale_rows(q, step.read) * z[None, :], axis=1)
+        kw = scale_rows(k, step.add)
+        s = scale(s, step.keep) + dot(kw.astype(k.dtype), v, trans_a=True)
+        z = scale(z, step.keep) + jnp.sum(kw, axis=0)
+        return s, z, step.run
 
     init = (jnp.zeros((fp, bv), jnp.float32), jnp.zeros((fp,), jnp.float32), jnp.int32(-1))
     lax.fori_loop(0, q_ref.shape[0] // c, body, init)
@@ -368,68 +280,38 @@ def _backward_kernel(q_ref, k_ref, v_ref, *refs, plan: _Plan, decayed: bool, seg
     dnum_ref, dden_ref, dq_ref, dk_ref, dv_ref = refs
     c, blocks = plan.block, q_ref.shape[0] // plan.block
     fp, bv = q_ref.shape[-1], v_ref.shape[-1]
-    lower, upper = _triangle(c), _triangle(c, upper=True)
     first_tile = (pl.program_id(2) == 0).astype(jnp.float32)
 
     def load(i):
         rows = pl.ds(pl.multiple_of(i * c, c), c)
-        q, k, v = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :]
-        dn, dd = dnum_ref[rows, :].astype(v.dtype), dden_ref[rows] * first_tile
-        cum = total = None
-        if decayed:
-            cum, total = _cumulative(decay_ref[rows], lower)
-        return rows, q, k, v, dn, dd, (run_ref[rows] if segmented else None), cum, total
+        v = v_ref[rows, :]
+        return rows, q_ref[rows, :], k_ref[rows, :], v, dnum_ref[rows, :].astype(v.dtype), dden_ref[rows] * first_tile
 
     def forward(i, carry):  # dq
-        h, hz, prev = carry  # h [bv, f], hz [f] float32; prev: the run of the carried state
-        rows, q, k, v, dn, dd, run, cum, total = load(i)
-        visible, reads, keeps, owns = lower, None, None, None
-        if segmented:
-            last = jnp.max(run)
-            visible = visible & _same(run)
-            reads, keeps, owns = run == prev, last == prev, run == last
-            prev = last
-        p = _dot(dn, v, trans_b=True) + dd[:, None]  # [c, c]
-        into = to_end = kept = None
-        if decayed:
-            p = p * _gap(cum, visible)
-            into, to_end, kept = jnp.exp(cum), jnp.exp(total - cum), jnp.exp(total)
-        else:
-            p = jnp.where(visible, p, 0.0)
-        into, to_end, kept = _keep(reads, into), _keep(owns, to_end), _keep(keeps, kept)
-        inter = _dot(dn, h.astype(dn.dtype)) + dd[:, None] * hz[None, :]
-        dq_ref[rows, :] = _dot(p.astype(k.dtype), k) + _scaled(inter, into)
-        kw = _scaled(k, to_end)
-        h = (h if kept is None else kept * h) + _dot(v, kw.astype(k.dtype), trans_a=True)
-        hz = (hz if kept is None else kept * hz) + jnp.sum(kw, axis=0)
-        return h, hz, prev
+        h, hz, run = carry  # h [bv, f], hz [f] float32; run: the carried state's
+        rows, q, k, v, dn, dd = load(i)
+        step = block_step(rows, c, decay_ref, run_ref, run)
+        p = (dot(dn, v, trans_b=True) + dd[:, None]) * step.pair  # [c, c]
+        inter = dot(dn, h.astype(dn.dtype)) + dd[:, None] * hz[None, :]
+        dq_ref[rows, :] = dot(p.astype(k.dtype), k) + scale_rows(inter, step.read)
+        kw = scale_rows(k, step.add)
+        h = scale(h, step.keep) + dot(v, kw.astype(k.dtype), trans_a=True)
+        hz = scale(hz, step.keep) + jnp.sum(kw, axis=0)
+        return h, hz, step.run
 
     def backward(t, carry):  # dk, dv
-        gs, gz, after = carry  # gs [f, bv], gz [f] float32; after: the run of the carried state
-        rows, q, k, v, dn, dd, run, cum, total = load(blocks - 1 - t)
-        visible, reads, keeps, owns = upper, None, None, None  # [c(k), c(q)]: rows are keys here
-        if segmented:
-            first = jnp.min(run)
-            visible = visible & _same(run)
-            reads, keeps, owns = run == after, first == after, run == first
-            after = first
-        scores = _dot(k, q, trans_b=True)  # [c(k), c(q)]
-        p = _dot(v, dn, trans_b=True) + dd[None, :]
-        from_row = to_end = kept = None  # each row's decay from the block's start, each key's to its end
-        if decayed:
-            gap = _gap(cum, visible, transposed=True)
-            scores, p = scores * gap, p * gap
-            from_row, to_end, kept = jnp.exp(cum), jnp.exp(total - cum), jnp.exp(total)
-        else:
-            scores, p = jnp.where(visible, scores, 0.0), jnp.where(visible, p, 0.0)
-        to_end, from_row, kept = _keep(reads, to_end), _keep(owns, from_row), _keep(keeps, kept)
-        dv_ref[rows, :] = _dot(scores.astype(dn.dtype), dn) + _scaled(_dot(k, gs.astype(k.dtype)), to_end)
-        dk_ref[rows, :] = _dot(p.astype(q.dtype), q) + _scaled(_dot(v, gs.astype(v.dtype), trans_b=True)
-                                                              + gz[None, :], to_end)
-        qw = _scaled(q, from_row)
-        gs = (gs if kept is None else kept * gs) + _dot(qw.astype(q.dtype), dn, trans_a=True)
-        gz = (gz if kept is None else kept * gz) + jnp.sum(qw * dd[:, None], axis=0)
-        return gs, gz, after
+        gs, gz, run = carry  # gs [f, bv], gz [f] float32; run: the carried state's
+        rows, q, k, v, dn, dd = load(blocks - 1 - t)
+        step = block_step(rows, c, decay_ref, run_ref, run, backward=True)  # pair [c(k), c(q)]
+        scores = dot(k, q, trans_b=True) * step.pair
+        p = (dot(v, dn, trans_b=True) + dd[None, :]) * step.pair
+        dv_ref[rows, :] = dot(scores.astype(dn.dtype), dn) + scale_rows(dot(k, gs.astype(k.dtype)), step.read)
+        dk_ref[rows, :] = dot(p.astype(q.dtype), q) + scale_rows(dot(v, gs.astype(v.dtype), trans_b=True)
+                                                                + gz[None, :], step.read)
+        qw = scale_rows(q, step.add)
+        gs = scale(gs, step.keep) + dot(qw.astype(q.dtype), dn, trans_a=True)
+        gz = scale(gz, step.keep) + jnp.sum(qw * dd[:, None], axis=0)
+        return gs, gz, step.run
 
     lax.fori_loop(0, blocks, forward, (jnp.zeros((bv, fp), jnp.float32), jnp.zeros((fp,), jnp.float32),
                                        jnp.int32(-1)))

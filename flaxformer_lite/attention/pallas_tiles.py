@@ -1,0 +1,127 @@
+"""Tiles and block steps shared by the chunk-form Pallas kernels (`linear_pallas`, `delta_pallas`).
+
+Those kernels walk a sequence in blocks of c positions carrying a state, as flash-linear-attention's chunk kernels
+do. Within a block, the pairs (row i, key j) that interact carry a decay ``exp(A_i - A_j)`` (``A``: the log decay
+summed from the block's start, 1 without decay) and must lie in one run of the packed segments; the carried state is
+read, decayed, reset and added to according to the runs at the block's two ends. `block_step` computes all of that
+once, for a walk in either direction.
+
+Segment ids become run indices (`run_ids`: 0, 1, 2, ... up the sequence, a new one at each change) before a kernel,
+so a run is a contiguous range, and a block's last run is its largest index and its first run its smallest.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from .checks import check_block_size
+
+MIN_BLOCK = 16  # Triton's smallest matmul tile
+MAX_BLOCK = 128  # [c, c] float32 score and decay tiles live in registers
+
+
+def tile_size(name: str, size, largest: int | None) -> int:
+    """A tile size checked to be a power of two >= 16 (else `ValueError` naming ``name``), clipped to ``largest``."""
+    size = check_block_size(name, size)
+    if size < MIN_BLOCK or size & (size - 1):
+        raise ValueError(f"{name} must be a power of two >= {MIN_BLOCK} for the Pallas kernels, got {size}")
+    return size if largest is None else min(size, largest)
+
+
+def block_length(block, length: int) -> int:
+    """A kernel's block length: ``block`` checked by `tile_size`, clipped to `MAX_BLOCK` and to ``length`` rounded
+    up to a power of two (at least `MIN_BLOCK`)."""
+    return min(tile_size("block", block, MAX_BLOCK), max(MIN_BLOCK, pl.next_power_of_2(max(length, 1))))
+
+
+def padded_dim(size: int) -> int:
+    """Feature, head and value dims padded to a power of two >= 16 (zeros change no product)."""
+    return max(MIN_BLOCK, pl.next_power_of_2(size))
+
+
+def run_ids(seg: jax.Array) -> jax.Array:
+    """int32 ``[b, l]`` run indices: 0 at the start, +1 wherever ``seg [b, l]`` changes."""
+    change = jnp.concatenate([jnp.zeros_like(seg[:, :1], jnp.int32), (seg[:, 1:] != seg[:, :-1]).astype(jnp.int32)],
+                             1)
+    return jnp.cumsum(change, 1, dtype=jnp.int32)
+
+
+def dot(a, b, *, trans_a=False, trans_b=False):
+    """``a @ b`` (either transposed) accumulated in float32; float32 operands in full precision (no TF32)."""
+    return plgpu.dot(a, b, trans_a=trans_a, trans_b=trans_b, precision=lax.Precision.HIGHEST)
+
+
+def triangle(c: int, upper: bool = False) -> jax.Array:
+    """``[c, c]`` bool: ``col <= row`` (``col >= row`` if ``upper``)."""
+    row = jnp.broadcast_to(jnp.arange(c)[:, None], (c, c))
+    col = jnp.broadcast_to(jnp.arange(c)[None, :], (c, c))
+    return col >= row if upper else col <= row
+
+
+def masked(flag, factor):
+    """``factor`` (None: 1) where ``flag`` (None: everywhere), 0 elsewhere; None if both are None."""
+    if flag is None:
+        return factor
+    return jnp.where(flag, 1.0 if factor is None else factor, 0.0)
+
+
+def scale_rows(x: jax.Array, factor) -> jax.Array:
+    """``x [c, d]`` as float32, rows times ``factor [c]`` (None: 1)."""
+    x = x.astype(jnp.float32)
+    return x if factor is None else x * factor[:, None]
+
+
+def scale(x: jax.Array, factor) -> jax.Array:
+    """``x`` times the scalar ``factor`` (None: 1)."""
+    return x if factor is None else factor * x
+
+
+class Step(NamedTuple):
+    """One block of a walk carrying a state (None fields: 1 everywhere).
+
+    pair: ``[c, c]`` float32: the decay of each visible (row i, key j) pair, 0 for hidden ones; rows are keys and
+      columns queries (the transpose) in a backward walk.
+    read: ``[c]``: the factor on the carried state where each position reads it (0: another run).
+    add: ``[c]``: the factor on what each position adds to the state carried on (0: not the block's far run).
+    keep: scalar: the factor on the carried state in the one carried on (0: the block starts a new run).
+    run: int32 scalar: the run of the state carried on (the input run where there are no segments).
+    """
+
+    pair: jax.Array
+    read: jax.Array | None
+    add: jax.Array | None
+    keep: jax.Array | None
+    run: jax.Array
+
+
+def block_step(rows, c: int, decay_ref, run_ref, carried, backward: bool = False) -> Step:
+    """The `Step` for the block at ``rows`` (a ``pl.ds`` of c positions) of a walk forward (or ``backward``) along
+    the sequence, from ``log_decay`` and run-id refs ``[l]`` (None: absent) and the ``carried`` state's run.
+
+    Forward, a row reads the state of the blocks before it decayed by ``exp(A_i)`` and a key adds to the next one
+    decayed by ``exp(A_last - A_j)``; backward (gradients flowing from later rows to earlier keys) the two swap."""
+    lower = triangle(c)
+    visible = triangle(c, upper=True) if backward else lower
+    read = add = keep = None
+    run = carried
+    if run_ref is not None:
+        ids = run_ref[rows]
+        run = jnp.min(ids) if backward else jnp.max(ids)  # the block's far end in the walk's direction
+        visible = visible & (jnp.broadcast_to(ids[:, None], (c, c)) == jnp.broadcast_to(ids[None, :], (c, c)))
+        read, keep, add = ids == carried, run == carried, ids == run
+    if decay_ref is None:
+        return Step(jnp.where(visible, 1.0, 0.0), masked(read, None), masked(add, None), masked(keep, None), run)
+    a = decay_ref[rows]
+    cum = jnp.sum(jnp.where(lower, jnp.broadcast_to(a[None, :], (c, c)), 0.0), axis=1)  # A_i (a masked row sum)
+    total = jnp.sum(a)  # A_last
+    rows_a, cols_a = jnp.broadcast_to(cum[:, None], (c, c)), jnp.broadcast_to(cum[None, :], (c, c))
+    gap = cols_a - rows_a if backward else rows_a - cols_a  # <= 0 where visible
+    pair = jnp.where(visible, jnp.exp(jnp.where(visible, gap, 0.0)), 0.0)
+    before, after = jnp.exp(cum), jnp.exp(total - cum)  # from the block's start to i, from i to its end
+    read, add = (masked(read, after), masked(add, before)) if backward else (masked(read, before), masked(add, after))
+    return Step(pair, read, add, masked(keep, jnp.exp(total)), run)
