@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from .attention.checks import check_range
 from .layers.blocks import LAYER_STACKS
 from .models.checks import check_tokens
 from .models.encoder_decoder import EncoderDecoder
@@ -68,6 +69,9 @@ def _check(model, variables, prompt, max_new_tokens, prefix_lengths, src_padding
                                        or not jnp.issubdtype(prefix_lengths.dtype, jnp.integer)):
         raise ValueError(f"prefix_lengths must be int [batch] = {list(prompt.shape[:1])} and only for GPT, got "
                          f"{prefix_lengths.dtype} {list(prefix_lengths.shape)} for {type(model).__name__}")
+    if prefix_lengths is not None:  # checked here: inside the jitted loop they are traced
+        check_range("prefix_lengths", prefix_lengths, lambda x: (x >= 0) & (x <= prompt.shape[1]),
+                    f"in [0, {prompt.shape[1]}] (the prompt length)")
     src_padding_mask = _as_array("src_padding_mask", src_padding_mask)
     if src_padding_mask is not None and (not isinstance(model, EncoderDecoder)
                                          or src_padding_mask.shape != prompt.shape):

@@ -177,6 +177,8 @@ def test_linear_decode_state_does_not_grow():
     (dict(max_new_tokens=0), "max_new_tokens"),
     (dict(max_new_tokens=44), "> max_len 48"),
     (dict(prefix_lengths=jnp.array([1, 2, 3])), "prefix_lengths"),
+    (dict(prefix_lengths=[7, 7]), r"prefix_lengths must be in \[0, 5\] \(the prompt length\); got \[7.0, 7.0\]"),
+    (dict(prefix_lengths=[-1, 2]), r"prefix_lengths must be in \[0, 5\]"),
     (dict(temperature=-1.0), "temperature"),
     (dict(temperature=1.0), "needs rng"),
     (dict(top_k=0, temperature=1.0, rng=jax.random.key(0)), "top_k"),

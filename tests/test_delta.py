@@ -159,6 +159,22 @@ def test_long_sequences_stay_finite():
     np.testing.assert_allclose(out[:, -32:], want[:, -32:], **TOL)
 
 
+@pytest.mark.parametrize("impl,block", [("xla", 4), ("xla", 64), ("pallas", 16)])
+def test_a_segment_id_that_comes_back_starts_a_new_segment(delta_fn, impl, block):
+    """[0]*6 + [1]*10 + [0]*12 + ...: the third run restarts the state although its id came before, whatever the
+    block size; the reference restarts wherever the id changes. A log decay of -inf (a decay of 0) on the way is
+    floored, not NaN."""
+    arrays, (q, k, v, beta), kwargs = _inputs(2, "data", seed=51)
+    seg = np.array([[0] * 6 + [1] * 10 + [0] * 12 + [2] * 9, [5] * 3 + [3] * 17 + [5] * 17])
+    log_decay = np.array(arrays[4])
+    log_decay[:, 30] = -np.inf
+    mask = Mask(causal=True, q_segment_ids=jnp.asarray(seg), kv_segment_ids=jnp.asarray(seg))
+    out = delta_fn(q, k, v, beta, mask=mask, block_size=block, impl=impl,
+                   log_decay=jnp.asarray(log_decay, jnp.float32))
+    want = reference.delta_rule_attention(*arrays[:4], log_decay, seg)
+    np.testing.assert_allclose(out, want, **TOL)
+
+
 def test_bfloat16_inputs_compute_in_float32(delta_fn):
     arrays, (q, k, v, beta), _ = _inputs(2, "none")
     q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
@@ -176,8 +192,8 @@ def test_bfloat16_inputs_compute_in_float32(delta_fn):
     (dict(mask=Mask()), "needs a causal mask"),
     (dict(mask=Mask(prefix_lengths=jnp.array([2, 2]))), "without prefix_lengths"),
     (dict(mask=Mask(causal=True, window=3)), "without prefix_lengths, window"),
-    (dict(mask=Mask(causal=True, q_segment_ids=jnp.zeros((B, 5), int), kv_segment_ids=jnp.zeros((B, 5), int))),
-     "one array for queries and keys"),
+    (dict(mask=Mask(causal=True, q_segment_ids=jnp.zeros((B, 5), int), kv_segment_ids=jnp.ones((B, 5), int))),
+     "delta_attention needs kv_segment_ids equal to q_segment_ids"),
     (dict(block_size=0), "block_size must be a positive int"),
 ])
 def test_bad_input_raises(kwargs, match):

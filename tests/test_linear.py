@@ -198,6 +198,39 @@ def test_bfloat16_inputs_accumulate_in_float32(linear_fn, fmap):
     np.testing.assert_allclose(np.asarray(out, np.float32), want, atol=2e-2, rtol=2e-2)
 
 
+# id 0 comes back after 1 (inside a block of 8, across blocks of 4); row 1 also reuses 5
+REUSED = np.array([[0] * 6 + [1] * 10 + [0] * 12 + [2] * 9, [5] * 3 + [3] * 17 + [5] * 17])
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("impl,block", [("xla", 4), ("xla", 64), ("pallas", 16)])
+def test_a_segment_id_that_comes_back_starts_a_new_segment(causal, impl, block):
+    """Each contiguous run is its own segment, as the state carried along the sequence sees it, whatever the block
+    size: the reference's dense mask is built from the runs. (The Pallas kernel is causal only.)"""
+    if impl == "pallas" and not causal:
+        pytest.skip("the Pallas kernel computes causal sums")
+    runs = np.cumsum(np.concatenate([np.zeros((B, 1), int), REUSED[:, 1:] != REUSED[:, :-1]], 1), 1)
+    dense = reference.dense_mask(B, 37, 37, causal=causal, q_segment_ids=runs, kv_segment_ids=runs)
+    (qn, kn, vn), (q, k, v) = qkv(37, 37, kv_heads=2, seed=3)
+    seg = jnp.asarray(REUSED)
+    out = linear_attention(q, k, v, mask=Mask(causal=causal, q_segment_ids=seg, kv_segment_ids=seg),
+                           block_size=block, impl=impl)
+    np.testing.assert_allclose(out, reference.linear_attention(qn, kn, vn, dense, PHI["elu"]), **TOL)
+
+
+def test_float16_inputs_compute_in_float32():
+    """fp16 matmul operands would overflow the carried sums: values about 1000 pass 65504 within one block of 64
+    (`matmul_dtype`); the output, back in fp16, matches the reference."""
+    (qn, kn, vn), _ = qkv(256, 256, kv_heads=2, seed=5)
+    vn = vn + 1000.0
+    q, k, v = (jnp.asarray(x, jnp.float16) for x in (qn, kn, vn))
+    out = linear_attention(q, k, v, mask=Mask(causal=True))
+    assert out.dtype == jnp.float16 and np.isfinite(np.asarray(out, np.float32)).all()
+    want = reference.linear_attention(*(np.asarray(x, np.float64) for x in (q, k, v)),
+                                      reference.dense_mask(B, 256, 256, causal=True), PHI["elu"])
+    np.testing.assert_allclose(np.asarray(out, np.float32), want, rtol=2e-3)
+
+
 def test_favor_estimates_softmax_attention():
     """With many random features, FAVOR+ linear attention approaches exact softmax attention (the paper's claim)."""
     (qn, kn, vn), (q, k, v) = qkv(37, 37, kv_heads=4)
@@ -216,6 +249,8 @@ def test_favor_estimates_softmax_attention():
     (dict(feature_map="softmax"), "feature_map"),
     (dict(mask=Mask(causal=True, q_offset=2)), "q_offset"),
     (dict(mask=Mask(causal=True, window=3)), "^sliding-window masks are not supported by linear attention"),
+    (dict(mask=Mask(causal=True, q_segment_ids=jnp.zeros((B, 5), int), kv_segment_ids=jnp.ones((B, 5), int))),
+     "needs kv_segment_ids equal to q_segment_ids"),
 ])
 def test_bad_input_raises(kwargs, match):
     _, (q, k, v) = qkv(5, 5)

@@ -171,6 +171,20 @@ def test_bfloat16_inputs_accumulate_in_float32(gated_fn):
     np.testing.assert_allclose(np.asarray(out, np.float32), want, atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_a_log_decay_of_minus_infinity_resets_the_state(impl):
+    """-inf (a decay of 0) is accepted and floored at LOG_DECAY_FLOOR: the output equals the reference's, where the
+    state is simply emptied, instead of exp(-inf + inf) = NaN."""
+    _, _, mask, _ = build("causal")
+    (qn, kn, vn), (q, k, v) = qkv(L, L, kv_heads=2, seed=9)
+    gate, log_decay = _gate("data", 2)
+    log_decay = np.array(log_decay)
+    log_decay[:, [5, 20]] = -np.inf
+    out = linear_attention(q, k, v, mask=mask, log_decay=jnp.asarray(log_decay, jnp.float32), block_size=16,
+                           impl=impl)
+    np.testing.assert_allclose(out, _reference("causal", qn, kn, vn, log_decay, "elu"), **TOL)
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(decay=jnp.full((3,), 0.9)), r"decay must have shape \[kv_heads\] = \[2\]"),
     (dict(decay=jnp.array([0.9, 0.0])), r"decay must be in \(0, 1\]"),

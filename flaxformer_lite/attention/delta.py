@@ -32,7 +32,7 @@ from jax import lax
 
 from .checks import Dims, check_block_size, check_mask, check_qkv, check_range, check_step_qkv, check_valid
 from .delta_pallas import pallas_delta
-from .linear import LINEAR_IMPLS, gate_log_decay
+from .linear import LINEAR_IMPLS, gate_log_decay, segment_runs
 from .linear_causal import from_groups, plan_groups, scan_groups, to_groups
 from .linear_pallas import pallas_unsupported
 from .masks import Mask
@@ -51,7 +51,8 @@ def delta_attention(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, *
       beta: ``[b, l, n]``: how strongly each position writes its value, in [0, 2] (DeltaNet's sigmoid gives (0, 1);
         up to 2 lets the erasing step reflect, as in the "negative eigenvalues" variants).
       mask: causal (None means causal), with optional padding (a padded position leaves the state unchanged) and
-        packed segments given as one array for queries and keys (the state restarts where the id changes).
+        packed segments (the state restarts where the id changes: each contiguous run is one segment, even if its id
+        came before; ``kv_segment_ids`` must equal ``q_segment_ids``, as in `linear_attention`).
         Prefix-LM, sliding windows, ``q_offset`` and non-causal masks raise `ValueError`: the rule runs forward in
         time.
       decay: a fixed decay per kv head ``[n]`` in (0, 1]; log_decay: ``[b, l, n]`` <= 0 per position (Gated
@@ -70,6 +71,7 @@ def delta_attention(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, *
     dims = check_qkv(q, k, v)
     mask = check_mask(Mask(causal=True) if mask is None else mask, dims)
     _check_mask(mask, dims)
+    runs = segment_runs(mask, "delta_attention")
     block = check_block_size("block_size", block_size)
     shape = (dims.batch, dims.lk, dims.kv_heads)
     valid = mask.kv_valid_mask(dims.lk)
@@ -79,10 +81,9 @@ def delta_attention(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, *
     b, l, h, d = q.shape
     qg = _unit(q.reshape(b, l, dims.kv_heads, dims.groups, d))
     if delta_impl(impl, block) == "pallas":
-        out, state = pallas_delta(qg, _unit(k), v, beta, mask.q_segment_ids, log_decay, block=block)
+        out, state = pallas_delta(qg, _unit(k), v, beta, runs, log_decay, block=block)
     else:
-        out, state = _blocks(qg, _unit(k), v.astype(jnp.float32), beta, log_decay, mask.q_segment_ids,
-                             min(block, l))
+        out, state = _blocks(qg, _unit(k), v.astype(jnp.float32), beta, log_decay, runs, min(block, l))
     out = out.reshape(b, l, h, dims.value_dim).astype(q.dtype)
     return (out, state) if return_state else out
 
@@ -156,9 +157,6 @@ def _check_mask(mask: Mask, dims: Dims) -> None:
                          "runs forward in time; decode with delta_step)")
     if dims.lq != dims.lk:
         raise ValueError(f"delta_attention needs lq == lk, got {dims.lq} vs {dims.lk}")
-    if mask.has_segments and not mask.shares_segments:
-        raise ValueError("delta_attention takes packed segments as one array for queries and keys "
-                         "(Mask(segment_ids=...)), not separate q/kv segment ids")
 
 
 def _check_beta(beta, shape: tuple, valid) -> jax.Array:

@@ -29,7 +29,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from .pallas_tiles import block_length, block_step, dot, padded_dim, run_ids, scale, scale_rows, tile_size
+from .linear_causal import run_ids
+from .pallas_tiles import block_length, block_step, dot, padded_dim, scale, scale_rows, tile_size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +63,7 @@ def pallas_delta(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, seg:
     plan = _Plan(block=block_length(block, l), block_v=min(tile_size("block_v", block_v, None),
                                                            padded_dim(v.shape[-1])),
                  groups=g, interpret=jax.default_backend() == "cpu" if interpret is None else bool(interpret))
-    runs = None if seg is None else run_ids(jnp.asarray(seg))
+    runs = run_ids(seg)
     f32 = lambda x: None if x is None else x.astype(jnp.float32)
     return _delta(plan, f32(q), f32(k), f32(v), f32(beta), runs, f32(log_decay))
 

@@ -7,7 +7,8 @@ sees no key). phi is applied to raw q, k (no 1/sqrt(d); FAVOR+ has its own norma
 - causal: blocks of ``block_size`` -- quadratic inside a block, a ``[f, v]`` state carried across blocks by
   `lax.scan`; never an ``[l, l]`` matrix or an ``[l, f, v]`` tensor;
 - prefix-LM: rows inside the prefix use the non-causal sums over the prefix, later rows the causal sums;
-- packed segments (contiguous runs of equal id): the carried state restarts at each boundary; non-causal segments
+- packed segments: each contiguous run of equal id is one segment (an id that comes back starts a new one), and
+  ``kv_segment_ids`` must equal ``q_segment_ids``; the carried state restarts at each boundary; non-causal segments
   add a reverse causal pass;
 - padding: padded keys leave numerator and normaliser alike (and are zeroed first, so a NaN there leaks nowhere);
 - decoding: `linear_init_state` / `linear_step` (this module's `init_state` / `step`) give the causal outputs one
@@ -25,11 +26,12 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from .checks import check_block_size, check_mask, check_qkv, check_range, check_rank4, check_step_qkv, check_valid
 from .feature_maps import FeatureMap, get_feature_map
-from .linear_causal import FLOOR, causal_sums
+from .linear_causal import FLOOR, causal_sums, run_ids
 from .linear_pallas import pallas_causal_sums, pallas_unsupported
 from .masks import Mask
 
@@ -41,22 +43,24 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask | N
     """Linear attention ``[b, q, h, d] x [b, k, n, d] x [b, k, n, v] -> [b, q, h, v]``.
 
     Args:
-      q, k, v: as for `softmax_attention` (GQA/MQA when ``n < h``). bf16/fp16 inputs stay in their dtype inside
-        the matmuls, which accumulate in float32.
+      q, k, v: as for `softmax_attention` (GQA/MQA when ``n < h``). bf16 inputs stay bf16 inside the matmuls,
+        which accumulate in float32; fp16 ones are computed in float32 (the carried sums outgrow fp16's range).
       mask: a `Mask`. Causal, prefix-LM and segment masks need ``q`` and ``k`` of equal length; ``q_offset`` is
         not supported (decode with `linear_step`), nor is a sliding ``window`` (the running sums cannot forget).
+        Segments: each contiguous run of an id is one segment, and ``kv_segment_ids`` must hold the same ids as
+        ``q_segment_ids`` (`ValueError` when both are concrete and differ; pass one array for both).
       feature_map: ``"elu"``, ``"relu"``, ``"favor"`` or a `FeatureMap`.
       block_size: block length of the causal algorithm (a performance knob; results do not depend on it).
       decay: a fixed decay per kv head, ``[n]`` in (0, 1] (RetNet): key j reaches row i with weight
         ``decay ** (i - j)``. Needs a causal mask without ``prefix_lengths``.
       log_decay: a data-dependent decay per position and kv head, ``[b, l, n]``, in log space (<= 0; GLA, Mamba-2):
         key j reaches row i with weight ``exp(log_decay[j+1] + ... + log_decay[i])``. Positions that padding hides
-        do not decay the state. Same masks as ``decay``; give one of the two at most.
+        do not decay the state; values below `LOG_DECAY_FLOOR` (-inf too: a decay of 0) count as the floor. Same
+        masks as ``decay``; give one of the two at most.
       impl: ``"xla"``: the block-parallel form in XLA ops (linear_causal.py), any mask and backend; ``"pallas"``:
-        one fused Pallas kernel for the causal forward (linear_pallas.py; causal masks without a prefix, one
-        segment-id array, feature maps without key log-scales, power-of-two ``block_size`` >= 16; Triton on GPU,
-        interpret mode on CPU), whose backward differentiates the XLA form; ``"auto"``: ``"pallas"`` on a GPU where
-        it applies, else ``"xla"`` (`linear_impl`).
+        fused Pallas kernels, forward and backward (linear_pallas.py; causal masks without a prefix, feature maps
+        without key log-scales, power-of-two ``block_size`` >= 16; Triton on GPU, interpret mode on CPU);
+        ``"auto"``: ``"pallas"`` on a GPU where it applies, else ``"xla"`` (`linear_impl`).
       bias, scale, dropout_rate, dropout_rng: part of the shared kernel signature; linear attention cannot honour a
         bias, a logit scale or dropout on attention weights, and raises `ValueError` if one is given.
 
@@ -66,6 +70,7 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask | N
     dims = check_qkv(q, k, v)
     mask = check_mask(mask, dims)
     _check_unsupported(mask, dims, block_size, bias, scale, dropout_rate)
+    runs = segment_runs(mask, "linear_attention")
     fmap = get_feature_map(feature_map)
     valid = mask.kv_valid_mask(dims.lk)
     data_gate = log_decay is not None
@@ -79,15 +84,15 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask | N
     qf = fmap(q.reshape(b, lq, n, g, d), is_query=True)[0]
     kf, ka, v = _key_features(fmap, k, v, valid)
     if linear_impl(impl, mask, ka is not None, dtype, block_size) == "pallas":
-        num, den = pallas_causal_sums(qf, kf, v, mask.q_segment_ids, log_decay, block=block_size, dtype=dtype)
+        num, den = pallas_causal_sums(qf, kf, v, runs, log_decay, block=block_size, dtype=dtype)
     elif not mask.causal:
-        num, den = _bidirectional(qf, kf, ka, v, mask, block_size, dtype)
+        num, den = _bidirectional(qf, kf, ka, v, runs, block_size, dtype)
     else:
-        num, den, _ = causal_sums(qf, kf, ka, v, mask.q_segment_ids, mask.kv_segment_ids, log_decay, block_size,
-                                  dtype=dtype, decay_grad_by_identity=data_gate)
+        num, den, _ = causal_sums(qf, kf, ka, v, runs, runs, log_decay, block_size, dtype=dtype,
+                                  decay_grad_by_identity=data_gate)
         if mask.prefix_lengths is not None:
             in_prefix = jnp.arange(dims.lk)[None, :] < mask.prefix_lengths[:, None]
-            pnum, pden = _bidirectional(qf, *_hide(kf, ka, in_prefix), v, mask, block_size, dtype)
+            pnum, pden = _bidirectional(qf, *_hide(kf, ka, in_prefix), v, runs, block_size, dtype)
             row_in_prefix = (jnp.arange(lq)[None, :] < mask.prefix_lengths[:, None])[:, :, None, None]
             num = jnp.where(row_in_prefix[..., None], pnum, num)
             den = jnp.where(row_in_prefix, pden, den)
@@ -132,8 +137,6 @@ def linear_impl(impl: str, mask: Mask, key_scales: bool, dtype, block_size: int,
     reason = pallas_unsupported(key_scales, dtype, backend)
     if not mask.causal or mask.prefix_lengths is not None:
         reason = "a mask that is not causal, or has prefix_lengths (the kernel computes causal sums)"
-    elif mask.has_segments and not mask.shares_segments:
-        reason = "separate query and key segment ids (the kernel takes one array for both)"
     elif block_size < 16 or block_size & (block_size - 1):
         reason = f"block_size={block_size} (the kernel takes a power of two >= 16)"
     if reason and impl == "pallas":
@@ -142,14 +145,35 @@ def linear_impl(impl: str, mask: Mask, key_scales: bool, dtype, block_size: int,
 
 
 def matmul_dtype(dtype) -> jnp.dtype:
-    """The operand dtype of linear attention's matmuls: bf16/fp16 inputs keep theirs, anything else float32."""
-    return jnp.dtype(dtype) if jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else jnp.dtype(jnp.float32)
+    """The operand dtype of linear attention's matmuls: bf16 inputs keep theirs, anything else float32. (fp16 would
+    overflow: the carried ``[f, v]`` sums pass 65504 within a few thousand positions of values about 5.)"""
+    return jnp.dtype(dtype) if jnp.dtype(dtype) == jnp.bfloat16 else jnp.dtype(jnp.float32)
+
+
+def segment_runs(mask: Mask, fn: str) -> jax.Array | None:
+    """`run_ids` of ``mask``'s segment ids ``[b, l]``, or None without segments, for the kernels that carry a state
+    along the sequence: they see one segment id per position, so ``kv_segment_ids`` must equal ``q_segment_ids``
+    (`ValueError` naming ``fn`` when both are concrete and differ; traced ids cannot be compared)."""
+    if not mask.has_segments:
+        return None
+    if not mask.shares_segments:
+        try:
+            same = np.array_equal(np.asarray(mask.q_segment_ids), np.asarray(mask.kv_segment_ids))
+        except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+            same = True
+        if not same:
+            raise ValueError(f"{fn} needs kv_segment_ids equal to q_segment_ids (the state it carries along the "
+                             "sequence restarts at one set of boundaries); pass one array for both")
+    return run_ids(mask.q_segment_ids)
+
+
+LOG_DECAY_FLOOR = -80.0  # exp(-80) ~ 2e-35: a state decayed this much is gone; -inf would make exp(-inf + inf) NaN
 
 
 def gate_log_decay(decay, log_decay, shape: tuple, valid=None) -> jax.Array | None:
     """The log decay ``[b, l, n]`` float32 from ``decay [n]`` or ``log_decay [b, l, n]`` (``shape``), or None;
-    0 (no decay) where ``valid [b, l]`` is False. Concrete values are checked: a decay in (0, 1], a log decay
-    <= 0."""
+    0 (no decay) where ``valid [b, l]`` is False, and at least `LOG_DECAY_FLOOR`. Concrete values are checked: a
+    decay in (0, 1], a log decay <= 0."""
     b, l, n = shape
     if decay is not None and log_decay is not None:
         raise ValueError("give decay (fixed per head) or log_decay (per position), not both")
@@ -166,7 +190,7 @@ def gate_log_decay(decay, log_decay, shape: tuple, valid=None) -> jax.Array | No
             raise ValueError(f"log_decay must have shape [batch, length, kv_heads] = {list(shape)}, got "
                              f"{list(log_decay.shape)}")
         check_range("log_decay", log_decay, lambda x: x <= 0, "<= 0 (a decay in (0, 1])")
-        log_decay = log_decay.astype(jnp.float32)
+        log_decay = jnp.maximum(log_decay.astype(jnp.float32), LOG_DECAY_FLOOR)
     else:
         return None
     return log_decay if valid is None else jnp.where(_along(valid, log_decay), log_decay, 0.0)
@@ -214,15 +238,14 @@ def _check_unsupported(mask: Mask, dims, block_size, bias, scale, dropout_rate):
                          "linear_init_state()/linear_step()")
 
 
-def _bidirectional(qf, kf, ka, v, mask: Mask, block_size: int, dtype):
-    """Sums over every visible key (no causal structure): ``num [b, q, n, g, v]``, ``den [b, q, n, g]``."""
-    if mask.has_segments:  # within a segment: keys up to i (forward pass) plus keys after i (reverse pass)
+def _bidirectional(qf, kf, ka, v, runs, block_size: int, dtype):
+    """Sums over every visible key (no causal structure), within the segments of ``runs [b, l]`` (`run_ids`) if
+    given: ``num [b, q, n, g, v]``, ``den [b, q, n, g]``."""
+    if runs is not None:  # within a segment: keys up to i (forward pass) plus keys after i (reverse pass)
         flip = lambda x: None if x is None else jnp.flip(x, 1)
-        fn, fd, fc = causal_sums(qf, kf, ka, v, mask.q_segment_ids, mask.kv_segment_ids, None, block_size,
-                                 dtype=dtype)
-        rn, rd, rc = (flip(x) for x in causal_sums(flip(qf), flip(kf), flip(ka), flip(v), flip(mask.q_segment_ids),
-                                                   flip(mask.kv_segment_ids), None, block_size, strict=True,
-                                                   dtype=dtype))
+        fn, fd, fc = causal_sums(qf, kf, ka, v, runs, runs, None, block_size, dtype=dtype)
+        rn, rd, rc = (flip(x) for x in causal_sums(flip(qf), flip(kf), flip(ka), flip(v), flip(runs), flip(runs),
+                                                   None, block_size, strict=True, dtype=dtype))
         if fc is None:
             return fn + rn, fd + rd
         c = lax.stop_gradient(jnp.maximum(fc, rc))

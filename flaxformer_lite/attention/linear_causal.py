@@ -112,6 +112,18 @@ def _sums(qf, kf, ka, v, q_seg, kv_seg, log_decay, block: int, strict: bool, dty
     return tuple(None if x is None else from_groups(x, plan) for x in outs)
 
 
+def run_ids(seg: jax.Array | None) -> jax.Array | None:
+    """int32 ``[b, l]`` run indices of segment ids ``seg [b, l]``: 0 at the start, +1 wherever the id changes (None
+    stays None). The kernels that carry a state along the sequence take these: each contiguous run is one segment, so
+    an id that comes back later (``[0, 0, 1, 1, 0, 0]``) starts a new one, whatever the block size."""
+    if seg is None:
+        return None
+    seg = jnp.asarray(seg)
+    change = jnp.concatenate([jnp.zeros_like(seg[:, :1], jnp.int32), (seg[:, 1:] != seg[:, :-1]).astype(jnp.int32)],
+                             1)
+    return jnp.cumsum(change, 1, dtype=jnp.int32)
+
+
 class Groups(NamedTuple):
     """How a chunk form cuts ``length`` positions: blocks of ``block`` positions, ``size`` blocks to a group,
     ``count`` groups (the last padded)."""

@@ -40,8 +40,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from .linear_causal import decay_grad
-from .pallas_tiles import block_length, block_step, dot, padded_dim, run_ids, scale, scale_rows, tile_size
+from .linear_causal import decay_grad, run_ids
+from .pallas_tiles import block_length, block_step, dot, padded_dim, scale, scale_rows, tile_size
 
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -102,7 +102,7 @@ def pallas_causal_sums(qf: jax.Array, kf: jax.Array, v: jax.Array, seg: jax.Arra
         return jnp.zeros((b, 0, n, g, v.shape[-1]), jnp.float32), jnp.zeros((b, 0, n, g), jnp.float32)
     plan = _Plan(block=c, block_v=bv, groups=g, dtype=dtype.name,
                  interpret=jax.default_backend() == "cpu" if interpret is None else bool(interpret))
-    runs = None if seg is None else run_ids(jnp.asarray(seg))
+    runs = run_ids(seg)
     return _sums(plan, qf, kf, v, runs, None if log_decay is None else log_decay.astype(jnp.float32))
 
 

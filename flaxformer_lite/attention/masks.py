@@ -14,8 +14,9 @@ Query ``i`` may attend key ``j`` when every present field allows it:
   prefix, causal after it). Giving it implies ``causal=True``;
 - ``kv_lengths [b]``: ``j < kv_lengths`` (right padding);
 - ``kv_valid [b, k]``: ``kv_valid[j]`` (any padding pattern);
-- ``q_segment_ids [b, q]`` and ``kv_segment_ids [b, k]``: equal ids (packed sequences). Kernels that carry state
-  along the sequence (causal linear attention) also need each segment to be one contiguous run, as packing makes it.
+- ``q_segment_ids [b, q]`` and ``kv_segment_ids [b, k]``: equal ids (packed sequences). Kernels that carry a state
+  along the sequence (linear attention with segments, the delta rule) need the two equal, and take each contiguous
+  run as one segment: an id that comes back later starts a new one (packing numbers its documents 1, 2, ...).
 
 Kernels read the structure to stay O(l) in memory and to skip blocks no query can see; `materialize` and `block`
 give the dense boolean form for the reference and for one tile of a block kernel.

@@ -6,8 +6,9 @@ summed from the block's start, 1 without decay) and must lie in one run of the p
 read, decayed, reset and added to according to the runs at the block's two ends. `block_step` computes all of that
 once, for a walk in either direction.
 
-Segment ids become run indices (`run_ids`: 0, 1, 2, ... up the sequence, a new one at each change) before a kernel,
-so a run is a contiguous range, and a block's last run is its largest index and its first run its smallest.
+Segment ids become run indices (`linear_causal.run_ids`: 0, 1, 2, ... up the sequence, a new one at each change)
+before a kernel, so a run is a contiguous range, and a block's last run is its largest index and its first run its
+smallest.
 """
 from __future__ import annotations
 
@@ -42,13 +43,6 @@ def block_length(block, length: int) -> int:
 def padded_dim(size: int) -> int:
     """Feature, head and value dims padded to a power of two >= 16 (zeros change no product)."""
     return max(MIN_BLOCK, pl.next_power_of_2(size))
-
-
-def run_ids(seg: jax.Array) -> jax.Array:
-    """int32 ``[b, l]`` run indices: 0 at the start, +1 wherever ``seg [b, l]`` changes."""
-    change = jnp.concatenate([jnp.zeros_like(seg[:, :1], jnp.int32), (seg[:, 1:] != seg[:, :-1]).astype(jnp.int32)],
-                             1)
-    return jnp.cumsum(change, 1, dtype=jnp.int32)
 
 
 def dot(a, b, *, trans_a=False, trans_b=False):
