@@ -11,7 +11,9 @@ import reference
 from cases import B, L, build, check_grads_by_finite_differences, qkv
 from flaxformer_lite.attention import Mask, delta_attention, delta_impl, delta_init_state, delta_step
 from flaxformer_lite.attention import linear_causal
+from flaxformer_lite.attention.delta import _blocks as delta_blocks
 from flaxformer_lite.attention.delta import unit_lower_inverse
+from flaxformer_lite.attention.linear_causal import run_ids
 from flaxformer_lite.attention.delta_pallas import pallas_delta
 
 TOL = dict(rtol=2e-5, atol=2e-5)
@@ -70,14 +72,17 @@ def test_block_size_does_not_change_the_result(delta_fn, name):
         np.testing.assert_allclose(out, outs[0], **TOL)
 
 
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
 @pytest.mark.parametrize("name", ["causal_kv_valid", "segments_causal"])
-def test_grads_match_finite_differences(delta_fn, name):
-    """Gradients of q, k, v, beta and the log decay."""
+def test_grads_match_finite_differences(delta_fn, name, impl):
+    """Gradients of q, k, v, beta and the log decay; ``pallas``: the backward kernel (interpret mode)."""
     arrays, (q, k, v, beta), kwargs = _inputs(2, "data", seed=11)
     rng = np.random.default_rng(13)
     w = rng.standard_normal((B, L, 4, 8))
     mask = _mask(name)
-    loss = lambda q, k, v, beta, a: jnp.sum(delta_fn(q, k, v, beta, mask=mask, block_size=8, log_decay=a) * w)
+    block = 8 if impl == "xla" else 16
+    loss = lambda q, k, v, beta, a: jnp.sum(
+        delta_fn(q, k, v, beta, mask=mask, block_size=block, log_decay=a, impl=impl) * w)
     grads = jax.grad(loss, argnums=(0, 1, 2, 3, 4))(q, k, v, beta, kwargs["log_decay"])
     check_grads_by_finite_differences(grads, list(arrays), lambda *a: (_reference(name, *a) * w).sum(), rng)
 
@@ -237,47 +242,61 @@ def test_final_state_matches_the_reference(delta_fn, name, impl):
     np.testing.assert_allclose(state, want_state, **TOL)
 
 
-@pytest.mark.parametrize("name", ["causal_kv_valid", "segments_causal"])
-def test_pallas_grads_equal_the_xla_form(delta_fn, name):
-    """Gradients through the kernel's custom_vjp, of the outputs and the final state, equal the XLA form's."""
-    _, (q, k, v, beta), kwargs = _inputs(2, "data", seed=21)
+@pytest.mark.parametrize("name,gate,kv_heads", [("causal_kv_valid", "data", 2), ("segments_causal", "data", 2),
+                                               ("causal", "none", 4), ("segments_causal", "fixed", 1)])
+def test_pallas_grads_equal_the_xla_form(delta_fn, name, gate, kv_heads):
+    """Gradients through the backward kernel, of the outputs and the final state, equal the XLA form's (a fixed
+    decay's through its log)."""
+    _, (q, k, v, beta), kwargs = _inputs(kv_heads, gate, seed=21)
     mask = _mask(name)
     w = jnp.asarray(np.random.default_rng(22).standard_normal((B, L, 4, 8)), jnp.float32)
-    ws = jnp.asarray(np.random.default_rng(23).standard_normal((B, 2, 16, 8)), jnp.float32)
+    ws = jnp.asarray(np.random.default_rng(23).standard_normal((B, kv_heads, 16, 8)), jnp.float32)
+    (gate_name, gate_value), = kwargs.items() if kwargs else [(None, jnp.zeros(()))]
 
     def loss(q, k, v, beta, a, impl):
-        out, state = delta_fn(q, k, v, beta, mask=mask, block_size=16, log_decay=a, return_state=True, impl=impl)
+        out, state = delta_fn(q, k, v, beta, mask=mask, block_size=16, return_state=True, impl=impl,
+                              **({} if gate_name is None else {gate_name: a}))
         return jnp.sum(out * w) + jnp.sum(state * ws), (out, state)
 
-    results = {impl: jax.grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True)(q, k, v, beta, kwargs["log_decay"], impl)
+    results = {impl: jax.grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True)(q, k, v, beta, gate_value, impl)
                for impl in ("pallas", "xla")}
     (grads, (out, state)), (grads_x, (out_x, state_x)) = results["pallas"], results["xla"]
     for got, want in zip((out, state) + grads, (out_x, state_x) + grads_x):
         np.testing.assert_allclose(got, want, **TOL)
 
 
-def test_pallas_value_tiles():
-    """A value dim of 32 in two tiles of 16, and blocks of 128 clipped to 64: the XLA form's outputs and state."""
+@pytest.mark.parametrize("blocks", [dict(block=16, block_v=16), dict(block=128, block_v=64)])
+def test_pallas_value_tiles(blocks):
+    """A value dim of 32 in two tiles of 16 (the backward sums their shares of dq, dk, dbeta and the decay's
+    gradient), and blocks of 128 clipped to 64: the XLA form's outputs, state and gradients."""
     _, (q, k, _, beta), kwargs = _inputs(2, "data", seed=31)
     v = jnp.asarray(np.random.default_rng(32).standard_normal((B, L, 2, 32)), jnp.float32)
-    mask = _mask("segments_causal")
-    want = delta_attention(q, k, v, beta, mask=mask, return_state=True, impl="xla", **kwargs)
-    qg, kg = (x / jnp.linalg.norm(x, axis=-1, keepdims=True) for x in (q.reshape(B, L, 2, 2, 16), k))
-    for blocks in (dict(block=16, block_v=16), dict(block=128, block_v=64)):
-        out, state = pallas_delta(qg, kg, v, beta, mask.q_segment_ids, kwargs["log_decay"], **blocks)
-        np.testing.assert_allclose(out.reshape(B, L, 4, 32), want[0], **TOL)
-        np.testing.assert_allclose(state, want[1], **TOL)
+    seg = _mask("segments_causal").q_segment_ids
+    w = jnp.asarray(np.random.default_rng(33).standard_normal((B, L, 2, 2, 32)), jnp.float32)
+    unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+
+    def loss(q, k, v, beta, a, fn):
+        out, state = fn(unit(q.reshape(B, L, 2, 2, 16)), unit(k), v, beta, a)
+        return jnp.sum(out * w) + jnp.sum(state), (out, state)
+
+    pallas = lambda *x: pallas_delta(*x[:4], seg, x[4], **blocks)
+    xla = lambda *x: delta_blocks(*x, run_ids(seg), 16)
+    args = (q, k, v, beta, kwargs["log_decay"])
+    (grads, sums), (grads_x, sums_x) = (jax.grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True)(*args, fn)
+                                        for fn in (pallas, xla))
+    for got, want in zip(sums + grads, sums_x + grads_x):
+        np.testing.assert_allclose(got, want, **TOL)
 
 
 def test_pallas_lowers_to_triton():
-    """The forward kernel lowers through the Pallas Triton backend (to TTIR; compiling it needs a GPU): one Triton
-    call for values and gradients (the backward is XLA), segments and decay included."""
+    """Both kernels lower through the Pallas Triton backend (to TTIR; compiling them needs a GPU): one Triton call
+    for the values, one for the gradients, segments and decay included."""
     _, (q, k, v, beta), kwargs = _inputs(2, "data")
     seg = _mask("segments_causal").q_segment_ids
     loss = lambda q, k: jnp.sum(pallas_delta(q, k, v, beta, seg, kwargs["log_decay"], interpret=False)[0])
     text = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(q.reshape(B, L, 2, 2, 16), k).lower(
         lowering_platforms=("cuda",)).as_text()
-    assert text.count("xla.gpu.triton") == 1 and "delta_rule_forward" in text
+    assert text.count("xla.gpu.triton") == 2 and "delta_rule_forward" in text and "delta_rule_backward" in text
 
 
 def test_delta_impl_choice_and_errors():

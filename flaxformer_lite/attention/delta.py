@@ -60,9 +60,9 @@ def delta_attention(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, *
       block_size: positions per block (a performance knob; results do not depend on it).
       return_state: also return the state after the last position, ``[b, n, d, v]`` float32 (that of the last
         segment), to go on decoding with `delta_step`.
-      impl: ``"xla"`` (the chunk form above, any backend), ``"pallas"`` (`delta_pallas`: one fused kernel for the
-        forward, the state carried on chip; Triton on GPU, interpret mode on CPU for tests; its backward
-        differentiates the ``xla`` form), or ``"auto"`` (``pallas`` on a GPU where ``block_size`` suits it, else
+      impl: ``"xla"`` (the chunk form above, any backend), ``"pallas"`` (`delta_pallas`: fused kernels for the
+        forward and the backward, the state carried on chip; Triton on GPU, interpret mode on CPU for tests), or
+        ``"auto"`` (``pallas`` on a GPU where ``block_size`` suits it, else
         ``xla``). ``"pallas"`` with a block size that is not a power of two >= 16 raises `ValueError`.
 
     Returns:
