@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .attention.checks import check_range
 from .layers.blocks import LAYER_STACKS
@@ -140,15 +141,28 @@ def sample_logits(logits, rng, temperature: float = 0.0, top_k: int | None = Non
     return jax.random.categorical(rng, logits).astype(jnp.int32)
 
 
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+
+
 def _check_sampling(temperature, top_k, top_p, rng, vocab_size: int):
-    if not temperature >= 0.0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not _is_number(temperature) or not temperature >= 0.0:
+        raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
     if top_k is not None and (not isinstance(top_k, int) or not 1 <= top_k <= vocab_size):
         raise ValueError(f"top_k must be an int in [1, vocab_size = {vocab_size}] or None, got {top_k!r}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
+    if top_p is not None and (not _is_number(top_p) or not 0.0 < top_p <= 1.0):
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
     if temperature > 0 and rng is None:
         raise ValueError("sampling (temperature > 0) needs rng, a PRNG key")
+    if rng is not None and not (isinstance(rng, jax.Array) and jnp.issubdtype(rng.dtype, jax.dtypes.prng_key)):
+        raise ValueError(f"rng must be a PRNG key from jax.random.key(seed), got {type(rng).__name__} {rng!r}")
+
+
+def _check_eos(eos_id, vocab_size: int):
+    if eos_id is not None and (not isinstance(eos_id, (int, np.integer)) or isinstance(eos_id, bool)
+                               or not 0 <= eos_id < vocab_size):
+        raise ValueError(f"eos_id must be an int in [0, vocab_size = {vocab_size}) or None, got {eos_id!r}")
+    return None if eos_id is None else int(eos_id)
 
 
 def generate(model, variables, prompt, max_new_tokens: int, *, temperature: float = 0.0, top_k: int | None = None,
@@ -172,6 +186,7 @@ def generate(model, variables, prompt, max_new_tokens: int, *, temperature: floa
     prompt, prefix_lengths, src_padding_mask = _check(model, variables, prompt, max_new_tokens, prefix_lengths,
                                                       src_padding_mask)
     _check_sampling(temperature, top_k, top_p, rng, model.cfg.vocab_size)
+    eos_id = _check_eos(eos_id, model.cfg.vocab_size)
     task = _Task(model, max_new_tokens)
     rng = jax.random.key(0) if rng is None else rng
     return _generate(task, (float(temperature), top_k, top_p, eos_id), variables["params"], prompt, rng,
@@ -236,6 +251,9 @@ def beam_search(model, variables, prompt, max_new_tokens: int, *, beam_size: int
                                                       src_padding_mask)
     if not isinstance(beam_size, int) or not 1 <= beam_size <= model.cfg.vocab_size:
         raise ValueError(f"beam_size must be an int in [1, vocab_size], got {beam_size!r}")
+    if not _is_number(length_penalty):
+        raise ValueError(f"length_penalty must be a number (0: none), got {length_penalty!r}")
+    eos_id = _check_eos(eos_id, model.cfg.vocab_size)
     task = _Task(model, max_new_tokens)
     return _beam_search(task, (beam_size, float(length_penalty), eos_id), variables["params"], prompt,
                         prefix_lengths, src_padding_mask)

@@ -113,6 +113,39 @@ def test_bert_model_without_prefix_initialises_missing_heads(tmp_path):
     np.testing.assert_allclose(out.pooled, want.pooler_output.numpy(), atol=1e-4)
 
 
+def test_gpt2_base_model_without_prefix(tmp_path):
+    """A ``GPT2Model`` folder names its tensors without ``transformer.`` (``h.0.attn...``, ``wte.weight``): the
+    same weights as the LM model's, tied output."""
+    hf = _gpt2(tmp_path / "lm")
+    hf.transformer.save_pretrained(tmp_path / "base")
+    assert json.loads((tmp_path / "base" / "config.json").read_text())["architectures"] == ["GPT2Model"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # eos/bos ids outside the tiny vocabulary
+        model, variables = ffl.interop.load_hf(tmp_path / "base")
+    with torch.no_grad():
+        want = hf(torch.as_tensor(TOKENS)).logits.numpy()
+    np.testing.assert_allclose(_logits(model, variables), want, atol=1e-4, rtol=1e-4)
+
+
+def test_bert_for_masked_lm_has_no_pooler(tmp_path):
+    """``BertForMaskedLM`` is built without a pooler: it is freshly initialised with a warning, the MLM logits
+    match."""
+    torch.manual_seed(3)
+    hf = transformers.BertForMaskedLM(transformers.BertConfig(**BERT_CFG)).eval()
+    hf.save_pretrained(tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model, variables = ffl.interop.load_hf(tmp_path)
+    assert any("freshly initialised" in str(w.message) and "bert.pooler" in str(w.message) for w in caught)
+    with torch.no_grad():
+        want = hf(torch.as_tensor(TOKENS), token_type_ids=torch.as_tensor(TYPES),
+                  attention_mask=torch.as_tensor(MASK)).logits.numpy()
+    out = model.apply(variables, jnp.asarray(TOKENS, jnp.int32), token_type_ids=jnp.asarray(TYPES, jnp.int32),
+                      padding_mask=jnp.asarray(MASK, bool))
+    real = MASK.astype(bool)
+    np.testing.assert_allclose(np.asarray(out.mlm_logits)[real], want[real], atol=1e-4)
+
+
 @pytest.mark.parametrize("config,match", [
     ("{not json", r"config\.json: not valid JSON"),
     ([1, 2], "must hold a JSON object"),
@@ -158,6 +191,11 @@ def test_missing_or_misshapen_files_raise(tmp_path):
     ({"model": "gpt", "activation": "silu"}, r"activation='silu' .*\(accepted: 'gelu', 'gelu_tanh', 'relu'\)"),
     ({"model": "bert", "activation": "swiglu"}, r"activation='swiglu'"),
     ({"model": "bert", "tie_embeddings": False}, "tie_embeddings"),
+    ({"model": "gpt", "qk_norm": True}, r"qk_norm=True .*\(accepted: False\)"),
+    ({"model": "bert", "qk_norm": True}, "qk_norm"),
+    ({"model": "gpt", "sliding_window": 4}, r"sliding_window=4 .*\(accepted: None\)"),
+    ({"model": "gpt", "qkv_bias": False}, r"qkv_bias=False .*\(accepted: None, True\)"),
+    ({"model": "bert", "qkv_bias": False}, "qkv_bias"),
 ])
 def test_save_hf_refuses_what_the_layout_cannot_express(tmp_path, fields, match):
     from flaxformer_lite.interop.hf import config_to_hf

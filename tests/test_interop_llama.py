@@ -232,6 +232,8 @@ def test_unsupported_fields_are_refused_before_any_weight_is_read(tmp_path, conf
     ({"sliding_window": 8}, "llama", r"sliding_window=8 .*\(accepted: None\)"),
     ({}, "falcon", r"model_type must be one of \['llama', 'mistral', 'qwen2', 'qwen3'\]"),
     ({"scan_layers": True}, None, "scan_layers"),
+    ({"max_len": 64, "rope_scaling": ffl.layers.RopeScaling("dynamic", 2.0, original_max_len=8)}, None,
+     r"max_len=64 with dynamic rope scaling: .* max_len = original_max_len \* factor = 16; set max_len to that"),
 ])
 def test_save_hf_refuses_what_the_family_cannot_express(fields, model_type, match):
     cfg = dataclasses.replace(ffl.models.preset("llama-tiny"), **fields)

@@ -111,7 +111,8 @@ def _check_exportable(cfg: ModelConfig) -> None:
                 "table_dim": (None,), "position": ("learned",), "norm": ("layernorm",), "use_bias": (True,),
                 "embed_scale": (False,), "scan_layers": (False,), "num_kv_heads": (None, cfg.num_heads),
                 "head_dim": (None, cfg.embed_dim // cfg.num_heads), "norm_position": ("pre" if gpt else "post",),
-                "embed_norm": (not gpt,), "activation": tuple(sorted(set((_GPT2_ACT if gpt else _BERT_ACT).values())))}
+                "embed_norm": (not gpt,), "activation": tuple(sorted(set((_GPT2_ACT if gpt else _BERT_ACT).values()))),
+                "qkv_bias": (None, cfg.use_bias), "qk_norm": (False,), "sliding_window": (None,)}
     if gpt:
         accepted["type_vocab_size"] = (0,)
     else:
@@ -190,13 +191,13 @@ def _norm(hf: str, ours: tuple, weight="weight", bias="bias"):
     return [(f"{hf}.{weight}", ours + ("scale",), *_SAME), (f"{hf}.{bias}", ours + ("bias",), *_SAME)]
 
 
-def _gpt2_map(cfg: ModelConfig) -> list:
+def _gpt2_map(cfg: ModelConfig, prefix: str) -> list:
     h = cfg.num_heads
-    out = [("transformer.wte.weight", ("embedder", "token", "embedding"), *_SAME),
-           ("transformer.wpe.weight", ("embedder", "position", "embedding"), *_SAME),
-           *_norm("transformer.ln_f", ("final_norm",))]
+    out = [(f"{prefix}wte.weight", ("embedder", "token", "embedding"), *_SAME),
+           (f"{prefix}wpe.weight", ("embedder", "position", "embedding"), *_SAME),
+           *_norm(f"{prefix}ln_f", ("final_norm",))]
     for i in range(cfg.num_layers):
-        p, ours = f"transformer.h.{i}", ("decoder", layer_name(i))
+        p, ours = f"{prefix}h.{i}", ("decoder", layer_name(i))
         out += _norm(f"{p}.ln_1", ours + ("self_attention_norm",)) + _norm(f"{p}.ln_2", ours + ("mlp_norm",))
         out += [(f"{p}.attn.c_attn.weight", ours + ("self_attention", "qkv_kernel"), *_linear(3 * h, conv1d=True)),
                 (f"{p}.attn.c_attn.bias", ours + ("self_attention", "qkv_bias"), *_bias(3 * h)),
@@ -244,10 +245,20 @@ def _bert_map(cfg: ModelConfig, prefix: str) -> list:
     return out + heads
 
 
-def _mapping(cfg: ModelConfig, prefix: str = "bert.") -> list:
+def base_prefix(cfg: ModelConfig, names=None) -> str:
+    """The prefix of GPT-2's or BERT's base-model tensor names: ``"transformer."`` or ``"bert."`` (what `save_hf`
+    writes, as ``GPT2LMHeadModel`` and ``BertForPreTraining`` do); given a folder's tensor ``names``, the one it
+    uses: ``""`` for a bare base model (``GPT2Model``, ``BertModel``, sentence-transformers)."""
+    base = "transformer." if cfg.model == "gpt" else "bert."
+    return base if names is None or any(name.startswith(base) for name in names) else ""
+
+
+def _mapping(cfg: ModelConfig, prefix: str | None = None) -> list:
+    """``[(HF tensor name, our path, to ours, to HF)]``; ``prefix``: `base_prefix` (None: what `save_hf` writes)."""
     if _rotary(cfg):
         return llama.param_map(cfg, _linear, _bias, _SAME)
-    return _gpt2_map(cfg) if cfg.model == "gpt" else _bert_map(cfg, prefix)
+    prefix = base_prefix(cfg) if prefix is None else prefix
+    return _gpt2_map(cfg, prefix) if cfg.model == "gpt" else _bert_map(cfg, prefix)
 
 
 # GPT-2 keeps q, k, v in one tensor: these virtual leaves are split/joined around the mapping.
@@ -273,7 +284,7 @@ def _join_qkv(flat: dict) -> dict:  # jnp, not np: `_layouts` traces it
     return out
 
 
-def _to_hf(cfg: ModelConfig, flat: dict, prefix: str = "bert.") -> dict:
+def _to_hf(cfg: ModelConfig, flat: dict, prefix: str | None = None) -> dict:
     """HF tensor name -> array, from our parameters as a flat ``{path: array}``."""
     flat = _join_qkv(flat) if cfg.model == "gpt" and not _rotary(cfg) else flat
     return {hf_key: to_hf(flat[ours]) for hf_key, ours, _, to_hf in _mapping(cfg, prefix)}
@@ -283,7 +294,7 @@ def _flatten(params) -> dict:
     return {tuple(p.key for p in path): v for path, v in jax.tree_util.tree_flatten_with_path(nn.unbox(params))[0]}
 
 
-def _layouts(model, prefix: str = "bert.") -> tuple[dict, dict]:
+def _layouts(model, prefix: str | None = None) -> tuple[dict, dict]:
     """``({our path: shape}, {HF tensor name: shape})`` of ``model``'s parameters, traced (nothing computed)."""
     def init():
         params = _flatten(model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"])
@@ -312,7 +323,7 @@ def load_hf(path: str | Path, *, dtype: str = "float32"):
         raise ValueError(f"{folder}: not a Hugging Face model folder (no config.json)")
     cfg = dataclasses.replace(config_from_hf(read_json(folder / "config.json")), dtype=dtype)
     tensors = read_tensors(folder)
-    prefix = "bert." if any(k.startswith("bert.") for k in tensors) else ""
+    prefix = base_prefix(cfg, tensors)
     model = GPT(cfg) if cfg.model == "gpt" else BERT(cfg)
     shapes, hf_shapes = _layouts(model, prefix)
     flat, missing = {}, []
@@ -325,7 +336,8 @@ def load_hf(path: str | Path, *, dtype: str = "float32"):
         else:
             flat[ours] = np.asarray(to_ours(tensors[hf_key]), np.float32)
     flat = _split_qkv(flat)
-    missing_required = [k for k in missing if not k.startswith("cls.")]
+    heads = ("cls.", f"{prefix}pooler.")  # BertModel has no MLM/NSP heads; BertForMaskedLM has no pooler
+    missing_required = [k for k in missing if not k.startswith(heads)]
     if missing_required:
         raise ValueError(f"{folder}: weights missing for {_listing(missing_required)}")
     params = _fill(shapes, flat, model, missing)

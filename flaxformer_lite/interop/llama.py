@@ -188,6 +188,12 @@ def _check_exportable(cfg: ModelConfig, kind: str) -> None:
         if getattr(cfg, field) not in values:
             raise ValueError(f"save_hf cannot express ModelConfig.{field}={getattr(cfg, field)!r} in Hugging Face's "
                              f"{FAMILIES[kind]} layout (accepted: {', '.join(map(repr, values))})")
+    s = cfg.rope_scaling
+    if s is not None and s.rope_type == "dynamic" and cfg.max_len != int(s.original_max_len * s.factor):
+        raise ValueError(f"save_hf cannot express ModelConfig.max_len={cfg.max_len} with dynamic rope scaling: "
+                         "Hugging Face keeps only max_position_embeddings (the original length), and a load gives "
+                         f"max_len = original_max_len * factor = {int(s.original_max_len * s.factor)}; set max_len to "
+                         "that")
 
 
 def _rope_to_hf(cfg: ModelConfig) -> tuple[dict, int]:
