@@ -34,7 +34,7 @@ def _parse(argv):
                                      else None, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config file (see configs/)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=100")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # options may come between overrides
 
 
 def _init_distributed(dist) -> None:
@@ -62,13 +62,13 @@ def _sample_fn(model, data, cfg):
     if cfg.train.samples <= 0 or key is None:
         return None
     tok = data.tokenizer
-    start = 16 if key == "tokens" else 0  # a decoder continues its prompt; an encoder-decoder answers it
 
     def sample(params):
         prompts = jnp.asarray(data.eval.batch(0)[key][:cfg.train.samples, :16])
-        n = min(cfg.train.sample_tokens, model.cfg.max_len - start - 1)
+        start = prompts.shape[1] if key == "tokens" else 0  # a decoder continues its prompt; an encoder-decoder
+        n = min(cfg.train.sample_tokens, model.cfg.max_len - start - 1)  # answers it
         if n < 1:
-            return []  # no room after the 16-token prompt: nothing to sample
+            return []  # no room after the prompt: nothing to sample
         out = ffl.generate(model, {"params": params}, prompts, n, temperature=0.8, top_k=40,
                            rng=jax.random.PRNGKey(cfg.train.seed), eos_id=tok.eos_id)
         return [f"{tok.decode(p)} ||| {tok.decode(o[start:])}" for p, o in zip(prompts.tolist(), out.tolist())]

@@ -154,8 +154,11 @@ def _check_sampling(temperature, top_k, top_p, rng, vocab_size: int):
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
     if temperature > 0 and rng is None:
         raise ValueError("sampling (temperature > 0) needs rng, a PRNG key")
-    if rng is not None and not (isinstance(rng, jax.Array) and jnp.issubdtype(rng.dtype, jax.dtypes.prng_key)):
-        raise ValueError(f"rng must be a PRNG key from jax.random.key(seed), got {type(rng).__name__} {rng!r}")
+    typed = isinstance(rng, jax.Array) and jnp.issubdtype(rng.dtype, jax.dtypes.prng_key)
+    raw = isinstance(rng, jax.Array) and rng.dtype == jnp.uint32 and rng.ndim == 1  # jax.random.PRNGKey(seed)
+    if rng is not None and not (typed or raw):
+        raise ValueError(f"rng must be a PRNG key from jax.random.key(seed) (or jax.random.PRNGKey), got "
+                         f"{type(rng).__name__} {rng!r}")
 
 
 def _check_eos(eos_id, vocab_size: int):

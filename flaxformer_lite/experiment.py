@@ -210,11 +210,38 @@ def _field_type(cls, name):
     return typing.get_type_hints(cls)[name]
 
 
+class _Text(str):
+    """An override's value as typed after ``=``. A field of type str takes the text itself (``train.run_dir=exp #3``
+    stays ``exp #3``, ``data.path=2024`` a path); every other field takes its YAML reading (``train.steps=10``,
+    ``optim.lr=3e-4``, ``null``, a ``{...}`` mapping)."""
+
+    def parsed(self, key: str) -> Any:
+        if not self.strip():
+            return ""
+        try:
+            return yaml.safe_load(str(self))
+        except yaml.YAMLError as err:
+            raise ValueError(f"override {key}={self}: the value is not valid YAML ({err.problem}); quote it, "
+                             f"e.g. {key}='\"...\"'") from None
+
+
+def _parsed(key: str, value: Any) -> Any:
+    """``value`` with every `_Text` in it (a mapping's too: ``model.rope_scaling.factor=16``) read as YAML."""
+    if isinstance(value, _Text):
+        return value.parsed(key)
+    if isinstance(value, dict):
+        return {k: _parsed(f"{key}.{k}", v) for k, v in value.items()}
+    return value
+
+
 def _coerce(key: str, value: Any, kind) -> Any:
     """Check (and where lossless, convert) ``value`` to the annotated type ``kind``, then its choices or range."""
     if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
         options = [k for k in typing.get_args(kind) if k is not type(None)]
-        return None if value is None else _coerce(key, value, options[0])
+        if value is None or (isinstance(value, _Text) and value.parsed(key) is None):
+            return None
+        return _coerce(key, value, options[0])
+    value = str(value) if isinstance(value, _Text) and kind is str else _parsed(key, value)
     value = _convert(key, value, kind)
     if key in CHOICES and value not in CHOICES[key]:
         raise ValueError(f"{key} must be one of {list(CHOICES[key])}, got {value!r}")
@@ -254,6 +281,8 @@ def _build(cls, values: dict, prefix: str):
             continue
         kind = _field_type(cls, name)
         if dataclasses.is_dataclass(kind):
+            if isinstance(value, _Text):  # a whole section given after one "=": its keys are read as YAML
+                value = value.parsed(f"{prefix}{name}")
             if not isinstance(value, dict):
                 raise ValueError(f"{prefix}{name} must be a mapping of keys, got {value!r}")
             kwargs[name] = _build(kind, value, f"{prefix}{name}.")
@@ -278,18 +307,14 @@ def _set_dotted(tree: dict, key: str, value: Any) -> None:
 
 
 def parse_overrides(items: list[str]) -> dict:
-    """``["train.steps=10", "model.attention=linear"]`` -> nested dict; values are parsed as YAML scalars."""
+    """``["train.steps=10", "model.attention=linear"]`` -> nested dict of `_Text` values: read as YAML scalars,
+    except by fields of type str, which take the text as typed."""
     tree: dict = {}
     for item in items:
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like key.sub=value (see --help for the keys)")
         key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError as err:
-            raise ValueError(f"override {item!r}: the value is not valid YAML ({err.problem}); quote it, "
-                             f"e.g. {key.strip()}='\"...\"'") from None
-        _set_dotted(tree, key.strip(), value)
+        _set_dotted(tree, key.strip(), _Text(raw))
     return tree
 
 

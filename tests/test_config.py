@@ -25,7 +25,16 @@ def test_yaml_then_overrides(tmp_path):
     assert (cfg.model.model, cfg.model.num_layers, cfg.model.embed_dim) == ("bert", 3, 128)  # preset + override
     assert cfg.train.steps == 9 and cfg.optim.lr == 1e-4 and cfg.model.attention == "linear"
     assert cfg.train.progress is False
-    assert parse_overrides(["a.b=1", "a.c=x"]) == {"a": {"b": 1, "c": "x"}}
+    assert parse_overrides(["a.b=1", "a.c=x"]) == {"a": {"b": "1", "c": "x"}}  # read by each field's type
+
+
+def test_string_overrides_are_taken_as_typed():
+    """A str field takes the text after ``=`` as it is: YAML would cut ``exp #3`` at its comment and read ``2024``
+    and ``on`` as an int and a bool. Other fields still read YAML (numbers, booleans, null)."""
+    cfg = load_config(None, ["train.run_dir=runs/exp #3", "data.path=2024", "data.eval_path=on",
+                             "train.steps=12", "optim.lr=3e-4", "train.progress=false"])
+    assert (cfg.train.run_dir, cfg.data.path, cfg.data.eval_path) == ("runs/exp #3", "2024", "on")
+    assert cfg.train.steps == 12 and cfg.optim.lr == 3e-4 and cfg.train.progress is False
 
 
 @pytest.mark.parametrize("override,match", [
@@ -43,7 +52,7 @@ def test_yaml_then_overrides(tmp_path):
     ("optim.lr=-1", r"optim.lr must be in \[0, inf\), got -1.0"),
     ("data.eval_fraction=1.5", r"data.eval_fraction must be in \[0, 1\)"),
     ("optim.b2=nan", r"optim.b2 must be in \[0, 1\), got nan"),
-    ("data.path=[x", "data.path=\\[x': the value is not valid YAML"),
+    ("train.steps=[x", r"override train.steps=\[x: the value is not valid YAML"),
 ])
 def test_bad_values_fail_listing_choices(override, match):
     with pytest.raises(ValueError, match=match):

@@ -190,6 +190,24 @@ def test_resume_refuses_a_changed_corpus_unless_allowed(corpus, tmp_path, capsys
     assert "resuming from step 2" in capsys.readouterr().out and len(losses(tmp_path / "run")) == 4
 
 
+def test_resume_rewrites_a_damaged_store_of_the_same_corpus(corpus, tmp_path, capsys):
+    """A truncated token file under an intact manifest is not "the corpus changed": the store is written again with
+    its own tokenizer, byte for byte the same, and the run resumes."""
+    from runs import losses, overrides, train_cli
+    args = lambda steps: overrides(corpus, tmp_path / "run", steps=steps, extra=["train.checkpoint_every=2"])
+    assert train_cli.main(args(2)) == 0
+    tokens = tmp_path / "run" / "store" / "tokens.bin"
+    before = tokens.read_bytes()
+    with tokens.open("r+b") as f:
+        f.truncate(len(before) // 2)
+    capsys.readouterr()
+    assert train_cli.main(args(4)) == 0
+    captured = capsys.readouterr()
+    assert "is damaged; writing it again from the same corpus and tokenizer" in captured.err
+    assert "resuming from step 2" in captured.out and len(losses(tmp_path / "run")) == 4
+    assert tokens.read_bytes() == before
+
+
 def test_a_prepared_store_is_reused_and_a_foreign_one_refused(corpus, tmp_path, capsys):
     from runs import overrides, train_cli
 
@@ -222,6 +240,12 @@ def test_a_held_out_file_is_the_eval_set_and_its_size_is_honoured(corpus, tmp_pa
     assert "note: the eval set holds" in out and "not train.eval_batches=50" in out
     from flaxformer_lite.training import read_metrics
     assert any("eval_loss" in r for r in read_metrics(run / "metrics.jsonl"))
+    missing, config = tmp_path / "nope.jsonl", tmp_path / "c.yaml"  # a bad held-out path is named by its own key
+    config.write_text("train:\n  steps: 2\n")
+    assert train_cli.main(["train.samples=0", "--config", str(config),  # an option between overrides
+                           *overrides(corpus, tmp_path / "run3", steps=2, extra=[f"data.eval_path={missing}"])]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"train.py: error: data.eval_path={missing}: no such file" in err, err
 
 
 def test_a_hub_corpus_is_prepared_streaming_without_arrow(tokenizer, tmp_path, monkeypatch):

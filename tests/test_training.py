@@ -2,6 +2,7 @@
 killed with SIGKILL and restarted is bit-identical to an uninterrupted one; SIGTERM leaves a usable checkpoint; a
 checkpoint restores onto another mesh; a non-finite loss never reaches a checkpoint; optimizer schedules."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -164,6 +165,34 @@ def test_non_finite_loss_never_reaches_a_checkpoint(corpus, tmp_path, capsys):
     latest = Checkpoints(tmp_path / "checkpoints").latest_step()
     assert latest is not None and latest < 30  # the steps before the blow-up were saved, and are finite
     assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(_params_of(tmp_path, latest)))
+    # the checkpoint the message names was finished before the exit (an async save is not abandoned)
+    named = re.search(r"last good (?:checkpoint|one) is step (\d+)", " ".join(err.split()))
+    assert named is not None and int(named.group(1)) == latest, err
+    assert not [p.name for p in (tmp_path / "checkpoints").iterdir() if "tmp" in p.name]
+
+
+def test_samples_continue_prompts_shorter_than_16_tokens(corpus, tmp_path):
+    """With train.seq_len=8 the sample prompts hold 8 tokens: the continuation starts right after them (it was cut
+    at 16, which dropped the first 8 generated tokens)."""
+    assert train_cli.main(overrides(corpus, tmp_path, steps=2, extra=["train.seq_len=8", "train.samples=2",
+                                                                      "train.sample_tokens=6"])) == 0
+    samples = (tmp_path / "samples.txt").read_text().split("--- sample ")[1:]
+    assert len(samples) == 2 and any(s.split("|||", 1)[1].strip() for s in samples), samples
+
+
+def test_a_non_finite_gradient_marks_the_state_not_finite():
+    """A finite loss with an overflowing backward still writes NaN into the params: the state is not finite, so
+    `_save` will not write it."""
+    from flaxformer_lite.training.step import apply_update
+    tx = optax.adamw(1e-3)
+    params = {"w": jax.numpy.ones(3)}
+    state = {"params": params, "opt_state": tx.init(params), "step": 0, "rng": jax.random.key(0),
+             "finite": jax.numpy.bool_(True)}
+    sums, weights = {"lm": {"loss": jax.numpy.float32(5.0)}}, {"lm": jax.numpy.float32(1.0)}
+    new, metrics = apply_update(tx, state, {"w": jax.numpy.array([np.inf, 0.0, 0.0])}, sums, weights)
+    assert np.isfinite(metrics["loss"]) and not bool(new["finite"])
+    new, _ = apply_update(tx, state, {"w": jax.numpy.array([1.0, 0.0, 0.0])}, sums, weights)
+    assert bool(new["finite"])
 
 
 def test_schedules_and_decay_mask():

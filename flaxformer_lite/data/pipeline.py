@@ -79,8 +79,11 @@ def build_data(data, *, seq_len: int, batch_size: int, seed: int, process_index:
         tok = tokenizer or store_tokenizer(found)
         held_out = None
         if data.eval_path:  # the user's held-out corpus, in its own store, with the same tokenizer
-            held_out = prepare_store(dataclasses.replace(data, path=data.eval_path), f"{store}-eval", seed=seed,
-                                     tokenizer=tok, primary=primary, sync=sync, progress=progress)
+            try:
+                held_out = prepare_store(dataclasses.replace(data, path=data.eval_path), f"{store}-eval", seed=seed,
+                                         tokenizer=tok, primary=primary, sync=sync, progress=progress)
+            except ValueError as err:  # the corpus reader names data.path: here it is data.eval_path
+                raise ValueError(str(err).replace("data.path=", "data.eval_path=", 1)) from None
         return _stream_data(data, objective, found, held_out, tok, seq_len=seq_len, batch_size=batch_size,
                             seed=seed, process_index=process_index, process_count=process_count)
     return _memory_data(data, objective, seq_len=seq_len, batch_size=batch_size, seed=seed,

@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 
 from .corpus import column, load_corpus, source_fingerprint
-from .store import TokenStore, write_store
+from .store import Manifest, TokenStore, write_store
 from .tokenizer import Tokenizer, train_tokenizer
 
 TOKENIZER_SAMPLE_DOCS = 50_000  # at most this many documents (a seeded random sample) train the tokenizer,
@@ -69,6 +69,18 @@ def _usable(folder: Path, source: dict, tokenizer: Tokenizer | None) -> TokenSto
     if tokenizer is not None and store.manifest.tokenizer_sha256 != tokenizer.sha256:
         return None
     return store
+
+
+def _damaged_copy(folder: Path, source: dict, tokenizer: Tokenizer | None) -> Tokenizer | None:
+    """The tokenizer of the store at ``folder`` when its manifest names this corpus (and ``tokenizer``, if given)
+    but the store does not open (damaged token files): written again with that tokenizer, it holds the same tokens.
+    None when the manifest or the tokenizer file cannot be read, or they name another corpus or tokenizer."""
+    try:
+        manifest, kept = Manifest.read(folder), Tokenizer.load(folder / STORE_TOKENIZER)
+    except Exception:  # noqa: BLE001  an unreadable manifest or tokenizer: not provably the same store
+        return None
+    same = manifest.source == source and manifest.tokenizer_sha256 == kept.sha256
+    return kept if same and (tokenizer is None or tokenizer.sha256 == kept.sha256) else None
 
 
 def _hub_stream(data):
@@ -130,7 +142,11 @@ def prepare_store(data, folder: str | Path, *, seed: int = 0, tokenizer: Tokeniz
               "tokenizer": {key: getattr(data, key) for key in TOKENIZER_SETTINGS}}
     store = _usable(folder, source, tokenizer)
     if store is None and refuse and (folder / "manifest.json").exists():
-        raise ValueError(refuse)
+        tokenizer = _damaged_copy(folder, source, tokenizer)
+        if tokenizer is None:
+            raise ValueError(refuse)
+        print(f"note: the token store {folder} is damaged; writing it again from the same corpus and tokenizer",
+              file=sys.stderr)
     if store is None and primary:
         store = _write(data, folder, source, tokenizer, seed, progress)
     sync()

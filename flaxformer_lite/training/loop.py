@@ -117,26 +117,28 @@ def train(cfg, model, data, task, *, sample_fn=None, warm_start=None) -> Outcome
     speed = _Speed(model.cfg, step_fn.params(), tc, start)
     last_metrics, last_eval, done = {}, {}, start
     batches = Prefetch(lambda s: step_fn.place(data.train.batch(s)), start, tc.steps)
-    with _Stop() as stop, _progress(tc, start) as progress, batches:
-        for step in range(start, tc.steps):
-            metrics = step_fn.run(batches.get(step))
-            done = step + 1
-            stopping = _agreed_stop(stop.requested, done, tc.log_every)
-            last = done == tc.steps or stopping
-            if done % tc.log_every == 0 or last:
-                last_metrics = _log_step(step_fn.host_metrics(metrics), done, ckpt, schedule, speed,
-                                         batches.take_waited())
-                log.write(last_metrics)
-                progress(last_metrics)
-            if tc.eval_every and (done % tc.eval_every == 0 or done == tc.steps):
-                last_eval = evaluate(step_fn, data.eval, eval_batches, task.objective)
-                log.write({"step": done, **last_eval})
-            if done % tc.checkpoint_every == 0 or last:
-                _save(ckpt, step_fn, done, cfg)
-            if stopping:
-                break
-    ckpt.close()
-    log.close()
+    try:
+        with _Stop() as stop, _progress(tc, start) as progress, batches:
+            for step in range(start, tc.steps):
+                metrics = step_fn.run(batches.get(step))
+                done = step + 1
+                stopping = _agreed_stop(stop.requested, done, tc.log_every)
+                last = done == tc.steps or stopping
+                if done % tc.log_every == 0 or last:
+                    last_metrics = _log_step(step_fn.host_metrics(metrics), done, ckpt, schedule, speed,
+                                             batches.take_waited())
+                    log.write(last_metrics)
+                    progress(last_metrics)
+                if tc.eval_every and (done % tc.eval_every == 0 or done == tc.steps):
+                    last_eval = evaluate(step_fn, data.eval, eval_batches, task.objective)
+                    log.write({"step": done, **last_eval})
+                if done % tc.checkpoint_every == 0 or last:
+                    _save(ckpt, step_fn, done, cfg)
+                if stopping:
+                    break
+    finally:  # whatever stops the loop (a non-finite loss, Ctrl-C), a checkpoint being written is finished first
+        ckpt.close()
+        log.close()
     stopped = done < tc.steps
     if sample_fn is not None and not stopped and jax.process_index() == 0:
         _write_samples(run_dir, sample_fn(step_fn.params()))

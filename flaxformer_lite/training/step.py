@@ -67,10 +67,11 @@ def apply_update(tx, state: dict, grads, sums: dict, weights: dict) -> tuple[dic
     """One optimizer update: the new state and the step's metrics, scalars: ``loss``, ``grad_norm``,
     ``<term>_<loss|nll|correct>`` sums and ``<term>_weight``."""
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    loss = total_loss(sums, weights)
+    loss, grad_norm = total_loss(sums, weights), optax.tree.norm(grads)
+    # a finite loss with an overflowing backward (fp16/bf16) still writes NaN into the params: both are checked
     new = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state, "step": state["step"] + 1,
-           "rng": state["rng"], "finite": state["finite"] & jnp.isfinite(loss)}
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+           "rng": state["rng"], "finite": state["finite"] & jnp.isfinite(loss) & jnp.isfinite(grad_norm)}
+    metrics = {"loss": loss, "grad_norm": grad_norm,
                **{f"{k}_{m}": v for k, s in sums.items() for m, v in s.items()},
                **{f"{k}_weight": w for k, w in weights.items()}}
     return new, metrics
