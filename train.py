@@ -211,6 +211,24 @@ def _check_resume(run_dir: Path, cfg, skip=()) -> None:
     if changed:
         raise ValueError(f"{run_dir} holds checkpoints of another model ({'; '.join(changed)}); resume with the "
                          f"same model, or give a new train.run_dir")
+    if not skip:  # the last check: say once what makes the resumed run differ from an uninterrupted one
+        _note_inexact_resume(_saved_config(run_dir), yaml.safe_load(yaml.safe_dump(to_dict(cfg))))
+
+
+EXACT_RESUME_KEYS = {"train": ("seed", "batch_size", "seq_len", "steps"), "data": ("eval_fraction",), "optim": None}
+
+
+def _note_inexact_resume(old: dict, new: dict) -> None:
+    """A note naming the `EXACT_RESUME_KEYS` (None: the whole section) that differ from the checkpoints' config: a
+    resume with them is allowed, but it reads other batches or follows another learning-rate schedule."""
+    changed = [f"{section}.{k}: {old[section][k]!r} -> {new[section][k]!r}"
+               for section, keys in EXACT_RESUME_KEYS.items()
+               for k in (keys or sorted(new.get(section, {})))
+               if k in old.get(section, {}) and k in new.get(section, {}) and old[section][k] != new[section][k]]
+    if changed:
+        print(f"train.py: note: resuming with settings other than the checkpoints' ({'; '.join(changed)}): the "
+              "batches, the learning-rate schedule or the optimizer differ from an uninterrupted run's",
+              file=sys.stderr)
 
 
 def _grafter(pretrained, objective):

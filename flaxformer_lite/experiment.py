@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import types
 import typing
@@ -234,8 +235,12 @@ def _parsed(key: str, value: Any) -> Any:
     return value
 
 
+PATH_KEYS = ("data.path", "data.tokenizer", "data.store", "data.eval_path", "train.run_dir", "train.init_from")
+
+
 def _coerce(key: str, value: Any, kind) -> Any:
-    """Check (and where lossless, convert) ``value`` to the annotated type ``kind``, then its choices or range."""
+    """Check (and where lossless, convert) ``value`` to the annotated type ``kind``, then its choices or range; a
+    path key's leading ``~`` becomes the home folder (the shell leaves ``key=~/x`` alone)."""
     if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
         options = [k for k in typing.get_args(kind) if k is not type(None)]
         if value is None or (isinstance(value, _Text) and value.parsed(key) is None):
@@ -243,6 +248,8 @@ def _coerce(key: str, value: Any, kind) -> Any:
         return _coerce(key, value, options[0])
     value = str(value) if isinstance(value, _Text) and kind is str else _parsed(key, value)
     value = _convert(key, value, kind)
+    if key in PATH_KEYS and value:
+        value = os.path.expanduser(value)
     if key in CHOICES and value not in CHOICES[key]:
         raise ValueError(f"{key} must be one of {list(CHOICES[key])}, got {value!r}")
     if key in RANGES and not (math.isfinite(value) and value in RANGES[key]):

@@ -28,6 +28,13 @@ def test_yaml_then_overrides(tmp_path):
     assert parse_overrides(["a.b=1", "a.c=x"]) == {"a": {"b": "1", "c": "x"}}  # read by each field's type
 
 
+def test_path_keys_expand_the_home_folder():
+    import os
+    cfg = load_config(None, ["train.run_dir=~/runs/x", "data.path=~/corpus.txt", "data.text_field=~x"])
+    assert (cfg.train.run_dir, cfg.data.path) == (os.path.expanduser("~/runs/x"), os.path.expanduser("~/corpus.txt"))
+    assert cfg.data.text_field == "~x"  # not a path
+
+
 def test_string_overrides_are_taken_as_typed():
     """A str field takes the text after ``=`` as it is: YAML would cut ``exp #3`` at its comment and read ``2024``
     and ``on`` as an int and a bool. Other fields still read YAML (numbers, booleans, null)."""

@@ -171,6 +171,15 @@ def test_non_finite_loss_never_reaches_a_checkpoint(corpus, tmp_path, capsys):
     assert not [p.name for p in (tmp_path / "checkpoints").iterdir() if "tmp" in p.name]
 
 
+def test_resume_with_other_data_order_or_optimizer_settings_is_noted(corpus, tmp_path, capsys):
+    assert train_cli.main(overrides(corpus, tmp_path, steps=2, extra=["train.checkpoint_every=2"])) == 0
+    capsys.readouterr()
+    assert train_cli.main(overrides(corpus, tmp_path, steps=3, extra=["train.seed=5", "optim.lr=1e-3"])) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "note: resuming with settings other than the checkpoints'" in err, err
+    assert "train.seed: 0 -> 5" in err and "train.steps: 2 -> 3" in err and "optim.lr: 0.003 -> 0.001" in err
+
+
 def test_samples_continue_prompts_shorter_than_16_tokens(corpus, tmp_path):
     """With train.seq_len=8 the sample prompts hold 8 tokens: the continuation starts right after them (it was cut
     at 16, which dropped the first 8 generated tokens)."""
