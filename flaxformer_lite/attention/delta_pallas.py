@@ -32,10 +32,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from .linear_causal import run_ids
-from .pallas_tiles import Step, block_length, block_step, dot, padded_dim, scale, scale_rows, tile_size, triangle
+from .pallas_tiles import (Step, block_length, block_step, dot, launch, layout, padded_dim, scale, scale_rows,
+                           tile_size, triangle, value_tile)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +44,6 @@ class _Plan:
 
     block: int  # c
     block_v: int  # value tile of one program
-    groups: int  # g
     interpret: bool
 
 
@@ -67,7 +66,7 @@ def pallas_delta(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, seg:
     b, l, n, g, d = q.shape
     plan = _Plan(block=block_length(block, l), block_v=min(tile_size("block_v", block_v, None),
                                                            padded_dim(v.shape[-1])),
-                 groups=g, interpret=jax.default_backend() == "cpu" if interpret is None else bool(interpret))
+                 interpret=jax.default_backend() == "cpu" if interpret is None else bool(interpret))
     runs = run_ids(seg)
     f32 = lambda x: None if x is None else x.astype(jnp.float32)
     return _delta(plan, f32(q), f32(k), f32(v), f32(beta), runs, f32(log_decay))
@@ -93,41 +92,11 @@ def _delta_bwd(plan: _Plan, res, cotangents):
 _delta.defvjp(_delta_fwd, _delta_bwd)
 
 
-def _layout(plan: _Plan, q, k, v, beta, runs, log_decay):
-    """The kernels' operands and their block specs over the grid ``(b, h, value tiles)``: ``q [b, lp, h, dp]``,
-    ``k [b, lp, n, dp]``, ``v [b, lp, n, vp]``, ``beta [b, n, lp]``, then ``log_decay [b, n, lp]`` and ``runs
-    [b, lp]`` where present, zero-padded to a block multiple and to powers of two (padded positions do not decay and
-    join the last run: with zero keys and beta they change nothing)."""
-    b, l, n, g, d = q.shape
-    c, bv = plan.block, plan.block_v
-    lp, dp, vp = -(-l // c) * c, padded_dim(d), padded_dim(v.shape[-1])
-    pad = lambda x, dim: jnp.pad(x, [(0, 0), (0, lp - l), (0, 0), (0, dim - x.shape[-1])])
-    by_head = lambda x: jnp.pad(jnp.moveaxis(x, 1, 2), [(0, 0), (0, 0), (0, lp - l)])  # [b, l, n] -> [b, n, lp]
-    operands = [pad(q.reshape(b, l, n * g, d), dp), pad(k, dp), pad(v, vp), by_head(beta)]
-    kv_head = lambda bi, hi, vi: (bi, lax.div(hi, g), 0)
-    specs = [pl.BlockSpec((None, lp, None, dp), lambda bi, hi, vi: (bi, 0, hi, 0)),
-             pl.BlockSpec((None, lp, None, dp), lambda bi, hi, vi: (bi, 0, lax.div(hi, g), 0)),
-             pl.BlockSpec((None, lp, None, bv), lambda bi, hi, vi: (bi, 0, lax.div(hi, g), vi)),
-             pl.BlockSpec((None, None, lp), kv_head)]
-    if log_decay is not None:
-        operands.append(by_head(log_decay))
-        specs.append(pl.BlockSpec((None, None, lp), kv_head))
-    if runs is not None:
-        operands.append(jnp.pad(runs, [(0, 0), (0, lp - l)], mode="edge"))
-        specs.append(pl.BlockSpec((None, lp), lambda bi, hi, vi: (bi, 0)))
-    return operands, specs
-
-
 def _call(plan: _Plan, kernel, operands, specs, out_specs, out_shape, decayed: bool, segmented: bool, name: str,
           **static):
-    """`pl.pallas_call` of ``kernel`` over the grid ``(b, h, value tiles)``."""
-    b, _, h, dp = operands[0].shape
-    return pl.pallas_call(
-        functools.partial(kernel, plan=plan, decayed=decayed, segmented=segmented, **static),
-        grid=(b, h, operands[2].shape[-1] // plan.block_v), in_specs=specs, out_specs=out_specs, out_shape=out_shape,
-        compiler_params=plgpu.CompilerParams(num_warps=4 if max(dp, plan.block_v) <= 64 else 8, num_stages=2),
-        interpret=plan.interpret, name=name,
-    )(*operands)
+    """`pallas_tiles.launch` of one of this module's kernels."""
+    return launch(functools.partial(kernel, plan=plan, decayed=decayed, segmented=segmented, **static), operands,
+                  specs, out_specs, out_shape, plan.block_v, plan.interpret, name)
 
 
 def _forward(plan: _Plan, q, k, v, beta, runs, log_decay, keep_states: bool = False):
@@ -136,11 +105,10 @@ def _forward(plan: _Plan, q, k, v, beta, runs, log_decay, keep_states: bool = Fa
     None."""
     b, l, n, g, d = q.shape
     dv, bv = v.shape[-1], plan.block_v
-    operands, specs = _layout(plan, q, k, v, beta, runs, log_decay)
+    operands, specs = layout(q, k, v, [beta, log_decay], runs, plan.block, bv, jnp.float32)
     _, lp, h, dp = operands[0].shape
     vp, blocks = operands[2].shape[-1], lp // plan.block
-    out_specs = [pl.BlockSpec((None, lp, None, bv), lambda bi, hi, vi: (bi, 0, hi, vi)),
-                 pl.BlockSpec((None, None, dp, bv), lambda bi, hi, vi: (bi, hi, 0, vi))]
+    out_specs = [value_tile(lp, bv), pl.BlockSpec((None, None, dp, bv), lambda bi, hi, vi: (bi, hi, 0, vi))]
     out_shape = [jax.ShapeDtypeStruct((b, lp, h, vp), jnp.float32), jax.ShapeDtypeStruct((b, h, dp, vp), jnp.float32)]
     if keep_states:
         out_specs.append(pl.BlockSpec((None, None, blocks, dp, bv), lambda bi, hi, vi: (bi, hi, 0, 0, vi)))
@@ -157,22 +125,21 @@ def _backward(plan: _Plan, q, k, v, beta, runs, log_decay, entering, d_out, d_st
     ``log_decay`` (None without one) from the cotangents ``d_out [b, l, n, g, v]`` and ``d_state [b, n, d, v]``."""
     b, l, n, g, d = q.shape
     dv, bv = v.shape[-1], plan.block_v
-    operands, specs = _layout(plan, q, k, v, beta, runs, log_decay)
+    operands, specs = layout(q, k, v, [beta, log_decay], runs, plan.block, bv, jnp.float32)
     _, lp, h, dp = operands[0].shape
     vp, blocks = operands[2].shape[-1], lp // plan.block
     tiles = vp // bv
-    value_tile = pl.BlockSpec((None, lp, None, bv), lambda bi, hi, vi: (bi, 0, hi, vi))
+    rows = value_tile(lp, bv)
     state_tile = pl.BlockSpec((None, None, dp, bv), lambda bi, hi, vi: (bi, hi, 0, vi))
     final = jnp.zeros((b, n, g, dp, vp), jnp.float32).at[:, :, 0, :d, :dv].set(d_state)  # one query head per kv head
     operands += [entering, jnp.pad(d_out.reshape(b, l, h, dv), [(0, 0), (0, lp - l), (0, 0), (0, vp - dv)]),
                  final.reshape(b, h, dp, vp)]
-    specs += [pl.BlockSpec((None, None, blocks, dp, bv), lambda bi, hi, vi: (bi, hi, 0, 0, vi)), value_tile,
-              state_tile]
+    specs += [pl.BlockSpec((None, None, blocks, dp, bv), lambda bi, hi, vi: (bi, hi, 0, 0, vi)), rows, state_tile]
     per_tile = pl.BlockSpec((None, None, lp, None, dp), lambda bi, hi, vi: (bi, vi, 0, hi, 0))
     per_row = pl.BlockSpec((None, None, None, lp), lambda bi, hi, vi: (bi, hi, vi, 0))
     decayed = log_decay is not None
     outs = _call(plan, _backward_kernel, operands, specs,
-                 [per_tile, per_tile, value_tile, per_row] + [per_row] * decayed,
+                 [per_tile, per_tile, rows, per_row] + [per_row] * decayed,
                  [jax.ShapeDtypeStruct((b, tiles, lp, h, dp), jnp.float32)] * 2
                  + [jax.ShapeDtypeStruct((b, lp, h, vp), jnp.float32)]
                  + [jax.ShapeDtypeStruct((b, h, tiles, lp), jnp.float32)] * (1 + decayed),
@@ -186,10 +153,11 @@ def _backward(plan: _Plan, q, k, v, beta, runs, log_decay, entering, d_out, d_st
 
 
 # -- the kernels ------------------------------------------------------------------------------------------------------
-def _unit_lower_inverse(a: jax.Array, row: jax.Array) -> jax.Array:
-    """``(I + a)^-1`` for strictly lower-triangular ``a [c, c]`` by forward substitution, one row at a time
-    (``row``: the row index of each entry): row r is ``e_r - sum_{j < r} a_rj T_j`` once rows j < r are final."""
+def _unit_lower_inverse(a: jax.Array) -> jax.Array:
+    """``(I + a)^-1`` for strictly lower-triangular ``a [c, c]`` by forward substitution, one row at a time: row r
+    is ``e_r - sum_{j < r} a_rj T_j`` once rows j < r are final."""
     c = a.shape[0]
+    row = jnp.broadcast_to(jnp.arange(c)[:, None], (c, c))
 
     def body(r, t):
         a_r = jnp.sum(jnp.where(row == r, a, 0.0), axis=0)  # [c]: row r of a, zero from column r on
@@ -212,14 +180,14 @@ class _Block(NamedTuple):
     inverse: jax.Array  # T = (I + beta K K^T * strict D)^-1 [c, c]
 
 
-def _block(i, refs, c: int, carried, row, strict) -> _Block:
+def _block(i, refs, c: int, carried, strict) -> _Block:
     """Block ``i`` of the sequence: load it, take its `Step` given the ``carried`` run, and invert its system."""
     q_ref, k_ref, v_ref, beta_ref, decay_ref, run_ref = refs
     rows = pl.ds(pl.multiple_of(i * c, c), c)
     q, k, v, beta = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], beta_ref[rows]
     step = block_step(rows, c, decay_ref, run_ref, carried)
     kk = dot(k, k, trans_b=True)
-    inverse = _unit_lower_inverse(beta[:, None] * kk * jnp.where(strict, step.pair, 0.0), row)
+    inverse = _unit_lower_inverse(beta[:, None] * kk * jnp.where(strict, step.pair, 0.0))
     return _Block(rows, q, k, v, beta, step, kk, inverse)
 
 
@@ -240,15 +208,14 @@ def _kernel(q_ref, k_ref, v_ref, beta_ref, *refs, plan: _Plan, decayed: bool, se
     run_ref = refs.pop(0) if segmented else None
     out_ref, state_ref = refs[:2]
     c = plan.block
-    row = jnp.broadcast_to(jnp.arange(c)[:, None], (c, c))
-    strict = jnp.broadcast_to(jnp.arange(c)[None, :], (c, c)) < row  # [c(r), c(i)]: i < r
+    strict = ~triangle(c, upper=True)  # [c(r), c(i)]: i < r
     inputs = (q_ref, k_ref, v_ref, beta_ref, decay_ref, run_ref)
 
     def body(i, carry):
         s, run = carry  # s [d, bv] float32; run: the carried state's (segmented only)
         if keep_states:
             refs[2][i] = s
-        blk = _block(i, inputs, c, run, row, strict)
+        blk = _block(i, inputs, c, run, strict)
         u = _pseudo_values(blk, s)[0]  # [c, bv]
         out_ref[blk.rows, :] = (scale_rows(dot(blk.q, s), blk.step.read)
                                 + dot(dot(blk.q, blk.k, trans_b=True) * blk.step.pair, u))
@@ -277,9 +244,7 @@ def _backward_kernel(q_ref, k_ref, v_ref, beta_ref, *refs, plan: _Plan, decayed:
     states_ref, dout_ref, dfinal_ref, dq_ref, dk_ref, dv_ref, dbeta_ref = refs[:7]
     dlog_ref = refs[7] if decayed else None
     c, blocks = plan.block, q_ref.shape[0] // plan.block
-    row = jnp.broadcast_to(jnp.arange(c)[:, None], (c, c))
-    strict = jnp.broadcast_to(jnp.arange(c)[None, :], (c, c)) < row
-    lower = triangle(c)
+    strict, lower = ~triangle(c, upper=True), triangle(c)
     inputs = (q_ref, k_ref, v_ref, beta_ref, decay_ref, run_ref)
 
     def body(t, ds):  # ds [d, bv]: the cotangent of the state leaving block i
@@ -288,7 +253,7 @@ def _backward_kernel(q_ref, k_ref, v_ref, beta_ref, *refs, plan: _Plan, decayed:
         if segmented:  # the run of the state entering block i: the largest of block i - 1's
             before = run_ref[pl.ds(pl.multiple_of(jnp.maximum(i - 1, 0) * c, c), c)]
             carried = jnp.where(i > 0, jnp.max(before), -1)
-        blk = _block(i, inputs, c, carried, row, strict)
+        blk = _block(i, inputs, c, carried, strict)
         step, s0 = blk.step, states_ref[i]
         u, u0, w = _pseudo_values(blk, s0)
         do = dout_ref[blk.rows, :]
@@ -300,11 +265,12 @@ def _backward_kernel(q_ref, k_ref, v_ref, beta_ref, *refs, plan: _Plan, decayed:
         dm = dot(do, u, trans_b=True)  # [c(r), c(i)]
         dpair = dm * qk
         dscores = dm * step.pair
+        du_s0 = dot(du, s0, trans_b=True)  # [c, d]: -dW
         dx = dot(blk.inverse, du, trans_a=True)  # [c, bv]: T^T dU
-        dy = -dot(blk.inverse, dot(du, s0, trans_b=True), trans_a=True)  # [c, d]: T^T dW, dW = -dU S0^T
+        dy = -dot(blk.inverse, du_s0, trans_a=True)  # [c, d]: T^T dW
         read = jnp.ones((c,), jnp.float32) if step.read is None else step.read
         x, y = scale_rows(blk.v, blk.beta), scale_rows(blk.k, blk.beta * read)
-        d_t = dot(du, x, trans_b=True) - dot(dot(du, s0, trans_b=True), y, trans_b=True)  # dT
+        d_t = dot(du, x, trans_b=True) - dot(du_s0, y, trans_b=True)  # dT
         d_a = -jnp.where(strict, dot(dot(blk.inverse, d_t, trans_a=True), blk.inverse, trans_b=True), 0.0)
         d_kk = d_a * blk.beta[:, None] * jnp.where(strict, step.pair, 0.0)
         dpair += jnp.where(strict, d_a * blk.beta[:, None] * blk.kk, 0.0)

@@ -38,10 +38,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from .linear_causal import decay_grad, run_ids
-from .pallas_tiles import block_length, block_step, dot, padded_dim, scale, scale_rows, tile_size
+from .pallas_tiles import (block_length, block_step, dot, launch, layout, padded_dim, scale, scale_rows,
+                           tile_size, value_tile)
 
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -70,7 +70,6 @@ class _Plan:
 
     block: int  # c
     block_v: int  # value tile of one program
-    groups: int  # g
     dtype: str  # matmul operand dtype
     interpret: bool
 
@@ -100,7 +99,7 @@ def pallas_causal_sums(qf: jax.Array, kf: jax.Array, v: jax.Array, seg: jax.Arra
     bv = min(tile_size("block_v", block_v, None), padded_dim(v.shape[-1]))
     if l == 0:
         return jnp.zeros((b, 0, n, g, v.shape[-1]), jnp.float32), jnp.zeros((b, 0, n, g), jnp.float32)
-    plan = _Plan(block=c, block_v=bv, groups=g, dtype=dtype.name,
+    plan = _Plan(block=c, block_v=bv, dtype=dtype.name,
                  interpret=jax.default_backend() == "cpu" if interpret is None else bool(interpret))
     runs = run_ids(seg)
     return _sums(plan, qf, kf, v, runs, None if log_decay is None else log_decay.astype(jnp.float32))
@@ -142,65 +141,22 @@ def _sums_bwd(plan: _Plan, res, cotangents):
 _sums.defvjp(_sums_fwd, _sums_bwd)
 
 
-def _layout(plan: _Plan, qf, kf, v, runs, log_decay):
-    """The kernels' operands: ``q [b, lp, h, fp]``, ``k [b, lp, n, fp]``, ``v [b, lp, n, vp]`` in the operand dtype,
-    zero-padded to a block multiple and to the padded feature and value dims, then ``log_decay [b, n, lp]`` float32
-    and ``runs [b, lp]`` int32 where present (padded positions do not decay and form a run of their own)."""
-    b, l, n, g, f = qf.shape
-    lp = -(-l // plan.block) * plan.block
-    op = jnp.dtype(plan.dtype)
-    pad = lambda x, dim: jnp.pad(x.astype(op), [(0, 0), (0, lp - l), (0, 0), (0, dim - x.shape[-1])])
-    operands = [pad(qf.reshape(b, l, n * g, f), padded_dim(f)), pad(kf, padded_dim(f)), pad(v, padded_dim(v.shape[-1]))]
-    if log_decay is not None:
-        operands.append(jnp.pad(jnp.moveaxis(log_decay, 1, 2), [(0, 0), (0, 0), (0, lp - l)]))
-    if runs is not None:
-        operands.append(jnp.concatenate([runs, jnp.broadcast_to(runs[:, -1:] + 1, (b, lp - l))], 1))
-    return operands
-
-
-def _specs(plan: _Plan, lp: int, fp: int, decayed: bool, segmented: bool) -> list:
-    """Block specs of `_layout`'s operands for the grid ``(b, h, value tiles)``: a program sees its query head's
-    rows, its kv head's keys, and its value tile."""
-    g, bv = plan.groups, plan.block_v
-    specs = [pl.BlockSpec((None, lp, None, fp), lambda bi, hi, vi: (bi, 0, hi, 0)),
-             pl.BlockSpec((None, lp, None, fp), lambda bi, hi, vi: (bi, 0, lax.div(hi, g), 0)),
-             pl.BlockSpec((None, lp, None, bv), lambda bi, hi, vi: (bi, 0, lax.div(hi, g), vi))]
-    if decayed:
-        specs.append(pl.BlockSpec((None, None, lp), lambda bi, hi, vi: (bi, lax.div(hi, g), 0)))
-    if segmented:
-        specs.append(pl.BlockSpec((None, lp), lambda bi, hi, vi: (bi, 0)))
-    return specs
-
-
-def _value_tile(lp: int, bv: int) -> pl.BlockSpec:
-    """Block spec of ``[b, lp, h, vp]`` rows of a query head's value tile (the sums' ``num`` and its cotangent)."""
-    return pl.BlockSpec((None, lp, None, bv), lambda bi, hi, vi: (bi, 0, hi, vi))
-
-
-def _launch(plan: _Plan, kernel, operands, extra_specs, out_specs, out_shape, decayed: bool, segmented: bool,
-            name: str):
-    """`pl.pallas_call` of ``kernel`` over the grid ``(b, h, value tiles)`` on `_layout`'s ``operands`` (then
-    operands of ``extra_specs``)."""
-    b, lp, h, fp = operands[0].shape
-    specs = _specs(plan, lp, fp, decayed, segmented) + list(extra_specs)
-    return pl.pallas_call(
-        functools.partial(kernel, plan=plan, decayed=decayed, segmented=segmented),
-        grid=(b, h, operands[2].shape[-1] // plan.block_v), in_specs=specs, out_specs=out_specs, out_shape=out_shape,
-        compiler_params=plgpu.CompilerParams(num_warps=4 if max(fp, plan.block_v) <= 64 else 8, num_stages=2),
-        interpret=plan.interpret, name=name,
-    )(*operands)
+def _call(plan: _Plan, kernel, operands, specs, out_specs, out_shape, decayed: bool, segmented: bool, name: str):
+    """`pallas_tiles.launch` of one of this module's kernels."""
+    return launch(functools.partial(kernel, plan=plan, decayed=decayed, segmented=segmented), operands, specs,
+                  out_specs, out_shape, plan.block_v, plan.interpret, name)
 
 
 def _forward(plan: _Plan, qf, kf, v, runs, log_decay):
     """Lay out, run the forward kernel, and cut back: ``(num [b, l, n, g, v], den [b, l, n, g])`` float32."""
     b, l, n, g, _ = qf.shape
-    operands = _layout(plan, qf, kf, v, runs, log_decay)
+    operands, specs = layout(qf, kf, v, [log_decay], runs, plan.block, plan.block_v, plan.dtype)
     _, lp, h, _ = operands[0].shape
     vp, bv = operands[2].shape[-1], plan.block_v
     tiles = vp // bv
-    num, den = _launch(  # den [b, h, tiles, lp]: each value tile writes its own copy
-        plan, _forward_kernel, operands, (),
-        [_value_tile(lp, bv), pl.BlockSpec((None, None, None, lp), lambda bi, hi, vi: (bi, hi, vi, 0))],
+    num, den = _call(  # den [b, h, tiles, lp]: each value tile writes its own copy
+        plan, _forward_kernel, operands, specs,
+        [value_tile(lp, bv), pl.BlockSpec((None, None, None, lp), lambda bi, hi, vi: (bi, hi, vi, 0))],
         [jax.ShapeDtypeStruct((b, lp, h, vp), jnp.float32), jax.ShapeDtypeStruct((b, h, tiles, lp), jnp.float32)],
         log_decay is not None, runs is not None, "linear_causal_forward")
     num = num[:, :l, :, :v.shape[-1]].reshape(b, l, n, g, v.shape[-1])
@@ -212,7 +168,7 @@ def _backward(plan: _Plan, qf, kf, v, runs, log_decay, d_num, d_den):
     """Lay out, run the backward kernel, and sum its partial gradients: ``(dqf, dkf, dv)`` float32 in the shapes of
     ``qf``, ``kf``, ``v``. ``d_num [b, l, n, g, v]``, ``d_den [b, l, n, g]``: the cotangents of the sums."""
     b, l, n, g, f = qf.shape
-    operands = _layout(plan, qf, kf, v, runs, log_decay)
+    operands, specs = layout(qf, kf, v, [log_decay], runs, plan.block, plan.block_v, plan.dtype)
     _, lp, h, fp = operands[0].shape
     vp, bv = operands[2].shape[-1], plan.block_v
     tiles = vp // bv
@@ -220,11 +176,11 @@ def _backward(plan: _Plan, qf, kf, v, runs, log_decay, d_num, d_den):
                             [(0, 0), (0, lp - l), (0, 0), (0, vp - v.shape[-1])]))
     operands.append(jnp.pad(jnp.moveaxis(d_den.astype(jnp.float32).reshape(b, l, h), 1, 2),
                             [(0, 0), (0, 0), (0, lp - l)]))
-    rows = _value_tile(lp, bv)
+    rows = value_tile(lp, bv)
     per_tile = pl.BlockSpec((None, None, lp, None, fp), lambda bi, hi, vi: (bi, vi, 0, hi, 0))
-    dq, dk, dv = _launch(  # dq, dk [b, tiles, lp, h, fp]: each value tile's share; dv [b, lp, h, vp]: per query head
-        plan, _backward_kernel, operands, [rows, pl.BlockSpec((None, None, lp), lambda bi, hi, vi: (bi, hi, 0))],
-        [per_tile, per_tile, rows],
+    dq, dk, dv = _call(  # dq, dk [b, tiles, lp, h, fp]: each value tile's share; dv [b, lp, h, vp]: per query head
+        plan, _backward_kernel, operands,
+        specs + [rows, pl.BlockSpec((None, None, lp), lambda bi, hi, vi: (bi, hi, 0))], [per_tile, per_tile, rows],
         [jax.ShapeDtypeStruct((b, tiles, lp, h, fp), jnp.float32)] * 2
         + [jax.ShapeDtypeStruct((b, lp, h, vp), jnp.float32)],
         log_decay is not None, runs is not None, "linear_causal_backward")

@@ -45,6 +45,49 @@ def padded_dim(size: int) -> int:
     return max(MIN_BLOCK, pl.next_power_of_2(size))
 
 
+def layout(q, k, v, per_kv_head: list, runs, block: int, block_v: int, dtype) -> tuple[list, list]:
+    """A chunk kernel's operands and their block specs over the grid ``(b, h, value tiles)``: a program sees its
+    query head's rows, its kv head's keys, values and per-position inputs, and its value tile.
+
+    ``q [b, l, n, g, d] -> [b, lp, h, dp]``, ``k [b, l, n, d] -> [b, lp, n, dp]`` and ``v [b, l, n, v] ->
+    [b, lp, n, vp]`` in ``dtype``; each array of ``per_kv_head`` not None, ``[b, l, n] -> [b, n, lp]`` float32; then
+    ``runs [b, l] -> [b, lp]`` if not None. Zero padding to ``lp``, a multiple of ``block``, and to powers of two;
+    padded positions join the last run (zero keys, values and decays change no state)."""
+    b, l, n, g, d = q.shape
+    lp = -(-l // block) * block
+    dp, vp = padded_dim(d), padded_dim(v.shape[-1])
+    pad = lambda x, dim: jnp.pad(x.astype(dtype), [(0, 0), (0, lp - l), (0, 0), (0, dim - x.shape[-1])])
+    kv_head = lambda bi, hi, vi: (bi, lax.div(hi, g), 0)
+    operands = [pad(q.reshape(b, l, n * g, d), dp), pad(k, dp), pad(v, vp)]
+    specs = [pl.BlockSpec((None, lp, None, dp), lambda bi, hi, vi: (bi, 0, hi, 0)),
+             pl.BlockSpec((None, lp, None, dp), lambda bi, hi, vi: (bi, 0, lax.div(hi, g), 0)),
+             pl.BlockSpec((None, lp, None, block_v), lambda bi, hi, vi: (bi, 0, lax.div(hi, g), vi))]
+    for x in (x for x in per_kv_head if x is not None):
+        operands.append(jnp.pad(jnp.moveaxis(x.astype(jnp.float32), 1, 2), [(0, 0), (0, 0), (0, lp - l)]))
+        specs.append(pl.BlockSpec((None, None, lp), kv_head))
+    if runs is not None:
+        operands.append(jnp.pad(runs, [(0, 0), (0, lp - l)], mode="edge"))
+        specs.append(pl.BlockSpec((None, lp), lambda bi, hi, vi: (bi, 0)))
+    return operands, specs
+
+
+def value_tile(lp: int, block_v: int) -> pl.BlockSpec:
+    """Block spec of a query head's value tile of ``[b, lp, h, vp]`` rows (outputs and their cotangents)."""
+    return pl.BlockSpec((None, lp, None, block_v), lambda bi, hi, vi: (bi, 0, hi, vi))
+
+
+def launch(kernel, operands: list, in_specs: list, out_specs: list, out_shape: list, block_v: int, interpret: bool,
+           name: str):
+    """`pl.pallas_call` of ``kernel`` over the grid ``(b, h, value tiles)`` of `layout`'s operands (and more)."""
+    b, _, h, dp = operands[0].shape
+    return pl.pallas_call(
+        kernel, grid=(b, h, operands[2].shape[-1] // block_v), in_specs=in_specs, out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=plgpu.CompilerParams(num_warps=4 if max(dp, block_v) <= 64 else 8, num_stages=2),
+        interpret=interpret, name=name,
+    )(*operands)
+
+
 def dot(a, b, *, trans_a=False, trans_b=False):
     """``a @ b`` (either transposed) accumulated in float32; float32 operands in full precision (no TF32)."""
     return plgpu.dot(a, b, trans_a=trans_a, trans_b=trans_b, precision=lax.Precision.HIGHEST)
