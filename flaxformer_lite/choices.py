@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-IMPLS = ("auto", "reference", "xla", "blockwise", "cudnn", "flash")  # softmax_attention(impl=...)
+IMPLS = ("auto", "reference", "xla", "blockwise", "cudnn", "flash", "pallas")  # softmax_attention(impl=...)
 FEATURE_MAP_NAMES = ("elu", "favor", "relu")  # attention.FEATURE_MAPS
 ATTENTION_KINDS = ("softmax", "linear", "delta", "additive", "synthesizer_dense", "synthesizer_random")
 LINEAR_GATES = ("none", "fixed", "data")  # decay of a linear or delta state: none, fixed per head (RetNet), per token

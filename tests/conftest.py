@@ -1,12 +1,27 @@
 """Test set-up, before JAX initialises: 8 CPU devices for sharding tests, kept freed memory, and quick compiles (LLVM
 unoptimised, a persistent compilation cache) for these processes and the train.py runs they start; then jitted
 kernels shared by tests."""
+import importlib.util
 import os
+import pkgutil
 import tempfile
 
-# Compile time dominates this suite, and most of it is LLVM optimising code that tests run once on tiny shapes:
-# without it the kernel tests take half the time. Floating-point semantics do not change (no fast-math either way).
-if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+
+def _accelerator_plugin() -> bool:
+    """Whether JAX will run on a GPU or TPU here: a PJRT plugin (jax_plugins.*) or libtpu is installed and
+    JAX_PLATFORMS does not restrict JAX to the CPU. Asked before JAX initialises, so its flags can still be set."""
+    if os.environ.get("JAX_PLATFORMS", "").strip().lower() == "cpu":
+        return False
+    plugins = importlib.util.find_spec("jax_plugins")
+    found = plugins is not None and any(True for _ in pkgutil.iter_modules(plugins.submodule_search_locations))
+    return found or importlib.util.find_spec("libtpu") is not None
+
+
+# Compile time dominates this suite on the CPU, and most of it is LLVM optimising code that tests run once on tiny
+# shapes: without it the kernel tests take half the time. Floating-point semantics do not change (no fast-math either
+# way). The flag reaches every backend's LLVM, so it is set only where JAX runs on the CPU: on a GPU it would slow
+# the compiled kernels that the GPU check then times.
+if not _accelerator_plugin() and "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 # The same train step is compiled by many train.py runs (subprocesses inherit the environment). JAX keys each entry
 # by the program, the compile options and the jaxlib version, so a cache kept between sessions is never stale.

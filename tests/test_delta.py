@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import reference
-from cases import B, L, build, check_grads_by_finite_differences, qkv
+from cases import B, L, build, check_grads_by_finite_differences, lower_for_gpu, qkv
 from flaxformer_lite.attention import Mask, delta_attention, delta_impl, delta_init_state, delta_step
 from flaxformer_lite.attention import linear_causal
 from flaxformer_lite.attention.delta import _blocks as delta_blocks
@@ -294,8 +294,7 @@ def test_pallas_lowers_to_triton():
     _, (q, k, v, beta), kwargs = _inputs(2, "data")
     seg = _mask("segments_causal").q_segment_ids
     loss = lambda q, k: jnp.sum(pallas_delta(q, k, v, beta, seg, kwargs["log_decay"], interpret=False)[0])
-    text = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(q.reshape(B, L, 2, 2, 16), k).lower(
-        lowering_platforms=("cuda",)).as_text()
+    text = lower_for_gpu(jax.jit(jax.grad(loss, argnums=(0, 1))).trace(q.reshape(B, L, 2, 2, 16), k))
     assert text.count("xla.gpu.triton") == 2 and "delta_rule_forward" in text and "delta_rule_backward" in text
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import reference
-from cases import B, MASK_CASES, check_grads_by_finite_differences, qkv
+from cases import B, MASK_CASES, check_grads_by_finite_differences, lower_for_gpu, qkv
 from flaxformer_lite.attention import Mask
 from flaxformer_lite.attention.checks import Dims, check_mask, check_qkv
 from flaxformer_lite.attention.flash import _first_kv_blocks, _q_blocks, fit_blocks, flash_attention, flash_unsupported
@@ -141,7 +141,7 @@ def test_lowers_to_triton(name, kv_heads, dtype):
     _, (q, k, v) = qkv(lq, lk, kv_heads=kv_heads, head_dim=8, value_dim=24, dtype=dtype)
     w = jnp.zeros((B, lq, 4, 24), dtype)
     lowered = flash_and_grads.trace(q, k, v, mask, w, block_q=64, block_kv=32, interpret=False)
-    text = lowered.lower(lowering_platforms=("cuda",)).as_text()
+    text = lower_for_gpu(lowered)
     assert text.count("xla.gpu.triton") == 3
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import reference
+from cases import lower_for_gpu
 from flaxformer_lite.attention.linear_causal import causal_sums
 from flaxformer_lite.attention.linear_pallas import pallas_causal_sums, pallas_unsupported
 
@@ -142,7 +143,7 @@ def test_lowers_to_triton(dtype, structure):
     """Both kernels lower through the Pallas Triton backend (to TTIR; compiling it to PTX needs a GPU): one Triton
     custom call for the values, one for the gradients. ``structure``: segments and decay."""
     inputs, _ = case("segments" if structure else "causal", "data" if structure else "none", dtype=dtype)
-    text = sums_and_grads.trace(*inputs, interpret=False).lower(lowering_platforms=("cuda",)).as_text()
+    text = lower_for_gpu(sums_and_grads.trace(*inputs, interpret=False))
     assert text.count("xla.gpu.triton") == 2
     assert "linear_causal_forward" in text and "linear_causal_backward" in text
 
@@ -209,3 +210,14 @@ def test_linear_impl_choice_and_errors():
                         (("pallas", causal, False, f32, 8), "block_size=8")]:
         with pytest.raises(ValueError, match=match):
             linear_impl(*args, backend="cpu")
+
+
+@pytest.mark.parametrize("dtype,interpret,want", [(jnp.float32, False, "TF32_TF32_F32_X3"),
+                                                  (jnp.float32, True, "HIGHEST"), (jnp.bfloat16, False, None)])
+def test_dot_precision_follows_the_mode(dtype, interpret, want):
+    """Float32 dots: 3xTF32 compiled for the GPU (Triton lowers full precision to FMA loops without tensor cores),
+    full precision in interpret mode (XLA:CPU refuses 3xTF32); bf16 dots keep the default."""
+    q, k, v = (jnp.ones(shape, dtype) for shape in [(1, 32, 1, 1, 16), (1, 32, 1, 16), (1, 32, 1, 16)])
+    text = str(jax.make_jaxpr(lambda *a: pallas_causal_sums(*a, None, None, interpret=interpret))(q, k, v))
+    for name in ("TF32_TF32_F32_X3", "HIGHEST"):
+        assert (name in text) == (name == want), name

@@ -376,16 +376,16 @@ def test_flash_routes_to_cudnn_the_pallas_kernels_or_blockwise():
         assert _flash_route(d, jnp.bfloat16, Mask(prefix_lengths=jnp.array([3])), None, 0.0, "tpu") == "blockwise"
 
 
-@pytest.mark.parametrize("name", ["segments_causal", "prefix_padding"])
-def test_flash_through_softmax_attention(softmax_fn, name):
-    """impl="flash" on the CPU: the Pallas kernels in interpret mode, values and gradients against the references
-    (tests/test_flash.py covers every mask kind on the kernels themselves)."""
+@pytest.mark.parametrize("name,impl", [("segments_causal", "flash"), ("prefix_padding", "pallas")])
+def test_flash_through_softmax_attention(softmax_fn, name, impl):
+    """impl="flash" and impl="pallas" on the CPU: the Pallas kernels in interpret mode, values and gradients against
+    the references (tests/test_flash.py covers every mask kind on the kernels themselves)."""
     lq, lk, mask, dense = build(name)
     (qn, kn, vn), (q, k, v) = qkv(lq, lk, seed=5)
-    np.testing.assert_allclose(softmax_fn(q, k, v, mask=mask, impl="flash", block_q=16, block_kv=16),
+    np.testing.assert_allclose(softmax_fn(q, k, v, mask=mask, impl=impl, block_q=16, block_kv=16),
                                reference.softmax_attention(qn, kn, vn, dense), **TOL)
     w = jnp.asarray(np.random.default_rng(6).standard_normal(q.shape), jnp.float32)
-    got = jax.grad(lambda q, k, v: jnp.sum(softmax_fn(q, k, v, mask=mask, impl="flash", block_q=16,
+    got = jax.grad(lambda q, k, v: jnp.sum(softmax_fn(q, k, v, mask=mask, impl=impl, block_q=16,
                                                       block_kv=16) * w), argnums=(0, 1, 2))(q, k, v)
     for g, r in zip(got, _loss_grads(softmax_fn, "reference", q, k, v, w, mask=mask)):
         np.testing.assert_allclose(g, r, **TOL)
@@ -399,6 +399,14 @@ def test_flash_with_a_bias_falls_back_with_one_warning():
         out = softmax_attention(q, k, v, mask=mask, bias=jnp.asarray(bias, jnp.float32), impl="flash")
     assert len(caught) == 1
     np.testing.assert_allclose(out, reference.softmax_attention(qn, kn, vn, dense, bias=bias), **TOL)
+
+
+def test_pallas_never_falls_back():
+    """impl="pallas" runs our kernels or says why not, naming the impl: no silent route to cuDNN or blockwise."""
+    lq, lk, mask, _ = build("segments_causal")
+    _, (q, k, v) = qkv(lq, lk, seed=7)
+    with pytest.raises(ValueError, match=r"impl='pallas' cannot run this call: an additive bias"):
+        softmax_attention(q, k, v, mask=mask, bias=jnp.zeros((1, 4, lq, lk)), impl="pallas")
 
 
 def test_cudnn_reasons():

@@ -23,9 +23,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
+
+from .pallas_tiles import dot as _dot
+from .pallas_tiles import pallas_call
 
 _NEG_INF = float("-inf")
+_LOG2E = 1.4426950408889634  # logits are kept in base 2 inside the kernels: exp2 is one instruction, exp is two
 NUM_STAGES = 2  # Triton software pipelining: copies of the tiles a loop loads kept in shared memory at once
 
 
@@ -80,12 +83,6 @@ class FlashMasks(NamedTuple):
 
 
 # -- tiles ------------------------------------------------------------------------------------------------------------
-def _dot(a, b, *, trans_a=False, trans_b=False):
-    """``a @ b`` (either transposed) accumulated in float32; float32 operands multiply in full precision (no TF32),
-    as the reference does."""
-    return plgpu.dot(a, b, trans_a=trans_a, trans_b=trans_b, precision=lax.Precision.HIGHEST)
-
-
 def _load_side(plan: FlashPlan, pos_ref, seg_ref, start, size: int):
     """The positions and segment ids ``[size]`` of rows ``start:start+size`` (None where the plan compares none)."""
     rows = pl.ds(start, size)
@@ -93,8 +90,9 @@ def _load_side(plan: FlashPlan, pos_ref, seg_ref, start, size: int):
 
 
 def _logits(plan: FlashPlan, q, k, q_side, kv_side, kv_start):
-    """Masked logits of one tile, float32 ``[bq, bk]``: ``scale * q . k``, -inf where the mask hides the pair."""
-    s = _dot(q, k, trans_b=True) * plan.scale
+    """Masked logits of one tile in base 2, float32 ``[bq, bk]``: ``log2(e) * scale * q . k``, -inf where the mask
+    hides the pair (``exp2`` of them minus a base-2 log-sum-exp gives the attention weights)."""
+    s = _dot(q, k, trans_b=True) * (plan.scale * _LOG2E)
     (q_pos, q_seg), (kv_pos, kv_seg) = q_side, kv_side
     shape = s.shape
     visible = None
@@ -126,9 +124,9 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_pos_ref, kv_pos_ref, q_seg_ref, kv_se
         s = _logits(plan, q, k_ref[pl.ds(start, bk), :], q_side, _load_side(plan, kv_pos_ref, kv_seg_ref, start, bk),
                     start)
         m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-        m_safe = jnp.where(m_new == _NEG_INF, 0.0, m_new)  # no visible key yet: keep exp() away from -inf - -inf
-        p = jnp.exp(s - m_safe[:, None])
-        alpha = jnp.exp(m - m_safe)
+        m_safe = jnp.where(m_new == _NEG_INF, 0.0, m_new)  # no visible key yet: keep exp2() away from -inf - -inf
+        p = jnp.exp2(s - m_safe[:, None])
+        alpha = jnp.exp2(m - m_safe)
         v = v_ref[pl.ds(start, bk), :]
         acc = alpha[:, None] * acc + _dot(p.astype(v.dtype), v)
         return acc, m_new, alpha * l + jnp.sum(p, axis=-1)
@@ -139,8 +137,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_pos_ref, kv_pos_ref, q_seg_ref, kv_se
     seen = l > 0.0  # a row that may attend no key has acc == 0: it returns zeros
     l_safe = jnp.where(seen, l, 1.0)
     o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
-    # Any finite lse serves an empty row: the backward recomputes exp(-inf - lse) == 0 for each of its pairs.
-    lse_ref[...] = jnp.where(seen, m + jnp.log(l_safe), 0.0)
+    # In base 2, as the logits. Any finite lse serves an empty row: the backward recomputes exp2(-inf - lse) == 0.
+    lse_ref[...] = jnp.where(seen, m + jnp.log2(l_safe), 0.0)
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_pos_ref, kv_pos_ref, q_seg_ref, kv_seg_ref,
@@ -154,7 +152,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_pos_ref, kv_po
         start = j * bk
         k, v = k_ref[pl.ds(start, bk), :], v_ref[pl.ds(start, bk), :]
         s = _logits(plan, q, k, q_side, _load_side(plan, kv_pos_ref, kv_seg_ref, start, bk), start)
-        p = jnp.exp(s - lse[:, None])
+        p = jnp.exp2(s - lse[:, None])
         ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
         return dq + _dot(ds.astype(k.dtype), k)
 
@@ -176,7 +174,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_pos_ref, kv_
         rows = pl.ds(i * bq, bq)
         q, do = q_ref[rows, head, :], do_ref[rows, head, :]
         s = _logits(plan, q, k, _load_side(plan, q_pos_ref, q_seg_ref, i * bq, bq), kv_side, kv_start)
-        p = jnp.exp(s - lse_ref[head, rows][:, None])
+        p = jnp.exp2(s - lse_ref[head, rows][:, None])
         dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
         ds = p * (_dot(do, v, trans_b=True) - delta_ref[head, rows][:, None])
         return dk + _dot(ds.astype(q.dtype), q, trans_a=True), dv
@@ -191,10 +189,9 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_pos_ref, kv_
 
 
 # -- calls ------------------------------------------------------------------------------------------------------------
-def _compiler_params(*arrays) -> plgpu.CompilerParams:
-    """Triton launch parameters: more warps for wide heads (as jax's reference Pallas attention does)."""
-    return plgpu.CompilerParams(num_warps=4 if max(x.shape[-1] for x in arrays) <= 64 else 8,
-                                num_stages=NUM_STAGES)
+def _num_warps(*arrays) -> int:
+    """Triton warps per program: more for wide heads (as jax's reference Pallas attention does)."""
+    return 4 if max(x.shape[-1] for x in arrays) <= 64 else 8
 
 
 def _mask_specs(lq: int, lk: int, q_block: int | None, kv_block: int | None) -> list[pl.BlockSpec]:
@@ -217,16 +214,15 @@ def forward(plan: FlashPlan, q, k, v, masks):
     per_kv = lambda i, bi, hi: (bi, 0, lax.div(hi, g), 0)
     mask_specs = _mask_specs(lq, lk, bq, None)
     bound = pl.BlockSpec((None, None), lambda i, bi, hi: (bi, i))
-    return pl.pallas_call(
-        functools.partial(_forward_kernel, plan=plan),
+    return pallas_call(
+        functools.partial(_forward_kernel, plan=plan), [q, k, v, *masks.rows, masks.kv_lo, masks.kv_hi],
         grid=(lq // bq, b, h),
         in_specs=[pl.BlockSpec((None, bq, None, d), per_q), pl.BlockSpec((None, lk, None, d), per_kv),
                   pl.BlockSpec((None, lk, None, dv), per_kv), *mask_specs, *[bound] * 2],
         out_specs=[pl.BlockSpec((None, bq, None, dv), per_q),
                    pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, i))],
         out_shape=[jax.ShapeDtypeStruct((b, lq, h, dv), q.dtype), jax.ShapeDtypeStruct((b, h, lq), jnp.float32)],
-        compiler_params=_compiler_params(q, v), interpret=plan.interpret, name="flash_forward",
-    )(q, k, v, *masks.rows, masks.kv_lo, masks.kv_hi)
+        num_warps=_num_warps(q, v), num_stages=NUM_STAGES, interpret=plan.interpret, name="flash_forward")
 
 
 def backward_dq(plan: FlashPlan, q, k, v, do, lse, delta, masks):
@@ -238,16 +234,16 @@ def backward_dq(plan: FlashPlan, q, k, v, do, lse, delta, masks):
     per_row = pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, i))
     mask_specs = _mask_specs(lq, lk, bq, None)
     bound = pl.BlockSpec((None, None), lambda i, bi, hi: (bi, i))
-    return pl.pallas_call(
-        functools.partial(_dq_kernel, plan=plan),
+    return pallas_call(
+        functools.partial(_dq_kernel, plan=plan), [q, k, v, do, lse, delta, *masks.rows, masks.kv_lo_bwd,
+                                                    masks.kv_hi_bwd],
         grid=(lq // bq, b, h),
         in_specs=[pl.BlockSpec((None, bq, None, d), per_q), pl.BlockSpec((None, lk, None, d), per_kv),
                   pl.BlockSpec((None, lk, None, dv), per_kv), pl.BlockSpec((None, bq, None, dv), per_q), per_row,
                   per_row, *mask_specs, *[bound] * 2],
         out_specs=pl.BlockSpec((None, bq, None, d), per_q),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        compiler_params=_compiler_params(q, v), interpret=plan.interpret, name="flash_backward_dq",
-    )(q, k, v, do, lse, delta, *masks.rows, masks.kv_lo_bwd, masks.kv_hi_bwd)
+        num_warps=_num_warps(q, v), num_stages=NUM_STAGES, interpret=plan.interpret, name="flash_backward_dq")
 
 
 def backward_dkdv(plan: FlashPlan, q, k, v, do, lse, delta, masks):
@@ -259,13 +255,13 @@ def backward_dkdv(plan: FlashPlan, q, k, v, do, lse, delta, masks):
     group_rows = pl.BlockSpec((None, g, lq), lambda j, bi, ni: (bi, ni, 0))
     mask_specs = _mask_specs(lq, lk, None, bk)
     bound = pl.BlockSpec((None, None), lambda j, bi, ni: (bi, j))
-    return pl.pallas_call(
-        functools.partial(_dkdv_kernel, plan=plan),
+    return pallas_call(
+        functools.partial(_dkdv_kernel, plan=plan), [q, k, v, do, lse, delta, *masks.rows, masks.q_lo_bwd,
+                                                      masks.q_hi_bwd],
         grid=(lk // bk, b, n),
         in_specs=[pl.BlockSpec((None, lq, g, d), group), pl.BlockSpec((None, bk, None, d), per_kv),
                   pl.BlockSpec((None, bk, None, dv), per_kv), pl.BlockSpec((None, lq, g, dv), group), group_rows,
                   group_rows, *mask_specs, *[bound] * 2],
         out_specs=[pl.BlockSpec((None, bk, None, d), per_kv), pl.BlockSpec((None, bk, None, dv), per_kv)],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        compiler_params=_compiler_params(q, v), interpret=plan.interpret, name="flash_backward_dkdv",
-    )(q, k, v, do, lse, delta, *masks.rows, masks.q_lo_bwd, masks.q_hi_bwd)
+        num_warps=_num_warps(q, v), num_stages=NUM_STAGES, interpret=plan.interpret, name="flash_backward_dkdv")

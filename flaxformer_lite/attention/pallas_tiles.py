@@ -12,6 +12,7 @@ smallest.
 """
 from __future__ import annotations
 
+import contextvars
 from typing import NamedTuple
 
 import jax
@@ -24,6 +25,8 @@ from .checks import check_block_size
 
 MIN_BLOCK = 16  # Triton's smallest matmul tile
 MAX_BLOCK = 128  # [c, c] float32 score and decay tiles live in registers
+# Whether the kernel body being traced runs in interpret mode: set by `pallas_call` around the trace, read by `dot`.
+_INTERPRET = contextvars.ContextVar("flaxformer_lite_pallas_interpret", default=True)
 
 
 def tile_size(name: str, size, largest: int | None) -> int:
@@ -78,19 +81,43 @@ def value_tile(lp: int, block_v: int) -> pl.BlockSpec:
 
 def launch(kernel, operands: list, in_specs: list, out_specs: list, out_shape: list, block_v: int, interpret: bool,
            name: str):
-    """`pl.pallas_call` of ``kernel`` over the grid ``(b, h, value tiles)`` of `layout`'s operands (and more)."""
+    """`pallas_call` of ``kernel`` over the grid ``(b, h, value tiles)`` of `layout`'s operands (and more)."""
     b, _, h, dp = operands[0].shape
-    return pl.pallas_call(
-        kernel, grid=(b, h, operands[2].shape[-1] // block_v), in_specs=in_specs, out_specs=out_specs,
-        out_shape=out_shape,
-        compiler_params=plgpu.CompilerParams(num_warps=4 if max(dp, block_v) <= 64 else 8, num_stages=2),
-        interpret=interpret, name=name,
-    )(*operands)
+    return pallas_call(kernel, operands, grid=(b, h, operands[2].shape[-1] // block_v), in_specs=in_specs,
+                       out_specs=out_specs, out_shape=out_shape, num_warps=4 if max(dp, block_v) <= 64 else 8,
+                       interpret=interpret, name=name)
+
+
+def pallas_call(kernel, operands: list, *, grid: tuple, in_specs, out_specs, out_shape, num_warps: int,
+                interpret: bool, name: str, num_stages: int = 2):
+    """`pl.pallas_call` of ``kernel`` on ``operands`` with Triton's launch parameters, its body traced knowing
+    whether it runs in interpret mode (which sets `dot`'s float32 precision)."""
+    token = _INTERPRET.set(bool(interpret))
+    try:
+        return pl.pallas_call(
+            kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+            compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+            interpret=interpret, name=name,
+        )(*operands)
+    finally:
+        _INTERPRET.reset(token)
+
+
+def dot_precision(dtype, interpret: bool):
+    """The precision of a kernel's ``dot`` on operands of ``dtype``: for float32, full float32 products in interpret
+    mode (XLA:CPU takes no other algorithm) and 3xTF32 on the GPU (Triton lowers full precision to unrolled FMA,
+    without tensor cores: minutes of compile time and register spills; 3xTF32 splits each operand into a high and a
+    low TF32 part and keeps three products, about float32's accuracy); None (the default) for bf16/fp16 operands,
+    which the tensor cores take as they are."""
+    if jnp.dtype(dtype) != jnp.float32:
+        return None
+    return lax.Precision.HIGHEST if interpret else lax.DotAlgorithmPreset.TF32_TF32_F32_X3
 
 
 def dot(a, b, *, trans_a=False, trans_b=False):
-    """``a @ b`` (either transposed) accumulated in float32; float32 operands in full precision (no TF32)."""
-    return plgpu.dot(a, b, trans_a=trans_a, trans_b=trans_b, precision=lax.Precision.HIGHEST)
+    """``a @ b`` (either transposed) accumulated in float32, at `dot_precision` (float32 operands: full precision in
+    interpret mode, 3xTF32 compiled). Call it inside a kernel body launched by `pallas_call`."""
+    return plgpu.dot(a, b, trans_a=trans_a, trans_b=trans_b, precision=dot_precision(a.dtype, _INTERPRET.get()))
 
 
 def triangle(c: int, upper: bool = False) -> jax.Array:

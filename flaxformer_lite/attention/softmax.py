@@ -16,6 +16,8 @@ Implementations (``impl=``):
     attention (splash.py: causal, sliding-window and/or packed self-attention); on CPU the flash.py kernels in Pallas
     interpret mode (slow: for tests). A call the kernel at hand cannot take (a bias, dropout, a mask splash lacks)
     runs ``"blockwise"`` instead, with one warning.
+  - ``"pallas"``: our Pallas FlashAttention-2 kernels of flash.py, always (Triton on GPU, interpret mode on CPU),
+    even where ``"flash"`` would pick cuDNN: to compare the two side by side. `ValueError` where they cannot run.
   - ``"auto"``: the fastest correct choice for the backend, dtype, length and mask (`choose_impl`).
 
 Shape key: b batch, q query length, k key length, h query heads, n kv heads, g = h // n, d head dim, v value dim.
@@ -83,6 +85,11 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask | 
             return flash_attention(q, k, v, dims=dims, mask=mask, scale=scale, block_q=block_q, block_kv=block_kv)
         if impl == "splash":
             return splash_attention(q, k, v, dims=dims, mask=mask, scale=scale, block_size=max(block_q, block_kv))
+    if impl == "pallas":
+        reason = flash_unsupported(dims, q.dtype, mask, bias, dropout_rate, backend)
+        if reason:
+            raise ValueError(f"impl='pallas' cannot run this call: {reason}. Use impl='flash' or 'auto'.")
+        return flash_attention(q, k, v, dims=dims, mask=mask, scale=scale, block_q=block_q, block_kv=block_kv)
     if impl == "blockwise":
         return blockwise_attention(q, k, v, dims=dims, mask=mask, bias=bias, scale=scale, dropout_rate=dropout_rate,
                                    dropout_seed=seed, block_q=block_q, block_kv=block_kv)

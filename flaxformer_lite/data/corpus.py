@@ -14,9 +14,10 @@ import re
 import sys
 import sysconfig
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import datasets
-import pyarrow.compute as pc
+if TYPE_CHECKING:  # imported where used: `datasets` is optional for everything but reading a corpus
+    import datasets
 
 _SKIP_DIRS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "ensurepip", "turtledemo",
               "__pycache__", "pydoc_data"}
@@ -121,6 +122,7 @@ def load_corpus(path: str = "", fmt: str = "auto", text_field: str = "text",
     (blank-line separated), ``"document"`` (the whole file, one continuous stream) or ``"line"``. A source
     that cannot be read, or whose ``text_field`` is missing, not text, null in some rows or blank in all, raises a
     one-line `ValueError` naming ``data.path`` (and the file) and the fault."""
+    import datasets  # noqa: PLC0415  (see the imports above)
     if not path:
         return datasets.load_dataset("json", data_files=str(stdlib_docstrings()), split="train")
     fmt = _format_of(path, fmt)
@@ -173,6 +175,7 @@ def _load_files(path: str, fmt: str, text_unit: str = "paragraph") -> datasets.D
         if fault:
             raise ValueError(f"data.path={_where(path, file)}: {fault}")
     kwargs = {"sample_by": text_unit} if fmt == "text" else {}
+    import datasets  # noqa: PLC0415
     try:
         return datasets.load_dataset(fmt, data_files=files, split="train", **kwargs)
     except Exception as err:  # datasets wraps every reader's failure in its own errors; name the file and the fault
@@ -281,6 +284,8 @@ _READERS = {"text": _text_fault, "json": _json_fault, "csv": _csv_fault, "parque
 def _check_text(ds: datasets.Dataset, path: str, field: str) -> None:
     """Refuse a corpus whose ``field`` is not strings, is null (or missing) in some rows, or is blank in every row.
     Arrow does the scans: null counts are stored, and the blank check stops at the first chunk with text."""
+    import datasets  # noqa: PLC0415
+    import pyarrow.compute as pc  # noqa: PLC0415
     if len(ds) == 0:
         raise ValueError(f"data.path={path}: no rows")
     feature, column = ds.features[field], ds.data.column(field)
