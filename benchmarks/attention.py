@@ -21,7 +21,7 @@ import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from harness import compile_for, console, median_seconds, show_and_write  # noqa: E402
+from harness import compile_for, console, median_seconds, show_and_write, write_tables  # noqa: E402
 
 from flaxformer_lite.attention import (Mask, choose_impl, delta_attention, linear_attention,  # noqa: E402
                                       softmax_attention)
@@ -140,7 +140,16 @@ def bench_case(impl, mask_name, l, args, budget_bytes, repeats, time_budget):
     return row, np.asarray(c_fwd.fn(q, k, v, mask), np.float32)
 
 
+COLUMNS = ["impl", "mask", "length", "fwd ms", "fwd+bwd ms", "time / ref", "fwd+bwd temp MiB", "mem / ref",
+           "GFLOP/s", "max |err|", "note"]
+
+
+def _title(args) -> str:
+    return f"Attention, b={args.batch} h={args.heads}/{args.kv_heads} d={args.head_dim} {args.dtype}"
+
+
 def run(args) -> list[dict]:
+    """Every (mask, length, impl) row, the table rewritten after each (so a run cut short keeps its rows)."""
     rows = []
     budget = args.max_temp_gib * 2**30
     for mask_name in args.masks:
@@ -156,6 +165,7 @@ def run(args) -> list[dict]:
                 console.print(f"[dim]{impl:>13} {mask_name} {l:>6}: fwd {row.get('fwd ms', 0):9.1f} ms, fwd+bwd "
                               f"{row.get('fwd+bwd ms', 0):9.1f} ms, temp {row.get('fwd+bwd temp MiB', 0):9.1f} MiB "
                               f"{row.get('note', '')}[/dim]")
+                write_tables(args.name, _title(args), COLUMNS, rows, ["(partial: the run has not finished)"])
     return rows
 
 
@@ -265,10 +275,7 @@ def main(argv=None):
     args.ceiling = matmul_flops(2048, dtype=args.dtype) / 1e9
     rows = run(args)
     args.ceiling = max(args.ceiling, matmul_flops(2048, dtype=args.dtype) / 1e9)  # before and after: the better
-    cols = ["impl", "mask", "length", "fwd ms", "fwd+bwd ms", "time / ref", "fwd+bwd temp MiB", "mem / ref",
-            "GFLOP/s", "max |err|", "note"]
-    title = (f"Attention, b={args.batch} h={args.heads}/{args.kv_heads} d={args.head_dim} {args.dtype}")
-    path = show_and_write(args.name, title, cols, rows, target_notes(rows, args))
+    path = show_and_write(args.name, _title(args), COLUMNS, rows, target_notes(rows, args))
     console.print(f"written to {path}")
 
 

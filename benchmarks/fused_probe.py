@@ -4,7 +4,8 @@ function (values and gradients against our float32 reference, fully masked rows)
     python benchmarks/fused_probe.py                 # on a GPU; skips what is not installed and says so
     python benchmarks/fused_probe.py --lengths 4096 --repeats 10
 
-Candidates: ours (`softmax_attention` impls), `jax.nn.dot_product_attention(implementation="cudnn")` through ours,
+Candidates: ours (`softmax_attention` impls: ``ours-pallas`` is our Pallas kernel always, ``ours-flash`` what
+``impl="flash"`` picks, cuDNN where it takes the mask), `jax.nn.dot_product_attention(implementation="cudnn")` through ours,
 tokamax (`mosaic` = its Pallas Mosaic-GPU kernel, `triton` = its Pallas Triton kernel, `cudnn`, `xla_chunked`), and
 `jax.experimental.pallas.ops.gpu.attention.mha` (Pallas Triton, segment ids). Masks: causal, packed causal segments
 (tokamax via per-row ``k_start``), prefix-LM (tokamax via per-row ``k_end``), padding (kv lengths).
@@ -26,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from harness import console, device_description, show_and_write  # noqa: E402
+from harness import console, device_description, show_and_write, write_tables  # noqa: E402
 
 from flaxformer_lite.attention import Mask, softmax_attention  # noqa: E402
 
@@ -67,23 +68,25 @@ def _tokamax_kernel(implementation: str):
     return kernel
 
 
-def _pallas_mha(q, k, v, mask_name, ours):
+def _pallas_mha(q, k, v, mask_name, ours, interpret=False):
     """`jax.experimental.pallas.ops.gpu.attention.mha` (Pallas Triton): causal and segment ids only."""
     from jax.experimental.pallas.ops.gpu import attention  # noqa: PLC0415
     if mask_name not in ("causal", "segments"):
         raise NotImplementedError(f"{mask_name} mask")
     seg = ours.q_segment_ids if mask_name == "segments" else None
-    return attention.mha(q, k, v, segment_ids=seg, sm_scale=q.shape[-1] ** -0.5, causal=True)
+    return attention.mha(q, k, v, segment_ids=seg, sm_scale=q.shape[-1] ** -0.5, causal=True, interpret=interpret)
 
 
-def candidates() -> dict:
-    """name -> fn(q, k, v, mask_name, ours_mask, tokamax_kwargs)."""
+def candidates(interpret: bool = False) -> dict:
+    """name -> fn(q, k, v, mask_name, ours_mask, tokamax_kwargs). ``interpret``: run jax's Pallas kernel in
+    interpret mode (ours choose it by themselves on the CPU)."""
     out = {
+        "ours-pallas": lambda q, k, v, n, m, t: softmax_attention(q, k, v, mask=m, impl="pallas"),
         "ours-xla": lambda q, k, v, n, m, t: softmax_attention(q, k, v, mask=m, impl="xla"),
         "ours-blockwise": lambda q, k, v, n, m, t: softmax_attention(q, k, v, mask=m, impl="blockwise"),
         "ours-cudnn": lambda q, k, v, n, m, t: softmax_attention(q, k, v, mask=m, impl="cudnn"),
         "ours-flash": lambda q, k, v, n, m, t: softmax_attention(q, k, v, mask=m, impl="flash"),
-        "pallas-mha": lambda q, k, v, n, m, t: _pallas_mha(q, k, v, n, m),
+        "pallas-mha": lambda q, k, v, n, m, t: _pallas_mha(q, k, v, n, m, interpret),
     }
     for impl in ("mosaic", "triton", "cudnn", "xla_chunked"):
         out[f"tokamax-{impl}"] = functools.partial(lambda impl, q, k, v, n, m, t: _tokamax_kernel(impl)(q, k, v, t),
@@ -169,10 +172,18 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--check-below", type=int, default=4096, help="compare to the reference up to this length")
     p.add_argument("--name", default=None)
+    p.add_argument("--interpret", action="store_true", help="Pallas interpret mode for jax's kernel (CPU dry runs)")
+    p.add_argument("--no-masked-rows", action="store_true", help="skip the fully-masked-row notes")
     args = p.parse_args(argv)
     dtype = jnp.dtype(args.dtype)
-    cands = candidates()
+    cands = candidates(args.interpret)
     names = args.kernels.split(",") if args.kernels else list(cands)
+    bad = [n for n in names if n not in cands]
+    if bad:
+        p.error(f"--kernels: unknown {bad}; choose from {list(cands)}")
+    stem = args.name or f"fused_probe-{jax.default_backend()}"
+    cols = ["kernel", "mask", "length", "fwd ms", "fwd+bwd ms", "TFLOP/s", "max |err| out", "max |err| grad",
+            "finite", "note"]
     console.print(device_description())
     rows = []
     for l in args.lengths:
@@ -193,12 +204,29 @@ def main(argv=None):
                     row["TFLOP/s"] = flops / (row["fwd+bwd ms"] / 1e3) / 1e12
                 rows.append(row)
                 console.print(f"[dim]{row}[/dim]")
+                write_tables(stem, "Fused attention kernels", cols, rows, ["(partial: the run has not finished)"])
     notes = [device_description(), f"b x l = {args.batch} x min(l, 4096) tokens per call, h={args.heads}, "
              f"d={args.head_dim}, {args.dtype}; errors vs our float32 reference (highest precision)"]
-    notes += [fully_masked_rows(cands[n], n, dtype) for n in names]
-    cols = ["kernel", "mask", "length", "fwd ms", "fwd+bwd ms", "TFLOP/s", "max |err| out", "max |err| grad",
-            "finite", "note"]
-    show_and_write(args.name or f"fused_probe-{jax.default_backend()}", "Fused attention kernels", cols, rows, notes)
+    notes += _ratios(rows)
+    write_tables(stem, "Fused attention kernels", cols, rows, notes)
+    if not args.no_masked_rows:
+        notes += [fully_masked_rows(cands[n], n, dtype) for n in names]
+    show_and_write(stem, "Fused attention kernels", cols, rows, notes)
+
+
+def _ratios(rows: list[dict]) -> list[str]:
+    """Our Pallas kernel's fwd+bwd TFLOP/s over cuDNN's, per (mask, length) where both ran (the issue's targets:
+    >= 0.9x causal, >= 0.8x packed segments; cuDNN takes no segments through ours, tokamax-cudnn does)."""
+    got = {(r["kernel"], r["mask"], r["length"]): r.get("TFLOP/s") for r in rows}
+    notes = []
+    for (kernel, mask, length), ours in got.items():
+        if kernel != "ours-pallas" or not ours:
+            continue
+        for peer in ("ours-cudnn", "tokamax-cudnn", "pallas-mha"):
+            theirs = got.get((peer, mask, length))
+            if theirs:
+                notes.append(f"ours-pallas / {peer}, {mask} @ {length}: {ours / theirs:.2f}x fwd+bwd TFLOP/s")
+    return notes
 
 
 if __name__ == "__main__":

@@ -1,61 +1,99 @@
 #!/usr/bin/env bash
-# Everything a GPU must show, from a fresh checkout, offline, in about 8 minutes:
+# Everything a GPU must show, from a fresh checkout, offline, in one call of under 7 minutes:
 #   bash benchmarks/gpu_check.sh OUT_DIR
-# Needs JAX with CUDA, flax, optax, orbax, pytest and sentencepiece installed; the project is used from this
-# checkout (no install, no network). Wheels for optional peers (tokamax and what it needs) are taken from .whl/
-# when that folder exists (see benchmarks/README or RESULTS.md: "GPU check"); what is missing is skipped and said.
-# Writes OUT_DIR/gpu_check.log (everything printed), OUT_DIR/results.md (every result table) and
-# OUT_DIR/results.tar.gz (the JSON files). Each section has a time limit, so one slow part cannot eat the rest.
+# and the same sections on the CPU, with tiny shapes and the Pallas kernels in interpret mode (under 3 minutes on
+# 2 cores; CI runs it in a virtualenv holding exactly the GPU image's packages):
+#   GPU_CHECK_DRY=1 bash benchmarks/gpu_check.sh OUT_DIR
+#
+# Needs JAX (with CUDA on a GPU), flax, optax, orbax, pytest and sentencepiece; the project is used from this
+# checkout (no install, no network; `datasets` is not needed). Wheels for optional peers (tokamax and what it needs)
+# are taken from .whl/ when that folder exists; a missing optional package is named in the pre-flight with the
+# sections it changes.
+#
+# Writes into OUT_DIR, whatever happens (an exit trap and every section collect): gpu_check.log (everything
+# printed), results.md (every table so far), results/ (each benchmark's .md and .json, rewritten after every row),
+# kernel-tests.log and kernel-tests.xml (JUnit), results.tar.gz, and jax-cache/ (JAX's compilation cache: a rerun
+# into the same OUT_DIR is warm). Each section has a time limit within the whole run's, and prints its exit status.
 set -u
-out=${1:?usage: bash benchmarks/gpu_check.sh OUT_DIR}
-mkdir -p "$out" && out=$(cd "$out" && pwd)
+out=${1:?usage: [GPU_CHECK_DRY=1] bash benchmarks/gpu_check.sh OUT_DIR}
+mkdir -p "$out/results" && out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.."
-exec > >(tee "$out/gpu_check.log") 2>&1
-export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+exec > >(tee -a "$out/gpu_check.log") 2>&1
+exec 3>&1  # section status lines reach the log even when a command's own output goes to a file
+dry=${GPU_CHECK_DRY:-0}
+[ "$dry" = 1 ] || dry=0
+total=$([ "$dry" = 1 ] && echo 170 || echo 400)  # seconds for the whole run: every section fits inside
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false FFL_RESULTS_DIR="$out/results"
+export JAX_COMPILATION_CACHE_DIR="$out/jax-cache" JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0.5
+if [ "$dry" = 1 ]; then
+  export JAX_PLATFORMS=cpu
+  # As tests/conftest.py does on the CPU: compile time dominates tiny shapes, and LLVM's passes most of it.
+  case "${XLA_FLAGS:-}" in *xla_backend_optimization_level*) ;; *) export XLA_FLAGS="${XLA_FLAGS:-} --xla_backend_optimization_level=0" ;; esac
+fi
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/ffl-site \
     .whl/*.whl && export PYTHONPATH=/tmp/ffl-site || echo "wheels in .whl/ did not install: peers skipped"
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 start=$(date +%s)
-section() { echo; echo "=== $1 (t=$(( $(date +%s) - start ))s, limit ${2}s)"; }
-run() { local limit=$1; shift; timeout -k 5 "$limit" "$@"; local rc=$?; [ $rc -eq 124 ] && echo "(timed out)"; return 0; }
-results_before=$(ls benchmarks/results/ 2>/dev/null)
 
-section "device" 30
-nvidia-smi -L 2>/dev/null || echo "nvidia-smi: not found"
-run 30 python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', \
-optax.__version__, jax.devices())"
+collect() {  # every table written so far, into results.md and results.tar.gz
+  (cd "$out/results" && for f in *.md; do [ -e "$f" ] && { cat "$f"; echo; }; done) > "$out/results.md.tmp" \
+    && mv "$out/results.md.tmp" "$out/results.md"
+  (cd "$out" && tar czf results.tar.gz.tmp results kernel-tests.xml 2>/dev/null; mv results.tar.gz.tmp results.tar.gz)
+}
+trap 'collect; echo "gpu_check: done in $(( $(date +%s) - start ))s (dry=$dry); results in $out"' EXIT
 
-section "fused attention kernels: values, gradients, fully masked rows, fwd+bwd time" 130
-run 130 python3 benchmarks/fused_probe.py --lengths 2048,8192 --masks causal,segments,prefix \
-  --kernels ours-flash,ours-xla,ours-blockwise,ours-cudnn,pallas-mha,tokamax-mosaic,tokamax-triton,tokamax-cudnn --repeats 10
+left() { echo $(( total - ($(date +%s) - start) )); }
+section() {  # section TITLE LIMIT: a header, and the limit cut to what the run has left (5 s kept for collecting)
+  limit=$2
+  [ "$limit" -gt $(( $(left) - 5 )) ] && limit=$(( $(left) - 5 ))
+  echo; echo "=== $1 (t=$(( $(date +%s) - start ))s, limit ${limit}s)"
+}
+run() {  # run CMD...: under the section's limit; says how it ended; never stops the script
+  if [ "$limit" -lt 5 ]; then echo "--- skipped: no time left" >&3; return 0; fi
+  timeout -k 5 "$limit" "$@"
+  local rc=$?
+  case $rc in
+    0) echo "--- exit 0" >&3 ;;
+    124|137) echo "--- timed out after ${limit}s (exit $rc)" >&3 ;;
+    *) echo "--- FAILED: exit $rc" >&3 ;;
+  esac
+  collect
+  return 0
+}
+pick() { [ "$dry" = 1 ] && echo "$2" || echo "$1"; }  # pick GPU_VALUE DRY_VALUE
 
-section "training step: GPT-2 small, bf16, batch 16 x 1024, impl auto" 90
-run 80 python3 benchmarks/train_step.py --preset gpt2-small --batch 16 --seq-len 1024 --peers ours \
-  --set dtype=bfloat16 --repeats 10 --name train_step-gpt2-small-bf16-auto-gpu
-section "training step: same, attention_impl=xla" 80
-run 80 python3 benchmarks/train_step.py --preset gpt2-small --batch 16 --seq-len 1024 --peers ours \
-  --set dtype=bfloat16 attention_impl=xla --repeats 10 --name train_step-gpt2-small-bf16-xla-gpu
+section "pre-flight: versions, device, imports, optional packages" 60
+nvidia-smi -L 2>/dev/null || echo "nvidia-smi: not found$( [ "$dry" = 1 ] && echo ' (dry run on the CPU)')"
+run python3 benchmarks/preflight.py --expect "$(pick gpu cpu)"
+xdist=$(python3 -c "import xdist" 2>/dev/null && echo "-n 4 --dist loadfile")
 
-section "attention benchmark, bf16, causal, 1k-16k" 60
-run 60 python3 benchmarks/attention.py --lengths 1024,4096,16384 --impls reference,xla,blockwise,cudnn,flash,linear-elu \
-  --masks causal --repeats 5 --time-budget 3 --name attention-gpu-bf16
+section "kernel tests: flash, linear Pallas, delta Pallas (highest matmul precision)" "$(pick 130 60)"
+# A GPU runs every kernel test; the dry run a few of each file, to show the section works.
+select=(); [ "$dry" = 1 ] && select=(-k "lowers_to_triton or precision or test_mha_and_mqa")
+JAX_DEFAULT_MATMUL_PRECISION=highest run python3 -m pytest -q -rfE -p no:cacheprovider $xdist \
+  --junitxml="$out/kernel-tests.xml" -o junit_family=xunit2 \
+  tests/test_flash.py tests/test_linear_pallas.py tests/test_delta.py "${select[@]}" > "$out/kernel-tests.log" 2>&1
+grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed|error)" "$out/kernel-tests.log" | tail -40
 
-section "linear attention and Gated DeltaNet: Pallas kernels vs XLA chunk forms vs cuDNN softmax, bf16, causal, 4k-64k" 90
-run 90 python3 benchmarks/attention.py --lengths 4096,16384,65536 \
-  --impls cudnn,linear-elu-pallas,linear-elu-xla,linear-elu-data,delta-data-pallas,delta-data-xla --masks causal \
-  --repeats 5 --time-budget 3 \
-  --name attention-gpu-linear-bf16
+section "training step: GPT-2 small, bf16, impl auto (our Pallas flash on packed batches)" "$(pick 80 30)"
+run python3 benchmarks/train_step.py --peers ours --set dtype=bfloat16 $(pick \
+  "--preset gpt2-small --batch 16 --seq-len 1024 --repeats 10" "--preset gpt-tiny --batch 2 --seq-len 64 --repeats 2") \
+  --name train_step-bf16-auto
 
-section "kernel and layer tests on the GPU (highest matmul precision)" 90
-JAX_DEFAULT_MATMUL_PRECISION=highest run 90 python3 -m pytest -q -p no:cacheprovider -n 4 \
-  tests/test_flash.py tests/test_softmax.py tests/test_masks.py tests/test_linear.py tests/test_linear_gates.py \
-  tests/test_linear_pallas.py tests/test_delta.py tests/test_layers_attention.py \
-  2>&1 | tail -40
+section "fused attention: ours-Pallas, cuDNN, jax's Pallas mha, blockwise; causal, segments, prefix" "$(pick 90 40)"
+run python3 benchmarks/fused_probe.py --masks causal,segments,prefix \
+  --kernels ours-pallas,ours-cudnn,pallas-mha,ours-blockwise,tokamax-cudnn --no-masked-rows $(pick \
+  "--lengths 4096 --repeats 10" "--lengths 128 --batch 1 --heads 2 --head-dim 32 --repeats 1 --interpret") \
+  --name fused_probe-4k
 
-section "collect" 10
-new=$(comm -13 <(echo "$results_before") <(ls benchmarks/results/))
-for f in $(echo "$new" | grep '\.md$'); do cat "benchmarks/results/$f"; echo; done > "$out/results.md"
-(cd benchmarks/results && tar czf "$out/results.tar.gz" $(echo "$new" | grep '\.json$') 2>/dev/null)
-echo "done in $(( $(date +%s) - start ))s"
+section "linear attention and Gated DeltaNet, Pallas, vs cuDNN softmax: causal, long" "$(pick 80 30)"
+run python3 benchmarks/attention.py --impls cudnn,linear-elu-pallas,delta-data-pallas --masks causal \
+  --repeats 5 --time-budget 3 $(pick "--lengths 4096,16384,65536 --dtype bfloat16" \
+  "--lengths 128 --heads 2 --kv-heads 2 --head-dim 32 --dtype float32") --name attention-linear-long
+
+section "training step baseline: same, attention_impl=xla" "$(pick 60 25)"
+run python3 benchmarks/train_step.py --peers ours --set dtype=bfloat16 attention_impl=xla $(pick \
+  "--preset gpt2-small --batch 16 --seq-len 1024 --repeats 10" "--preset gpt-tiny --batch 2 --seq-len 64 --repeats 2") \
+  --name train_step-bf16-xla

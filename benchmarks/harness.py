@@ -1,10 +1,13 @@
 """Shared benchmark plumbing: compile once, read exact compiled memory, time the median of several runs, and write
-result tables (Markdown + JSON) to benchmarks/results/. Figures are only compared as ratios within one run."""
+result tables (Markdown + JSON) to benchmarks/results/ (or ``$FFL_RESULTS_DIR``). Figures are only compared as ratios
+within one run. Benchmarks write their table after every row (`write_tables`), so one killed by a time limit still
+leaves what it measured."""
 from __future__ import annotations
 
 import dataclasses
 import datetime
 import json
+import os
 import platform
 import statistics
 import sys
@@ -16,7 +19,7 @@ import jax
 from rich.console import Console
 from rich.table import Table
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_DIR = Path(os.environ.get("FFL_RESULTS_DIR") or Path(__file__).resolve().parent / "results")
 console = Console(width=None if sys.stdout.isatty() else 180)
 
 
@@ -70,12 +73,19 @@ def show_and_write(name: str, title: str, columns: list[str], rows: list[dict], 
     """Print ``rows`` as a rich table and write ``<name>.md`` and ``<name>.json`` under ``out_dir``."""
     table = Table(title=title)
     for col in columns:
-        table.add_column(col, justify="left" if col in ("impl", "mask", "case", "model") else "right")
+        table.add_column(col, justify="left" if col in ("impl", "mask", "case", "model", "kernel") else "right")
     for row in rows:
         table.add_row(*[_fmt(row.get(col)) for col in columns])
     console.print(table)
     for note in notes or []:
         console.print(note)
+    return write_tables(name, title, columns, rows, notes, out_dir)
+
+
+def write_tables(name: str, title: str, columns: list[str], rows: list[dict], notes: list[str] | None = None,
+                 out_dir: Path = RESULTS_DIR) -> Path:
+    """Write ``<name>.md`` and ``<name>.json`` under ``out_dir`` (each replaced whole, through a temporary file, so
+    a reader never sees half a table); return the Markdown path. Call it after each row of a long benchmark."""
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now().isoformat(timespec="seconds")
     lines = [f"# {title}", "", f"{device_description()}; {stamp}", "", "| " + " | ".join(columns) + " |",
@@ -83,11 +93,17 @@ def show_and_write(name: str, title: str, columns: list[str], rows: list[dict], 
     lines += ["| " + " | ".join(_fmt(row.get(col)) for col in columns) + " |" for row in rows]
     lines += [""] + [f"- {note}" for note in notes or []]
     md = out_dir / f"{name}.md"
-    md.write_text("\n".join(lines) + "\n")
-    (out_dir / f"{name}.json").write_text(json.dumps(
+    _replace(md, "\n".join(lines) + "\n")
+    _replace(out_dir / f"{name}.json", json.dumps(
         {"title": title, "device": device_description(), "time": stamp, "rows": rows, "notes": notes or []},
         indent=1, default=str))
     return md
+
+
+def _replace(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def _fmt(value) -> str:

@@ -31,7 +31,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-from harness import console, show_and_write  # noqa: E402
+from harness import console, show_and_write, write_tables  # noqa: E402
 
 from flaxformer_lite.layers import dense  # noqa: E402
 from flaxformer_lite.models import build, preset  # noqa: E402
@@ -236,7 +236,9 @@ def main(argv=None):
     batch = lm_batch(cfg, args.batch, args.seq_len)
     tokens = args.batch * args.seq_len
     console.print(f"{args.preset}: batch {args.batch} x {args.seq_len}, {ours_cfg.dtype}, {jax.default_backend()}")
-    runners, rows = {}, []
+    stem = args.name or f"train_step-{args.preset}-{args.batch}x{args.seq_len}-{jax.default_backend()}"
+    title = f"Train step, {args.preset}, batch {args.batch} x {args.seq_len}"
+    runners, rows, compiled = {}, [], []
     for name in names:
         try:
             extra = {"malloc": args.malloc} if name == "hf-torch" else {}
@@ -247,6 +249,8 @@ def main(argv=None):
         start = time.perf_counter()
         _block(runners[name][0]())  # compile + first step
         console.print(f"  {name}: first step (compile) {time.perf_counter() - start:.1f} s")
+        compiled.append({"impl": name, "note": f"first step (compile) {time.perf_counter() - start:.1f} s"})
+        write_tables(stem, title, ["impl", "note"], rows + compiled, ["(partial: steps not timed yet)"])
     size = 2048 if jax.default_backend() == "cpu" else 8192
     ceiling = matmul_flops(size, dtype=ours_cfg.dtype) / 1e9  # measured before and after the steps; the better is kept
     times = {name: [] for name in runners}
@@ -273,8 +277,8 @@ def main(argv=None):
              f"median of {args.repeats} steps each, impls alternating in rotating order after one warm-up step each"]
     cols = ["impl", "params", "step s", "tokens/s", "GFLOP/s", "MFU %"] + (["MFU % of peak"] if peak else []) + \
         [f"x vs {o}" for o in base if o != "ours"] + ["note"]
-    stem = args.name or f"train_step-{args.preset}-{args.batch}x{args.seq_len}-{jax.default_backend()}"
-    show_and_write(stem, f"Train step, {args.preset}, batch {args.batch} x {args.seq_len}", cols, rows, notes)
+    notes += [f"{row['impl']}: {row['note']}" for row in compiled]
+    show_and_write(stem, title, cols, rows, notes)
 
 
 if __name__ == "__main__":

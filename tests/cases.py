@@ -83,12 +83,13 @@ def check_grads_by_finite_differences(grads, arrays, loss, rng, tol=1e-4):
         np.testing.assert_allclose(float((np.asarray(grad, np.float64) * direction).sum()), fd, rtol=tol, atol=tol)
 
 
-def lower_for_gpu(traced) -> str:
-    """The StableHLO text of ``traced`` (``jax.jit(f).trace(...)``) lowered for CUDA on this GPU-less host.
+def lower_for_gpu(jitted, *args, **kwargs) -> str:
+    """The StableHLO text of ``jitted(*args, **kwargs)`` traced and lowered for CUDA on this GPU-less host.
 
     Under an abstract H100: from jax 0.11, lowering a Pallas Triton kernel with no GPU device at hand raises "No
-    supported GPU devices found"; an abstract mesh naming a GPU device lets every jax version lower it."""
+    supported GPU devices found"; tracing and lowering under an abstract mesh naming a GPU device works on every jax
+    version."""
     import jax
     device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", platform="gpu", num_cores=132)
     with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=device)):
-        return traced.lower(lowering_platforms=("cuda",)).as_text()
+        return jitted.trace(*args, **kwargs).lower(lowering_platforms=("cuda",)).as_text()

@@ -294,7 +294,7 @@ def test_pallas_lowers_to_triton():
     _, (q, k, v, beta), kwargs = _inputs(2, "data")
     seg = _mask("segments_causal").q_segment_ids
     loss = lambda q, k: jnp.sum(pallas_delta(q, k, v, beta, seg, kwargs["log_decay"], interpret=False)[0])
-    text = lower_for_gpu(jax.jit(jax.grad(loss, argnums=(0, 1))).trace(q.reshape(B, L, 2, 2, 16), k))
+    text = lower_for_gpu(jax.jit(jax.grad(loss, argnums=(0, 1))), q.reshape(B, L, 2, 2, 16), k)
     assert text.count("xla.gpu.triton") == 2 and "delta_rule_forward" in text and "delta_rule_backward" in text
 
 

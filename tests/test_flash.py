@@ -140,8 +140,7 @@ def test_lowers_to_triton(name, kv_heads, dtype):
     lq, lk, mask, _ = build(name)
     _, (q, k, v) = qkv(lq, lk, kv_heads=kv_heads, head_dim=8, value_dim=24, dtype=dtype)
     w = jnp.zeros((B, lq, 4, 24), dtype)
-    lowered = flash_and_grads.trace(q, k, v, mask, w, block_q=64, block_kv=32, interpret=False)
-    text = lower_for_gpu(lowered)
+    text = lower_for_gpu(flash_and_grads, q, k, v, mask, w, block_q=64, block_kv=32, interpret=False)
     assert text.count("xla.gpu.triton") == 3
 
 
