@@ -43,6 +43,31 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs",
 
 import pytest  # noqa: E402
 
+# The smoke set (``pytest -m smoke``): a few tests of each floor (kernels and their GPU lowering, layers, models,
+# decoding, sharding, training through train.py), for a quick check on another jax (CI's newest-jax leg) or machine.
+SMOKE = {
+    "test_softmax.py": ["test_flash_through_softmax_attention", "test_fully_masked_rows_are_zero_with_finite_grads",
+                        "test_auto_choice", "test_pallas_never_falls_back"],
+    "test_flash.py": ["test_lowers_to_triton", "test_rows_that_see_no_key_are_zero_with_zero_grads"],
+    "test_linear.py": ["test_recurrent_step_equals_causal", "test_fully_masked_rows_are_zero_with_finite_grads"],
+    "test_linear_pallas.py": ["test_lowers_to_triton", "test_dot_precision_follows_the_mode"],
+    "test_delta.py": ["test_pallas_lowers_to_triton", "test_steps_from_the_empty_state_equal_the_reference",
+                      "test_unit_lower_inverse_matches_numpy"],
+    "test_layers_attention.py": ["test_matches_numpy_forward", "test_gated_delta_matches_numpy_forward"],
+    "test_models.py": ["test_published_parameter_counts", "test_gpt_is_causal", "test_every_param_has_logical_names"],
+    "test_decoding.py": ["test_gpt_greedy_equals_recompute", "test_beam_of_one_is_greedy"],
+    "test_attention_sharding.py": ["test_sharded_equals_single_device"],
+    "test_parallel.py": ["test_tensor_parallel_losses_equal_one_device"],
+    "test_training.py": ["test_loss_falls_for_every_objective"],
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark the `SMOKE` tests (every parametrization of each function named)."""
+    for item in items:
+        if getattr(item, "originalname", item.name) in SMOKE.get(item.path.name, ()):
+            item.add_marker(pytest.mark.smoke)
+
 from flaxformer_lite.attention import linear_attention, softmax_attention  # noqa: E402
 
 
