@@ -289,13 +289,16 @@ def test_pallas_value_tiles(blocks):
 
 
 def test_pallas_lowers_to_triton():
-    """Both kernels lower through the Pallas Triton backend (to TTIR; compiling them needs a GPU): one Triton call
-    for the values, one for the gradients, segments and decay included."""
+    """Every kernel lowers through the Pallas Triton backend (to TTIR; compiling them needs a GPU), segments and
+    decay included: three Triton calls for the values (the blocks' systems, the state pass, the outputs), one for the
+    gradients."""
     _, (q, k, v, beta), kwargs = _inputs(2, "data")
     seg = _mask("segments_causal").q_segment_ids
     loss = lambda q, k: jnp.sum(pallas_delta(q, k, v, beta, seg, kwargs["log_decay"], interpret=False)[0])
     text = lower_for_gpu(jax.jit(jax.grad(loss, argnums=(0, 1))), q.reshape(B, L, 2, 2, 16), k)
-    assert text.count("xla.gpu.triton") == 2 and "delta_rule_forward" in text and "delta_rule_backward" in text
+    assert text.count("xla.gpu.triton") == 4
+    for name in ("delta_rule_blocks", "delta_rule_states", "delta_rule_output", "delta_rule_backward"):
+        assert name in text, name
 
 
 def test_delta_impl_choice_and_errors():

@@ -33,9 +33,10 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from .delta_pallas_kernels import _blocks_kernel, _output_kernel, _states_kernel, unit_lower_inverse
 from .linear_causal import run_ids
-from .pallas_tiles import (Step, block_length, block_step, dot, launch, layout, padded_dim, scale, scale_rows,
-                           tile_size, triangle, value_tile)
+from .pallas_tiles import (Specs, Step, block_length, block_step, dot, launch, operands, padded_dim, scale,
+                           scale_rows, tile_size, triangle)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,32 +93,71 @@ def _delta_bwd(plan: _Plan, res, cotangents):
 _delta.defvjp(_delta_fwd, _delta_bwd)
 
 
-def _call(plan: _Plan, kernel, operands, specs, out_specs, out_shape, decayed: bool, segmented: bool, name: str,
-          **static):
-    """`pallas_tiles.launch` of one of this module's kernels."""
-    return launch(functools.partial(kernel, plan=plan, decayed=decayed, segmented=segmented, **static), operands,
-                  specs, out_specs, out_shape, plan.block_v, plan.interpret, name)
+class _Laid(NamedTuple):
+    """The padded operands of `pallas_tiles.operands` (None where absent)."""
+
+    q: jax.Array  # [b, lp, h, dp]
+    k: jax.Array  # [b, lp, n, dp]
+    v: jax.Array  # [b, lp, n, vp]
+    beta: jax.Array  # [b, n, lp]
+    decay: jax.Array | None  # [b, n, lp]
+    runs: jax.Array | None  # [b, lp]
+
+
+def _lay_out(plan: _Plan, q, k, v, beta, runs, log_decay) -> _Laid:
+    ops = operands(q, k, v, [beta, log_decay], runs, plan.block, jnp.float32)
+    return _Laid(*ops[:4], ops[4] if log_decay is not None else None, ops[-1] if runs is not None else None)
+
+
+def _gates(x: _Laid, specs: Specs, per: int, previous: bool) -> tuple[list, list]:
+    """The log decay and run ids that a kernel takes after its other inputs, and their specs (``previous``: the
+    run ids of the block before too, for a grid over blocks)."""
+    ops, in_specs = [], []
+    if x.decay is not None:
+        ops, in_specs = [x.decay], [specs.positions(per)]
+    if x.runs is not None:
+        ops += [x.runs] * (1 + previous)
+        in_specs += [specs.runs()] + [specs.runs(previous=True)] * previous
+    return ops, in_specs
+
+
+def _f32(*shape) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(shape, jnp.float32)
 
 
 def _forward(plan: _Plan, q, k, v, beta, runs, log_decay, keep_states: bool = False):
-    """Lay out, run the forward kernel, and cut back: ``(out [b, l, n, g, v], state [b, n, d, v], entering)`` with
-    ``entering [b, h, blocks, dp, vp]`` the state entering each block (for the backward) if ``keep_states``, else
-    None."""
+    """Lay out, run the three forward kernels, and cut back: ``(out [b, l, n, g, v], state [b, n, d, v], entering)``
+    with ``entering [b, blocks, n, dp, vp]`` the state entering each block (for the backward) if ``keep_states``,
+    else None."""
     b, l, n, g, d = q.shape
-    dv, bv = v.shape[-1], plan.block_v
-    operands, specs = layout(q, k, v, [beta, log_decay], runs, plan.block, bv, jnp.float32)
-    _, lp, h, dp = operands[0].shape
-    vp, blocks = operands[2].shape[-1], lp // plan.block
-    out_specs = [value_tile(lp, bv), pl.BlockSpec((None, None, dp, bv), lambda bi, hi, vi: (bi, hi, 0, vi))]
-    out_shape = [jax.ShapeDtypeStruct((b, lp, h, vp), jnp.float32), jax.ShapeDtypeStruct((b, h, dp, vp), jnp.float32)]
-    if keep_states:
-        out_specs.append(pl.BlockSpec((None, None, blocks, dp, bv), lambda bi, hi, vi: (bi, hi, 0, 0, vi)))
-        out_shape.append(jax.ShapeDtypeStruct((b, h, blocks, dp, vp), jnp.float32))
-    outs = _call(plan, _kernel, operands, specs, out_specs, out_shape, log_decay is not None, runs is not None,
-                 "delta_rule_forward", keep_states=keep_states)
-    out = outs[0][:, :l, :, :dv].reshape(b, l, n, g, dv)
-    state = outs[1][:, ::g, :d, :dv]  # every query head of a kv head carries the same state
-    return out, state, (outs[2] if keep_states else None)
+    x = _lay_out(plan, q, k, v, beta, runs, log_decay)
+    _, lp, h, dp = x.q.shape
+    c, bv, vp = plan.block, plan.block_v, x.v.shape[-1]
+    blocks, tiles = lp // c, vp // bv
+    flags = dict(c=c, decayed=log_decay is not None, segmented=runs is not None)
+    gated = flags["decayed"] or flags["segmented"]
+    par, seq = Specs(c, bv), Specs(lp, bv)  # a grid over blocks; a grid walking them
+    ops, in_specs = _gates(x, par, 1, previous=True)
+    made = launch(  # per block and kv head: W, U0 (and a K, keep)
+        functools.partial(_blocks_kernel, keep_inverse=False, **flags), [x.k, x.v, x.beta] + ops,
+        [par.rows(dp), par.rows(vp), par.positions()] + in_specs,
+        [par.rows(dp), par.rows(vp)] + [par.rows(dp), par.positions()] * gated,
+        [_f32(b, lp, n, dp), _f32(b, lp, n, vp)] + [_f32(b, lp, n, dp), _f32(b, n, lp)] * gated,
+        (blocks, b, n, 1), max(dp, vp), plan.interpret, "delta_rule_blocks")
+    entering, u, final = launch(  # per kv head and value tile, the blocks in order
+        functools.partial(_states_kernel, c=c, gated=gated), [made[0], made[1], made[2] if gated else x.k]
+        + list(made[3:4]), [seq.rows(dp), seq.rows(vp, tile=True), seq.rows(dp)] + [seq.positions()] * gated,
+        [seq.states(blocks, dp), seq.rows(vp, tile=True), seq.last(dp)],
+        [_f32(b, blocks, n, dp, vp), _f32(b, lp, n, vp), _f32(b, n, dp, vp)],
+        (1, b, n, tiles), max(dp, bv), plan.interpret, "delta_rule_states")
+    ops, in_specs = _gates(x, par, g, previous=True)
+    out = launch(  # per block, query head and value tile
+        functools.partial(_output_kernel, **flags), [x.q, x.k, u, entering] + ops,
+        [par.rows(dp), par.rows(dp, g), par.rows(vp, g, tile=True), par.state(dp, g)] + in_specs,
+        [par.rows(vp, tile=True)], [_f32(b, lp, h, vp)], (blocks, b, h, tiles), max(dp, bv), plan.interpret,
+        "delta_rule_output")[0]
+    out = out[:, :l, :, :v.shape[-1]].reshape(b, l, n, g, v.shape[-1])
+    return out, final[:, :, :d, :v.shape[-1]], (entering if keep_states else None)
 
 
 def _backward(plan: _Plan, q, k, v, beta, runs, log_decay, entering, d_out, d_state):
@@ -125,25 +165,24 @@ def _backward(plan: _Plan, q, k, v, beta, runs, log_decay, entering, d_out, d_st
     ``log_decay`` (None without one) from the cotangents ``d_out [b, l, n, g, v]`` and ``d_state [b, n, d, v]``."""
     b, l, n, g, d = q.shape
     dv, bv = v.shape[-1], plan.block_v
-    operands, specs = layout(q, k, v, [beta, log_decay], runs, plan.block, bv, jnp.float32)
-    _, lp, h, dp = operands[0].shape
-    vp, blocks = operands[2].shape[-1], lp // plan.block
+    x = _lay_out(plan, q, k, v, beta, runs, log_decay)
+    _, lp, h, dp = x.q.shape
+    vp, blocks = x.v.shape[-1], lp // plan.block
     tiles = vp // bv
-    rows = value_tile(lp, bv)
-    state_tile = pl.BlockSpec((None, None, dp, bv), lambda bi, hi, vi: (bi, hi, 0, vi))
+    seq = Specs(lp, bv)
+    ops, in_specs = _gates(x, seq, g, previous=False)
     final = jnp.zeros((b, n, g, dp, vp), jnp.float32).at[:, :, 0, :d, :dv].set(d_state)  # one query head per kv head
-    operands += [entering, jnp.pad(d_out.reshape(b, l, h, dv), [(0, 0), (0, lp - l), (0, 0), (0, vp - dv)]),
-                 final.reshape(b, h, dp, vp)]
-    specs += [pl.BlockSpec((None, None, blocks, dp, bv), lambda bi, hi, vi: (bi, hi, 0, 0, vi)), rows, state_tile]
-    per_tile = pl.BlockSpec((None, None, lp, None, dp), lambda bi, hi, vi: (bi, vi, 0, hi, 0))
-    per_row = pl.BlockSpec((None, None, None, lp), lambda bi, hi, vi: (bi, hi, vi, 0))
+    ops = [x.q, x.k, x.v, x.beta] + ops + [
+        entering, jnp.pad(d_out.reshape(b, l, h, dv), [(0, 0), (0, lp - l), (0, 0), (0, vp - dv)]),
+        final.reshape(b, h, dp, vp)]
+    in_specs = [seq.rows(dp), seq.rows(dp, g), seq.rows(vp, g, tile=True), seq.positions(g)] + in_specs + [
+        seq.states(blocks, dp, g), seq.rows(vp, tile=True), seq.last(dp)]
     decayed = log_decay is not None
-    outs = _call(plan, _backward_kernel, operands, specs,
-                 [per_tile, per_tile, rows, per_row] + [per_row] * decayed,
-                 [jax.ShapeDtypeStruct((b, tiles, lp, h, dp), jnp.float32)] * 2
-                 + [jax.ShapeDtypeStruct((b, lp, h, vp), jnp.float32)]
-                 + [jax.ShapeDtypeStruct((b, h, tiles, lp), jnp.float32)] * (1 + decayed),
-                 decayed, runs is not None, "delta_rule_backward")
+    outs = launch(functools.partial(_backward_kernel, plan=plan, decayed=decayed, segmented=runs is not None),
+                  ops, in_specs, [seq.tile_shares(dp)] * 2 + [seq.rows(vp, tile=True)]
+                  + [seq.tile_copies()] * (1 + decayed),
+                  [_f32(b, tiles, lp, h, dp)] * 2 + [_f32(b, lp, h, vp)] + [_f32(b, h, tiles, lp)] * (1 + decayed),
+                  (1, b, h, tiles), max(dp, bv), plan.interpret, "delta_rule_backward")
     kv_sum = lambda x: x.reshape(b, l, n, g, *x.shape[3:]).sum(3)  # [b, l, h, ...] -> [b, l, n, ...]
     per_position = lambda x: kv_sum(jnp.moveaxis(x.sum(2)[..., :l], 1, 2))  # [b, h, tiles, lp] -> [b, l, n]
     dq = outs[0].sum(1)[:, :l, :, :d].reshape(b, l, n, g, d)
@@ -153,20 +192,6 @@ def _backward(plan: _Plan, q, k, v, beta, runs, log_decay, entering, d_out, d_st
 
 
 # -- the kernels ------------------------------------------------------------------------------------------------------
-def _unit_lower_inverse(a: jax.Array) -> jax.Array:
-    """``(I + a)^-1`` for strictly lower-triangular ``a [c, c]`` by forward substitution, one row at a time: row r
-    is ``e_r - sum_{j < r} a_rj T_j`` once rows j < r are final."""
-    c = a.shape[0]
-    row = jnp.broadcast_to(jnp.arange(c)[:, None], (c, c))
-
-    def body(r, t):
-        a_r = jnp.sum(jnp.where(row == r, a, 0.0), axis=0)  # [c]: row r of a, zero from column r on
-        return jnp.where(row == r, t - jnp.sum(a_r[:, None] * t, axis=0)[None, :], t)
-
-    col = jnp.broadcast_to(jnp.arange(c)[None, :], (c, c))
-    return lax.fori_loop(1, c, body, jnp.where(row == col, 1.0, 0.0))
-
-
 class _Block(NamedTuple):
     """One block's inputs and the pieces of its forward pass the backward needs again."""
 
@@ -187,7 +212,7 @@ def _block(i, refs, c: int, carried, strict) -> _Block:
     q, k, v, beta = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], beta_ref[rows]
     step = block_step(rows, c, decay_ref, run_ref, carried)
     kk = dot(k, k, trans_b=True)
-    inverse = _unit_lower_inverse(beta[:, None] * kk * jnp.where(strict, step.pair, 0.0))
+    inverse = unit_lower_inverse(beta[:, None] * kk * jnp.where(strict, step.pair, 0.0))
     return _Block(rows, q, k, v, beta, step, kk, inverse)
 
 
@@ -197,34 +222,6 @@ def _pseudo_values(blk: _Block, s):
     u0 = dot(blk.inverse, scale_rows(blk.v, blk.beta))
     w = dot(blk.inverse, scale_rows(blk.k, blk.beta if blk.step.read is None else blk.beta * blk.step.read))
     return u0 - dot(w, s), u0, w
-
-
-def _kernel(q_ref, k_ref, v_ref, beta_ref, *refs, plan: _Plan, decayed: bool, segmented: bool, keep_states: bool):
-    """One (batch row, query head, value tile): ``q [l, d]``, ``k [l, d]``, ``v [l, bv]``, ``beta [l]``,
-    ``log_decay [l]``, ``runs [l]`` (where present) -> ``out [l, bv]``, ``state [d, bv]``, and with
-    ``keep_states`` the state entering each block ``[blocks, d, bv]``, block by block."""
-    refs = list(refs)
-    decay_ref = refs.pop(0) if decayed else None
-    run_ref = refs.pop(0) if segmented else None
-    out_ref, state_ref = refs[:2]
-    c = plan.block
-    strict = ~triangle(c, upper=True)  # [c(r), c(i)]: i < r
-    inputs = (q_ref, k_ref, v_ref, beta_ref, decay_ref, run_ref)
-
-    def body(i, carry):
-        s, run = carry  # s [d, bv] float32; run: the carried state's (segmented only)
-        if keep_states:
-            refs[2][i] = s
-        blk = _block(i, inputs, c, run, strict)
-        u = _pseudo_values(blk, s)[0]  # [c, bv]
-        out_ref[blk.rows, :] = (scale_rows(dot(blk.q, s), blk.step.read)
-                                + dot(dot(blk.q, blk.k, trans_b=True) * blk.step.pair, u))
-        s = scale(s, blk.step.keep) + dot(scale_rows(blk.k, blk.step.add), u, trans_a=True)
-        return s, blk.step.run
-
-    d, bv = q_ref.shape[-1], v_ref.shape[-1]
-    state, _ = lax.fori_loop(0, q_ref.shape[0] // c, body, (jnp.zeros((d, bv), jnp.float32), jnp.int32(-1)))
-    state_ref[...] = state
 
 
 def _backward_kernel(q_ref, k_ref, v_ref, beta_ref, *refs, plan: _Plan, decayed: bool, segmented: bool):

@@ -40,8 +40,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from .linear_causal import decay_grad, run_ids
-from .pallas_tiles import (block_length, block_step, dot, launch, layout, padded_dim, scale, scale_rows,
-                           tile_size, value_tile)
+from .pallas_tiles import (Specs, block_length, block_step, dot, launch, operands, padded_dim, scale, scale_rows,
+                           tile_size)
 
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -141,24 +141,30 @@ def _sums_bwd(plan: _Plan, res, cotangents):
 _sums.defvjp(_sums_fwd, _sums_bwd)
 
 
-def _call(plan: _Plan, kernel, operands, specs, out_specs, out_shape, decayed: bool, segmented: bool, name: str):
-    """`pallas_tiles.launch` of one of this module's kernels."""
-    return launch(functools.partial(kernel, plan=plan, decayed=decayed, segmented=segmented), operands, specs,
-                  out_specs, out_shape, plan.block_v, plan.interpret, name)
+def _lay_out(plan: _Plan, qf, kf, v, runs, log_decay, specs: Specs, per: int) -> tuple[list, list]:
+    """`pallas_tiles.operands` and their specs: ``qf``, ``kf``, ``v`` (its value tile), then ``log_decay`` and the
+    run ids where present."""
+    ops = operands(qf, kf, v, [log_decay], runs, plan.block, plan.dtype)
+    fp = ops[0].shape[-1]
+    in_specs = [specs.rows(fp), specs.rows(fp, per), specs.rows(ops[2].shape[-1], per, tile=True)]
+    in_specs += [specs.positions(per)] * (log_decay is not None) + [specs.runs()] * (runs is not None)
+    return ops, in_specs
 
 
 def _forward(plan: _Plan, qf, kf, v, runs, log_decay):
     """Lay out, run the forward kernel, and cut back: ``(num [b, l, n, g, v], den [b, l, n, g])`` float32."""
     b, l, n, g, _ = qf.shape
-    operands, specs = layout(qf, kf, v, [log_decay], runs, plan.block, plan.block_v, plan.dtype)
-    _, lp, h, _ = operands[0].shape
-    vp, bv = operands[2].shape[-1], plan.block_v
+    lp, bv = -(-l // plan.block) * plan.block, plan.block_v
+    seq = Specs(lp, bv)
+    operands, specs = _lay_out(plan, qf, kf, v, runs, log_decay, seq, g)
+    _, lp, h, fp = operands[0].shape
+    vp = operands[2].shape[-1]
     tiles = vp // bv
-    num, den = _call(  # den [b, h, tiles, lp]: each value tile writes its own copy
-        plan, _forward_kernel, operands, specs,
-        [value_tile(lp, bv), pl.BlockSpec((None, None, None, lp), lambda bi, hi, vi: (bi, hi, vi, 0))],
+    num, den = launch(  # den [b, h, tiles, lp]: each value tile writes its own copy
+        functools.partial(_forward_kernel, plan=plan, decayed=log_decay is not None, segmented=runs is not None),
+        operands, specs, [seq.rows(vp, tile=True), seq.tile_copies()],
         [jax.ShapeDtypeStruct((b, lp, h, vp), jnp.float32), jax.ShapeDtypeStruct((b, h, tiles, lp), jnp.float32)],
-        log_decay is not None, runs is not None, "linear_causal_forward")
+        (1, b, h, tiles), max(fp, bv), plan.interpret, "linear_causal_forward")
     num = num[:, :l, :, :v.shape[-1]].reshape(b, l, n, g, v.shape[-1])
     den = jnp.moveaxis(den[:, :, 0, :l], 1, 2).reshape(b, l, n, g)
     return num, den
@@ -168,22 +174,23 @@ def _backward(plan: _Plan, qf, kf, v, runs, log_decay, d_num, d_den):
     """Lay out, run the backward kernel, and sum its partial gradients: ``(dqf, dkf, dv)`` float32 in the shapes of
     ``qf``, ``kf``, ``v``. ``d_num [b, l, n, g, v]``, ``d_den [b, l, n, g]``: the cotangents of the sums."""
     b, l, n, g, f = qf.shape
-    operands, specs = layout(qf, kf, v, [log_decay], runs, plan.block, plan.block_v, plan.dtype)
+    lp, bv = -(-l // plan.block) * plan.block, plan.block_v
+    seq = Specs(lp, bv)
+    operands, specs = _lay_out(plan, qf, kf, v, runs, log_decay, seq, g)
     _, lp, h, fp = operands[0].shape
-    vp, bv = operands[2].shape[-1], plan.block_v
+    vp = operands[2].shape[-1]
     tiles = vp // bv
     operands.append(jnp.pad(d_num.astype(jnp.float32).reshape(b, l, h, -1),
                             [(0, 0), (0, lp - l), (0, 0), (0, vp - v.shape[-1])]))
     operands.append(jnp.pad(jnp.moveaxis(d_den.astype(jnp.float32).reshape(b, l, h), 1, 2),
                             [(0, 0), (0, 0), (0, lp - l)]))
-    rows = value_tile(lp, bv)
-    per_tile = pl.BlockSpec((None, None, lp, None, fp), lambda bi, hi, vi: (bi, vi, 0, hi, 0))
-    dq, dk, dv = _call(  # dq, dk [b, tiles, lp, h, fp]: each value tile's share; dv [b, lp, h, vp]: per query head
-        plan, _backward_kernel, operands,
-        specs + [rows, pl.BlockSpec((None, None, lp), lambda bi, hi, vi: (bi, hi, 0))], [per_tile, per_tile, rows],
+    dq, dk, dv = launch(  # dq, dk [b, tiles, lp, h, fp]: each value tile's share; dv [b, lp, h, vp]: per query head
+        functools.partial(_backward_kernel, plan=plan, decayed=log_decay is not None, segmented=runs is not None),
+        operands, specs + [seq.rows(vp, tile=True), seq.positions()],
+        [seq.tile_shares(fp), seq.tile_shares(fp), seq.rows(vp, tile=True)],
         [jax.ShapeDtypeStruct((b, tiles, lp, h, fp), jnp.float32)] * 2
         + [jax.ShapeDtypeStruct((b, lp, h, vp), jnp.float32)],
-        log_decay is not None, runs is not None, "linear_causal_backward")
+        (1, b, h, tiles), max(fp, bv), plan.interpret, "linear_causal_backward")
     dq = jnp.sum(dq[:, :, :l, :, :f], 1).reshape(b, l, n, g, f)
     dk = jnp.sum(dk[:, :, :l, :, :f], 1).reshape(b, l, n, g, f).sum(3)
     dv = dv[:, :l, :, :v.shape[-1]].reshape(b, l, n, g, -1).sum(3)
@@ -236,7 +243,7 @@ def _backward_kernel(q_ref, k_ref, v_ref, *refs, plan: _Plan, decayed: bool, seg
     dnum_ref, dden_ref, dq_ref, dk_ref, dv_ref = refs
     c, blocks = plan.block, q_ref.shape[0] // plan.block
     fp, bv = q_ref.shape[-1], v_ref.shape[-1]
-    first_tile = (pl.program_id(2) == 0).astype(jnp.float32)
+    first_tile = (pl.program_id(3) == 0).astype(jnp.float32)
 
     def load(i):
         rows = pl.ds(pl.multiple_of(i * c, c), c)

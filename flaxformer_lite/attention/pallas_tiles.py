@@ -13,6 +13,7 @@ smallest.
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 from typing import NamedTuple
 
 import jax
@@ -48,44 +49,93 @@ def padded_dim(size: int) -> int:
     return max(MIN_BLOCK, pl.next_power_of_2(size))
 
 
-def layout(q, k, v, per_kv_head: list, runs, block: int, block_v: int, dtype) -> tuple[list, list]:
-    """A chunk kernel's operands and their block specs over the grid ``(b, h, value tiles)``: a program sees its
-    query head's rows, its kv head's keys, values and per-position inputs, and its value tile.
+def operands(q, k, v, per_kv_head: list, runs, block: int, dtype) -> list:
+    """A chunk kernel's operands, zero padded to ``lp`` positions (a multiple of ``block``) and powers of two.
 
     ``q [b, l, n, g, d] -> [b, lp, h, dp]``, ``k [b, l, n, d] -> [b, lp, n, dp]`` and ``v [b, l, n, v] ->
     [b, lp, n, vp]`` in ``dtype``; each array of ``per_kv_head`` not None, ``[b, l, n] -> [b, n, lp]`` float32; then
-    ``runs [b, l] -> [b, lp]`` if not None. Zero padding to ``lp``, a multiple of ``block``, and to powers of two;
-    padded positions join the last run (zero keys, values and decays change no state)."""
+    ``runs [b, l] -> [b, lp]`` if not None. Padded positions join the last run (zero keys, values and decays change
+    no state)."""
     b, l, n, g, d = q.shape
     lp = -(-l // block) * block
     dp, vp = padded_dim(d), padded_dim(v.shape[-1])
     pad = lambda x, dim: jnp.pad(x.astype(dtype), [(0, 0), (0, lp - l), (0, 0), (0, dim - x.shape[-1])])
-    kv_head = lambda bi, hi, vi: (bi, lax.div(hi, g), 0)
-    operands = [pad(q.reshape(b, l, n * g, d), dp), pad(k, dp), pad(v, vp)]
-    specs = [pl.BlockSpec((None, lp, None, dp), lambda bi, hi, vi: (bi, 0, hi, 0)),
-             pl.BlockSpec((None, lp, None, dp), lambda bi, hi, vi: (bi, 0, lax.div(hi, g), 0)),
-             pl.BlockSpec((None, lp, None, block_v), lambda bi, hi, vi: (bi, 0, lax.div(hi, g), vi))]
-    for x in (x for x in per_kv_head if x is not None):
-        operands.append(jnp.pad(jnp.moveaxis(x.astype(jnp.float32), 1, 2), [(0, 0), (0, 0), (0, lp - l)]))
-        specs.append(pl.BlockSpec((None, None, lp), kv_head))
+    out = [pad(q.reshape(b, l, n * g, d), dp), pad(k, dp), pad(v, vp)]
+    out += [jnp.pad(jnp.moveaxis(x.astype(jnp.float32), 1, 2), [(0, 0), (0, 0), (0, lp - l)])
+            for x in per_kv_head if x is not None]
     if runs is not None:
-        operands.append(jnp.pad(runs, [(0, 0), (0, lp - l)], mode="edge"))
-        specs.append(pl.BlockSpec((None, lp), lambda bi, hi, vi: (bi, 0)))
-    return operands, specs
+        out.append(jnp.pad(runs, [(0, 0), (0, lp - l)], mode="edge"))
+    return out
 
 
-def value_tile(lp: int, block_v: int) -> pl.BlockSpec:
-    """Block spec of a query head's value tile of ``[b, lp, h, vp]`` rows (outputs and their cotangents)."""
-    return pl.BlockSpec((None, lp, None, block_v), lambda bi, hi, vi: (bi, 0, hi, vi))
+@dataclasses.dataclass(frozen=True)
+class Specs:
+    """Block specs over a chunk kernel's grid ``(blocks, b, heads, value tiles)``.
+
+    A program sees ``span`` positions of a row: c, its own block, on a grid over blocks (the parallel kernels); or
+    lp, the whole row, on a grid with one entry along the first axis (the kernels that walk the blocks in order).
+    ``per`` is how many of the grid's heads share an operand's head: g for a kv-head operand on a grid over query
+    heads, else 1. Arrays: ``[b, lp, heads, dim]`` rows, ``[b, heads, lp]`` per-position values, ``[b, lp]`` run ids,
+    ``[b, blocks, heads, dim, vp]`` the states entering the blocks."""
+
+    span: int
+    block_v: int
+
+    def rows(self, dim: int, per: int = 1, tile: bool = False) -> pl.BlockSpec:
+        """``[b, lp, heads, dim]``: the program's positions, all ``dim`` columns or (``tile``) its value tile."""
+        return pl.BlockSpec((None, self.span, None, self.block_v if tile else dim),
+                            lambda ci, bi, hi, vi: (bi, ci, _head(hi, per), vi if tile else 0))
+
+    def positions(self, per: int = 1) -> pl.BlockSpec:
+        """``[b, heads, lp]``: one value per position."""
+        return pl.BlockSpec((None, None, self.span), lambda ci, bi, hi, vi: (bi, _head(hi, per), ci))
+
+    def runs(self, previous: bool = False) -> pl.BlockSpec:
+        """``[b, lp]`` run ids: the program's, or (``previous``, grids over blocks) those of the block before it
+        (block 0's own for block 0: see `carried_run`)."""
+        if previous:
+            return pl.BlockSpec((None, self.span), lambda ci, bi, hi, vi: (bi, jnp.maximum(ci - 1, 0)))
+        return pl.BlockSpec((None, self.span), lambda ci, bi, hi, vi: (bi, ci))
+
+    def state(self, dim: int, per: int = 1) -> pl.BlockSpec:
+        """``[b, blocks, heads, dim, vp]``: the value tile of the state entering the program's block."""
+        return pl.BlockSpec((None, None, None, dim, self.block_v),
+                            lambda ci, bi, hi, vi: (bi, ci, _head(hi, per), 0, vi))
+
+    def states(self, blocks: int, dim: int, per: int = 1) -> pl.BlockSpec:
+        """``[b, blocks, heads, dim, vp]``: the value tile of the states entering every block of the row."""
+        return pl.BlockSpec((None, blocks, None, dim, self.block_v),
+                            lambda ci, bi, hi, vi: (bi, 0, _head(hi, per), 0, vi))
+
+    def last(self, dim: int) -> pl.BlockSpec:
+        """``[b, heads, dim, vp]``: the value tile of one state per row and head (the final one)."""
+        return pl.BlockSpec((None, None, dim, self.block_v), lambda ci, bi, hi, vi: (bi, hi, 0, vi))
+
+    def tile_copies(self) -> pl.BlockSpec:
+        """``[b, heads, tiles, lp]``: one value per position written by each value tile (its copy or share)."""
+        return pl.BlockSpec((None, None, None, self.span), lambda ci, bi, hi, vi: (bi, hi, vi, ci))
+
+    def tile_shares(self, dim: int) -> pl.BlockSpec:
+        """``[b, tiles, lp, heads, dim]``: each value tile's share of a gradient of rows (summed outside)."""
+        return pl.BlockSpec((None, None, self.span, None, dim), lambda ci, bi, hi, vi: (bi, vi, ci, hi, 0))
 
 
-def launch(kernel, operands: list, in_specs: list, out_specs: list, out_shape: list, block_v: int, interpret: bool,
-           name: str):
-    """`pallas_call` of ``kernel`` over the grid ``(b, h, value tiles)`` of `layout`'s operands (and more)."""
-    b, _, h, dp = operands[0].shape
-    return pallas_call(kernel, operands, grid=(b, h, operands[2].shape[-1] // block_v), in_specs=in_specs,
-                       out_specs=out_specs, out_shape=out_shape, num_warps=4 if max(dp, block_v) <= 64 else 8,
-                       interpret=interpret, name=name)
+def _head(hi, per: int):
+    return hi if per == 1 else lax.div(hi, per)
+
+
+def carried_run(previous_ref) -> jax.Array:
+    """In a program of a grid over blocks, the run of the state carried into its block: the largest run id of the
+    block before (``previous_ref``, `Specs.runs` with ``previous``), -1 before the first block."""
+    return jnp.where(pl.program_id(0) > 0, jnp.max(previous_ref[...]), -1)
+
+
+def launch(kernel, operands: list, in_specs: list, out_specs: list, out_shape: list, grid: tuple, width: int,
+           interpret: bool, name: str):
+    """`pallas_call` of a chunk kernel over ``grid`` ``(blocks, b, heads, value tiles)`` (see `Specs`), with
+    more warps for tiles wider than 64 (``width``: the largest of the head dim and value tile)."""
+    return pallas_call(kernel, operands, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+                       num_warps=4 if width <= 64 else 8, interpret=interpret, name=name)
 
 
 def pallas_call(kernel, operands: list, *, grid: tuple, in_specs, out_specs, out_shape, num_warps: int,
