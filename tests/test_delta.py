@@ -298,7 +298,7 @@ def test_pallas_lowers_to_triton():
     text = lower_for_gpu(jax.jit(jax.grad(loss, argnums=(0, 1))), q.reshape(B, L, 2, 2, 16), k)
     assert text.count("xla.gpu.triton") == 4
     for name in ("delta_rule_blocks", "delta_rule_states", "delta_rule_output", "delta_rule_backward"):
-        assert name in text, name
+        assert f'name = "{name}"' in text, name
 
 
 def test_delta_impl_choice_and_errors():

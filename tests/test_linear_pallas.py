@@ -1,7 +1,7 @@
 """pallas_causal_sums (Pallas kernel, interpret mode on CPU) against the float64 recurrence of gated linear attention
 (reference.gated_linear_attention) for causal, padded and packed sequences with no, fixed and data-dependent decay,
 MHA/GQA, float32/bfloat16; against the XLA form (causal_sums) in values and gradients (the backward kernel); value
-tiles and block sizes; the lowering of both kernels to Triton (no GPU needed); argument errors and
+tiles and block sizes; the lowering of every kernel to Triton (no GPU needed); argument errors and
 pallas_unsupported's reasons. test_linear_gates checks the backward kernel against finite differences of the
 reference."""
 import functools
@@ -140,12 +140,15 @@ def test_value_tiles_and_block_sizes(blocks):
 
 @pytest.mark.parametrize("dtype,structure", [(jnp.float32, True), (jnp.bfloat16, True), (jnp.bfloat16, False)])
 def test_lowers_to_triton(dtype, structure):
-    """Both kernels lower through the Pallas Triton backend (to TTIR; compiling it to PTX needs a GPU): one Triton
-    custom call for the values, one for the gradients. ``structure``: segments and decay."""
+    """Every kernel lowers through the Pallas Triton backend (to TTIR; compiling it to PTX needs a GPU): for the
+    values a walk storing the sums entering each block and the blocks' outputs in parallel, for the gradients a
+    backward walk and the blocks' gradients in parallel. ``structure``: segments and decay."""
     inputs, _ = case("segments" if structure else "causal", "data" if structure else "none", dtype=dtype)
     text = lower_for_gpu(sums_and_grads, *inputs, interpret=False)
-    assert text.count("xla.gpu.triton") == 2
-    assert "linear_causal_forward" in text and "linear_causal_backward" in text
+    assert text.count("xla.gpu.triton") == 4
+    for name in ("linear_causal_states", "linear_causal_output", "linear_causal_backward_states",
+                 "linear_causal_backward_blocks"):
+        assert f'name = "{name}"' in text, name
 
 
 @pytest.mark.parametrize("kwargs,match", [

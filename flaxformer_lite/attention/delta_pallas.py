@@ -117,7 +117,7 @@ def _gates(x: _Laid, specs: Specs, per: int, previous: bool) -> tuple[list, list
         ops, in_specs = [x.decay], [specs.positions(per)]
     if x.runs is not None:
         ops += [x.runs] * (1 + previous)
-        in_specs += [specs.runs()] + [specs.runs(previous=True)] * previous
+        in_specs += [specs.runs()] + [specs.runs(-1)] * previous
     return ops, in_specs
 
 

@@ -1,4 +1,4 @@
-"""`pallas_causal_sums`: causal (optionally gated) linear attention's sums as one fused Pallas kernel.
+"""`pallas_causal_sums`: causal (optionally gated) linear attention's sums as Pallas kernels.
 
 The GPU counterpart of `linear_causal.causal_sums` with no key log-scales (elu+1, relu: features computed outside,
 keys that padding hides arriving with zero features). For row i and the keys j <= i of its segment::
@@ -8,23 +8,29 @@ keys that padding hides arriving with zero features). For row i and the keys j <
 with ``D_ij = exp(a_{j+1} + ... + a_i)`` for the log decay ``a <= 0`` (D = 1 without one): the recurrence
 ``S_t = exp(a_t) S_{t-1} + kf_t v_t^T``, ``z_t`` likewise, both zeroed where the segment changes.
 
-One program per (batch row, query head, value tile) walks the sequence in blocks of c positions with a
-`lax.fori_loop`, carrying ``S [f, v]`` and ``z [f]`` in float32 (flash-linear-attention's chunk forward). Per block,
-with ``A_i`` the log decay summed from the block's start to row i (a masked row sum over at most c terms):
+The work is split as flash-linear-attention's chunk kernels split it (`linear_pallas_kernels`), so that only a
+walk carrying the sums is sequential and each block's quadratic part runs in parallel across blocks:
 
-1. intra: ``(Q K^T * exp(A_i - A_j) * [j <= i, same segment]) V`` and its row sums;
-2. inter: ``exp(A_i) (Q S, Q z)`` for the rows whose segment is the carried state's;
-3. state: ``S <- exp(A_last) S`` (0 if the block starts a new segment) ``+ sum_j exp(A_last - A_j) k_j v_j^T`` over
-   the keys of the block's last segment.
+1. ``linear_causal_states``, one program per (batch row, kv head, value tile): a `lax.fori_loop` over the blocks
+   carries ``S [f, v]`` and ``z [f]`` in float32 and stores the sums entering each block; per block ``S <-
+   exp(A_last) S`` (0 if the block starts a new segment) ``+ sum_j exp(A_last - A_j) k_j v_j^T`` over the keys of
+   the block's last segment (``A_i``: the log decay summed from the block's start to row i);
+2. ``linear_causal_output``, one program per (block, batch row, query head, value tile): the block's quadratic part
+   ``(Q K^T * exp(A_i - A_j) * [j <= i, same segment]) V`` and its row sums, plus ``exp(A_i) (Q S, Q z)`` from the
+   sums entering the block, for the rows whose segment is the carried one.
 
-Decays are <= 1 and there are no key log-scales, so every exponent is <= 0 and no running maximum is needed.
-`pallas_tiles.block_step` gives each block's decays and segment masks. Matmul operands keep the input dtype (bf16
-stays bf16) and accumulate in float32.
+The sums depend on the kv head only, so a GQA group's query heads share one walk. Decays are <= 1 and there are no
+key log-scales, so every exponent is <= 0 and no running maximum is needed. `pallas_tiles.block_step` gives each
+block's decays and segment masks; the run carried into a block is the largest run id of the block before
+(`pallas_tiles.carried_run`), so the parallel kernels know it without the walk. Matmul operands keep the input dtype
+(bf16 stays bf16) and accumulate in float32.
 
-The backward (a `custom_vjp`) is a second kernel on the same grid, flash-linear-attention's chunk backward: one walk
-forward over the blocks for the query gradients, one walk backward for the key and value gradients, each carrying its
-own ``[f, v]`` state (`_backward_kernel`). The log decay's gradient follows from those by
-`linear_causal.decay_grad`'s identity; nothing of size ``[l, f, v]`` is stored.
+The backward (a `custom_vjp`) mirrors it: ``linear_causal_backward_states`` walks the blocks from the last per
+(batch row, query head, value tile), storing the cotangent sums ``G [f, v]``, ``Gz [f]`` of the later blocks'
+queries; ``linear_causal_backward_blocks``, parallel over (block, batch row, query head, value tile), gives each
+block's query gradients from the forward's stored sums and its key and value gradients from ``G``. The log decay's
+gradient follows from those by `linear_causal.decay_grad`'s identity. Stored between the passes: one ``[f, v]``
+state per block and head, as flash-linear-attention stores them; nothing of size ``[l, f, v]``.
 
 Shape key: b batch, l length (padded to a block multiple inside), n kv heads, g = h // n query heads per kv head,
 f features, v value dim (both padded to powers of two >= 16), c block length.
@@ -36,12 +42,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
-from jax.experimental import pallas as pl
 
 from .linear_causal import decay_grad, run_ids
-from .pallas_tiles import (Specs, block_length, block_step, dot, launch, operands, padded_dim, scale, scale_rows,
-                           tile_size)
+from .linear_pallas_kernels import _backward_kernel, _backward_states_kernel, _output_kernel, _states_kernel
+from .pallas_tiles import Specs, block_length, launch, operands, padded_dim, tile_size
 
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -121,19 +125,20 @@ def _check(qf, kf, v, seg, log_decay) -> tuple[int, int, int, int, int]:
     return b, l, n, g, f
 
 
-# -- custom_vjp: a forward kernel and a backward kernel -------------------------------------------------------------
+# -- custom_vjp: two forward kernels, two backward kernels ----------------------------------------------------------
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _sums(plan: _Plan, qf, kf, v, runs, log_decay):
-    return _forward(plan, qf, kf, v, runs, log_decay)
+    return _forward(plan, qf, kf, v, runs, log_decay)[:2]
 
 
 def _sums_fwd(plan: _Plan, qf, kf, v, runs, log_decay):
-    return _forward(plan, qf, kf, v, runs, log_decay), (qf, kf, v, runs, log_decay)
+    num, den, entering = _forward(plan, qf, kf, v, runs, log_decay)
+    return (num, den), (qf, kf, v, runs, log_decay, entering)
 
 
 def _sums_bwd(plan: _Plan, res, cotangents):
-    qf, kf, v, runs, log_decay = res
-    dqf, dkf, dv = _backward(plan, qf, kf, v, runs, log_decay, *cotangents)
+    qf, kf, v, runs, log_decay, entering = res
+    dqf, dkf, dv = _backward(plan, qf, kf, v, runs, log_decay, entering, *cotangents)
     dlog = None if log_decay is None else decay_grad(qf, kf, dqf, dkf)
     return dqf.astype(qf.dtype), dkf.astype(kf.dtype), dv.astype(v.dtype), None, dlog
 
@@ -141,142 +146,80 @@ def _sums_bwd(plan: _Plan, res, cotangents):
 _sums.defvjp(_sums_fwd, _sums_bwd)
 
 
-def _lay_out(plan: _Plan, qf, kf, v, runs, log_decay, specs: Specs, per: int) -> tuple[list, list]:
-    """`pallas_tiles.operands` and their specs: ``qf``, ``kf``, ``v`` (its value tile), then ``log_decay`` and the
-    run ids where present."""
+def _lay_out(plan: _Plan, qf, kf, v, runs, log_decay) -> tuple[list, list]:
+    """`pallas_tiles.operands`, split: ``([qf, kf, v], [log_decay, runs] where present)``."""
     ops = operands(qf, kf, v, [log_decay], runs, plan.block, plan.dtype)
-    fp = ops[0].shape[-1]
-    in_specs = [specs.rows(fp), specs.rows(fp, per), specs.rows(ops[2].shape[-1], per, tile=True)]
-    in_specs += [specs.positions(per)] * (log_decay is not None) + [specs.runs()] * (runs is not None)
-    return ops, in_specs
+    return ops[:3], ops[3:]
+
+
+def _gate_specs(specs: Specs, per: int, decayed: bool, segmented: bool, neighbours=()) -> list:
+    """Specs of the log decay and the run ids (and those of the blocks at ``neighbours``: -1 before, +1 after)."""
+    runs = [specs.runs()] + [specs.runs(i, blocks) for i, blocks in neighbours]
+    return [specs.positions(per)] * decayed + runs * segmented
+
+
+def _f32(*shape) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(shape, jnp.float32)
 
 
 def _forward(plan: _Plan, qf, kf, v, runs, log_decay):
-    """Lay out, run the forward kernel, and cut back: ``(num [b, l, n, g, v], den [b, l, n, g])`` float32."""
+    """Lay out, run the two forward kernels, and cut back: ``(num [b, l, n, g, v], den [b, l, n, g], entering)``
+    float32, with ``entering = (S [b, blocks, n, fp, vp], z [b, blocks, n, tiles, fp])`` the sums entering each
+    block (a copy of z per value tile)."""
     b, l, n, g, _ = qf.shape
-    lp, bv = -(-l // plan.block) * plan.block, plan.block_v
-    seq = Specs(lp, bv)
-    operands, specs = _lay_out(plan, qf, kf, v, runs, log_decay, seq, g)
-    _, lp, h, fp = operands[0].shape
-    vp = operands[2].shape[-1]
-    tiles = vp // bv
-    num, den = launch(  # den [b, h, tiles, lp]: each value tile writes its own copy
-        functools.partial(_forward_kernel, plan=plan, decayed=log_decay is not None, segmented=runs is not None),
-        operands, specs, [seq.rows(vp, tile=True), seq.tile_copies()],
-        [jax.ShapeDtypeStruct((b, lp, h, vp), jnp.float32), jax.ShapeDtypeStruct((b, h, tiles, lp), jnp.float32)],
-        (1, b, h, tiles), max(fp, bv), plan.interpret, "linear_causal_forward")
+    (q, k, vals), gates = _lay_out(plan, qf, kf, v, runs, log_decay)
+    _, lp, h, fp = q.shape
+    c, bv, vp = plan.block, plan.block_v, vals.shape[-1]
+    blocks, tiles = lp // c, vp // bv
+    flags = dict(c=c, decayed=log_decay is not None, segmented=runs is not None)
+    par, seq = Specs(c, bv), Specs(lp, bv)  # a grid over blocks; a grid walking them
+    entering = launch(  # per kv head and value tile, the blocks in order
+        functools.partial(_states_kernel, **flags), [k, vals] + gates,
+        [seq.rows(fp), seq.rows(vp, tile=True)] + _gate_specs(seq, 1, flags["decayed"], flags["segmented"]),
+        [seq.states(blocks, fp), seq.sums(blocks, fp)],
+        [_f32(b, blocks, n, fp, vp), _f32(b, blocks, n, tiles, fp)], (1, b, n, tiles), max(fp, bv),
+        plan.interpret, "linear_causal_states")
+    num, den = launch(  # per block, query head and value tile; den [b, h, tiles, lp]: each tile writes a copy
+        functools.partial(_output_kernel, **flags), [q, k, vals, *entering] + gates + gates[-1:] * flags["segmented"],
+        [par.rows(fp), par.rows(fp, g), par.rows(vp, g, tile=True), par.state(fp, g), par.sum(fp, g)]
+        + _gate_specs(par, g, flags["decayed"], flags["segmented"], [(-1, blocks)]),
+        [par.rows(vp, tile=True), par.tile_copies()], [_f32(b, lp, h, vp), _f32(b, h, tiles, lp)],
+        (blocks, b, h, tiles), max(fp, bv), plan.interpret, "linear_causal_output")
     num = num[:, :l, :, :v.shape[-1]].reshape(b, l, n, g, v.shape[-1])
     den = jnp.moveaxis(den[:, :, 0, :l], 1, 2).reshape(b, l, n, g)
-    return num, den
+    return num, den, entering
 
 
-def _backward(plan: _Plan, qf, kf, v, runs, log_decay, d_num, d_den):
-    """Lay out, run the backward kernel, and sum its partial gradients: ``(dqf, dkf, dv)`` float32 in the shapes of
-    ``qf``, ``kf``, ``v``. ``d_num [b, l, n, g, v]``, ``d_den [b, l, n, g]``: the cotangents of the sums."""
+def _backward(plan: _Plan, qf, kf, v, runs, log_decay, entering, d_num, d_den):
+    """Lay out, run the two backward kernels, and sum their partial gradients: ``(dqf, dkf, dv)`` float32 in the
+    shapes of ``qf``, ``kf``, ``v``. ``entering``: `_forward`'s; ``d_num [b, l, n, g, v]``, ``d_den [b, l, n, g]``:
+    the cotangents of the sums."""
     b, l, n, g, f = qf.shape
-    lp, bv = -(-l // plan.block) * plan.block, plan.block_v
-    seq = Specs(lp, bv)
-    operands, specs = _lay_out(plan, qf, kf, v, runs, log_decay, seq, g)
-    _, lp, h, fp = operands[0].shape
-    vp = operands[2].shape[-1]
-    tiles = vp // bv
-    operands.append(jnp.pad(d_num.astype(jnp.float32).reshape(b, l, h, -1),
-                            [(0, 0), (0, lp - l), (0, 0), (0, vp - v.shape[-1])]))
-    operands.append(jnp.pad(jnp.moveaxis(d_den.astype(jnp.float32).reshape(b, l, h), 1, 2),
-                            [(0, 0), (0, 0), (0, lp - l)]))
+    (q, k, vals), gates = _lay_out(plan, qf, kf, v, runs, log_decay)
+    _, lp, h, fp = q.shape
+    c, bv, vp = plan.block, plan.block_v, vals.shape[-1]
+    blocks, tiles = lp // c, vp // bv
+    flags = dict(c=c, decayed=log_decay is not None, segmented=runs is not None)
+    par, seq = Specs(c, bv), Specs(lp, bv)
+    dn = jnp.pad(d_num.astype(jnp.float32).reshape(b, l, h, -1), [(0, 0), (0, lp - l), (0, 0), (0, vp - v.shape[-1])])
+    dd = jnp.pad(jnp.moveaxis(d_den.astype(jnp.float32).reshape(b, l, h), 1, 2), [(0, 0), (0, 0), (0, lp - l)])
+    later = launch(  # per query head and value tile, the blocks from the last
+        functools.partial(_backward_states_kernel, **flags), [q, dn, dd] + gates,
+        [seq.rows(fp), seq.rows(vp, tile=True), seq.positions()]
+        + _gate_specs(seq, g, flags["decayed"], flags["segmented"]),
+        [seq.states(blocks, fp), seq.sums(blocks, fp)],
+        [_f32(b, blocks, h, fp, vp), _f32(b, blocks, h, tiles, fp)], (1, b, h, tiles), max(fp, bv),
+        plan.interpret, "linear_causal_backward_states")
+    segs = [gates[-1]] * 2 if runs is not None else []
     dq, dk, dv = launch(  # dq, dk [b, tiles, lp, h, fp]: each value tile's share; dv [b, lp, h, vp]: per query head
-        functools.partial(_backward_kernel, plan=plan, decayed=log_decay is not None, segmented=runs is not None),
-        operands, specs + [seq.rows(vp, tile=True), seq.positions()],
-        [seq.tile_shares(fp), seq.tile_shares(fp), seq.rows(vp, tile=True)],
-        [jax.ShapeDtypeStruct((b, tiles, lp, h, fp), jnp.float32)] * 2
-        + [jax.ShapeDtypeStruct((b, lp, h, vp), jnp.float32)],
-        (1, b, h, tiles), max(fp, bv), plan.interpret, "linear_causal_backward")
+        functools.partial(_backward_kernel, **flags), [q, k, vals, dn, dd, *entering, *later] + gates + segs,
+        [par.rows(fp), par.rows(fp, g), par.rows(vp, g, tile=True), par.rows(vp, tile=True), par.positions(),
+         par.state(fp, g), par.sum(fp, g), par.state(fp), par.sum(fp)]
+        + _gate_specs(par, g, flags["decayed"], flags["segmented"], [(-1, blocks), (1, blocks)]),
+        [par.tile_shares(fp), par.tile_shares(fp), par.rows(vp, tile=True)],
+        [_f32(b, tiles, lp, h, fp)] * 2 + [_f32(b, lp, h, vp)], (blocks, b, h, tiles), max(fp, bv),
+        plan.interpret, "linear_causal_backward_blocks")
     dq = jnp.sum(dq[:, :, :l, :, :f], 1).reshape(b, l, n, g, f)
     dk = jnp.sum(dk[:, :, :l, :, :f], 1).reshape(b, l, n, g, f).sum(3)
     dv = dv[:, :l, :, :v.shape[-1]].reshape(b, l, n, g, -1).sum(3)
     return dq, dk, dv
-
-
-# -- the kernels ------------------------------------------------------------------------------------------------------
-def _forward_kernel(q_ref, k_ref, v_ref, *refs, plan: _Plan, decayed: bool, segmented: bool):
-    """One (batch row, query head, value tile): ``q [l, f]``, ``k [l, f]``, ``v [l, bv]``, ``log_decay [l]``,
-    ``runs [l]`` (where present) -> ``num [l, bv]``, ``den [l]``, block by block with the state carried."""
-    refs = list(refs)
-    decay_ref = refs.pop(0) if decayed else None
-    run_ref = refs.pop(0) if segmented else None
-    num_ref, den_ref = refs
-    c = plan.block
-    fp, bv = q_ref.shape[-1], v_ref.shape[-1]
-
-    def body(i, carry):
-        s, z, run = carry  # s [f, bv], z [f] float32; run: the carried state's (segmented only)
-        rows = pl.ds(pl.multiple_of(i * c, c), c)
-        q, k, v = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :]
-        step = block_step(rows, c, decay_ref, run_ref, run)
-        weights = dot(q, k, trans_b=True) * step.pair  # [c, c] float32
-        num_ref[rows, :] = dot(weights.astype(v.dtype), v) + scale_rows(dot(q, s.astype(q.dtype)), step.read)
-        den_ref[rows] = jnp.sum(weights, axis=1) + jnp.sum(scale_rows(q, step.read) * z[None, :], axis=1)
-        kw = scale_rows(k, step.add)
-        s = scale(s, step.keep) + dot(kw.astype(k.dtype), v, trans_a=True)
-        z = scale(z, step.keep) + jnp.sum(kw, axis=0)
-        return s, z, step.run
-
-    init = (jnp.zeros((fp, bv), jnp.float32), jnp.zeros((fp,), jnp.float32), jnp.int32(-1))
-    lax.fori_loop(0, q_ref.shape[0] // c, body, init)
-
-
-def _backward_kernel(q_ref, k_ref, v_ref, *refs, plan: _Plan, decayed: bool, segmented: bool):
-    """One (batch row, query head, value tile): `_forward_kernel`'s inputs, ``d_num [l, bv]`` and ``d_den [l]`` ->
-    ``dq [l, f]`` and ``dk [l, f]`` (this value tile's share), ``dv [l, bv]``.
-
-    With ``P_ij = d_num_i . v_j + d_den_i`` (d_den counted by value tile 0 only) and ``D_ij`` the decay of key j at
-    row i (0 where j is hidden from i)::
-
-        dq_i = sum_{j <= i} D_ij P_ij k_j        dk_j = sum_{i >= j} D_ij P_ij q_i
-        dv_j = sum_{i >= j} D_ij (q_i . k_j) d_num_i
-
-    dq walks the blocks forward carrying ``H = sum_j D v_j k_j^T [bv, f]`` and ``sum_j D k_j [f]``; dk and dv walk
-    them backward carrying ``G = sum_i D q_i d_num_i^T [f, bv]`` and ``sum_i D q_i d_den_i [f]``."""
-    refs = list(refs)
-    decay_ref = refs.pop(0) if decayed else None
-    run_ref = refs.pop(0) if segmented else None
-    dnum_ref, dden_ref, dq_ref, dk_ref, dv_ref = refs
-    c, blocks = plan.block, q_ref.shape[0] // plan.block
-    fp, bv = q_ref.shape[-1], v_ref.shape[-1]
-    first_tile = (pl.program_id(3) == 0).astype(jnp.float32)
-
-    def load(i):
-        rows = pl.ds(pl.multiple_of(i * c, c), c)
-        v = v_ref[rows, :]
-        return rows, q_ref[rows, :], k_ref[rows, :], v, dnum_ref[rows, :].astype(v.dtype), dden_ref[rows] * first_tile
-
-    def forward(i, carry):  # dq
-        h, hz, run = carry  # h [bv, f], hz [f] float32; run: the carried state's
-        rows, q, k, v, dn, dd = load(i)
-        step = block_step(rows, c, decay_ref, run_ref, run)
-        p = (dot(dn, v, trans_b=True) + dd[:, None]) * step.pair  # [c, c]
-        inter = dot(dn, h.astype(dn.dtype)) + dd[:, None] * hz[None, :]
-        dq_ref[rows, :] = dot(p.astype(k.dtype), k) + scale_rows(inter, step.read)
-        kw = scale_rows(k, step.add)
-        h = scale(h, step.keep) + dot(v, kw.astype(k.dtype), trans_a=True)
-        hz = scale(hz, step.keep) + jnp.sum(kw, axis=0)
-        return h, hz, step.run
-
-    def backward(t, carry):  # dk, dv
-        gs, gz, run = carry  # gs [f, bv], gz [f] float32; run: the carried state's
-        rows, q, k, v, dn, dd = load(blocks - 1 - t)
-        step = block_step(rows, c, decay_ref, run_ref, run, backward=True)  # pair [c(k), c(q)]
-        scores = dot(k, q, trans_b=True) * step.pair
-        p = (dot(v, dn, trans_b=True) + dd[None, :]) * step.pair
-        dv_ref[rows, :] = dot(scores.astype(dn.dtype), dn) + scale_rows(dot(k, gs.astype(k.dtype)), step.read)
-        dk_ref[rows, :] = dot(p.astype(q.dtype), q) + scale_rows(dot(v, gs.astype(v.dtype), trans_b=True)
-                                                                + gz[None, :], step.read)
-        qw = scale_rows(q, step.add)
-        gs = scale(gs, step.keep) + dot(qw.astype(q.dtype), dn, trans_a=True)
-        gz = scale(gz, step.keep) + jnp.sum(qw * dd[:, None], axis=0)
-        return gs, gz, step.run
-
-    lax.fori_loop(0, blocks, forward, (jnp.zeros((bv, fp), jnp.float32), jnp.zeros((fp,), jnp.float32),
-                                       jnp.int32(-1)))
-    lax.fori_loop(0, blocks, backward, (jnp.zeros((fp, bv), jnp.float32), jnp.zeros((fp,), jnp.float32),
-                                        jnp.int32(-1)))

@@ -90,11 +90,12 @@ class Specs:
         """``[b, heads, lp]``: one value per position."""
         return pl.BlockSpec((None, None, self.span), lambda ci, bi, hi, vi: (bi, _head(hi, per), ci))
 
-    def runs(self, previous: bool = False) -> pl.BlockSpec:
-        """``[b, lp]`` run ids: the program's, or (``previous``, grids over blocks) those of the block before it
-        (block 0's own for block 0: see `carried_run`)."""
-        if previous:
-            return pl.BlockSpec((None, self.span), lambda ci, bi, hi, vi: (bi, jnp.maximum(ci - 1, 0)))
+    def runs(self, neighbour: int = 0, blocks: int = 1) -> pl.BlockSpec:
+        """``[b, lp]`` run ids: the program's, or on a grid over ``blocks`` blocks those of the block before it
+        (``neighbour`` -1; block 0 gets its own) or after it (+1; the last block gets its own): see `carried_run`."""
+        if neighbour:
+            near = lambda ci: jnp.clip(ci + neighbour, 0, blocks - 1)
+            return pl.BlockSpec((None, self.span), lambda ci, bi, hi, vi: (bi, near(ci)))
         return pl.BlockSpec((None, self.span), lambda ci, bi, hi, vi: (bi, ci))
 
     def state(self, dim: int, per: int = 1) -> pl.BlockSpec:
@@ -119,15 +120,27 @@ class Specs:
         """``[b, tiles, lp, heads, dim]``: each value tile's share of a gradient of rows (summed outside)."""
         return pl.BlockSpec((None, None, self.span, None, dim), lambda ci, bi, hi, vi: (bi, vi, ci, hi, 0))
 
+    def sum(self, dim: int, per: int = 1) -> pl.BlockSpec:
+        """``[b, blocks, heads, tiles, dim]``: a vector entering the program's block (as linear attention's key sum),
+        one copy per value tile."""
+        return pl.BlockSpec((None, None, None, None, dim), lambda ci, bi, hi, vi: (bi, ci, _head(hi, per), vi, 0))
+
+    def sums(self, blocks: int, dim: int, per: int = 1) -> pl.BlockSpec:
+        """``[b, blocks, heads, tiles, dim]``: the vectors entering every block of the row, the value tile's copy."""
+        return pl.BlockSpec((None, blocks, None, None, dim), lambda ci, bi, hi, vi: (bi, 0, _head(hi, per), vi, 0))
+
 
 def _head(hi, per: int):
     return hi if per == 1 else lax.div(hi, per)
 
 
-def carried_run(previous_ref) -> jax.Array:
-    """In a program of a grid over blocks, the run of the state carried into its block: the largest run id of the
-    block before (``previous_ref``, `Specs.runs` with ``previous``), -1 before the first block."""
-    return jnp.where(pl.program_id(0) > 0, jnp.max(previous_ref[...]), -1)
+def carried_run(neighbour_ref, backward: bool = False) -> jax.Array:
+    """In a program of a grid over blocks, the run of the state carried into its block: walking forward, the largest
+    run id of the block before (``neighbour_ref``: `Specs.runs` with ``neighbour=-1``), -1 before the first block;
+    walking ``backward``, the smallest of the block after (``neighbour=+1``), -1 after the last."""
+    if backward:
+        return jnp.where(pl.program_id(0) < pl.num_programs(0) - 1, jnp.min(neighbour_ref[...]), -1)
+    return jnp.where(pl.program_id(0) > 0, jnp.max(neighbour_ref[...]), -1)
 
 
 def launch(kernel, operands: list, in_specs: list, out_specs: list, out_shape: list, grid: tuple, width: int,
