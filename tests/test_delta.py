@@ -290,14 +290,16 @@ def test_pallas_value_tiles(blocks):
 
 def test_pallas_lowers_to_triton():
     """Every kernel lowers through the Pallas Triton backend (to TTIR; compiling them needs a GPU), segments and
-    decay included: three Triton calls for the values (the blocks' systems, the state pass, the outputs), one for the
-    gradients."""
+    decay included: three Triton calls for the values (the blocks' systems in parallel, the state pass, the outputs
+    in parallel) and three for the gradients (the queries' share in parallel, the pass carrying the state's
+    cotangent, the blocks' systems in parallel)."""
     _, (q, k, v, beta), kwargs = _inputs(2, "data")
     seg = _mask("segments_causal").q_segment_ids
     loss = lambda q, k: jnp.sum(pallas_delta(q, k, v, beta, seg, kwargs["log_decay"], interpret=False)[0])
     text = lower_for_gpu(jax.jit(jax.grad(loss, argnums=(0, 1))), q.reshape(B, L, 2, 2, 16), k)
-    assert text.count("xla.gpu.triton") == 4
-    for name in ("delta_rule_blocks", "delta_rule_states", "delta_rule_output", "delta_rule_backward"):
+    assert text.count("xla.gpu.triton") == 6
+    for name in ("delta_rule_blocks", "delta_rule_states", "delta_rule_output", "delta_rule_backward_queries",
+                 "delta_rule_backward_states", "delta_rule_backward_blocks"):
         assert f'name = "{name}"' in text, name
 
 

@@ -1,8 +1,6 @@
-"""`pallas_delta`: the (gated) delta rule's chunk form as fused Pallas kernels, the state carried on chip.
+"""`pallas_delta`: the (gated) delta rule's chunk form as Pallas kernels, parallel across blocks but for the state.
 
-The GPU counterpart of `delta._blocks`. One program per (batch row, query head, value tile) walks the sequence in
-blocks of c positions with a `lax.fori_loop`, carrying the state ``S [d, bv]`` in float32 (the rule acts on each
-value column alone, so value tiles are independent). Per block, with ``D_ri = exp(G_r - G_i)`` for keys i <= r of
+The GPU counterpart of `delta._blocks`. Per block of c positions, with ``D_ri = exp(G_r - G_i)`` for keys i <= r of
 row r's run (`pallas_tiles.block_step`), ``g_r = exp(G_r)`` where row r reads the entering state (0 elsewhere) and
 ``S0`` that state (see `delta` for the derivation)::
 
@@ -11,13 +9,25 @@ row r's run (`pallas_tiles.block_step`), ``g_r = exp(G_r)`` where row r reads th
     O = g Q S0 + (tril(Q K^T) * D) U
     S_end = g_c S0 (0 if the block starts a new run) + (K * D_c.)^T U   (keys of the block's last run)
 
-Inputs are unit q and k and float32 values, as `delta._blocks` takes them; everything is float32 (the system's
-inverse is less forgiving than linear attention's sums).
+As flash-linear-attention's chunk kernels do, only the state pass walks the blocks in order; the rest runs in
+parallel over blocks (`delta_pallas_kernels`):
 
-The backward (a `custom_vjp`) is a second kernel on the same grid (`_backward_kernel`). The forward keeps the state
-entering each block, ``[l / c, d, v]`` per head (as flash-linear-attention keeps its chunk states); the backward walks
-the blocks from the last, recomputes each block's ``T``, ``W`` and ``U`` from its entering state, and carries the
-cotangent of the state to the block before.
+1. ``delta_rule_blocks``, one program per (block, batch row, kv head): ``T``, ``W = T (beta g K)`` and ``U0 = T
+   (beta V)`` (the run carried into the block, which ``g`` depends on, is the largest run id of the block before);
+2. ``delta_rule_states``, one program per (batch row, kv head, value tile): a `lax.fori_loop` over the blocks
+   carrying ``S [d, bv]`` in float32, ``U = U0 - W S0`` and ``S_end``, storing each block's ``S0`` and ``U``;
+3. ``delta_rule_output``, one program per (block, batch row, query head, value tile): ``O``.
+
+The state depends on the kv head only, so a GQA group's query heads share one walk; the rule acts on each value
+column alone, so value tiles are independent. Inputs are unit q and k and float32 values, as `delta._blocks` takes
+them; everything is float32 (the system's inverse is less forgiving than linear attention's sums).
+
+The backward (a `custom_vjp`, `delta_pallas_backward`) keeps the forward's ``T``, ``W``, ``U`` and entering states
+(``[l / c, d, v]`` per kv head, as flash-linear-attention keeps its chunk states) and splits the same way:
+``delta_rule_backward_queries`` (parallel per block and query head: ``dq`` and the sums over queries that the
+state's cotangent needs), ``delta_rule_backward_states`` (per kv head and value tile, the blocks from the last,
+carrying the cotangent of the state) and ``delta_rule_backward_blocks`` (parallel per block and kv head: ``dk``,
+``dv``, ``dbeta`` through each block's system).
 
 Shape key: b batch, l length (padded to a block multiple inside), n kv heads, g = h // n query heads per kv head,
 d head dim, v value dim (both padded to powers of two >= 16), c block length.
@@ -26,17 +36,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax import lax
-from jax.experimental import pallas as pl
 
-from .delta_pallas_kernels import _blocks_kernel, _output_kernel, _states_kernel, unit_lower_inverse
+from .delta_pallas_backward import _backward_blocks_kernel, _backward_queries_kernel, _backward_states_kernel
+from .delta_pallas_kernels import _blocks_kernel, _output_kernel, _states_kernel
 from .linear_causal import run_ids
-from .pallas_tiles import (Specs, Step, block_length, block_step, dot, launch, operands, padded_dim, scale,
-                           scale_rows, tile_size, triangle)
+from .pallas_tiles import Specs, block_length, launch, operands, padded_dim, tile_size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,20 +81,21 @@ def pallas_delta(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, seg:
     return _delta(plan, f32(q), f32(k), f32(v), f32(beta), runs, f32(log_decay))
 
 
-# -- custom_vjp: a forward kernel and a backward kernel --------------------------------------------------------------
+# -- custom_vjp: three forward kernels, three backward kernels ------------------------------------------------------
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _delta(plan: _Plan, q, k, v, beta, runs, log_decay):
-    return _forward(plan, q, k, v, beta, runs, log_decay)[:2]
+    out, state, _ = _forward(plan, q, k, v, beta, runs, log_decay)
+    return out, state
 
 
 def _delta_fwd(plan: _Plan, q, k, v, beta, runs, log_decay):
-    out, state, entering = _forward(plan, q, k, v, beta, runs, log_decay, keep_states=True)
-    return (out, state), (q, k, v, beta, runs, log_decay, entering)
+    out, state, saved = _forward(plan, q, k, v, beta, runs, log_decay, keep=True)
+    return (out, state), (q, k, v, beta, runs, log_decay, saved)
 
 
 def _delta_bwd(plan: _Plan, res, cotangents):
-    q, k, v, beta, runs, log_decay, entering = res
-    dq, dk, dv, dbeta, dlog = _backward(plan, q, k, v, beta, runs, log_decay, entering, *cotangents)
+    q, k, v, beta, runs, log_decay, saved = res
+    dq, dk, dv, dbeta, dlog = _backward(plan, q, k, v, beta, runs, log_decay, saved, *cotangents)
     return dq, dk, dv, dbeta, None, dlog
 
 
@@ -104,20 +113,31 @@ class _Laid(NamedTuple):
     runs: jax.Array | None  # [b, lp]
 
 
+class _Saved(NamedTuple):
+    """What the forward kernels give the backward, per kv head."""
+
+    inverse: jax.Array | None  # T [b, lp, n, c] (None unless kept)
+    w: jax.Array  # W [b, lp, n, dp]
+    added: jax.Array  # a K [b, lp, n, dp] (K itself without gates)
+    keep: jax.Array | None  # keep [b, n, lp], each block's factor repeated (None without gates)
+    u: jax.Array  # U [b, lp, n, vp]
+    entering: jax.Array  # the state entering each block [b, blocks, n, dp, vp]
+
+
 def _lay_out(plan: _Plan, q, k, v, beta, runs, log_decay) -> _Laid:
     ops = operands(q, k, v, [beta, log_decay], runs, plan.block, jnp.float32)
     return _Laid(*ops[:4], ops[4] if log_decay is not None else None, ops[-1] if runs is not None else None)
 
 
-def _gates(x: _Laid, specs: Specs, per: int, previous: bool) -> tuple[list, list]:
-    """The log decay and run ids that a kernel takes after its other inputs, and their specs (``previous``: the
-    run ids of the block before too, for a grid over blocks)."""
+def _gates(x: _Laid, specs: Specs, per: int) -> tuple[list, list]:
+    """The log decay and run ids that a kernel on a grid over blocks takes after its other inputs (the run ids of
+    the block before too), and their specs."""
     ops, in_specs = [], []
     if x.decay is not None:
         ops, in_specs = [x.decay], [specs.positions(per)]
     if x.runs is not None:
-        ops += [x.runs] * (1 + previous)
-        in_specs += [specs.runs()] + [specs.runs(-1)] * previous
+        ops += [x.runs] * 2
+        in_specs += [specs.runs(), specs.runs(-1)]
     return ops, in_specs
 
 
@@ -125,10 +145,9 @@ def _f32(*shape) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(shape, jnp.float32)
 
 
-def _forward(plan: _Plan, q, k, v, beta, runs, log_decay, keep_states: bool = False):
-    """Lay out, run the three forward kernels, and cut back: ``(out [b, l, n, g, v], state [b, n, d, v], entering)``
-    with ``entering [b, blocks, n, dp, vp]`` the state entering each block (for the backward) if ``keep_states``,
-    else None."""
+def _forward(plan: _Plan, q, k, v, beta, runs, log_decay, keep: bool = False):
+    """Lay out, run the three forward kernels, and cut back: ``(out [b, l, n, g, v], state [b, n, d, v], saved)``,
+    ``saved`` the `_Saved` with the blocks' inverses if ``keep`` (for the backward)."""
     b, l, n, g, d = q.shape
     x = _lay_out(plan, q, k, v, beta, runs, log_decay)
     _, lp, h, dp = x.q.shape
@@ -137,154 +156,74 @@ def _forward(plan: _Plan, q, k, v, beta, runs, log_decay, keep_states: bool = Fa
     flags = dict(c=c, decayed=log_decay is not None, segmented=runs is not None)
     gated = flags["decayed"] or flags["segmented"]
     par, seq = Specs(c, bv), Specs(lp, bv)  # a grid over blocks; a grid walking them
-    ops, in_specs = _gates(x, par, 1, previous=True)
-    made = launch(  # per block and kv head: W, U0 (and a K, keep)
-        functools.partial(_blocks_kernel, keep_inverse=False, **flags), [x.k, x.v, x.beta] + ops,
+    ops, in_specs = _gates(x, par, 1)
+    made = launch(  # per block and kv head: W, U0 (and a K, keep; T)
+        functools.partial(_blocks_kernel, keep_inverse=keep, **flags), [x.k, x.v, x.beta] + ops,
         [par.rows(dp), par.rows(vp), par.positions()] + in_specs,
-        [par.rows(dp), par.rows(vp)] + [par.rows(dp), par.positions()] * gated,
-        [_f32(b, lp, n, dp), _f32(b, lp, n, vp)] + [_f32(b, lp, n, dp), _f32(b, n, lp)] * gated,
-        (blocks, b, n, 1), max(dp, vp), plan.interpret, "delta_rule_blocks")
+        [par.rows(dp), par.rows(vp)] + [par.rows(dp), par.positions()] * gated + [par.rows(c)] * keep,
+        [_f32(b, lp, n, dp), _f32(b, lp, n, vp)] + [_f32(b, lp, n, dp), _f32(b, n, lp)] * gated
+        + [_f32(b, lp, n, c)] * keep, (blocks, b, n, 1), max(dp, vp), plan.interpret, "delta_rule_blocks")
+    w, u0, added, keep_factor = made[0], made[1], made[2] if gated else x.k, made[3] if gated else None
     entering, u, final = launch(  # per kv head and value tile, the blocks in order
-        functools.partial(_states_kernel, c=c, gated=gated), [made[0], made[1], made[2] if gated else x.k]
-        + list(made[3:4]), [seq.rows(dp), seq.rows(vp, tile=True), seq.rows(dp)] + [seq.positions()] * gated,
+        functools.partial(_states_kernel, c=c, gated=gated), [w, u0, added] + [keep_factor] * gated,
+        [seq.rows(dp), seq.rows(vp, tile=True), seq.rows(dp)] + [seq.positions()] * gated,
         [seq.states(blocks, dp), seq.rows(vp, tile=True), seq.last(dp)],
         [_f32(b, blocks, n, dp, vp), _f32(b, lp, n, vp), _f32(b, n, dp, vp)],
         (1, b, n, tiles), max(dp, bv), plan.interpret, "delta_rule_states")
-    ops, in_specs = _gates(x, par, g, previous=True)
+    ops, in_specs = _gates(x, par, g)
     out = launch(  # per block, query head and value tile
         functools.partial(_output_kernel, **flags), [x.q, x.k, u, entering] + ops,
         [par.rows(dp), par.rows(dp, g), par.rows(vp, g, tile=True), par.state(dp, g)] + in_specs,
         [par.rows(vp, tile=True)], [_f32(b, lp, h, vp)], (blocks, b, h, tiles), max(dp, bv), plan.interpret,
         "delta_rule_output")[0]
     out = out[:, :l, :, :v.shape[-1]].reshape(b, l, n, g, v.shape[-1])
-    return out, final[:, :, :d, :v.shape[-1]], (entering if keep_states else None)
+    saved = _Saved(made[-1] if keep else None, w, added, keep_factor, u, entering)
+    return out, final[:, :, :d, :v.shape[-1]], saved
 
 
-def _backward(plan: _Plan, q, k, v, beta, runs, log_decay, entering, d_out, d_state):
-    """Lay out, run the backward kernel, and sum its shares: the gradients of ``q``, ``k``, ``v``, ``beta`` and
-    ``log_decay`` (None without one) from the cotangents ``d_out [b, l, n, g, v]`` and ``d_state [b, n, d, v]``."""
+def _backward(plan: _Plan, q, k, v, beta, runs, log_decay, saved: _Saved, d_out, d_state):
+    """Lay out, run the three backward kernels, and sum their shares: the gradients of ``q``, ``k``, ``v``,
+    ``beta`` and ``log_decay`` (None without one) from the cotangents ``d_out [b, l, n, g, v]`` and ``d_state
+    [b, n, d, v]``."""
     b, l, n, g, d = q.shape
-    dv, bv = v.shape[-1], plan.block_v
+    dv = v.shape[-1]
     x = _lay_out(plan, q, k, v, beta, runs, log_decay)
     _, lp, h, dp = x.q.shape
-    vp, blocks = x.v.shape[-1], lp // plan.block
-    tiles = vp // bv
-    seq = Specs(lp, bv)
-    ops, in_specs = _gates(x, seq, g, previous=False)
-    final = jnp.zeros((b, n, g, dp, vp), jnp.float32).at[:, :, 0, :d, :dv].set(d_state)  # one query head per kv head
-    ops = [x.q, x.k, x.v, x.beta] + ops + [
-        entering, jnp.pad(d_out.reshape(b, l, h, dv), [(0, 0), (0, lp - l), (0, 0), (0, vp - dv)]),
-        final.reshape(b, h, dp, vp)]
-    in_specs = [seq.rows(dp), seq.rows(dp, g), seq.rows(vp, g, tile=True), seq.positions(g)] + in_specs + [
-        seq.states(blocks, dp, g), seq.rows(vp, tile=True), seq.last(dp)]
-    decayed = log_decay is not None
-    outs = launch(functools.partial(_backward_kernel, plan=plan, decayed=decayed, segmented=runs is not None),
-                  ops, in_specs, [seq.tile_shares(dp)] * 2 + [seq.rows(vp, tile=True)]
-                  + [seq.tile_copies()] * (1 + decayed),
-                  [_f32(b, tiles, lp, h, dp)] * 2 + [_f32(b, lp, h, vp)] + [_f32(b, h, tiles, lp)] * (1 + decayed),
-                  (1, b, h, tiles), max(dp, bv), plan.interpret, "delta_rule_backward")
-    kv_sum = lambda x: x.reshape(b, l, n, g, *x.shape[3:]).sum(3)  # [b, l, h, ...] -> [b, l, n, ...]
-    per_position = lambda x: kv_sum(jnp.moveaxis(x.sum(2)[..., :l], 1, 2))  # [b, h, tiles, lp] -> [b, l, n]
-    dq = outs[0].sum(1)[:, :l, :, :d].reshape(b, l, n, g, d)
-    dk = kv_sum(outs[1].sum(1)[:, :l, :, :d])
-    dvals = kv_sum(outs[2][:, :l, :, :dv])
-    return dq, dk, dvals, per_position(outs[3]), (per_position(outs[4]) if decayed else None)
-
-
-# -- the kernels ------------------------------------------------------------------------------------------------------
-class _Block(NamedTuple):
-    """One block's inputs and the pieces of its forward pass the backward needs again."""
-
-    rows: Any
-    q: jax.Array  # [c, d]
-    k: jax.Array  # [c, d]
-    v: jax.Array  # [c, bv]
-    beta: jax.Array  # [c]
-    step: Step
-    kk: jax.Array  # K K^T [c, c]
-    inverse: jax.Array  # T = (I + beta K K^T * strict D)^-1 [c, c]
-
-
-def _block(i, refs, c: int, carried, strict) -> _Block:
-    """Block ``i`` of the sequence: load it, take its `Step` given the ``carried`` run, and invert its system."""
-    q_ref, k_ref, v_ref, beta_ref, decay_ref, run_ref = refs
-    rows = pl.ds(pl.multiple_of(i * c, c), c)
-    q, k, v, beta = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], beta_ref[rows]
-    step = block_step(rows, c, decay_ref, run_ref, carried)
-    kk = dot(k, k, trans_b=True)
-    inverse = unit_lower_inverse(beta[:, None] * kk * jnp.where(strict, step.pair, 0.0))
-    return _Block(rows, q, k, v, beta, step, kk, inverse)
-
-
-def _pseudo_values(blk: _Block, s):
-    """``(U, T beta V, W)``: the pseudo-values ``U = T beta V - W S0 [c, bv]`` from the entering state ``s``, with
-    ``W = T (beta g K) [c, d]``."""
-    u0 = dot(blk.inverse, scale_rows(blk.v, blk.beta))
-    w = dot(blk.inverse, scale_rows(blk.k, blk.beta if blk.step.read is None else blk.beta * blk.step.read))
-    return u0 - dot(w, s), u0, w
-
-
-def _backward_kernel(q_ref, k_ref, v_ref, beta_ref, *refs, plan: _Plan, decayed: bool, segmented: bool):
-    """One (batch row, query head, value tile), the blocks walked backward: `_kernel`'s inputs, the states entering
-    each block ``[blocks, d, bv]``, ``d_out [l, bv]`` and the final state's cotangent ``[d, bv]`` (zero but for one
-    query head per kv head) -> ``dq [l, d]``, ``dk [l, d]``, ``dv [l, bv]``, ``dbeta [l]`` and ``dlog_decay [l]``
-    (this program's share: they sum over value tiles, and all but dq over the query heads of a kv head).
-
-    Per block, with ``dS1`` the cotangent of the state leaving it, ``M = Q K^T * D`` and the forward's ``T``, ``W``,
-    ``U``: ``dU = M^T dO + (a K) dS1``, ``dS0 = (g Q)^T dO + keep dS1 - W^T dU`` (carried to the block before);
-    through ``U = T (beta V) - T (beta g K) S0`` and ``T = (I + A)^-1``: ``dA = -T^T (dU (beta V)^T - dU S0^T
-    (beta g K)^T) T^T`` on the strict lower triangle. The decay's gradient collects ``d log D`` of every decay factor
-    (pairs, g, a, keep) and sums it back over the positions each factor spans."""
-    refs = list(refs)
-    decay_ref = refs.pop(0) if decayed else None
-    run_ref = refs.pop(0) if segmented else None
-    states_ref, dout_ref, dfinal_ref, dq_ref, dk_ref, dv_ref, dbeta_ref = refs[:7]
-    dlog_ref = refs[7] if decayed else None
-    c, blocks = plan.block, q_ref.shape[0] // plan.block
-    strict, lower = ~triangle(c, upper=True), triangle(c)
-    inputs = (q_ref, k_ref, v_ref, beta_ref, decay_ref, run_ref)
-
-    def body(t, ds):  # ds [d, bv]: the cotangent of the state leaving block i
-        i = blocks - 1 - t
-        carried = jnp.int32(-1)
-        if segmented:  # the run of the state entering block i: the largest of block i - 1's
-            before = run_ref[pl.ds(pl.multiple_of(jnp.maximum(i - 1, 0) * c, c), c)]
-            carried = jnp.where(i > 0, jnp.max(before), -1)
-        blk = _block(i, inputs, c, carried, strict)
-        step, s0 = blk.step, states_ref[i]
-        u, u0, w = _pseudo_values(blk, s0)
-        do = dout_ref[blk.rows, :]
-        qk = dot(blk.q, blk.k, trans_b=True)
-        k_add = scale_rows(blk.k, step.add)
-        du = dot(qk * step.pair, do, trans_a=True) + dot(k_add, ds)  # [c, bv]
-        d_in = dot(do, s0, trans_b=True)  # [c, d]: dO S0^T
-        d_out_k = dot(u, ds, trans_b=True)  # [c, d]: U dS1^T
-        dm = dot(do, u, trans_b=True)  # [c(r), c(i)]
-        dpair = dm * qk
-        dscores = dm * step.pair
-        du_s0 = dot(du, s0, trans_b=True)  # [c, d]: -dW
-        dx = dot(blk.inverse, du, trans_a=True)  # [c, bv]: T^T dU
-        dy = -dot(blk.inverse, du_s0, trans_a=True)  # [c, d]: T^T dW
-        read = jnp.ones((c,), jnp.float32) if step.read is None else step.read
-        x, y = scale_rows(blk.v, blk.beta), scale_rows(blk.k, blk.beta * read)
-        d_t = dot(du, x, trans_b=True) - dot(du_s0, y, trans_b=True)  # dT
-        d_a = -jnp.where(strict, dot(dot(blk.inverse, d_t, trans_a=True), blk.inverse, trans_b=True), 0.0)
-        d_kk = d_a * blk.beta[:, None] * jnp.where(strict, step.pair, 0.0)
-        dpair += jnp.where(strict, d_a * blk.beta[:, None] * blk.kk, 0.0)
-        dq_ref[blk.rows, :] = dot(dscores, blk.k) + scale_rows(d_in, step.read)
-        dk_ref[blk.rows, :] = (dot(dscores, blk.q, trans_a=True) + scale_rows(d_out_k, step.add)
-                               + dot(d_kk + jnp.transpose(d_kk), blk.k) + scale_rows(dy, blk.beta * read))
-        dv_ref[blk.rows, :] = scale_rows(dx, blk.beta)
-        k_dy = jnp.sum(blk.k.astype(jnp.float32) * dy, axis=1)
-        dbeta_ref[blk.rows] = (jnp.sum(jnp.where(strict, d_a * blk.kk * step.pair, 0.0), axis=1)
-                               + jnp.sum(blk.v.astype(jnp.float32) * dx, axis=1) + read * k_dy)
-        if decayed:  # d log of each factor, summed back over the positions whose log decays it adds up
-            d_read = (jnp.sum(blk.q.astype(jnp.float32) * d_in, axis=1) + blk.beta * k_dy) * step.read
-            d_add = jnp.sum(blk.k.astype(jnp.float32) * d_out_k, axis=1) * step.add
-            d_cum = jnp.sum(dpair * step.pair, axis=1) - jnp.sum(dpair * step.pair, axis=0) + d_read - d_add
-            d_total = jnp.sum(d_add) + jnp.sum(s0 * ds) * step.keep
-            dlog_ref[blk.rows] = jnp.sum(jnp.where(lower, jnp.broadcast_to(d_cum[:, None], (c, c)), 0.0),
-                                         axis=0) + d_total
-        return dot(scale_rows(blk.q, step.read), do, trans_a=True) + scale(ds, step.keep) - dot(w, du, trans_a=True)
-
-    lax.fori_loop(0, blocks, body, dfinal_ref[...])
+    c, bv, vp = plan.block, plan.block_v, x.v.shape[-1]
+    blocks, tiles = lp // c, vp // bv
+    flags = dict(c=c, decayed=log_decay is not None, segmented=runs is not None)
+    decayed, gated = flags["decayed"], saved.keep is not None
+    par, seq = Specs(c, bv), Specs(lp, bv)
+    ops, in_specs = _gates(x, par, g)
+    d_out = jnp.pad(d_out.reshape(b, l, h, dv), [(0, 0), (0, lp - l), (0, 0), (0, vp - dv)])
+    queries = launch(  # per block, query head and value tile
+        functools.partial(_backward_queries_kernel, **flags), [x.q, x.k, saved.u, saved.entering, d_out] + ops,
+        [par.rows(dp), par.rows(dp, g), par.rows(vp, g, tile=True), par.state(dp, g), par.rows(vp, tile=True)]
+        + in_specs, [par.tile_shares(dp)] * 2 + [par.rows(vp, tile=True), par.state(dp)]
+        + [par.tile_copies()] * decayed,
+        [_f32(b, tiles, lp, h, dp)] * 2 + [_f32(b, lp, h, vp), _f32(b, blocks, h, dp, vp)]
+        + [_f32(b, h, tiles, lp)] * decayed, (blocks, b, h, tiles), max(dp, bv), plan.interpret,
+        "delta_rule_backward_queries")
+    group_sum = lambda y, axis: y.reshape(y.shape[:axis] + (n, g) + y.shape[axis + 1:]).sum(axis + 1)
+    d_final = jnp.zeros((b, n, dp, vp), jnp.float32).at[:, :, :d, :dv].set(d_state)
+    leaving, du = launch(  # per kv head and value tile, the blocks from the last
+        functools.partial(_backward_states_kernel, c=c, gated=gated),
+        [group_sum(queries[2], 2), group_sum(queries[3], 2), saved.added, saved.w] + [saved.keep] * gated
+        + [d_final], [seq.rows(vp, tile=True), seq.states(blocks, dp), seq.rows(dp), seq.rows(dp)]
+        + [seq.positions()] * gated + [seq.last(dp)], [seq.states(blocks, dp), seq.rows(vp, tile=True)],
+        [_f32(b, blocks, n, dp, vp), _f32(b, lp, n, vp)], (1, b, n, tiles), max(dp, bv), plan.interpret,
+        "delta_rule_backward_states")
+    ops, in_specs = _gates(x, par, 1)
+    systems = launch(  # per block, kv head and value tile
+        functools.partial(_backward_blocks_kernel, **flags),
+        [x.k, x.v, x.beta, saved.inverse, saved.u, saved.entering, leaving, du] + ops,
+        [par.rows(dp), par.rows(vp, tile=True), par.positions(), par.rows(c), par.rows(vp, tile=True),
+         par.state(dp), par.state(dp), par.rows(vp, tile=True)] + in_specs,
+        [par.tile_shares(dp), par.rows(vp, tile=True)] + [par.tile_copies()] * (1 + decayed),
+        [_f32(b, tiles, lp, n, dp), _f32(b, lp, n, vp)] + [_f32(b, n, tiles, lp)] * (1 + decayed),
+        (blocks, b, n, tiles), max(dp, bv), plan.interpret, "delta_rule_backward_blocks")
+    per_position = lambda y: jnp.moveaxis(y.sum(2)[..., :l], 1, 2)  # [b, heads, tiles, lp] -> [b, l, heads]
+    dq = queries[0].sum(1)[:, :l, :, :d].reshape(b, l, n, g, d)
+    dk = group_sum(queries[1].sum(1), 2)[:, :l, :, :d] + systems[0].sum(1)[:, :l, :, :d]
+    dlog = group_sum(per_position(queries[4]), 2) + per_position(systems[3]) if decayed else None
+    return dq, dk, systems[1][:, :l, :, :dv], per_position(systems[2]), dlog

@@ -24,7 +24,7 @@ from jax.experimental import pallas as pl
 from .pallas_tiles import block_step, carried_run, dot, scale, scale_rows, triangle
 
 
-def unit_lower_inverse(a: jax.Array) -> jax.Array:
+def inverse_by_substitution(a: jax.Array) -> jax.Array:
     """``(I + a)^-1`` for strictly lower-triangular ``a [c, c]`` by forward substitution, one row at a time: row r
     is ``e_r - sum_{j < r} a_rj T_j`` once rows j < r are final."""
     c = a.shape[0]
@@ -49,7 +49,7 @@ def gate_refs(refs: list, decayed: bool, segmented: bool, previous: bool) -> tup
 def block_system(k, beta, step, c: int) -> jax.Array:
     """``T = (I + strict_tril(beta K K^T * D))^-1 [c, c]`` of one block: keys ``k [c, d]``, ``beta [c]``."""
     strict = ~triangle(c, upper=True)  # [c(r), c(i)]: i < r
-    return unit_lower_inverse(beta[:, None] * dot(k, k, trans_b=True) * jnp.where(strict, step.pair, 0.0))
+    return inverse_by_substitution(beta[:, None] * dot(k, k, trans_b=True) * jnp.where(strict, step.pair, 0.0))
 
 
 def _blocks_kernel(k_ref, v_ref, beta_ref, *refs, c: int, decayed: bool, segmented: bool, keep_inverse: bool):

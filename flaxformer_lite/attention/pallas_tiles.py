@@ -90,12 +90,14 @@ class Specs:
         """``[b, heads, lp]``: one value per position."""
         return pl.BlockSpec((None, None, self.span), lambda ci, bi, hi, vi: (bi, _head(hi, per), ci))
 
-    def runs(self, neighbour: int = 0, blocks: int = 1) -> pl.BlockSpec:
-        """``[b, lp]`` run ids: the program's, or on a grid over ``blocks`` blocks those of the block before it
-        (``neighbour`` -1; block 0 gets its own) or after it (+1; the last block gets its own): see `carried_run`."""
-        if neighbour:
-            near = lambda ci: jnp.clip(ci + neighbour, 0, blocks - 1)
-            return pl.BlockSpec((None, self.span), lambda ci, bi, hi, vi: (bi, near(ci)))
+    def runs(self, neighbour: int = 0, blocks: int | None = None) -> pl.BlockSpec:
+        """``[b, lp]`` run ids: the program's, or on a grid over blocks those of the block before it (``neighbour``
+        -1; block 0 gets its own) or after it (+1, with the grid's ``blocks``; the last block gets its own): see
+        `carried_run`."""
+        if neighbour == -1:
+            return pl.BlockSpec((None, self.span), lambda ci, bi, hi, vi: (bi, jnp.maximum(ci - 1, 0)))
+        if neighbour == 1:
+            return pl.BlockSpec((None, self.span), lambda ci, bi, hi, vi: (bi, jnp.minimum(ci + 1, blocks - 1)))
         return pl.BlockSpec((None, self.span), lambda ci, bi, hi, vi: (bi, ci))
 
     def state(self, dim: int, per: int = 1) -> pl.BlockSpec:
