@@ -265,6 +265,31 @@ def test_pallas_grads_equal_the_xla_form(delta_fn, name, gate, kv_heads):
         np.testing.assert_allclose(got, want, **TOL)
 
 
+def test_pallas_many_blocks_with_segments_across_them(delta_fn):
+    """150 positions in blocks of 16 (9 and a padded tenth), MQA (one state walk per kv head serves four query
+    heads), data decay, runs that span several blocks, fill one exactly, start on a block's first position or end
+    on its last, a run of one position and a block holding three runs: the reference's outputs and final state, the
+    XLA form's gradients."""
+    l = 150
+    seg = np.array([[0] * 5 + [1] + [2] * 42 + [3] * 16 + [4] * 3 + [5] * 7 + [6] * 76, [7] * 64 + [8] * 80 + [9] * 6])
+    arrays, (q, k, v, beta), kwargs = _inputs(1, "data", seed=61, l=l)
+    mask = Mask(causal=True, q_segment_ids=jnp.asarray(seg), kv_segment_ids=jnp.asarray(seg))
+    rng = np.random.default_rng(62)
+    w, ws = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for shape in ((B, l, 4, 8), (B, 1, 16, 8)))
+
+    def loss(q, k, v, beta, a, impl):
+        out, state = delta_fn(q, k, v, beta, mask=mask, block_size=16, return_state=True, impl=impl, log_decay=a)
+        return jnp.sum(out * w) + jnp.sum(state * ws), (out, state)
+
+    grad = jax.grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True)
+    (grads, (out, state)), (grads_x, _) = (grad(q, k, v, beta, kwargs["log_decay"], impl) for impl in ("pallas", "xla"))
+    want_out, want_state = reference.delta_rule_attention(*arrays, seg, None, True)
+    np.testing.assert_allclose(out, want_out, **TOL)
+    np.testing.assert_allclose(state, want_state, **TOL)
+    for got, want in zip(grads, grads_x):
+        np.testing.assert_allclose(got, want, **TOL)
+
+
 @pytest.mark.parametrize("blocks", [dict(block=16, block_v=16), dict(block=128, block_v=64)])
 def test_pallas_value_tiles(blocks):
     """A value dim of 32 in two tiles of 16 (the backward sums their shares of dq, dk, dbeta and the decay's

@@ -21,6 +21,10 @@ B, H, D = 2, 4, 16  # batch, query heads, head dim (= features for elu+1)
 SEG = np.array([[0] * 10 + [1] * 20 + [0] * 40, [3] * 16 + [4] * 54])
 VALID = np.random.default_rng(7).random((B, 70)) > 0.3
 VALID[1, :3] = False  # rows that see no key yet: zeros
+# 150 positions = 9 blocks of 16 and a padded tenth. Row 0: runs across three blocks (6..47, ending on a block's
+# last position; 74..149, into the padding), one exactly a block (48..63), a run of one position (5), a block with
+# three runs (64..79). Row 1: runs of whole blocks, one starting on the last block's first position.
+LONG_SEG = np.array([[0] * 5 + [1] + [2] * 42 + [3] * 16 + [4] * 3 + [5] * 7 + [6] * 76, [7] * 64 + [8] * 80 + [9] * 6])
 F32 = dict(rtol=1e-5, atol=1e-5)
 BF16 = dict(rtol=3e-2, atol=3e-2)
 sums = functools.partial(jax.jit, static_argnames=("block", "block_v"))(pallas_causal_sums)
@@ -41,10 +45,11 @@ def sums_and_grads(qf, kf, v, seg, log_decay, w_num, w_den, impl="pallas", block
     return sums, grads
 
 
-def case(mask, decay, kv_heads=2, length=37, value_dim=8, dtype=jnp.float32, seed=0):
+def case(mask, decay, kv_heads=2, length=37, value_dim=8, dtype=jnp.float32, seed=0, segments=SEG):
     """Kernel inputs ``(qf, kf, v, seg, log_decay, w_num, w_den)`` and the float64 reference output ``[b, l, h, v]``.
 
-    mask: "causal", "padding" (VALID: hidden keys get zero features and values, and no decay) or "segments" (SEG);
+    mask: "causal", "padding" (VALID: hidden keys get zero features and values, and no decay) or "segments"
+    (``segments``, SEG by default);
     decay: "none", "fixed" (one per kv head) or "data" (``-softplus`` of noise)."""
     rng = np.random.default_rng(seed)
     q, k = rng.standard_normal((B, length, H, D)), rng.standard_normal((B, length, kv_heads, D))
@@ -55,7 +60,7 @@ def case(mask, decay, kv_heads=2, length=37, value_dim=8, dtype=jnp.float32, see
                  "fixed": np.broadcast_to(np.log(np.linspace(0.95, 0.6, kv_heads)), (B, length, kv_heads)),
                  "data": -np.logaddexp(0.0, rng.standard_normal((B, length, kv_heads)))}[decay]
     valid = VALID[:, :length] if mask == "padding" else None
-    seg = SEG[:, :length] if mask == "segments" else None
+    seg = segments[:, :length] if mask == "segments" else None
     want = reference.gated_linear_attention(q, k, v, log_decay, segment_ids=seg, kv_valid=valid)
     qf, kf = reference.elu_plus_one(q), reference.elu_plus_one(k)
     if valid is not None:
@@ -134,6 +139,18 @@ def test_value_tiles_and_block_sizes(blocks):
     inputs, _ = case("segments", "data", length=45, value_dim=32, seed=2)
     (num_x, den_x), grads_x = sums_and_grads(*inputs, impl="xla")
     (num, den), grads = sums_and_grads(*inputs, **blocks)
+    for got, want in zip((num, den) + grads, (num_x, den_x) + grads_x):
+        assert_close(got, want, 1e-5)
+
+
+def test_many_blocks_with_segments_across_them():
+    """LONG_SEG over ten blocks with data decay, MQA (one walk of the sums per kv head serves four query heads): the
+    reference's outputs; the XLA form's sums and gradients, which the backward's two walks and its parallel blocks
+    must chain across every block boundary."""
+    inputs, want = case("segments", "data", kv_heads=1, length=150, seed=3, segments=LONG_SEG)
+    (num, den), grads = sums_and_grads(*inputs)
+    (num_x, den_x), grads_x = sums_and_grads(*inputs, impl="xla")
+    np.testing.assert_allclose(output(num, den), want, **F32)
     for got, want in zip((num, den) + grads, (num_x, den_x) + grads_x):
         assert_close(got, want, 1e-5)
 
