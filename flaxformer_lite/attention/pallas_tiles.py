@@ -1,14 +1,19 @@
 """Tiles and block steps shared by the chunk-form Pallas kernels (`linear_pallas`, `delta_pallas`).
 
-Those kernels walk a sequence in blocks of c positions carrying a state, as flash-linear-attention's chunk kernels
-do. Within a block, the pairs (row i, key j) that interact carry a decay ``exp(A_i - A_j)`` (``A``: the log decay
-summed from the block's start, 1 without decay) and must lie in one run of the packed segments; the carried state is
-read, decayed, reset and added to according to the runs at the block's two ends. `block_step` computes all of that
-once, for a walk in either direction.
+Those kernels cut a sequence in blocks of c positions, as flash-linear-attention's chunk kernels do: a kernel that
+walks the blocks in order carries a state from block to block and stores the state entering each; kernels with a
+grid axis over blocks do each block's own (quadratic) work in parallel from those stored states. Every grid is
+``(blocks, b, heads, value tiles)`` (`Specs`; a walk has one entry along the first axis and sees the whole row).
+
+Within a block, the pairs (row i, key j) that interact carry a decay ``exp(A_i - A_j)`` (``A``: the log decay summed
+from the block's start, 1 without decay) and must lie in one run of the packed segments; the carried state is read,
+decayed, reset and added to according to the runs at the block's two ends. `block_step` computes all of that once,
+for a walk in either direction.
 
 Segment ids become run indices (`linear_causal.run_ids`: 0, 1, 2, ... up the sequence, a new one at each change)
 before a kernel, so a run is a contiguous range, and a block's last run is its largest index and its first run its
-smallest.
+smallest. So the run of the state carried into a block is known without the walk: the largest run id of the block
+before (`carried_run`), which lets the parallel kernels apply the same masks.
 """
 from __future__ import annotations
 
