@@ -52,7 +52,8 @@ section() {  # section TITLE LIMIT: a header, and the limit cut to what the run 
 }
 run() {  # run CMD...: under the section's limit; says how it ended; never stops the script
   if [ "$limit" -lt 5 ]; then echo "--- skipped: no time left" >&3; return 0; fi
-  timeout -k 5 "$limit" "$@"
+  # SIGINT first: pytest then still writes its summary and JUnit file, a benchmark's table is already on disk
+  timeout -s INT -k 10 "$limit" "$@"
   local rc=$?
   case $rc in
     0) echo "--- exit 0" >&3 ;;
@@ -72,10 +73,11 @@ xdist=$(python3 -c "import xdist" 2>/dev/null && echo "-n 4 --dist loadfile")
 section "kernel tests: flash, linear Pallas, delta Pallas (highest matmul precision)" "$(pick 130 60)"
 # A GPU runs every kernel test; the dry run a few of each file, to show the section works.
 select=(); [ "$dry" = 1 ] && select=(-k "lowers_to_triton or precision or test_mha_and_mqa")
-JAX_DEFAULT_MATMUL_PRECISION=highest run python3 -m pytest -q -rfE -p no:cacheprovider $xdist \
+JAX_DEFAULT_MATMUL_PRECISION=highest run python3 -m pytest -v -rfE -p no:cacheprovider $xdist \
   --junitxml="$out/kernel-tests.xml" -o junit_family=xunit2 \
   tests/test_flash.py tests/test_linear_pallas.py tests/test_delta.py "${select[@]}" > "$out/kernel-tests.log" 2>&1
-grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed|error)" "$out/kernel-tests.log" | tail -40
+# One line per test in the log (-v), so a cut run still names what failed; then pytest's own summary.
+grep -E "(FAILED|ERROR) tests/|^(FAILED|ERROR) |[0-9]+ (passed|failed|error)" "$out/kernel-tests.log" | tail -40
 
 section "training step: GPT-2 small, bf16, impl auto (our Pallas flash on packed batches)" "$(pick 80 30)"
 run python3 benchmarks/train_step.py --peers ours --set dtype=bfloat16 $(pick \
