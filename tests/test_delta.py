@@ -1,7 +1,7 @@
 """The delta rule (DeltaNet) and its gated form against the float64 recurrence in tests/reference.py: causal,
 padding and packed segments x MHA/GQA x no/fixed/data gate, block sizes, gradients, the recurrent step after a
-prefill, and the documented errors; impl='pallas' (the Pallas kernel, interpret mode on CPU) against the same
-reference, the XLA form's state and gradients, and its lowering to Triton."""
+prefill, and the documented errors; impl='pallas' (the Pallas kernels, interpret mode on CPU) against the same
+reference, the XLA form's state and gradients, and their lowering to Triton."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -219,7 +219,7 @@ def test_bad_step_input_raises():
         delta_step(state, *one, jnp.full((2, 2), 0.5), log_decay=jnp.zeros((2, 5, 2)))
 
 
-# -- impl='pallas': the fused forward kernel (interpret mode here) ---------------------------------------------------
+# -- impl='pallas': the Pallas kernels (interpret mode here) -------------------------------------------------------
 @pytest.mark.parametrize("gate,kv_heads", [("none", 4), ("fixed", 2), ("data", 1)],
                          ids=["mha", "fixed-gqa", "data-mqa"])
 @pytest.mark.parametrize("name", CASES)
@@ -326,6 +326,12 @@ def test_pallas_lowers_to_triton():
     for name in ("delta_rule_blocks", "delta_rule_states", "delta_rule_output", "delta_rule_backward_queries",
                  "delta_rule_backward_states", "delta_rule_backward_blocks"):
         assert f'name = "{name}"' in text, name
+
+
+def test_pallas_empty_sequence():
+    out, state = pallas_delta(jnp.zeros((B, 0, 2, 2, 16)), jnp.zeros((B, 0, 2, 16)), jnp.zeros((B, 0, 2, 8)),
+                              jnp.zeros((B, 0, 2)), None, None)
+    assert out.shape == (B, 0, 2, 2, 8) and state.shape == (B, 2, 16, 8) and not state.any()
 
 
 def test_delta_impl_choice_and_errors():

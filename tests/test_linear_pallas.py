@@ -1,9 +1,9 @@
-"""pallas_causal_sums (Pallas kernel, interpret mode on CPU) against the float64 recurrence of gated linear attention
-(reference.gated_linear_attention) for causal, padded and packed sequences with no, fixed and data-dependent decay,
-MHA/GQA, float32/bfloat16; against the XLA form (causal_sums) in values and gradients (the backward kernel); value
-tiles and block sizes; the lowering of every kernel to Triton (no GPU needed); argument errors and
-pallas_unsupported's reasons. test_linear_gates checks the backward kernel against finite differences of the
-reference."""
+"""pallas_causal_sums (Pallas kernels, interpret mode on CPU) against the float64 recurrence of gated linear
+attention (reference.gated_linear_attention) for causal, padded and packed sequences with no, fixed and
+data-dependent decay, MHA/GQA, float32/bfloat16; against the XLA form (causal_sums) in values and gradients (the
+backward kernels); value tiles and block sizes; many blocks with segments across them; the lowering of every kernel
+to Triton (no GPU needed); argument errors and pallas_unsupported's reasons. test_linear_gates checks the backward
+kernels against finite differences of the reference."""
 import functools
 
 import jax

@@ -76,6 +76,8 @@ def pallas_delta(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, seg:
     plan = _Plan(block=block_length(block, l), block_v=min(tile_size("block_v", block_v, None),
                                                            padded_dim(v.shape[-1])),
                  interpret=jax.default_backend() == "cpu" if interpret is None else bool(interpret))
+    if l == 0:  # no block to launch a kernel over
+        return jnp.zeros((b, 0, n, g, v.shape[-1]), jnp.float32), jnp.zeros((b, n, d, v.shape[-1]), jnp.float32)
     runs = run_ids(seg)
     f32 = lambda x: None if x is None else x.astype(jnp.float32)
     return _delta(plan, f32(q), f32(k), f32(v), f32(beta), runs, f32(log_decay))
