@@ -2,6 +2,7 @@
 every mask kind, MHA/GQA/MQA, ragged lengths, other block sizes, padded head dims, bf16; the lowering to Triton
 (TTIR, which needs no GPU); block-size errors; flash_unsupported's reasons."""
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -215,3 +216,23 @@ def test_unsupported_call_raises_naming_the_reason():
     q = jnp.zeros((1, 16, 1, 512))
     with pytest.raises(ValueError, match="head dims above 256"):
         flash_attention(q, q, q, dims=check_qkv(q, q, q), mask=Mask(), scale=1.0)
+
+
+def _launches(text: str) -> dict:
+    """kernel name -> (grid_x, num_warps) of each Triton call in lowered StableHLO text."""
+    found = re.findall(r'grid_x = (\d+) : i32.*?name = "(\w+)".*?num_warps = (\d+) : i32', text)
+    return {name: (int(grid), int(warps)) for grid, name, warps in found}
+
+
+@pytest.mark.parametrize("dtype,head_dim,want", [
+    (jnp.bfloat16, 64, {"flash_forward": (2, 8), "flash_backward_dq": (4, 4), "flash_backward_dkdv": (4, 4)}),
+    (jnp.bfloat16, 128, {"flash_forward": (2, 8), "flash_backward_dq": (4, 8), "flash_backward_dkdv": (4, 8)}),
+    (jnp.float32, 64, {"flash_forward": (8, 8), "flash_backward_dq": (8, 8), "flash_backward_dkdv": (8, 8)})])
+def test_launch_parameters_avoid_register_spills(dtype, head_dim, want):
+    """The launches that compiled without spills offline for sm_90 (benchmarks/triton_resources.py): the forward at
+    8 warps, the backward at 4 for bf16 head dims <= 64 and 8 above, float32 in blocks of 32 at 8 warps. Grid x is
+    the number of query blocks (forward, dq) or key blocks (dk/dv) of 256 positions."""
+    mask = Mask(causal=True)
+    q = k = v = jnp.zeros((1, 256, 2, head_dim), dtype)
+    text = lower_for_gpu(flash_and_grads, q, k, v, mask, q, block_q=128, block_kv=128, interpret=False)
+    assert _launches(text) == want

@@ -35,6 +35,10 @@ MAX_HEAD_DIM = 256  # a padded [block, head_dim] tile per operand must stay on c
 MIN_BLOCK = 16  # Triton's smallest matmul tile
 MAX_BLOCK = 128  # a [bq, bk] float32 logits tile lives in registers: 128 x 128 is 64 per thread at 8 warps
 _BWD_BLOCK_MAX = 64  # the backward holds more [bq, bk] float32 tiles live than the forward: smaller blocks
+# Float32 operands compiled for a GPU: blocks of at most 32. Compiled offline for sm_90 (benchmarks/
+# triton_resources.py), 3xTF32 tiles of 64-128 rows spill 0.3-6.6 KB per thread at any num_warps; at 32 the forward
+# and dq kernels spill nothing. (Interpret mode has no registers to spare: it keeps the requested blocks.)
+_F32_BLOCK_MAX = 32
 # Shared memory one Triton program may use (an A100 has 163 KiB per block, an H100 227 KiB). Checked by compiling
 # this module's kernels with Triton 3.9 for sm_80 and sm_90: at these block sizes each stays under 163 KiB.
 _SHARED_BYTES = 160 * 1024
@@ -83,7 +87,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, dims: Dims, mas
       dims: sizes from `checks.check_qkv`; mask: a `Mask`; scale: the logit scale.
       block_q, block_kv: block sizes (powers of two >= 16), clipped to 128 and to the lengths rounded up to powers
         of two, and halved while one program's tiles would overflow GPU shared memory (`fit_blocks`); the
-        backward uses at most 64.
+        backward uses at most 64, and float32 compiled for a GPU at most 32 (register spills, see `_F32_BLOCK_MAX`).
       interpret: Pallas interpret mode; None uses it exactly when JAX runs on the CPU.
 
     Returns:
@@ -95,7 +99,10 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, dims: Dims, mas
     if dims.lq == 0 or dims.lk == 0:
         return jnp.zeros((dims.batch, dims.lq, dims.heads, dims.value_dim), q.dtype)
     d_pad, v_pad = _padded_dim(dims.head_dim), _padded_dim(dims.value_dim)
+    interpret = jax.default_backend() == "cpu" if interpret is None else bool(interpret)
     bq, bk = _block_size("block_q", block_q, dims.lq), _block_size("block_kv", block_kv, dims.lk)
+    if q.dtype == jnp.float32 and not interpret:
+        bq, bk = min(bq, _F32_BLOCK_MAX), min(bk, _F32_BLOCK_MAX)
     bq, bk = fit_blocks(bq, bk, d_pad, d_pad + v_pad, q.dtype.itemsize)  # holds q; loops over k, v
     bq_bwd, bk_bwd = fit_blocks(min(bq, _BWD_BLOCK_MAX), min(bk, _BWD_BLOCK_MAX), d_pad + v_pad, d_pad + v_pad,
                                 q.dtype.itemsize, swapped_too=True)  # q and dO against k and v
@@ -103,7 +110,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, dims: Dims, mas
     plan = FlashPlan(scale=float(scale), lk=dims.lk, kv_padded=lk_pad != dims.lk, groups=dims.groups,
                      causal=mask.causal, window=mask.window, segmented=mask.has_segments or mask.has_padding,
                      block_q=bq, block_kv=bk, block_q_bwd=bq_bwd, block_kv_bwd=bk_bwd,
-                     interpret=jax.default_backend() == "cpu" if interpret is None else bool(interpret))
+                     interpret=interpret)
     out = _flash(plan, _pad(q, lq_pad, d_pad), _pad(k, lk_pad, d_pad), _pad(v, lk_pad, v_pad),
                  _encode_mask(plan, mask, dims, lq_pad, lk_pad))
     return out[:, :dims.lq, :, :dims.value_dim]

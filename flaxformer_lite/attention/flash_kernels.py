@@ -189,9 +189,13 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_pos_ref, kv_
 
 
 # -- calls ------------------------------------------------------------------------------------------------------------
-def _num_warps(*arrays) -> int:
-    """Triton warps per program: more for wide heads (as jax's reference Pallas attention does)."""
-    return 4 if max(x.shape[-1] for x in arrays) <= 64 else 8
+def _num_warps(*arrays, forward: bool = False) -> int:
+    """Triton warps per program. Compiled offline for sm_90 (benchmarks/triton_resources.py, RESULTS.md), the forward
+    at 4 warps fills 255 registers, spills and serializes its wgmma even at head dim 64 (bf16: 88 B; 193 registers
+    and no spill at 8); the backward kernels are clean at 4 for bf16 head dims <= 64 and need 8 above, or in
+    float32."""
+    wide = max(x.shape[-1] for x in arrays) > 64 or any(x.dtype == jnp.float32 for x in arrays)
+    return 8 if forward or wide else 4
 
 
 def _mask_specs(lq: int, lk: int, q_block: int | None, kv_block: int | None) -> list[pl.BlockSpec]:
@@ -222,7 +226,8 @@ def forward(plan: FlashPlan, q, k, v, masks):
         out_specs=[pl.BlockSpec((None, bq, None, dv), per_q),
                    pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, i))],
         out_shape=[jax.ShapeDtypeStruct((b, lq, h, dv), q.dtype), jax.ShapeDtypeStruct((b, h, lq), jnp.float32)],
-        num_warps=_num_warps(q, v), num_stages=NUM_STAGES, interpret=plan.interpret, name="flash_forward")
+        num_warps=_num_warps(q, v, forward=True), num_stages=NUM_STAGES, interpret=plan.interpret,
+        name="flash_forward")
 
 
 def backward_dq(plan: FlashPlan, q, k, v, do, lse, delta, masks):
