@@ -41,8 +41,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from .delta_pallas_backward import _backward_blocks_kernel, _backward_queries_kernel, _backward_states_kernel
-from .delta_pallas_kernels import _blocks_kernel, _output_kernel, _states_kernel
+from .delta_pallas_backward import backward_blocks_kernel, backward_queries_kernel, backward_states_kernel
+from .delta_pallas_kernels import blocks_kernel, output_kernel, states_kernel
 from .linear_causal import run_ids
 from .pallas_tiles import Specs, block_length, launch, operands, padded_dim, tile_size
 
@@ -160,21 +160,21 @@ def _forward(plan: _Plan, q, k, v, beta, runs, log_decay, keep: bool = False):
     par, seq = Specs(c, bv), Specs(lp, bv)  # a grid over blocks; a grid walking them
     ops, in_specs = _gates(x, par, 1)
     made = launch(  # per block and kv head: W, U0 (and a K, keep; T)
-        functools.partial(_blocks_kernel, keep_inverse=keep, **flags), [x.k, x.v, x.beta] + ops,
+        functools.partial(blocks_kernel, keep_inverse=keep, **flags), [x.k, x.v, x.beta] + ops,
         [par.rows(dp), par.rows(vp), par.positions()] + in_specs,
         [par.rows(dp), par.rows(vp)] + [par.rows(dp), par.positions()] * gated + [par.rows(c)] * keep,
         [_f32(b, lp, n, dp), _f32(b, lp, n, vp)] + [_f32(b, lp, n, dp), _f32(b, n, lp)] * gated
         + [_f32(b, lp, n, c)] * keep, (blocks, b, n, 1), max(dp, vp), plan.interpret, "delta_rule_blocks")
     w, u0, added, keep_factor = made[0], made[1], made[2] if gated else x.k, made[3] if gated else None
     entering, u, final = launch(  # per kv head and value tile, the blocks in order
-        functools.partial(_states_kernel, c=c, gated=gated), [w, u0, added] + [keep_factor] * gated,
+        functools.partial(states_kernel, c=c, gated=gated), [w, u0, added] + [keep_factor] * gated,
         [seq.rows(dp), seq.rows(vp, tile=True), seq.rows(dp)] + [seq.positions()] * gated,
         [seq.states(blocks, dp), seq.rows(vp, tile=True), seq.last(dp)],
         [_f32(b, blocks, n, dp, vp), _f32(b, lp, n, vp), _f32(b, n, dp, vp)],
         (1, b, n, tiles), max(dp, bv), plan.interpret, "delta_rule_states")
     ops, in_specs = _gates(x, par, g)
     out = launch(  # per block, query head and value tile
-        functools.partial(_output_kernel, **flags), [x.q, x.k, u, entering] + ops,
+        functools.partial(output_kernel, **flags), [x.q, x.k, u, entering] + ops,
         [par.rows(dp), par.rows(dp, g), par.rows(vp, g, tile=True), par.state(dp, g)] + in_specs,
         [par.rows(vp, tile=True)], [_f32(b, lp, h, vp)], (blocks, b, h, tiles), max(dp, bv), plan.interpret,
         "delta_rule_output")[0]
@@ -199,7 +199,7 @@ def _backward(plan: _Plan, q, k, v, beta, runs, log_decay, saved: _Saved, d_out,
     ops, in_specs = _gates(x, par, g)
     d_out = jnp.pad(d_out.reshape(b, l, h, dv), [(0, 0), (0, lp - l), (0, 0), (0, vp - dv)])
     queries = launch(  # per block, query head and value tile
-        functools.partial(_backward_queries_kernel, **flags), [x.q, x.k, saved.u, saved.entering, d_out] + ops,
+        functools.partial(backward_queries_kernel, **flags), [x.q, x.k, saved.u, saved.entering, d_out] + ops,
         [par.rows(dp), par.rows(dp, g), par.rows(vp, g, tile=True), par.state(dp, g), par.rows(vp, tile=True)]
         + in_specs, [par.tile_shares(dp)] * 2 + [par.rows(vp, tile=True), par.state(dp)]
         + [par.tile_copies()] * decayed,
@@ -209,7 +209,7 @@ def _backward(plan: _Plan, q, k, v, beta, runs, log_decay, saved: _Saved, d_out,
     group_sum = lambda y, axis: y.reshape(y.shape[:axis] + (n, g) + y.shape[axis + 1:]).sum(axis + 1)
     d_final = jnp.zeros((b, n, dp, vp), jnp.float32).at[:, :, :d, :dv].set(d_state)
     leaving, du = launch(  # per kv head and value tile, the blocks from the last
-        functools.partial(_backward_states_kernel, c=c, gated=gated),
+        functools.partial(backward_states_kernel, c=c, gated=gated),
         [group_sum(queries[2], 2), group_sum(queries[3], 2), saved.added, saved.w] + [saved.keep] * gated
         + [d_final], [seq.rows(vp, tile=True), seq.states(blocks, dp), seq.rows(dp), seq.rows(dp)]
         + [seq.positions()] * gated + [seq.last(dp)], [seq.states(blocks, dp), seq.rows(vp, tile=True)],
@@ -217,7 +217,7 @@ def _backward(plan: _Plan, q, k, v, beta, runs, log_decay, saved: _Saved, d_out,
         "delta_rule_backward_states")
     ops, in_specs = _gates(x, par, 1)
     systems = launch(  # per block, kv head and value tile
-        functools.partial(_backward_blocks_kernel, **flags),
+        functools.partial(backward_blocks_kernel, **flags),
         [x.k, x.v, x.beta, saved.inverse, saved.u, saved.entering, leaving, du] + ops,
         [par.rows(dp), par.rows(vp, tile=True), par.positions(), par.rows(c), par.rows(vp, tile=True),
          par.state(dp), par.state(dp), par.rows(vp, tile=True)] + in_specs,

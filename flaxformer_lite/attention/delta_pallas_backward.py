@@ -8,11 +8,11 @@ the one leaving it, ``M_g = Q_g K^T * D`` for each query head g of the kv head a
     dU  = sum_g M_g^T dO_g + (a K) dS1
     dS0 = sum_g (g Q_g)^T dO_g + keep dS1 - W^T dU                          (carried to the block before)
 
-Only these two lines are sequential (`_backward_states_kernel`); their sums over query heads are computed before,
-per query head and block (`_backward_queries_kernel`, which also gives ``dq`` and the queries' share of ``dk``).
+Only these two lines are sequential (`backward_states_kernel`); their sums over query heads are computed before,
+per query head and block (`backward_queries_kernel`, which also gives ``dq`` and the queries' share of ``dk``).
 Through ``U = T (beta V) - T (beta g K) S0`` and ``T = (I + A)^-1``, ``dA = -T^T (dU (beta V)^T - dU S0^T
 (beta g K)^T) T^T`` on the strict lower triangle, which gives the rest of ``dk`` and ``dv``, ``dbeta``
-(`_backward_blocks_kernel`). The decay's gradient collects ``d log`` of every decay factor (pairs, g, a, keep) and
+(`backward_blocks_kernel`). The decay's gradient collects ``d log`` of every decay factor (pairs, g, a, keep) and
 sums it back over the positions each factor spans; the kernels each add their share.
 
 Shape key: l the padded length, d head dim, bv value tile, c block length.
@@ -45,9 +45,9 @@ def _decay_grad(dpair, pair, d_cum, d_total, c: int) -> jax.Array:
     return grad if d_total is None else grad + d_total
 
 
-def _backward_queries_kernel(q_ref, k_ref, u_ref, s_ref, dout_ref, *refs, c: int, decayed: bool, segmented: bool):
+def backward_queries_kernel(q_ref, k_ref, u_ref, s_ref, dout_ref, *refs, c: int, decayed: bool, segmented: bool):
     """One (block, batch row, query head, value tile): ``q [c, d]``, ``k [c, d]``, ``U [c, bv]``, the state entering
-    the block ``[d, bv]``, ``dO [c, bv]``, then the gates as in `_output_kernel` -> ``dq [c, d]`` and the queries'
+    the block ``[d, bv]``, ``dO [c, bv]``, then the gates as in `output_kernel` -> ``dq [c, d]`` and the queries'
     share of ``dk [c, d]`` (this value tile's), ``M^T dO [c, bv]``, ``(g Q)^T dO [d, bv]`` (summed over the
     group outside), and with a decay this query head's share of its gradient ``[c]``."""
     refs = list(refs)
@@ -67,7 +67,7 @@ def _backward_queries_kernel(q_ref, k_ref, u_ref, s_ref, dout_ref, *refs, c: int
         refs[4][...] = _decay_grad(dm * qk, step.pair, d_read, None, c)
 
 
-def _backward_states_kernel(p_ref, r_ref, ka_ref, w_ref, *refs, c: int, gated: bool):
+def backward_states_kernel(p_ref, r_ref, ka_ref, w_ref, *refs, c: int, gated: bool):
     """One (batch row, kv head, value tile), the blocks from the last: ``sum_g M_g^T dO_g [l, bv]``, ``sum_g (g
     Q_g)^T dO_g [blocks, d, bv]``, ``a K [l, d]`` (K without gates), ``W [l, d]``, with gates ``keep [l]``, and the
     final state's cotangent ``[d, bv]`` -> the cotangents of the state leaving each block ``[blocks, d, bv]`` and
@@ -89,11 +89,11 @@ def _backward_states_kernel(p_ref, r_ref, ka_ref, w_ref, *refs, c: int, gated: b
     lax.fori_loop(0, blocks, body, dfinal_ref[...])
 
 
-def _backward_blocks_kernel(k_ref, v_ref, beta_ref, t_ref, u_ref, s_ref, ds_ref, du_ref, *refs, c: int,
+def backward_blocks_kernel(k_ref, v_ref, beta_ref, t_ref, u_ref, s_ref, ds_ref, du_ref, *refs, c: int,
                             decayed: bool, segmented: bool):
     """One (block, batch row, kv head, value tile): ``k [c, d]``, ``v [c, bv]``, ``beta [c]``, ``T [c, c]``,
     ``U [c, bv]``, the state entering the block and the cotangent of the one leaving it ``[d, bv]``, ``dU [c, bv]``,
-    then the gates as in `_output_kernel` -> the blocks' share of ``dk [c, d]``, ``dv [c, bv]``, and shares of
+    then the gates as in `output_kernel` -> the blocks' share of ``dk [c, d]``, ``dv [c, bv]``, and shares of
     ``dbeta [c]`` and (with a decay) the decay's gradient ``[c]`` (this value tile's)."""
     refs = list(refs)
     step = _step(refs, c, decayed, segmented)

@@ -4,9 +4,9 @@ Per block, with ``D_ri = exp(G_r - G_i)`` for keys i <= r of row r's run, ``g_r 
 state entering the block (0 elsewhere), ``a_i`` the factor of key i on the state leaving it and ``keep`` that of the
 entering state (`pallas_tiles.block_step`)::
 
-    T = (I + strict_tril(beta K K^T * D))^-1      W = T (beta g K)      U0 = T (beta V)      (`_blocks_kernel`)
-    U = U0 - W S,   S' = keep S + (a K)^T U                                                   (`_states_kernel`)
-    O = g Q S + (tril(Q K^T) * D) U                                                          (`_output_kernel`)
+    T = (I + strict_tril(beta K K^T * D))^-1      W = T (beta g K)      U0 = T (beta V)      (`blocks_kernel`)
+    U = U0 - W S,   S' = keep S + (a K)^T U                                                   (`states_kernel`)
+    O = g Q S + (tril(Q K^T) * D) U                                                          (`output_kernel`)
 
 Only the middle line depends on the state ``S`` entering the block, and it is all the sequential walk does: two
 ``[c, d] x [d, bv]`` products per block. The run carried into a block (what ``g``, ``a`` and ``keep`` depend on) is
@@ -52,7 +52,7 @@ def block_system(k, beta, step, c: int) -> jax.Array:
     return inverse_by_substitution(beta[:, None] * dot(k, k, trans_b=True) * jnp.where(strict, step.pair, 0.0))
 
 
-def _blocks_kernel(k_ref, v_ref, beta_ref, *refs, c: int, decayed: bool, segmented: bool, keep_inverse: bool):
+def blocks_kernel(k_ref, v_ref, beta_ref, *refs, c: int, decayed: bool, segmented: bool, keep_inverse: bool):
     """One (block, batch row, kv head): ``k [c, d]``, ``v [c, v]``, ``beta [c]``, then ``log_decay [c]``, the run ids
     of the block and of the one before ``[c]`` (where present) -> ``W [c, d]``, ``U0 [c, v]``; with gates (decay
     or segments) ``a K [c, d]`` and ``keep [c]`` (the block's factor, repeated); with ``keep_inverse`` ``T [c, c]``."""
@@ -72,7 +72,7 @@ def _blocks_kernel(k_ref, v_ref, beta_ref, *refs, c: int, decayed: bool, segment
         refs[-1][...] = t
 
 
-def _states_kernel(w_ref, u0_ref, ka_ref, *refs, c: int, gated: bool):
+def states_kernel(w_ref, u0_ref, ka_ref, *refs, c: int, gated: bool):
     """One (batch row, kv head, value tile), the blocks in order: ``W [l, d]``, ``U0 [l, bv]``, ``a K [l, d]`` (K
     without gates) and with gates ``keep [l]`` -> the states entering the blocks ``[blocks, d, bv]``, the
     pseudo-values ``U [l, bv]`` and the final state ``[d, bv]``."""
@@ -92,7 +92,7 @@ def _states_kernel(w_ref, u0_ref, ka_ref, *refs, c: int, gated: bool):
     final_ref[...] = lax.fori_loop(0, w_ref.shape[0] // c, body, jnp.zeros((d, bv), jnp.float32))
 
 
-def _output_kernel(q_ref, k_ref, u_ref, s_ref, *refs, c: int, decayed: bool, segmented: bool):
+def output_kernel(q_ref, k_ref, u_ref, s_ref, *refs, c: int, decayed: bool, segmented: bool):
     """One (block, batch row, query head, value tile): ``q [c, d]``, ``k [c, d]``, ``U [c, bv]``, the state entering
     the block ``[d, bv]``, then ``log_decay [c]``, the run ids of the block and of the one before (where present)
     -> ``out [c, bv]``."""

@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 
 from .linear_causal import decay_grad, run_ids
-from .linear_pallas_kernels import _backward_kernel, _backward_states_kernel, _output_kernel, _states_kernel
+from .linear_pallas_kernels import backward_blocks_kernel, backward_states_kernel, output_kernel, states_kernel
 from .pallas_tiles import Specs, block_length, launch, operands, padded_dim, tile_size
 
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -174,13 +174,13 @@ def _forward(plan: _Plan, qf, kf, v, runs, log_decay):
     flags = dict(c=c, decayed=log_decay is not None, segmented=runs is not None)
     par, seq = Specs(c, bv), Specs(lp, bv)  # a grid over blocks; a grid walking them
     entering = launch(  # per kv head and value tile, the blocks in order
-        functools.partial(_states_kernel, **flags), [k, vals] + gates,
+        functools.partial(states_kernel, **flags), [k, vals] + gates,
         [seq.rows(fp), seq.rows(vp, tile=True)] + _gate_specs(seq, 1, flags["decayed"], flags["segmented"]),
         [seq.states(blocks, fp), seq.sums(blocks, fp)],
         [_f32(b, blocks, n, fp, vp), _f32(b, blocks, n, tiles, fp)], (1, b, n, tiles), max(fp, bv),
         plan.interpret, "linear_causal_states")
     num, den = launch(  # per block, query head and value tile; den [b, h, tiles, lp]: each tile writes a copy
-        functools.partial(_output_kernel, **flags), [q, k, vals, *entering] + gates + gates[-1:] * flags["segmented"],
+        functools.partial(output_kernel, **flags), [q, k, vals, *entering] + gates + gates[-1:] * flags["segmented"],
         [par.rows(fp), par.rows(fp, g), par.rows(vp, g, tile=True), par.state(fp, g), par.sum(fp, g)]
         + _gate_specs(par, g, flags["decayed"], flags["segmented"], [(-1, blocks)]),
         [par.rows(vp, tile=True), par.tile_copies()], [_f32(b, lp, h, vp), _f32(b, h, tiles, lp)],
@@ -204,7 +204,7 @@ def _backward(plan: _Plan, qf, kf, v, runs, log_decay, entering, d_num, d_den):
     dn = jnp.pad(d_num.astype(jnp.float32).reshape(b, l, h, -1), [(0, 0), (0, lp - l), (0, 0), (0, vp - v.shape[-1])])
     dd = jnp.pad(jnp.moveaxis(d_den.astype(jnp.float32).reshape(b, l, h), 1, 2), [(0, 0), (0, 0), (0, lp - l)])
     later = launch(  # per query head and value tile, the blocks from the last
-        functools.partial(_backward_states_kernel, **flags), [q, dn, dd] + gates,
+        functools.partial(backward_states_kernel, **flags), [q, dn, dd] + gates,
         [seq.rows(fp), seq.rows(vp, tile=True), seq.positions()]
         + _gate_specs(seq, g, flags["decayed"], flags["segmented"]),
         [seq.states(blocks, fp), seq.sums(blocks, fp)],
@@ -212,7 +212,7 @@ def _backward(plan: _Plan, qf, kf, v, runs, log_decay, entering, d_num, d_den):
         plan.interpret, "linear_causal_backward_states")
     segs = [gates[-1]] * 2 if runs is not None else []
     dq, dk, dv = launch(  # dq, dk [b, tiles, lp, h, fp]: each value tile's share; dv [b, lp, h, vp]: per query head
-        functools.partial(_backward_kernel, **flags), [q, k, vals, dn, dd, *entering, *later] + gates + segs,
+        functools.partial(backward_blocks_kernel, **flags), [q, k, vals, dn, dd, *entering, *later] + gates + segs,
         [par.rows(fp), par.rows(fp, g), par.rows(vp, g, tile=True), par.rows(vp, tile=True), par.positions(),
          par.state(fp, g), par.sum(fp, g), par.state(fp), par.sum(fp)]
         + _gate_specs(par, g, flags["decayed"], flags["segmented"], [(-1, blocks), (1, blocks)]),

@@ -5,15 +5,18 @@ Forward, per block with ``S [f, v]`` and ``z [f]`` the sums entering it and `pal
 (``pair``: decay of each visible pair; ``read``: factor on the entering sums where a row reads them; ``add``,
 ``keep``: factors of the keys and of the entering sums in the sums leaving the block)::
 
-    S' = keep S + (add K)^T V      z' = keep z + sum_j add_j k_j                                 (`_states_kernel`)
-    num = (Q K^T * pair) V + read Q S      den = rowsum(Q K^T * pair) + read Q z                 (`_output_kernel`)
+    S' = keep S + (add K)^T V      z' = keep z + sum_j add_j k_j                                 (`states_kernel`)
+    num = (Q K^T * pair) V + read Q S      den = rowsum(Q K^T * pair) + read Q z                 (`output_kernel`)
 
 Backward, with ``P_ij = d_num_i . v_j + d_den_i`` (d_den counted by value tile 0 only) and ``G [f, v]``, ``Gz [f]``
 the cotangent sums of the later blocks' queries, ``G' = keep G + (add Q)^T d_num`` walking the blocks from the last
-(`_backward_states_kernel`, the factors of a backward walk)::
+(`backward_states_kernel`, the factors of a backward walk)::
 
-    dq = (P * pair) K + read (d_num S^T + d_den z)
-    dk = (P * pair)^T Q + read (V G^T + Gz)      dv = (Q K^T * pair)^T d_num + read K G           (`_backward_kernel`)
+    dq = (P * pair) K + read (d_num S^T + d_den z)                     (the forward walk's factors)
+    dk = (P * pair)^T Q + read (V G^T + Gz)                              (the backward walk's: pair transposed,
+    dv = (Q K^T * pair)^T d_num + read K G                               read and add swapped)
+
+(`backward_blocks_kernel`, one program per block).
 
 Shape key: l the padded length, f features, bv value tile, c block length.
 """
@@ -38,7 +41,7 @@ def _first_tile():
     return (pl.program_id(3) == 0).astype(jnp.float32)
 
 
-def _states_kernel(k_ref, v_ref, *refs, c: int, decayed: bool, segmented: bool):
+def states_kernel(k_ref, v_ref, *refs, c: int, decayed: bool, segmented: bool):
     """One (batch row, kv head, value tile), the blocks in order: ``k [l, f]``, ``v [l, bv]``, ``log_decay [l]``,
     ``runs [l]`` (where present) -> the sums entering each block, ``S [blocks, f, bv]`` and ``z [blocks, f]``."""
     refs = list(refs)
@@ -60,7 +63,7 @@ def _states_kernel(k_ref, v_ref, *refs, c: int, decayed: bool, segmented: bool):
                                                 jnp.int32(-1)))
 
 
-def _output_kernel(q_ref, k_ref, v_ref, s_ref, z_ref, *refs, c: int, decayed: bool, segmented: bool):
+def output_kernel(q_ref, k_ref, v_ref, s_ref, z_ref, *refs, c: int, decayed: bool, segmented: bool):
     """One (block, batch row, query head, value tile): ``q [c, f]``, ``k [c, f]``, ``v [c, bv]``, the sums entering
     the block ``S [f, bv]``, ``z [f]``, then ``log_decay [c]`` and the run ids of the block and of the one before
     (where present) -> ``num [c, bv]``, ``den [c]``."""
@@ -75,7 +78,7 @@ def _output_kernel(q_ref, k_ref, v_ref, s_ref, z_ref, *refs, c: int, decayed: bo
     den_ref[...] = jnp.sum(weights, axis=1) + jnp.sum(scale_rows(q, step.read) * z_ref[...][None, :], axis=1)
 
 
-def _backward_states_kernel(q_ref, dnum_ref, dden_ref, *refs, c: int, decayed: bool, segmented: bool):
+def backward_states_kernel(q_ref, dnum_ref, dden_ref, *refs, c: int, decayed: bool, segmented: bool):
     """One (batch row, query head, value tile), the blocks from the last: ``q [l, f]``, ``d_num [l, bv]``,
     ``d_den [l]``, ``log_decay [l]``, ``runs [l]`` (where present) -> the cotangent sums of the blocks after each
     block, ``G [blocks, f, bv]`` and ``Gz [blocks, f]``."""
@@ -101,9 +104,9 @@ def _backward_states_kernel(q_ref, dnum_ref, dden_ref, *refs, c: int, decayed: b
                                     jnp.int32(-1)))
 
 
-def _backward_kernel(q_ref, k_ref, v_ref, dnum_ref, dden_ref, s_ref, z_ref, g_ref, gz_ref, *refs, c: int,
+def backward_blocks_kernel(q_ref, k_ref, v_ref, dnum_ref, dden_ref, s_ref, z_ref, g_ref, gz_ref, *refs, c: int,
                      decayed: bool, segmented: bool):
-    """One (block, batch row, query head, value tile): `_output_kernel`'s rows, ``d_num [c, bv]``, ``d_den [c]``,
+    """One (block, batch row, query head, value tile): `output_kernel`'s rows, ``d_num [c, bv]``, ``d_den [c]``,
     the forward's sums entering the block ``S [f, bv]``, ``z [f]``, the cotangent sums of the later blocks ``G [f,
     bv]``, ``Gz [f]``, then ``log_decay [c]`` and the run ids of the block, the one before and the one after (where
     present) -> ``dq [c, f]``, ``dk [c, f]`` (this value tile's and query head's shares), ``dv [c, bv]`` (this
