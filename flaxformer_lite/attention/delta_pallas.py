@@ -206,6 +206,7 @@ def _backward(plan: _Plan, q, k, v, beta, runs, log_decay, saved: _Saved, d_out,
         [_f32(b, tiles, lp, h, dp)] * 2 + [_f32(b, lp, h, vp), _f32(b, blocks, h, dp, vp)]
         + [_f32(b, h, tiles, lp)] * decayed, (blocks, b, h, tiles), max(dp, bv), plan.interpret,
         "delta_rule_backward_queries")
+    # the walk runs once per kv head: its inputs from the queries are summed over the group first
     group_sum = lambda y, axis: y.reshape(y.shape[:axis] + (n, g) + y.shape[axis + 1:]).sum(axis + 1)
     d_final = jnp.zeros((b, n, dp, vp), jnp.float32).at[:, :, :d, :dv].set(d_state)
     leaving, du = launch(  # per kv head and value tile, the blocks from the last
