@@ -93,3 +93,10 @@ def lower_for_gpu(jitted, *args, **kwargs) -> str:
     device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", platform="gpu", num_cores=132)
     with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=device)):
         return jitted.trace(*args, **kwargs).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def triton_launches(text: str) -> dict:
+    """kernel name -> (grid x, num_warps) of each Triton call in StableHLO text from `lower_for_gpu`."""
+    import re
+    found = re.findall(r'grid_x = (\d+) : i32.*?name = "(\w+)".*?num_warps = (\d+) : i32', text)
+    return {name: (int(grid), int(warps)) for grid, name, warps in found}

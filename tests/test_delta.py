@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import reference
-from cases import B, L, build, check_grads_by_finite_differences, lower_for_gpu, qkv
+from cases import B, L, build, check_grads_by_finite_differences, lower_for_gpu, qkv, triton_launches
 from flaxformer_lite.attention import Mask, delta_attention, delta_impl, delta_init_state, delta_step
 from flaxformer_lite.attention import linear_causal
 from flaxformer_lite.attention.delta import _blocks as delta_blocks
@@ -323,9 +323,10 @@ def test_pallas_lowers_to_triton():
     loss = lambda q, k: jnp.sum(pallas_delta(q, k, v, beta, seg, kwargs["log_decay"], interpret=False)[0])
     text = lower_for_gpu(jax.jit(jax.grad(loss, argnums=(0, 1))), q.reshape(B, L, 2, 2, 16), k)
     assert text.count("xla.gpu.triton") == 6
-    for name in ("delta_rule_blocks", "delta_rule_states", "delta_rule_output", "delta_rule_backward_queries",
-                 "delta_rule_backward_states", "delta_rule_backward_blocks"):
-        assert f'name = "{name}"' in text, name
+    warps = {name: w for name, (_, w) in triton_launches(text).items()}
+    # 4 warps by the width rule (16 columns) but where the offline sm_90 compile spilled less at another count
+    assert warps == {"delta_rule_blocks": 4, "delta_rule_states": 4, "delta_rule_output": 4,
+                     "delta_rule_backward_queries": 8, "delta_rule_backward_states": 8, "delta_rule_backward_blocks": 8}
 
 
 def test_pallas_empty_sequence():

@@ -2,7 +2,6 @@
 every mask kind, MHA/GQA/MQA, ragged lengths, other block sizes, padded head dims, bf16; the lowering to Triton
 (TTIR, which needs no GPU); block-size errors; flash_unsupported's reasons."""
 import functools
-import re
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +9,7 @@ import numpy as np
 import pytest
 
 import reference
-from cases import B, MASK_CASES, check_grads_by_finite_differences, lower_for_gpu, qkv
+from cases import B, MASK_CASES, check_grads_by_finite_differences, lower_for_gpu, qkv, triton_launches
 from flaxformer_lite.attention import Mask
 from flaxformer_lite.attention.checks import Dims, check_mask, check_qkv
 from flaxformer_lite.attention.flash import _first_kv_blocks, _q_blocks, fit_blocks, flash_attention, flash_unsupported
@@ -218,12 +217,6 @@ def test_unsupported_call_raises_naming_the_reason():
         flash_attention(q, q, q, dims=check_qkv(q, q, q), mask=Mask(), scale=1.0)
 
 
-def _launches(text: str) -> dict:
-    """kernel name -> (grid_x, num_warps) of each Triton call in lowered StableHLO text."""
-    found = re.findall(r'grid_x = (\d+) : i32.*?name = "(\w+)".*?num_warps = (\d+) : i32', text)
-    return {name: (int(grid), int(warps)) for grid, name, warps in found}
-
-
 @pytest.mark.parametrize("dtype,head_dim,want", [
     (jnp.bfloat16, 64, {"flash_forward": (2, 8), "flash_backward_dq": (4, 4), "flash_backward_dkdv": (4, 4)}),
     (jnp.bfloat16, 128, {"flash_forward": (2, 8), "flash_backward_dq": (4, 8), "flash_backward_dkdv": (4, 8)}),
@@ -235,4 +228,4 @@ def test_launch_parameters_avoid_register_spills(dtype, head_dim, want):
     mask = Mask(causal=True)
     q = k = v = jnp.zeros((1, 256, 2, head_dim), dtype)
     text = lower_for_gpu(flash_and_grads, q, k, v, mask, q, block_q=128, block_kv=128, interpret=False)
-    assert _launches(text) == want
+    assert triton_launches(text) == want

@@ -47,6 +47,14 @@ from .linear_causal import run_ids
 from .pallas_tiles import Specs, block_length, launch, operands, padded_dim, tile_size
 
 
+# Warps per program where the width rule (4 up to 64 columns, else 8) spills more. Compiled offline for sm_90
+# (benchmarks/triton_resources.py, RESULTS.md), every delta kernel spills some in float32; the backward kernels spill
+# least at 8 warps at head dim 64 too (delta_rule_backward_blocks 4.7 KB against 6.6 KB), the output kernel at 4 at
+# head dim 128 (264 B against 1,032 B).
+_BACKWARD_WARPS = 8
+_OUTPUT_WARPS = 4
+
+
 @dataclasses.dataclass(frozen=True)
 class _Plan:
     """Static description of one call (hashable: a `custom_vjp` non-diff argument)."""
@@ -177,7 +185,7 @@ def _forward(plan: _Plan, q, k, v, beta, runs, log_decay, keep: bool = False):
         functools.partial(output_kernel, **flags), [x.q, x.k, u, entering] + ops,
         [par.rows(dp), par.rows(dp, g), par.rows(vp, g, tile=True), par.state(dp, g)] + in_specs,
         [par.rows(vp, tile=True)], [_f32(b, lp, h, vp)], (blocks, b, h, tiles), max(dp, bv), plan.interpret,
-        "delta_rule_output")[0]
+        "delta_rule_output", num_warps=_OUTPUT_WARPS)[0]
     out = out[:, :l, :, :v.shape[-1]].reshape(b, l, n, g, v.shape[-1])
     saved = _Saved(made[-1] if keep else None, w, added, keep_factor, u, entering)
     return out, final[:, :, :d, :v.shape[-1]], saved
@@ -205,7 +213,7 @@ def _backward(plan: _Plan, q, k, v, beta, runs, log_decay, saved: _Saved, d_out,
         + [par.tile_copies()] * decayed,
         [_f32(b, tiles, lp, h, dp)] * 2 + [_f32(b, lp, h, vp), _f32(b, blocks, h, dp, vp)]
         + [_f32(b, h, tiles, lp)] * decayed, (blocks, b, h, tiles), max(dp, bv), plan.interpret,
-        "delta_rule_backward_queries")
+        "delta_rule_backward_queries", num_warps=_BACKWARD_WARPS)
     # the walk runs once per kv head: its inputs from the queries are summed over the group first
     group_sum = lambda y, axis: y.reshape(y.shape[:axis] + (n, g) + y.shape[axis + 1:]).sum(axis + 1)
     d_final = jnp.zeros((b, n, dp, vp), jnp.float32).at[:, :, :d, :dv].set(d_state)
@@ -215,7 +223,7 @@ def _backward(plan: _Plan, q, k, v, beta, runs, log_decay, saved: _Saved, d_out,
         + [d_final], [seq.rows(vp, tile=True), seq.states(blocks, dp), seq.rows(dp), seq.rows(dp)]
         + [seq.positions()] * gated + [seq.last(dp)], [seq.states(blocks, dp), seq.rows(vp, tile=True)],
         [_f32(b, blocks, n, dp, vp), _f32(b, lp, n, vp)], (1, b, n, tiles), max(dp, bv), plan.interpret,
-        "delta_rule_backward_states")
+        "delta_rule_backward_states", num_warps=_BACKWARD_WARPS)
     ops, in_specs = _gates(x, par, 1)
     systems = launch(  # per block, kv head and value tile
         functools.partial(backward_blocks_kernel, **flags),
@@ -224,7 +232,8 @@ def _backward(plan: _Plan, q, k, v, beta, runs, log_decay, saved: _Saved, d_out,
          par.state(dp), par.state(dp), par.rows(vp, tile=True)] + in_specs,
         [par.tile_shares(dp), par.rows(vp, tile=True)] + [par.tile_copies()] * (1 + decayed),
         [_f32(b, tiles, lp, n, dp), _f32(b, lp, n, vp)] + [_f32(b, n, tiles, lp)] * (1 + decayed),
-        (blocks, b, n, tiles), max(dp, bv), plan.interpret, "delta_rule_backward_blocks")
+        (blocks, b, n, tiles), max(dp, bv), plan.interpret, "delta_rule_backward_blocks",
+        num_warps=_BACKWARD_WARPS)
     per_position = lambda y: jnp.moveaxis(y.sum(2)[..., :l], 1, 2)  # [b, heads, tiles, lp] -> [b, l, heads]
     dq = queries[0].sum(1)[:, :l, :, :d].reshape(b, l, n, g, d)
     dk = group_sum(queries[1].sum(1), 2)[:, :l, :, :d] + systems[0].sum(1)[:, :l, :, :d]

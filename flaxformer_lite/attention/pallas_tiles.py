@@ -151,11 +151,13 @@ def carried_run(neighbour_ref, backward: bool = False) -> jax.Array:
 
 
 def launch(kernel, operands: list, in_specs: list, out_specs: list, out_shape: list, grid: tuple, width: int,
-           interpret: bool, name: str):
+           interpret: bool, name: str, num_warps: int | None = None):
     """`pallas_call` of a chunk kernel over ``grid`` ``(blocks, b, heads, value tiles)`` (see `Specs`), with
-    more warps for tiles wider than 64 (``width``: the largest of the head dim and value tile)."""
+    ``num_warps`` warps per program, by default more for tiles wider than 64 (``width``: the largest of the head dim
+    and value tile)."""
+    num_warps = (4 if width <= 64 else 8) if num_warps is None else num_warps
     return pallas_call(kernel, operands, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-                       num_warps=4 if width <= 64 else 8, interpret=interpret, name=name)
+                       num_warps=num_warps, interpret=interpret, name=name)
 
 
 def pallas_call(kernel, operands: list, *, grid: tuple, in_specs, out_specs, out_shape, num_warps: int,
