@@ -13,7 +13,8 @@
 # Writes into OUT_DIR, whatever happens (an exit trap and every section collect): gpu_check.log (everything
 # printed), results.md (every table so far), results/ (each benchmark's .md and .json, rewritten after every row),
 # kernel-tests.log and kernel-tests.xml (JUnit), results.tar.gz, and jax-cache/ (JAX's compilation cache: a rerun
-# into the same OUT_DIR is warm). Each section has a time limit within the whole run's, and prints its exit status.
+# into the same OUT_DIR is warm; GPU_CHECK_CACHE=DIR puts it elsewhere, e.g. outside a folder that is shipped back).
+# Each section has a time limit within the whole run's, and prints its exit status.
 set -u
 out=${1:?usage: [GPU_CHECK_DRY=1] bash benchmarks/gpu_check.sh OUT_DIR}
 mkdir -p "$out/results" && out=$(cd "$out" && pwd)
@@ -22,9 +23,9 @@ exec > >(tee -a "$out/gpu_check.log") 2>&1
 exec 3>&1  # section status lines reach the log even when a command's own output goes to a file
 dry=${GPU_CHECK_DRY:-0}
 [ "$dry" = 1 ] || dry=0
-total=$([ "$dry" = 1 ] && echo 170 || echo 400)  # seconds for the whole run: every section fits inside
+total=$([ "$dry" = 1 ] && echo 170 || echo 410)  # seconds for the whole run: every section fits inside
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false FFL_RESULTS_DIR="$out/results"
-export JAX_COMPILATION_CACHE_DIR="$out/jax-cache" JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0.5
+export JAX_COMPILATION_CACHE_DIR="${GPU_CHECK_CACHE:-$out/jax-cache}" JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0.5
 if [ "$dry" = 1 ]; then
   export JAX_PLATFORMS=cpu
   # As tests/conftest.py does on the CPU: compile time dominates tiny shapes, and LLVM's passes most of it.
@@ -65,12 +66,12 @@ run() {  # run CMD...: under the section's limit; says how it ended; never stops
 }
 pick() { [ "$dry" = 1 ] && echo "$2" || echo "$1"; }  # pick GPU_VALUE DRY_VALUE
 
-section "pre-flight: versions, device, imports, optional packages" 60
+section "pre-flight: versions, device, imports, optional packages" 30
 nvidia-smi -L 2>/dev/null || echo "nvidia-smi: not found$( [ "$dry" = 1 ] && echo ' (dry run on the CPU)')"
 run python3 benchmarks/preflight.py --expect "$(pick gpu cpu)"
 xdist=$(python3 -c "import xdist" 2>/dev/null && echo "-n 4 --dist loadfile")
 
-section "kernel tests: flash, linear Pallas, delta Pallas (highest matmul precision)" "$(pick 130 60)"
+section "kernel tests: flash, linear Pallas, delta Pallas (highest matmul precision)" "$(pick 120 60)"
 # A GPU runs every kernel test; the dry run a few of each file, to show the section works.
 select=(); [ "$dry" = 1 ] && select=(-k "lowers_to_triton or precision or test_mha_and_mqa")
 JAX_DEFAULT_MATMUL_PRECISION=highest run python3 -m pytest -v -rfE -p no:cacheprovider $xdist \
@@ -79,23 +80,23 @@ JAX_DEFAULT_MATMUL_PRECISION=highest run python3 -m pytest -v -rfE -p no:cachepr
 # One line per test in the log (-v), so a cut run still names what failed; then pytest's own summary.
 grep -E "(FAILED|ERROR) tests/|^(FAILED|ERROR) |[0-9]+ (passed|failed|error)" "$out/kernel-tests.log" | tail -40
 
-section "training step: GPT-2 small, bf16, impl auto (our Pallas flash on packed batches)" "$(pick 80 30)"
+section "training step: GPT-2 small, bf16, impl auto (our Pallas flash on packed batches)" "$(pick 70 30)"
 run python3 benchmarks/train_step.py --peers ours --set dtype=bfloat16 $(pick \
   "--preset gpt2-small --batch 16 --seq-len 1024 --repeats 10" "--preset gpt-tiny --batch 2 --seq-len 64 --repeats 2") \
   --name train_step-bf16-auto
 
-section "fused attention: ours-Pallas, cuDNN, jax's Pallas mha, blockwise; causal, segments, prefix" "$(pick 90 40)"
+section "fused attention: ours-Pallas, cuDNN, jax's Pallas mha, blockwise; causal, segments, prefix" "$(pick 80 40)"
 run python3 benchmarks/fused_probe.py --masks causal,segments,prefix \
   --kernels ours-pallas,ours-cudnn,pallas-mha,ours-blockwise,tokamax-cudnn --no-masked-rows $(pick \
   "--lengths 4096 --repeats 10" "--lengths 128 --batch 1 --heads 2 --head-dim 32 --repeats 1 --interpret") \
   --name fused_probe-4k
 
-section "linear attention and Gated DeltaNet, Pallas, vs cuDNN softmax: causal, long" "$(pick 80 30)"
+section "linear attention and Gated DeltaNet, Pallas, vs cuDNN softmax: causal, long" "$(pick 60 30)"
 run python3 benchmarks/attention.py --impls cudnn,linear-elu-pallas,delta-data-pallas --masks causal \
   --repeats 5 --time-budget 3 $(pick "--lengths 4096,16384,65536 --dtype bfloat16" \
   "--lengths 128 --heads 2 --kv-heads 2 --head-dim 32 --dtype float32") --name attention-linear-long
 
-section "training step baseline: same, attention_impl=xla" "$(pick 60 25)"
+section "training step baseline: same, attention_impl=xla" "$(pick 50 25)"
 run python3 benchmarks/train_step.py --peers ours --set dtype=bfloat16 attention_impl=xla $(pick \
   "--preset gpt2-small --batch 16 --seq-len 1024 --repeats 10" "--preset gpt-tiny --batch 2 --seq-len 64 --repeats 2") \
   --name train_step-bf16-xla
