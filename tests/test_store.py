@@ -3,7 +3,9 @@ writing is atomic (a failed prepare leaves nothing that looks complete and keeps
 foreign folders are one-line errors."""
 import json
 import os
+import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -269,3 +271,40 @@ def test_a_hub_corpus_is_prepared_streaming_without_arrow(tokenizer, tmp_path, m
     from flaxformer_lite.data.prepare import store_tokenizer
     tok = store_tokenizer(store)
     np.testing.assert_array_equal(store.document(3), tok.encode(TEXTS[3]))
+
+
+def test_a_folder_that_is_not_a_store_is_refused_untouched(store, tokenizer, tmp_path):
+    """A user's folder (files, the corpus itself), a file, a symbolic link, or a store holding a user's file: the
+    write is refused in one line before any work, and every byte there stays; new and empty folders are written."""
+    user = tmp_path / "mine"
+    (user / "notes").mkdir(parents=True)
+    (user / "thesis.tex").write_text("years of work")
+    (user / "notes" / "a.txt").write_text("more")
+    target = tmp_path / "link"
+    target.symlink_to(user, target_is_directory=True)
+    kept = tmp_path / "kept"
+    shutil.copytree(store.folder, kept)
+    (kept / "my-notes.txt").write_text("mine")
+    (tmp_path / "file").write_text("a file")
+    for folder, match in [(user, "not a token store .2 entries that no token store holds"), (target, "symbolic link"),
+                          (kept, "'my-notes.txt'"), (tmp_path / "file", "is a file")]:
+        with pytest.raises(ValueError, match=match + ".*refused, nothing changed"):
+            write_store(iter(TEXTS), tokenizer[0], folder, source={}, workers=1, progress=False)
+    assert (user / "thesis.tex").read_text() == "years of work" and (user / "notes" / "a.txt").read_text() == "more"
+    assert sorted(p.name for p in user.iterdir()) == ["notes", "thesis.tex"] and (kept / "my-notes.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "kept", "link", "mine"]  # no temporary left
+    (tmp_path / "empty").mkdir()
+    assert write_store(iter(TEXTS[:20]), tokenizer[0], tmp_path / "empty", source={}, workers=1,
+                       progress=False).manifest.documents == 20
+
+
+def test_prepare_into_a_users_folder_is_one_line_and_exit_2(tmp_path):
+    """``python -m flaxformer_lite.data.prepare --out`` a folder of user files: one line on stderr (no runpy warning,
+    no traceback), exit 2, the files untouched, before any corpus is read or tokenizer trained."""
+    (tmp_path / "x.txt").write_text("mine")
+    done = subprocess.run([sys.executable, "-m", "flaxformer_lite.data.prepare", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.splitlines() == [
+        f"prepare: error: {tmp_path} is not a token store (1 entry that no token store holds, e.g. 'x.txt'): writing "
+        "one there would delete them; refused, nothing changed. Name a new or empty folder"]
+    assert [p.name for p in tmp_path.iterdir()] == ["x.txt"] and (tmp_path / "x.txt").read_text() == "mine"

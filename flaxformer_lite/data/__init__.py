@@ -1,13 +1,15 @@
 """Data: corpora (HF datasets), SentencePiece tokenizers, packing, objectives, and a deterministic loader.
-Knows no model."""
-from .corpus import load_corpus, stdlib_docstrings
-from .loader import Loader
-from .objectives import SpecialIds
-from .packing import pack_documents, pad_rows
-from .pipeline import Data, build_data, prepare_tokenizer, special_ids
-from .registry import OBJECTIVES, Objective, Term, get_objective
-from .tokenizer import Tokenizer, train_tokenizer
+Knows no model.
 
-__all__ = ["load_corpus", "stdlib_docstrings", "Loader", "SpecialIds", "pack_documents", "pad_rows", "OBJECTIVES",
-           "Objective", "Term", "get_objective", "Data", "build_data", "prepare_tokenizer", "special_ids", "Tokenizer",
-           "train_tokenizer"]
+Public names import their module on first use (`flaxformer_lite._lazy`), so ``python -m flaxformer_lite.data.prepare``
+runs a module that importing the package has not already imported (runpy warned about that on every call)."""
+from .._lazy import lazy_attributes
+
+_NAMES = {
+    "load_corpus": ".corpus", "stdlib_docstrings": ".corpus", "Loader": ".loader", "SpecialIds": ".objectives",
+    "pack_documents": ".packing", "pad_rows": ".packing", "Data": ".pipeline", "build_data": ".pipeline",
+    "prepare_tokenizer": ".pipeline", "special_ids": ".pipeline", "OBJECTIVES": ".registry", "Objective": ".registry",
+    "Term": ".registry", "get_objective": ".registry", "Tokenizer": ".tokenizer", "train_tokenizer": ".tokenizer",
+}
+__getattr__, __dir__ = lazy_attributes(__name__, _NAMES)
+__all__ = list(_NAMES)

@@ -17,12 +17,12 @@ from typing import Callable
 import numpy as np
 
 from .corpus import column, load_corpus, source_fingerprint
-from .store import Manifest, TokenStore, write_store
+from .store import TOKENIZER, Manifest, TokenStore, check_store_folder, write_store
 from .tokenizer import Tokenizer, train_tokenizer
 
 TOKENIZER_SAMPLE_DOCS = 50_000  # at most this many documents (a seeded random sample) train the tokenizer,
 TOKENIZER_SAMPLE_CHARS = 10_000_000  # and at most about this many characters of them (training time grows with it)
-STORE_TOKENIZER = "tokenizer.model"  # a store carries the tokenizer it was written with
+STORE_TOKENIZER = TOKENIZER  # a store carries the tokenizer it was written with
 # the data settings a store's tokenizer was made from (a store made with others is not this corpus's store)
 TOKENIZER_SETTINGS = ("tokenizer", "vocab_size", "tokenizer_type", "character_coverage", "byte_fallback",
                       "normalization")
@@ -148,6 +148,7 @@ def prepare_store(data, folder: str | Path, *, seed: int = 0, tokenizer: Tokeniz
         print(f"note: the token store {folder} is damaged; writing it again from the same corpus and tokenizer",
               file=sys.stderr)
     if store is None and primary:
+        check_store_folder(folder)  # before training a tokenizer: a user's folder is refused at once
         store = _write(data, folder, source, tokenizer, seed, progress)
     sync()
     if store is None:
