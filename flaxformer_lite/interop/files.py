@@ -4,6 +4,8 @@ the file."""
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -75,43 +77,63 @@ def _load_bfloat16(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def write_tensors(folder: Path, tensors: dict[str, np.ndarray], max_shard_size: int | None = None) -> None:
-    """``tensors`` as ``folder/model.safetensors``, or, when they exceed ``max_shard_size`` bytes, as
-    ``model-00001-of-0000n.safetensors``... with Hugging Face's ``model.safetensors.index.json`` (a tensor larger
-    than the limit gets a shard of its own)."""
+# The weight files an export of ours (or Hugging Face's save_pretrained) writes, and so the only ones it replaces or
+# removes: never a file that an index merely names (a stale or hostile index may name tokenizer.json, README.md...).
+_WEIGHT_FILES = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json")
+
+
+def write_export(folder: Path, tensors: dict[str, np.ndarray], config: dict, max_shard_size: int | None = None) -> None:
+    """``config`` as ``folder/config.json`` and ``tensors`` as ``folder/model.safetensors``, or, when they exceed
+    ``max_shard_size`` bytes, as ``model-00001-of-0000n.safetensors``... with Hugging Face's
+    ``model.safetensors.index.json`` (a tensor larger than the limit gets a shard of its own).
+
+    Every file is written under a temporary name and synced first; only then are they renamed into place and the
+    weight files of an earlier export that the new one does not replace removed (`_WEIGHT_FILES` only: other files
+    in the folder are the user's). A full disk or any other write failure is a one-line `ValueError`, with the
+    temporary files removed and the folder as it was."""
     from safetensors.numpy import save_file
     if max_shard_size is not None and (isinstance(max_shard_size, bool) or not isinstance(max_shard_size, int)
                                        or max_shard_size < 1):
         raise ValueError(f"max_shard_size must be a positive int (bytes) or None, got {max_shard_size!r}")
-    _remove_weights(folder)  # a folder written before, in the other form, must not shadow what is written now
+    files = _shards(tensors, max_shard_size)
+    written: list[tuple[Path, str]] = []
+    try:
+        for name, content in files.items():
+            tmp = folder / f".{name}.tmp-{os.getpid()}"
+            written.append((tmp, name))
+            if isinstance(content, dict):
+                save_file(content, str(tmp))
+            else:
+                tmp.write_text(content)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        written.append((folder / f".config.json.tmp-{os.getpid()}", "config.json"))
+        written[-1][0].write_text(json.dumps(config, indent=2))
+    except Exception as err:  # noqa: BLE001  OSError, SafetensorError (no common base): a full disk, a read-only folder
+        for tmp, _ in written:
+            tmp.unlink(missing_ok=True)
+        raise ValueError(f"save_hf: could not write {folder} ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0][:160] if str(err) else 'no detail'}); nothing there was "
+                         "changed") from None
+    for tmp, name in written[:-1]:
+        os.replace(tmp, folder / name)
+    for stale in folder.iterdir():  # after the new weights are in place: a kill leaves a loadable folder
+        if _WEIGHT_FILES.fullmatch(stale.name) and stale.name not in files:
+            stale.unlink()
+    os.replace(written[-1][0], folder / "config.json")
+
+
+def _shards(tensors: dict[str, np.ndarray], max_shard_size: int | None) -> dict[str, dict | str]:
+    """File name -> the tensors it holds (or, for the index, its JSON text) of an export."""
     total = sum(x.nbytes for x in tensors.values())
     if max_shard_size is None or total <= max_shard_size:
-        save_file(tensors, str(folder / "model.safetensors"))
-        return
+        return {"model.safetensors": tensors}
     shards: list[dict] = [{}]
     for name, x in tensors.items():
         if shards[-1] and sum(v.nbytes for v in shards[-1].values()) + x.nbytes > max_shard_size:
             shards.append({})
         shards[-1][name] = x
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(folder / file))
-        weight_map.update(dict.fromkeys(shard, file))
+    files = {f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors": shard for i, shard in enumerate(shards)}
+    weight_map = {name: file for file, shard in files.items() for name in shard}
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-
-
-def _remove_weights(folder: Path) -> None:
-    """Delete the safetensors weights (single file, or index and its shards) a folder already holds."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
-        except (ValueError, AttributeError):
-            shards = set()
-        for shard in shards:
-            if "/" not in shard:
-                (folder / shard).unlink(missing_ok=True)
-        index.unlink()
-    (folder / "model.safetensors").unlink(missing_ok=True)
+    return {**files, "model.safetensors.index.json": json.dumps(index, indent=2)}

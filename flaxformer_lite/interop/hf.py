@@ -12,7 +12,6 @@ cannot express, a missing or extra parameter, or a tensor of the wrong shape rai
 from __future__ import annotations
 
 import dataclasses
-import json
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,7 +24,7 @@ import numpy as np
 from ..layers.blocks import layer_name
 from ..models import BERT, GPT, ModelConfig
 from . import llama
-from .files import read_json, read_tensors, write_tensors
+from .files import read_json, read_tensors, write_export
 
 SUPPORTED = {"gpt2": ("GPT2LMHeadModel", "GPT2Model"),
              "bert": ("BertModel", "BertForPreTraining", "BertForMaskedLM"),
@@ -387,8 +386,7 @@ def save_hf(model, variables, path: str | Path, *, model_type: str | None = None
     tensors = {k: np.ascontiguousarray(v, np.float32) for k, v in _to_hf(cfg, flat).items()}
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    write_tensors(folder, tensors, max_shard_size)
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    write_export(folder, tensors, config, max_shard_size)
     return folder
 
 

@@ -1,0 +1,73 @@
+"""Nothing a user owns is lost: user files, symbolic links and hostile files planted around the folders the library
+writes, and a write that fails half way. (The token store's folder: tests/test_store.py.)"""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import flaxformer_lite as ffl
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A one-layer GPT and two different sets of its variables."""
+    model = ffl.models.GPT(ffl.models.ModelConfig(vocab_size=10, num_layers=1, num_heads=2, embed_dim=8, mlp_dim=16,
+                                                  max_len=8))
+    init = lambda seed: model.init(jax.random.key(seed), jnp.zeros((1, 4), jnp.int32))
+    return model, init(0), init(1)
+
+
+def _contents(folder) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_save_hf_replaces_only_its_own_weight_files(tiny, tmp_path):
+    """Over an earlier sharded export with the user's files beside it, a hostile index naming them (and a file
+    outside), and config.json a symbolic link out of the folder: the new export replaces its own files only."""
+    model, first, second = tiny
+    folder = tmp_path / "export"
+    ffl.interop.save_hf(model, first, folder, max_shard_size=1000)
+    index_path = folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    index["weight_map"].update({"a": "README.md", "b": "tokenizer.json", "c": "../outside.txt"})
+    index_path.write_text(json.dumps(index))
+    (folder / "README.md").write_text("mine")
+    (folder / "tokenizer.json").write_text("{}")
+    (tmp_path / "outside.txt").write_text("outside")
+    (tmp_path / "victim.json").write_text("not a config")
+    (folder / "config.json").unlink()
+    (folder / "config.json").symlink_to(tmp_path / "victim.json")
+    ffl.interop.save_hf(model, second, folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors",
+                                                        "tokenizer.json"]
+    assert (folder / "README.md").read_text() == "mine" and (folder / "tokenizer.json").read_text() == "{}"
+    assert (tmp_path / "outside.txt").read_text() == "outside"
+    assert (tmp_path / "victim.json").read_text() == "not a config" and not (folder / "config.json").is_symlink()
+    _, loaded = ffl.interop.load_hf(folder)
+    for a, b in zip(jax.tree.leaves(second["params"]), jax.tree.leaves(loaded["params"])):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_failed_save_hf_keeps_the_earlier_export(tiny, tmp_path, monkeypatch):
+    """A disk that fills while the weights are written: one line, and the folder byte for byte as it was (the
+    earlier export loadable, no temporary files)."""
+    model, first, second = tiny
+    folder = tmp_path / "export"
+    ffl.interop.save_hf(model, first, folder)
+    (folder / "README.md").write_text("mine")
+    before = _contents(folder)
+    import safetensors.numpy
+
+    def full_disk(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half a file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", full_disk)
+    with pytest.raises(ValueError, match=r"^save_hf: could not write .*No space left on device.*nothing there "
+                                         r"was changed$"):
+        ffl.interop.save_hf(model, second, folder)
+    assert _contents(folder) == before
