@@ -1,6 +1,7 @@
 """Nothing a user owns is lost: user files, symbolic links and hostile files planted around the folders the library
 writes, and a write that fails half way. (The token store's folder: tests/test_store.py.)"""
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -71,3 +72,21 @@ def test_a_failed_save_hf_keeps_the_earlier_export(tiny, tmp_path, monkeypatch):
                                          r"was changed$"):
         ffl.interop.save_hf(model, second, folder)
     assert _contents(folder) == before
+
+
+@pytest.mark.parametrize("shard,shown", [("../outside.safetensors", "'../outside.safetensors'"),
+                                         ("/etc/passwd", "'/etc/passwd'"), (["a"], "['a']"), (7, "7")])
+def test_an_index_cannot_name_a_file_outside_the_folder(tiny, tmp_path, shard, shown):
+    """A sharded index naming a file outside the model folder (a valid safetensors file planted there), or a name
+    that is no string: refused in one line, nothing read."""
+    model, first, _ = tiny
+    ffl.interop.save_hf(model, first, tmp_path / "outside-copy")
+    (tmp_path / "outside-copy" / "model.safetensors").rename(tmp_path / "outside.safetensors")
+    folder = tmp_path / "export"
+    ffl.interop.save_hf(model, first, folder, max_shard_size=1000)
+    index_path = folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"]["embedder/token/embedding"] = shard
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=rf"weight_map names {re.escape(shown)} for .*not a file name in .*refused"):
+        ffl.interop.load_hf(folder)

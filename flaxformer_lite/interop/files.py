@@ -30,6 +30,10 @@ def read_tensors(folder: Path) -> dict[str, np.ndarray]:
         contents = read_json(index)
         if not isinstance(contents, dict) or not isinstance(contents.get("weight_map"), dict):
             raise ValueError(f"{index}: no weight_map object")
+        bad = next(((n, f) for n, f in contents["weight_map"].items() if not _plain_name(f)), None)
+        if bad is not None:
+            raise ValueError(f"{index}: weight_map names {repr(bad[1])[:80]} for {repr(bad[0])[:80]}, not a file "
+                             f"name in {folder}; refused (an index names files beside it)")
         shards = sorted(set(contents["weight_map"].values()))
         return {k: v for shard in shards for k, v in _load_safetensors(load_file, folder / shard).items()}
     pt = folder / "pytorch_model.bin"
@@ -47,6 +51,12 @@ def read_tensors(folder: Path) -> dict[str, np.ndarray]:
                              "model.safetensors") from None
         return {k: v.float().numpy() if v.dtype.is_floating_point else v.numpy() for k, v in state.items()}
     raise ValueError(f"{folder}: no model.safetensors (or pytorch_model.bin) found")
+
+
+def _plain_name(name) -> bool:
+    """A file name with no folder in it: a string, not ``.``/``..``, no path separator (so an index cannot name
+    ``../../x`` or ``/etc/passwd``)."""
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
 
 
 def _load_safetensors(load_file, path: Path) -> dict[str, np.ndarray]:
