@@ -20,6 +20,8 @@ from pathlib import Path
 
 import yaml
 
+from flaxformer_lite.safe_io import write_atomic
+
 
 def _help_text() -> str:
     from flaxformer_lite.experiment import describe_keys
@@ -108,8 +110,7 @@ def _load_pretrained(cfg, overrides):
 def _save_tokenizer(tok, run_dir: Path) -> None:
     """Keep the run's tokenizer in its folder (a pretrained or given one too), so the folder stands alone."""
     if hasattr(tok, "save"):  # written aside and renamed: a crash never leaves half a tokenizer
-        tok.save(run_dir / "tokenizer.model.tmp")
-        os.replace(run_dir / "tokenizer.model.tmp", run_dir / "tokenizer.model")
+        write_atomic(run_dir / "tokenizer.model", tok.proto)
     elif hasattr(tok, "hf") and not (run_dir / "tokenizer").exists():
         tok.hf.save_pretrained(str(run_dir / "tokenizer"))
 
@@ -237,13 +238,6 @@ def _grafter(pretrained, objective):
     return lambda params: graft(params, pretrained.params, "backbone" if objective == "classify" else None)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` aside and rename it into place: a crash leaves the old file or the new, never half."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _write_run_files(run_dir: Path, cfg, data, new_tokenizer: bool) -> None:
     """The tokenizer (when it is new to the folder), config.yaml and labels.json: written only once every check has
     passed. A replaced tokenizer goes in with config.yaml removed first, so a crash between the two never leaves a
@@ -252,9 +246,9 @@ def _write_run_files(run_dir: Path, cfg, data, new_tokenizer: bool) -> None:
     if new_tokenizer:
         (run_dir / "config.yaml").unlink(missing_ok=True)
         _save_tokenizer(data.tokenizer, run_dir)
-    _write_atomic(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    write_atomic(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
     if data.label_names is not None:
-        _write_atomic(run_dir / "labels.json", json.dumps(data.label_names) + "\n")
+        write_atomic(run_dir / "labels.json", json.dumps(data.label_names) + "\n")
     print(f"{data.num_train_examples:,} training examples; tokenizer {data.tokenizer.vocab_size} ids; unigram "
           f"entropy of the training tokens {data.unigram_entropy:.3f} nats (a model that ignores context gets no "
           "lower)")

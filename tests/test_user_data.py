@@ -90,3 +90,30 @@ def test_an_index_cannot_name_a_file_outside_the_folder(tiny, tmp_path, shard, s
     index_path.write_text(json.dumps(index))
     with pytest.raises(ValueError, match=rf"weight_map names {re.escape(shown)} for .*not a file name in .*refused"):
         ffl.interop.load_hf(folder)
+
+
+def test_run_folder_files_are_never_written_through_a_link(tmp_path):
+    """Links planted in a run folder at the lock, at config.yaml and at its temporary name, at metrics.jsonl: the
+    lock and the metrics refuse in one line, the atomic writes replace the link; no linked file changes."""
+    import os
+
+    from flaxformer_lite.safe_io import write_atomic
+    from flaxformer_lite.training.metrics import MetricsLog
+    from flaxformer_lite.training.run_lock import RunLock
+    victims = {name: tmp_path / f"victim-{name}" for name in ("lock", "config", "tmp", "metrics")}
+    for path in victims.values():
+        path.write_text("precious")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".lock").symlink_to(victims["lock"])
+    (run / "config.yaml").symlink_to(victims["config"])
+    (run / f".config.yaml.tmp-{os.getpid()}").symlink_to(victims["tmp"])
+    (run / "metrics.jsonl").symlink_to(victims["metrics"])
+    with pytest.raises(ValueError, match=r"\.lock is a symbolic link: .*never through a link"):
+        RunLock(run).acquire()
+    with pytest.raises(ValueError, match=r"metrics.jsonl is a symbolic link"):
+        MetricsLog(run / "metrics.jsonl", resume_from=3)
+    write_atomic(run / "config.yaml", "model: {}\n")
+    assert (run / "config.yaml").read_text() == "model: {}\n" and not (run / "config.yaml").is_symlink()
+    assert all(path.read_text() == "precious" for path in victims.values())
+    assert sorted(p.name for p in run.iterdir()) == [".lock", "config.yaml", "metrics.jsonl"]

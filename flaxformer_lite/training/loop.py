@@ -20,6 +20,7 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
+from ..safe_io import write_atomic
 from .checkpoint import Checkpoints
 from .metrics import MetricsLog, count_params, flops_per_token, mfu_denominator, summarize
 from .optimizer import make_optimizer
@@ -212,7 +213,7 @@ def _write_samples(run_dir: Path, samples: list[str]) -> None:
     if not samples:
         return
     text = "\n\n".join(f"--- sample {i} ---\n{s}" for i, s in enumerate(samples))
-    (run_dir / "samples.txt").write_text(text + "\n", encoding="utf-8")
+    write_atomic(run_dir / "samples.txt", text + "\n")
     console.print(text)
 
 

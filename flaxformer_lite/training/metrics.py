@@ -3,7 +3,6 @@ measured in this process (for MFU), and turning a step's sums into readable numb
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -13,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..layers.blocks import SHARED_LAYER
+from ..safe_io import append_text, refuse_link, write_atomic
 
 
 class MetricsLog:
@@ -25,6 +25,7 @@ class MetricsLog:
         self.failed = False  # a write failed (e.g. a full disk): said once, then the run goes on
         if not enabled:
             return
+        refuse_link(self.path)  # before anything is read or made: its records are the run's, not a linked file's
         try:
             from tensorboardX import SummaryWriter
             self.tb = SummaryWriter(str(self.path.parent / "tensorboard"), purge_step=resume_from + 1)
@@ -33,17 +34,14 @@ class MetricsLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
             kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_from]
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-            os.replace(tmp, self.path)  # a kill now leaves the old file or the new, never half
+            write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))  # old or new, never half
 
     def write(self, record: dict) -> None:
         """Append one record."""
         if not self.enabled:
             return
         try:
-            with self.path.open("a") as f:
-                f.write(json.dumps({k: _plain(v) for k, v in record.items()}) + "\n")
+            append_text(self.path, json.dumps({k: _plain(v) for k, v in record.items()}) + "\n")
             if self.tb is not None:
                 for key, value in record.items():
                     if key != "step" and isinstance(_plain(value), (int, float)):

@@ -14,6 +14,8 @@ import socket
 import time
 from pathlib import Path
 
+from ..safe_io import open_no_follow
+
 
 class RunLock:
     """The lock of ``run_dir``; a context manager (``with RunLock(run_dir): ...``), or `acquire` / `release`.
@@ -28,7 +30,7 @@ class RunLock:
         """Take the lock, or raise `ValueError` naming the run that holds it."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(5):
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = open_no_follow(self.path, os.O_RDWR | os.O_CREAT)  # a planted link: refused, not truncated
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
