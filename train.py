@@ -20,6 +20,7 @@ from pathlib import Path
 
 import yaml
 
+from flaxformer_lite.interrupt import watch_ctrl_c
 from flaxformer_lite.safe_io import write_atomic
 
 
@@ -306,13 +307,14 @@ def _run(cfg, overrides, run_dir: Path) -> int:
 
 
 def _report(outcome) -> int:
-    """The closing line and exit status: 0 done, 143 stopped by SIGTERM (as schedulers expect), 1 when the final
-    checkpoint could not be written."""
+    """The closing line and exit status: 0 done, 143 stopped by SIGTERM and 130 by Ctrl-C (128 + the signal, as
+    shells and schedulers expect), 1 when the final checkpoint could not be written."""
     final = dict(outcome.unsaved).get(outcome.step)
     saved = "checkpoint saved" if final is None else f"checkpoint NOT saved: {final}"
-    if outcome.stopped_by_signal:
-        print(f"train.py: stopped by SIGTERM at step {outcome.step} ({saved})", file=sys.stderr)
-        return 143
+    if outcome.stopped_by:
+        print(f"train.py: stopped by {outcome.stopped_by} at step {outcome.step} ({saved}); the same command resumes",
+              file=sys.stderr)
+        return 130 if outcome.stopped_by == "SIGINT" else 143
     if final is not None:
         print(f"train.py: error: the final checkpoint (step {outcome.step}) was not saved: {final}", file=sys.stderr)
         return 1
@@ -361,4 +363,10 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    watch_ctrl_c()
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C before the first step, or a second one during it: one line, no traceback
+        print("train.py: interrupted (Ctrl-C); the checkpoints saved before stay, and the same command resumes from "
+              "the latest", file=sys.stderr)
+        sys.exit(130)

@@ -125,15 +125,19 @@ def test_sigkill_then_resume_is_bit_identical(corpus, tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
-def test_sigterm_saves_a_usable_checkpoint(corpus, tmp_path):
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_sigterm_or_ctrl_c_saves_a_usable_checkpoint(corpus, tmp_path, sig, code):
+    """SIGTERM, or Ctrl-C (SIGINT to the process group, as a terminal sends it): the step finishes, a checkpoint is
+    saved at it, one closing line, no traceback."""
     proc = _spawn(overrides(corpus, tmp_path, steps=400, extra=["train.checkpoint_every=200",
                                                                 "train.eval_every=300"]), tmp_path)
     _wait_for(tmp_path / "metrics.jsonl", proc)
     time.sleep(1.0)
-    os.killpg(proc.pid, signal.SIGTERM)
+    os.killpg(proc.pid, sig)
     out = proc.communicate(timeout=120)[0]
-    said = "train.py: stopped by SIGTERM at step "
-    assert proc.returncode == 143 and said in out and "(checkpoint saved)" in out, out[-2000:]
+    said = f"train.py: stopped by {signal.Signals(sig).name} at step "
+    assert proc.returncode == code and said in out and "(checkpoint saved)" in out, out[-2000:]
+    assert "Traceback" not in out, out[-2000:]
     step = int(out.split(said)[1].split()[0])
     assert Checkpoints(tmp_path / "checkpoints").latest_step() == step < 300
     assert not any("eval_loss" in r for r in read_metrics(tmp_path / "metrics.jsonl"))  # stopping is no finish
@@ -381,3 +385,15 @@ def test_tokens_per_s_excludes_compile_time(monkeypatch):
     assert second["tokens_per_s"] == pytest.approx(10 * 32 / 1) and second["step_time_s"] == pytest.approx(0.1)
     assert third["tokens_per_s"] == pytest.approx(20 * 32 / 3) and third["step_time_s"] == pytest.approx(0.2)
     assert third["mfu"] / third["tokens_per_s"] == pytest.approx(second["mfu"] / second["tokens_per_s"])
+
+
+def test_ctrl_c_before_the_first_step_is_one_line(corpus, tmp_path):
+    """Ctrl-C while the run starts (imports, data, compilation): exit 130 with one line, no traceback (or, on a
+    machine fast enough to be training by then, the graceful stop of the test above)."""
+    proc = _spawn(overrides(corpus, tmp_path, steps=400), tmp_path)
+    time.sleep(4.0)
+    os.killpg(proc.pid, signal.SIGINT)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130 and "Traceback" not in out, out[-3000:]
+    last = out.strip().splitlines()[-1]
+    assert last.startswith(("train.py: interrupted (Ctrl-C)", "train.py: stopped by SIGINT")), out[-3000:]

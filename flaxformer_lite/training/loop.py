@@ -20,6 +20,7 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
+from ..interrupt import interrupted_early
 from ..safe_io import write_atomic
 from .checkpoint import Checkpoints
 from .metrics import MetricsLog, count_params, flops_per_token, mfu_denominator, summarize
@@ -37,36 +38,42 @@ class NonFiniteLoss(RuntimeError):
 
 @dataclasses.dataclass
 class Outcome:
-    """How a run ended: steps done, whether SIGTERM stopped it, the last metrics and evaluation, and the
-    checkpoints that could not be written (``[(step, reason)]``, e.g. a full disk)."""
+    """How a run ended: steps done, the signal that stopped it (``"SIGTERM"``, ``"SIGINT"``: Ctrl-C) or None, the last
+    metrics and evaluation, and the checkpoints that could not be written (``[(step, reason)]``, e.g. a full disk)."""
 
     step: int
-    stopped_by_signal: bool
+    stopped_by: str | None
     last_metrics: dict
     last_eval: dict
     unsaved: list = dataclasses.field(default_factory=list)
 
 
 class _Stop:
-    """Turns SIGTERM into a flag checked between steps (the step in flight finishes, then a checkpoint is saved)."""
+    """Turns SIGTERM and a first Ctrl-C (SIGINT) into a flag checked between steps: the step in flight finishes, then
+    a checkpoint is saved. A second Ctrl-C interrupts at once (KeyboardInterrupt), for a user who will not wait."""
+
+    _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
-        self.requested = False
-        self._previous = None
+        self.requested: str | None = "SIGINT" if interrupted_early() else None  # the signal that asked for the stop
+        self._previous: dict = {}
 
     def __enter__(self):
         try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._previous = {s: signal.signal(s, self._handle) for s in self._SIGNALS}
         except ValueError:  # not the main thread
-            self._previous = None
+            self._previous = {}
         return self
 
     def _handle(self, signum, frame):
-        self.requested = True
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for s, previous in self._previous.items():
+            if previous is not None:  # None: a handler not installed from Python, which cannot be put back
+                signal.signal(s, previous)
 
 
 def evaluate(step_fn, loader, batches: int, objective) -> dict:
@@ -123,7 +130,7 @@ def train(cfg, model, data, task, *, sample_fn=None, warm_start=None) -> Outcome
             for step in range(start, tc.steps):
                 metrics = step_fn.run(batches.get(step))
                 done = step + 1
-                stopping = _agreed_stop(stop.requested, done, tc.log_every)
+                stopping = _agreed_stop(stop.requested is not None, done, tc.log_every)
                 last = done == tc.steps or stopping
                 if done % tc.log_every == 0 or last:
                     last_metrics = _log_step(step_fn.host_metrics(metrics), done, ckpt, schedule, speed,
@@ -143,7 +150,7 @@ def train(cfg, model, data, task, *, sample_fn=None, warm_start=None) -> Outcome
     stopped = done < tc.steps
     if sample_fn is not None and not stopped and jax.process_index() == 0:
         _write_samples(run_dir, sample_fn(step_fn.params()))
-    return Outcome(done, stopped, last_metrics, last_eval, ckpt.unsaved)
+    return Outcome(done, (stop.requested or "a signal") if stopped else None, last_metrics, last_eval, ckpt.unsaved)
 
 
 def _eval_batches(tc, loader) -> int:
