@@ -295,11 +295,12 @@ def _run(cfg, overrides, run_dir: Path) -> int:
                       **_store_args(cfg, run_dir))
     cfg, model, task = _model_and_task(cfg, data, pretrained, overrides)
     _check_resume(run_dir, cfg)
-    if jax.process_index() == 0:
-        _write_run_files(run_dir, cfg, data, new_tokenizer)
+    write_files = (lambda step: _write_run_files(run_dir, cfg, data, new_tokenizer)) if jax.process_index() == 0 \
+        else None  # once the checkpoint is restored: a resume refused there leaves config.yaml as it was
     try:
         outcome = train(cfg, model, data, task, sample_fn=_sample_fn(model, data, cfg),
-                        warm_start=None if pretrained is None else _grafter(pretrained, cfg.data.objective))
+                        warm_start=None if pretrained is None else _grafter(pretrained, cfg.data.objective),
+                        started=write_files)
     except NonFiniteLoss as err:
         print(f"train.py: stopped: {err}", file=sys.stderr)
         return 3

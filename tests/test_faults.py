@@ -90,6 +90,11 @@ def test_no_intact_checkpoint_is_a_clear_error(three_checkpoints):
     with pytest.raises(ValueError, match=r"no checkpoint in .* can be read \(steps \[3, 2, 1\] are damaged"):
         ckpt.restore_latest(_state(0))
     ckpt.close()
+    ckpt = Checkpoints(three_checkpoints / "checkpoints")  # run again: every checkpoint is aside now
+    with pytest.raises(ValueError, match=r"every checkpoint of this run was set aside as damaged .*1-.*starting "
+                                         r"again at step 0 would rewrite its metrics"):
+        ckpt.restore_latest(_state(0))
+    ckpt.close()
 
 
 # -- a full disk -----------------------------------------------------------------------------------------------------
@@ -224,9 +229,11 @@ def test_resume_skips_a_damaged_newest_checkpoint(corpus, tmp_path, capsys):
     assert train_cli.main(args) == 0
     first = losses(tmp_path)
     # another optimizer is another train state: refused, and the intact checkpoints stay where they are
+    config = (tmp_path / "config.yaml").read_text()
     assert train_cli.main(overrides(corpus, tmp_path, steps=6, extra=["optim.name=adam"])) == 2
     err = capsys.readouterr().err
     assert "checkpoint step 4" in err and "holds another train state than this run builds" in err, err
+    assert (tmp_path / "config.yaml").read_text() == config  # the refused resume rewrote nothing
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2", "4"]
     assert not (tmp_path / "damaged_checkpoints").exists()
     DAMAGE["truncated data"](tmp_path / "checkpoints" / "4")

@@ -80,6 +80,11 @@ class Checkpoints:
         if steps:
             raise ValueError(f"no checkpoint in {self.directory} can be read (steps {steps} are damaged; moved to "
                              f"{self._aside_dir()}); start over with a new train.run_dir")
+        aside = sorted(p.name for p in self._aside_dir().iterdir()) if self._aside_dir().is_dir() else []
+        if aside:  # every checkpoint was set aside before: starting at step 0 would rewrite metrics.jsonl
+            raise ValueError(f"every checkpoint of this run was set aside as damaged ({self._aside_dir()}: "
+                             f"{', '.join(aside[:5])}); starting again at step 0 would rewrite its metrics: give a "
+                             f"new train.run_dir, or remove {self._aside_dir()} to start over in this one")
         return None
 
     def _readable(self, step: int) -> bool:

@@ -99,11 +99,12 @@ def evaluate(step_fn, loader, batches: int, objective) -> dict:
     return out
 
 
-def train(cfg, model, data, task, *, sample_fn=None, warm_start=None) -> Outcome:
+def train(cfg, model, data, task, *, sample_fn=None, warm_start=None, started=None) -> Outcome:
     """Run (or resume) training as ``cfg`` says; write metrics.jsonl and checkpoints under ``cfg.train.run_dir``.
 
     ``warm_start(params) -> params`` (e.g. grafting pretrained weights) sets the initial parameters of a fresh run;
-    a resumed run restores its checkpoint instead."""
+    a resumed run restores its checkpoint instead. ``started(step)`` is called once the checkpoint (if any) is
+    restored and before anything in the folder is rewritten: a resume refused there leaves the folder as it was."""
     tc = cfg.train
     run_dir = Path(tc.run_dir)
     tx, schedule = make_optimizer(cfg.optim, tc.steps, model.cfg.embed_dim)
@@ -115,6 +116,8 @@ def train(cfg, model, data, task, *, sample_fn=None, warm_start=None) -> Outcome
     ckpt = Checkpoints(run_dir / "checkpoints", keep=tc.keep_checkpoints)
     meta = step_fn.restore(ckpt)
     start = 0 if meta is None else int(meta["step"])
+    if started is not None:
+        started(start)
     if start:
         console.print(f"resuming from step {start} ({run_dir / 'checkpoints'})")
     elif warm_start is not None:  # fn sees shape structs (parameters may span hosts), returns host arrays
