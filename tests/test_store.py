@@ -308,3 +308,26 @@ def test_prepare_into_a_users_folder_is_one_line_and_exit_2(tmp_path):
         f"prepare: error: {tmp_path} is not a token store (1 entry that no token store holds, e.g. 'x.txt'): writing "
         "one there would delete them; refused, nothing changed. Name a new or empty folder"]
     assert [p.name for p in tmp_path.iterdir()] == ["x.txt"] and (tmp_path / "x.txt").read_text() == "mine"
+
+
+def test_a_killed_writers_leftovers_are_swept_and_no_one_elses(store, tokenizer, tmp_path):
+    """What a prepare killed on this host left beside the store (its temporary store, the replaced one, its
+    tokenizer file) goes at the next write; a live process's, another host's, and a user's look-alike stay."""
+    import socket
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    host = socket.gethostname()
+    try:
+        dead = [tmp_path / f"s.tmp-{host}-{gone}", tmp_path / f"s.old-{host}-{gone}"]
+        dead_file = tmp_path / f"s.tokenizer-{host}-{gone}.model"
+        kept = [tmp_path / f"s.tmp-{host}-{live.pid}", tmp_path / f"s.tmp-otherhost-{gone}", tmp_path / "s.tmp-mine"]
+        for folder in dead + kept:
+            folder.mkdir()
+            (folder / "tokens.bin").write_bytes(b"x")
+        dead_file.write_bytes(b"x")
+        write_store(iter(TEXTS[:20]), tokenizer[0], tmp_path / "s", source={}, workers=1, progress=False)
+        assert not any(p.exists() for p in dead + [dead_file]) and all(p.exists() for p in kept)
+    finally:
+        live.kill()
+        live.wait()

@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 
 from .corpus import column, load_corpus, source_fingerprint
-from .store import TOKENIZER, Manifest, TokenStore, check_store_folder, write_store
+from .store import TOKENIZER, Manifest, TokenStore, check_store_folder, sweep_leftovers, working_name, write_store
 from .tokenizer import Tokenizer, train_tokenizer
 
 TOKENIZER_SAMPLE_DOCS = 50_000  # at most this many documents (a seeded random sample) train the tokenizer,
@@ -116,7 +116,8 @@ def _write(data, folder: Path, source: dict, tokenizer: Tokenizer | None, seed: 
         texts, sample = _texts(ds), (lambda: tokenizer_sample(ds, seed))
     tok = tokenizer or prepare_tokenizer(sample(), data)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tok_path = folder.with_name(f"{folder.name}.tokenizer-{np.random.default_rng().integers(1 << 30)}.model")
+    sweep_leftovers(folder)
+    tok_path = working_name(folder, "tokenizer", ".model")
     tok_path.write_bytes(tok.proto)  # SentencePiece's model file, or a Hugging Face tokenizer's (HFTokenizer.proto)
     try:
         total = sum(f[1] for f in source.get("files", [])) or None

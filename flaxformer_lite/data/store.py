@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import glob
 import hashlib
 import json
 import multiprocessing
 import os
+import re
 import shutil
-import time
+import socket
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -175,7 +177,8 @@ def write_store(texts: Iterable[str], tokenizer_path: str | Path, folder: str | 
     proto = Path(tokenizer_path).read_bytes()
     tok = tokenizer_from_proto(proto)
     dtype = token_dtype(tok.vocab_size)
-    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    sweep_leftovers(folder)
+    tmp = working_name(folder, "tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -225,6 +228,40 @@ def _write_tokens(texts, proto, tmp: Path, dtype, vocab_size: int, workers: int,
     return stats
 
 
+def working_name(folder: Path, kind: str, suffix: str = "") -> Path:
+    """A sibling of ``folder`` this process works in: ``<name>.<kind>-<host>-<pid><suffix>`` (``kind``: ``tmp``, the
+    store being written; ``old``, the one it replaces; ``tokenizer``, prepare's tokenizer file), so that
+    `sweep_leftovers` can tell whose it is."""
+    return folder.with_name(f"{folder.name}.{kind}-{socket.gethostname()}-{os.getpid()}{suffix}")
+
+
+def sweep_leftovers(folder: Path) -> list[Path]:
+    """Remove what a killed writer of the store at ``folder`` left beside it (`working_name` siblings of a process
+    of this host that is gone; another host's may still be working, and are left); return what was removed."""
+    pattern = re.compile(rf"{re.escape(folder.name)}\.(tmp|old|tokenizer)-{re.escape(socket.gethostname())}-(\d+)"
+                         r"(\.model)?")
+    removed = []
+    for path in folder.parent.glob(f"{glob.escape(folder.name)}.*-*") if folder.parent.is_dir() else []:
+        match = pattern.fullmatch(path.name)
+        if match and not _alive(int(match.group(2))) and not path.is_symlink():
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+            removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def check_store_folder(folder: str | Path) -> None:
     """Refuse to write a token store at ``folder`` unless it is new, an empty folder, or a store (only `STORE_FILES`,
     a manifest among them): replacing it would delete what is there, so a folder holding anything else (a user's
@@ -253,7 +290,7 @@ def _replace(tmp: Path, folder: Path) -> None:
     check_store_folder(folder)
     old = None
     if folder.exists():
-        old = folder.with_name(f"{folder.name}.old-{os.getpid()}-{int(time.time())}")
+        old = working_name(folder, "old")
         os.replace(folder, old)
     os.replace(tmp, folder)
     if old is not None:
