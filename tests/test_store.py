@@ -331,3 +331,15 @@ def test_a_killed_writers_leftovers_are_swept_and_no_one_elses(store, tokenizer,
     finally:
         live.kill()
         live.wait()
+
+
+def test_a_swapped_store_tokenizer_is_refused(tokenizer, tmp_path):
+    """The store's tokenizer.model is checked against the manifest's hash before a run uses it."""
+    from flaxformer_lite.data.prepare import store_tokenizer
+    folder = tmp_path / "store"
+    store = write_store(iter(TEXTS[:30]), tokenizer[0], folder, source={}, workers=1, progress=False,
+                        extra_files={"tokenizer.model": tokenizer[0]})
+    assert store_tokenizer(store).sha256 == tokenizer[1].sha256
+    train_tokenizer(TEXTS, vocab_size=450).save(folder / "tokenizer.model")
+    with pytest.raises(ValueError, match=r"tokenizer.model is not the tokenizer the store was written with"):
+        store_tokenizer(TokenStore(folder))

@@ -158,8 +158,15 @@ def prepare_store(data, folder: str | Path, *, seed: int = 0, tokenizer: Tokeniz
 
 
 def store_tokenizer(store: TokenStore) -> Tokenizer:
-    """The tokenizer a store was written with."""
-    return Tokenizer.load(store.folder / STORE_TOKENIZER)
+    """The tokenizer a store was written with: its file, checked against the manifest's SHA-256 (`ValueError` in one
+    line if it was swapped or damaged: every token would decode wrongly)."""
+    path = store.folder / STORE_TOKENIZER
+    tok = Tokenizer.load(path)
+    if tok.sha256 != store.manifest.tokenizer_sha256:
+        raise ValueError(f"{path} is not the tokenizer the store was written with (its SHA-256 differs from "
+                         f"{store.folder / 'manifest.json'}'s): its tokens would decode wrongly; put the file back, "
+                         f"or remove {store.folder} to prepare the store again")
+    return tok
 
 
 def main(argv=None) -> int:
