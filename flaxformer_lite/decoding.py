@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -142,12 +143,13 @@ def sample_logits(logits, rng, temperature: float = 0.0, top_k: int | None = Non
 
 
 def _is_number(x) -> bool:
-    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+    """A finite real number (not a bool, NaN or an infinity)."""
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _check_sampling(temperature, top_k, top_p, rng, vocab_size: int):
     if not _is_number(temperature) or not temperature >= 0.0:
-        raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
     if top_k is not None and (not isinstance(top_k, int) or not 1 <= top_k <= vocab_size):
         raise ValueError(f"top_k must be an int in [1, vocab_size = {vocab_size}] or None, got {top_k!r}")
     if top_p is not None and (not _is_number(top_p) or not 0.0 < top_p <= 1.0):
@@ -252,10 +254,10 @@ def beam_search(model, variables, prompt, max_new_tokens: int, *, beam_size: int
     """
     prompt, prefix_lengths, src_padding_mask = _check(model, variables, prompt, max_new_tokens, prefix_lengths,
                                                       src_padding_mask)
-    if not isinstance(beam_size, int) or not 1 <= beam_size <= model.cfg.vocab_size:
+    if not isinstance(beam_size, int) or isinstance(beam_size, bool) or not 1 <= beam_size <= model.cfg.vocab_size:
         raise ValueError(f"beam_size must be an int in [1, vocab_size], got {beam_size!r}")
     if not _is_number(length_penalty):
-        raise ValueError(f"length_penalty must be a number (0: none), got {length_penalty!r}")
+        raise ValueError(f"length_penalty must be a finite number (0: none), got {length_penalty!r}")
     eos_id = _check_eos(eos_id, model.cfg.vocab_size)
     task = _Task(model, max_new_tokens)
     return _beam_search(task, (beam_size, float(length_penalty), eos_id), variables["params"], prompt,

@@ -184,8 +184,11 @@ def test_linear_decode_state_does_not_grow():
     (dict(top_k=0, temperature=1.0, rng=jax.random.key(0)), "top_k"),
     (dict(top_k=98, temperature=1.0, rng=jax.random.key(0)), r"top_k must be an int in \[1, vocab_size = 97\]"),
     (dict(top_p=1.5, temperature=1.0, rng=jax.random.key(0)), "top_p"),
-    (dict(temperature=None), "temperature must be a number >= 0, got None"),
-    (dict(temperature="1"), "temperature must be a number"),
+    (dict(temperature=None), "temperature must be a finite number >= 0, got None"),
+    (dict(temperature="1"), "temperature must be a finite number"),
+    (dict(temperature=float("nan")), "temperature must be a finite number >= 0, got nan"),
+    (dict(temperature=float("inf"), rng=jax.random.key(0)), "temperature must be a finite number >= 0, got inf"),
+    (dict(top_p=float("nan"), temperature=1.0, rng=jax.random.key(0)), "top_p"),
     (dict(temperature=1.0, rng=0), r"rng must be a PRNG key from jax.random.key\(seed\) .*, got int 0"),
     (dict(eos_id=[2, 3]), r"eos_id must be an int in \[0, vocab_size = 97\) or None, got \[2, 3\]"),
     (dict(eos_id=500), "eos_id must be an int in"),
@@ -203,8 +206,12 @@ def test_beam_and_model_kind_errors():
     variables = model.init(jax.random.key(0), _prompt())
     with pytest.raises(ValueError, match="beam_size"):
         ffl.beam_search(model, variables, _prompt(), 3, beam_size=0)
-    with pytest.raises(ValueError, match=r"length_penalty must be a number \(0: none\), got None"):
+    with pytest.raises(ValueError, match=r"length_penalty must be a finite number \(0: none\), got None"):
         ffl.beam_search(model, variables, _prompt(), 3, beam_size=2, length_penalty=None)
+    with pytest.raises(ValueError, match=r"length_penalty must be a finite number \(0: none\), got nan"):
+        ffl.beam_search(model, variables, _prompt(), 3, beam_size=2, length_penalty=float("nan"))
+    with pytest.raises(ValueError, match="beam_size must be an int"):
+        ffl.beam_search(model, variables, _prompt(), 3, beam_size=True)
     with pytest.raises(ValueError, match="eos_id must be an int"):
         ffl.beam_search(model, variables, _prompt(), 3, beam_size=2, eos_id=-1)
     bert = BERT(tiny_config("bert"))

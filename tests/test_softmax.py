@@ -462,6 +462,8 @@ def test_cudnn_on_cpu_raises():
     (dict(mask=Mask(kv_lengths=np.array([1, 2, 3]))), "mask batch size"),
     (dict(mask=Mask(kv_valid=np.ones((2, 4), bool))), "key length"),
     (dict(scale=jnp.array(0.5)), "scale must be a Python number"),
+    (dict(scale=float("nan")), "scale must be a finite number, got nan"),
+    (dict(scale=float("inf")), "scale must be a finite number, got inf"),
     (dict(impl="blockwise", block_q=0), "block_q"),
 ])
 def test_bad_input_raises(kwargs, match):

@@ -125,8 +125,10 @@ def check_scale(scale: float | None, dims: Dims) -> float:
     """Default the logit scale to ``1/sqrt(head_dim)``."""
     if scale is None:
         return 1.0 / math.sqrt(dims.head_dim)
-    if not isinstance(scale, (int, float)):
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
         raise ValueError(f"scale must be a Python number (static), got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
     return float(scale)
 
 
