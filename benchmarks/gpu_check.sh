@@ -39,11 +39,15 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 start=$(date +%s)
 
 collect() {  # every table written so far, into results.md and results.tar.gz
-  (cd "$out/results" && for f in *.md; do [ -e "$f" ] && { cat "$f"; echo; }; done) > "$out/results.md.tmp" \
+  (cd "$out/results" && for f in *.md; do if [ -e "$f" ]; then cat "$f"; echo; fi; done) > "$out/results.md.tmp" \
     && mv "$out/results.md.tmp" "$out/results.md"
   (cd "$out" && tar czf results.tar.gz.tmp results kernel-tests.xml 2>/dev/null; mv results.tar.gz.tmp results.tar.gz)
 }
 trap 'collect; echo "gpu_check: done in $(( $(date +%s) - start ))s (dry=$dry); results in $out"' EXIT
+# An outer limit (timeout(1) signals the whole process group, tee included) still collects: the EXIT trap runs, and
+# a write to the dead tee no longer kills the script.
+trap '' PIPE
+trap 'echo "gpu_check: stopped by a signal at t=$(( $(date +%s) - start ))s" >> "$out/gpu_check.log"; exit 143' TERM INT
 
 left() { echo $(( total - ($(date +%s) - start) )); }
 section() {  # section TITLE LIMIT: a header, and the limit cut to what the run has left (5 s kept for collecting)
