@@ -220,7 +220,7 @@ class _Text(str):
         if not self.strip():
             return ""
         try:
-            return yaml.safe_load(str(self))
+            return _read_yaml(str(self))
         except yaml.YAMLError as err:
             raise ValueError(f"override {key}={self}: the value is not valid YAML ({err.problem}); quote it, "
                              f"e.g. {key}='\"...\"'") from None
@@ -332,6 +332,23 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """YAML's safe loader without aliases (``*name``): a config needs none, and a few hundred bytes of nested
+    aliases expand to gigabytes (the "billion laughs")."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, f"found the alias *{event.anchor}, which configs do not "
+                                                          "accept (write the value out)", event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def _read_yaml(text: str):
+    """``yaml.safe_load`` without aliases (`_NoAliasLoader`)."""
+    return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506  a SafeLoader subclass
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
     """Read a YAML file (optional), apply dotted overrides, and validate everything."""
     values: dict = {}
@@ -340,11 +357,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ValueError(f"--config {path}: no such file")
         try:
-            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            values = _read_yaml(path.read_text(encoding="utf-8")) or {}
         except UnicodeDecodeError:
             raise ValueError(f"--config {path}: not a text file (a YAML config is UTF-8 text)") from None
         except yaml.YAMLError as err:
-            raise ValueError(f"--config {path}: not valid YAML: {' '.join(str(err).split())}") from None
+            raise ValueError(f"--config {path}: not valid YAML: {' '.join(str(err).split())[:300]}") from None
         if not isinstance(values, dict):
             raise ValueError(f"--config {path}: the top level must be a mapping of sections")
     values = _merge(values, parse_overrides(overrides or []))

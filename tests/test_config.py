@@ -102,3 +102,16 @@ def test_configs_and_the_data_pipeline_load_without_jax():
             "assert ffl.models.build(ffl.models.preset('gpt-tiny')).__class__ is ffl.models.GPT\n"
             "assert ffl.Mask is ffl.attention.Mask and callable(ffl.generate) and 'GPT' in dir(ffl.models)\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_yaml_aliases_are_refused_in_one_line(tmp_path):
+    """A 300-byte alias bomb in a config file (or an override) is refused before it expands, in one short line."""
+    rows = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]'] + [
+        f"{x}: &{x} [{', '.join([f'*{p}'] * 9)}]" for p, x in zip("abcde", "bcdef")]
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(rows + ["train: {steps: *f}"]) + "\n")
+    with pytest.raises(ValueError, match=r"^--config .*bomb.yaml: not valid YAML: found the alias \*a") as err:
+        load_config(path)
+    assert len(str(err.value)) < 400
+    with pytest.raises(ValueError, match=r"override train.steps=\*x: .*found the alias \*x"):
+        load_config(None, ["train.steps=*x"])
