@@ -344,6 +344,10 @@ def main(argv=None) -> int:
     from flaxformer_lite.training.parallel import all_processes
     from flaxformer_lite.training.run_lock import RunLock
     run_dir = Path(cfg.train.run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        print(f"train.py: error: train.run_dir={run_dir} is a file, not a folder; name a new or existing run folder",
+              file=sys.stderr)
+        return 2
     lock = RunLock(run_dir) if jax.process_index() == 0 else None  # one run per folder (process 0 holds it)
     try:
         refused = None

@@ -193,6 +193,7 @@ RANGES = {  # numeric keys with bounds (0 means "off" where allowed: eval_every,
     "optim.label_smoothing": FRACTION,
     "optim.z_loss": NON_NEGATIVE,
     "train.steps": POSITIVE,
+    "train.seed": Interval(0, 2**32 - 1),  # a PRNG key's and NumPy's seed: unsigned 32 bits
     "train.batch_size": POSITIVE,
     "train.seq_len": Interval(2),
     "train.log_every": POSITIVE,

@@ -115,3 +115,19 @@ def test_yaml_aliases_are_refused_in_one_line(tmp_path):
     assert len(str(err.value)) < 400
     with pytest.raises(ValueError, match=r"override train.steps=\*x: .*found the alias \*x"):
         load_config(None, ["train.steps=*x"])
+
+
+@pytest.mark.parametrize("value", ["-1", "4294967296"])
+def test_a_seed_out_of_range_names_the_key(value):
+    with pytest.raises(ValueError, match=rf"^train.seed must be in \[0, .*\], got {value}$"):
+        load_config(None, [f"train.seed={value}"])
+
+
+def test_a_run_dir_that_is_a_file_is_one_line(tmp_path):
+    (tmp_path / "afile").write_text("mine")
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve().parent.parent / "train.py"),
+                           f"train.run_dir={tmp_path / 'afile'}"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.splitlines() == [
+        f"train.py: error: train.run_dir={tmp_path / 'afile'} is a file, not a folder; name a new or existing run "
+        "folder"]
+    assert (tmp_path / "afile").read_text() == "mine"
