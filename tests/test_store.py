@@ -3,6 +3,7 @@ writing is atomic (a failed prepare leaves nothing that looks complete and keeps
 foreign folders are one-line errors."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -100,7 +101,7 @@ def test_empty_corpus_and_damaged_or_foreign_folders_are_one_line_errors(store, 
         TokenStore(tmp_path)
     copy = tmp_path / "copy"
     copy.mkdir()
-    for name in ("manifest.json", "offsets.npy", "counts.npy"):
+    for name in ("manifest.json", "offsets.npy", "counts.npy", "checksums.npy"):
         (copy / name).write_bytes((store.folder / name).read_bytes())
     (copy / "tokens.bin").write_bytes((store.folder / "tokens.bin").read_bytes()[:100])  # half copied
     with pytest.raises(ValueError, match="do not match the manifest"):
@@ -343,3 +344,88 @@ def test_a_swapped_store_tokenizer_is_refused(tokenizer, tmp_path):
     train_tokenizer(TEXTS, vocab_size=450).save(folder / "tokenizer.model")
     with pytest.raises(ValueError, match=r"tokenizer.model is not the tokenizer the store was written with"):
         store_tokenizer(TokenStore(folder))
+
+
+def _flip(folder, positions, value=None):
+    """Change the ids at ``positions`` of ``folder``'s tokens.bin in place (xor 1, or set to ``value``)."""
+    ids = np.memmap(folder / "tokens.bin", np.uint16, "r+")
+    ids[positions] = ids[positions] ^ 1 if value is None else value
+    ids.flush()
+
+
+def test_checksums_are_the_crc32_of_each_4kb_block_and_catch_a_flipped_id(store, tmp_path, capsys):
+    """Each 2048-token block's CRC-32 (zlib over the file's own bytes) is kept; a flipped id is a one-line error
+    when a read first touches its block, other blocks still read, and `verify` names the block (exit 1)."""
+    import zlib
+
+    from flaxformer_lite.data.verify import main as verify
+    raw = (store.folder / "tokens.bin").read_bytes()
+    assert len(raw) > 4 * 4096
+    assert np.load(store.folder / "checksums.npy").tolist() == [zlib.crc32(raw[i:i + 4096])
+                                                                 for i in range(0, len(raw), 4096)]
+    assert verify([str(store.folder), "--quiet"]) == 0 and "intact" in capsys.readouterr().out
+    copy = tmp_path / "copy"
+    shutil.copytree(store.folder, copy)
+    _flip(copy, [5000])
+    damaged = TokenStore(copy)  # opening reads no token: O(1)
+    np.testing.assert_array_equal(damaged.tokens[:4096], np.asarray(store.tokens)[:4096])
+    with pytest.raises(ValueError, match=r"tokens.bin: tokens 4,096 to 6,144 do not match their checksum"):
+        damaged.tokens[4000:4200]
+    assert verify([str(copy), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "tokens 4,096 to 6,144" in err and len(err.strip().splitlines()) == 1
+    (copy / "counts.npy").write_bytes((copy / "counts.npy").read_bytes()[:-8] + bytes(8))
+    assert verify([str(copy), "--quiet"]) == 1 and "counts.npy does not match its checksum" in capsys.readouterr().err
+    assert verify([str(tmp_path / "nothing"), "--quiet"]) == 2
+
+
+def test_an_id_outside_the_vocabulary_is_named_by_verify_and_by_a_store_without_checksums(store, tmp_path,
+                                                                                          capsys):
+    """With a matching checksum an id is the tokenizer's; `verify` checks the range anyway, and a store written
+    before checksums is checked for it as it is read."""
+    import zlib
+
+    from flaxformer_lite.data.verify import main as verify
+    copy = tmp_path / "copy"
+    shutil.copytree(store.folder, copy)
+    _flip(copy, [100], value=store.manifest.vocab_size)
+    sums = np.load(copy / "checksums.npy")
+    sums[0] = zlib.crc32((copy / "tokens.bin").read_bytes()[:4096])
+    np.save(copy / "checksums.npy", sums)
+    want = rf"token 100 is id {store.manifest.vocab_size}, outside the store's vocabulary"
+    assert verify([str(copy), "--quiet"]) == 1
+    assert re.search(want, capsys.readouterr().err)
+    _drop_checksums(copy)
+    with pytest.raises(ValueError, match=want):
+        TokenStore(copy).tokens[0:10]
+
+
+def _drop_checksums(folder):
+    """Make ``folder`` the store a version without checksums wrote (format 1)."""
+    (folder / "checksums.npy").unlink()
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for key in ("checksum_block", "file_crc32"):
+        del manifest[key]
+    (folder / "manifest.json").write_text(json.dumps({**manifest, "format_version": 1}))
+
+
+def test_a_store_written_before_checksums_still_reads(store, tmp_path, capsys):
+    from flaxformer_lite.data.verify import main as verify
+    copy = tmp_path / "copy"
+    shutil.copytree(store.folder, copy)
+    _drop_checksums(copy)
+    np.testing.assert_array_equal(np.asarray(TokenStore(copy).tokens), np.asarray(store.tokens))
+    assert verify([str(copy), "--quiet"]) == 1 and "written before stores kept checksums" in capsys.readouterr().err
+
+
+def test_training_on_a_damaged_store_stops_in_one_line(corpus, tmp_path, capsys):
+    from runs import overrides, train_cli
+
+    from flaxformer_lite.data.prepare import main as prepare
+    store = tmp_path / "store"
+    assert prepare(["--out", str(store), f"data.path={corpus / 'docs.jsonl'}", "data.vocab_size=512"]) == 0
+    _flip(store, slice(None))
+    capsys.readouterr()
+    assert train_cli.main(overrides(corpus, tmp_path / "run", steps=2, extra=[f"data.store={store}"])) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "do not match their checksum" in err[0] and err[0].startswith("train.py: error:")

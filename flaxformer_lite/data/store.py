@@ -6,8 +6,11 @@ A store folder holds:
   fits, else uint32);
 - ``offsets.npy``: int64 ``[documents + 1]``, where document i starts (``offsets[-1]`` = the token count);
 - ``counts.npy``: int64 ``[vocab]``, how often each id occurs (the unigram statistics);
-- ``manifest.json``: format version, tokenizer hash, vocabulary size, dtype, end id, counts, and the source's
-  fingerprint (paths, sizes and modification times, or a hub name and revision). Written last.
+- ``checksums.npy``: uint32, the CRC-32 of every block of ``tokens.bin`` (checksums.py: checked as a run first
+  reads each block, and whole by ``python -m flaxformer_lite.data.verify``);
+- ``manifest.json``: format version, tokenizer hash, vocabulary size, dtype, end id, counts, the checksum block and
+  the CRC-32 of the offsets and counts, and the source's fingerprint (paths, sizes, modification times and a sample
+  of the content, or a hub name and revision). Written last.
 
 Writing is streaming (memory bounded by a few blocks of documents, never by the corpus), parallel (SentencePiece's
 threads over every core, or worker processes), shown with a progress bar (MB/s, ETA), and atomic: the folder
@@ -31,10 +34,13 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-FORMAT_VERSION = 1
+from .checksums import BLOCK_TOKENS, SUMS, WHOLE_FILES, BlockSums, CheckedTokens, file_crc32
+
+FORMAT_VERSION = 2  # 2: checksums
+READS = (1, 2)  # the formats this version opens (1: without checksums)
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.model"  # the tokenizer a store was written with (prepare.py copies it in)
-STORE_FILES = frozenset({"tokens.bin", "offsets.npy", "counts.npy", MANIFEST, TOKENIZER})  # all a store folder holds
+STORE_FILES = frozenset({"tokens.bin", "offsets.npy", "counts.npy", SUMS, MANIFEST, TOKENIZER})  # all a store holds
 BLOCK_DOCS = 512  # documents per unit of work sent to an encoding process
 ENCODE_THREADS = 2  # blocks encoded at once in this process (128 MB on 2 cores: 4.0-4.9 s against 5.0-5.8 with one)
 
@@ -52,6 +58,8 @@ class Manifest:
     tokens: int
     text_bytes: int
     source: dict
+    checksum_block: int = 0  # tokens per block of checksums.npy (0: a format-1 store, without checksums)
+    file_crc32: dict = dataclasses.field(default_factory=dict)  # {file name: CRC-32} of checksums.WHOLE_FILES
 
     @classmethod
     def read(cls, folder: str | Path) -> "Manifest":
@@ -59,7 +67,8 @@ class Manifest:
         path = Path(folder) / MANIFEST
         try:
             values = json.loads(path.read_text())
-            return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)})
+            return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)
+                          if f.name in values or f.default is dataclasses.MISSING and f.default_factory is None})
         except FileNotFoundError:
             raise ValueError(f"{folder} is not a token store (no {MANIFEST}); prepare it again") from None
         except (OSError, ValueError, KeyError, TypeError) as err:
@@ -78,18 +87,22 @@ class TokenStore:
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
         self.manifest = Manifest.read(self.folder)
-        if self.manifest.format_version != FORMAT_VERSION:
-            raise ValueError(f"{self.folder}: token store format {self.manifest.format_version}, this version reads "
-                             f"{FORMAT_VERSION}; prepare it again")
+        m = self.manifest
+        if m.format_version not in READS:
+            raise ValueError(f"{self.folder}: token store format {m.format_version}, this version reads "
+                             f"{', '.join(map(str, READS))}; prepare it again")
         try:
-            self.tokens = np.memmap(self.folder / "tokens.bin", dtype=self.manifest.dtype, mode="r")
+            raw = np.memmap(self.folder / "tokens.bin", dtype=m.dtype, mode="r")
             self.offsets = np.load(self.folder / "offsets.npy", mmap_mode="r")
             self.counts = np.load(self.folder / "counts.npy")
-        except (OSError, ValueError) as err:
+            sums = np.load(self.folder / SUMS, mmap_mode="r") if m.checksum_block else None
+        except (OSError, ValueError, TypeError) as err:
             raise ValueError(f"{self.folder}: a store file is missing or damaged ({err}); prepare it again") from None
-        if len(self.tokens) != self.manifest.tokens or len(self.offsets) != self.manifest.documents + 1:
+        if (len(raw) != m.tokens or len(self.offsets) != m.documents + 1
+                or sums is not None and (sums.dtype != np.uint32 or len(sums) != -(-m.tokens // m.checksum_block))):
             raise ValueError(f"{self.folder}: the token files do not match the manifest (a damaged or half-copied "
                              "store); prepare it again")
+        self.tokens = CheckedTokens(raw, sums, m.vocab_size, self.folder, m.checksum_block or BLOCK_TOKENS)
 
     @property
     def num_documents(self) -> int:
@@ -97,7 +110,7 @@ class TokenStore:
 
     def document(self, i: int) -> np.ndarray:
         """Document ``i``'s ids, without its end id (a view into the memmap)."""
-        return self.tokens[self.offsets[i]:self.offsets[i + 1] - 1]
+        return self.tokens[int(self.offsets[i]):int(self.offsets[i + 1]) - 1]
 
     def unigram_entropy(self) -> float:
         """Entropy (nats) of the token frequencies, end ids included."""
@@ -187,7 +200,8 @@ def write_store(texts: Iterable[str], tokenizer_path: str | Path, folder: str | 
         if stats["tokens"] == stats["documents"]:
             raise ValueError(f"the corpus for {folder} has no text to tokenize (every document is empty)")
         manifest = Manifest(FORMAT_VERSION, hashlib.sha256(proto).hexdigest(), tok.vocab_size, tok.eos_id,
-                            dtype.name, stats["documents"], stats["tokens"], stats["text_bytes"], source)
+                            dtype.name, stats["documents"], stats["tokens"], stats["text_bytes"], source,
+                            BLOCK_TOKENS, {name: file_crc32(tmp / name) for name in WHOLE_FILES})
         for name, path in (extra_files or {}).items():
             shutil.copyfile(path, tmp / name)
         (tmp / MANIFEST).write_text(json.dumps(dataclasses.asdict(manifest), indent=1) + "\n")
@@ -205,14 +219,16 @@ def write_store(texts: Iterable[str], tokenizer_path: str | Path, folder: str | 
 def _write_tokens(texts, proto, tmp: Path, dtype, vocab_size: int, workers: int, total_bytes, progress) -> dict:
     """Stream the encoded blocks into ``tmp``'s token file; write offsets and counts. Returns the totals."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
-    counts = np.zeros(vocab_size, np.int64)
+    counts, sums = np.zeros(vocab_size, np.int64), BlockSums(dtype.itemsize)
     lengths_parts, stats = [], {"documents": 0, "tokens": 0, "text_bytes": 0}
     bar = Progress(TextColumn("tokenizing"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                    TimeRemainingColumn(), disable=not progress, transient=True)
     with open(tmp / "tokens.bin", "wb") as out, bar:
         task = bar.add_task("tokenize", total=total_bytes)
         for block, (flat, lengths) in _encoded(_blocks(texts, BLOCK_DOCS), proto, workers):
-            out.write(flat.astype(dtype).tobytes())
+            data = flat.astype(dtype).tobytes()
+            out.write(data)
+            sums.add(data)
             counts += np.bincount(flat, minlength=vocab_size)[:vocab_size]
             lengths_parts.append(lengths)
             size = sum(len(t.encode("utf-8", "replace")) for t in block)
@@ -225,6 +241,7 @@ def _write_tokens(texts, proto, tmp: Path, dtype, vocab_size: int, workers: int,
     lengths = np.concatenate(lengths_parts) if lengths_parts else np.zeros(0, np.int64)
     np.save(tmp / "offsets.npy", np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
     np.save(tmp / "counts.npy", counts)
+    np.save(tmp / SUMS, sums.finish())
     return stats
 
 

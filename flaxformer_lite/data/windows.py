@@ -36,6 +36,8 @@ class WindowPool:
     def rows(self, indices) -> np.ndarray:
         """int32 ``[b, length]``: the windows ``indices`` (each read from the memmap as one slice)."""
         starts = self.start + np.asarray(indices, np.int64) * self.stride
+        if hasattr(self.tokens, "windows"):  # a token store's checked tokens (checksums.CheckedTokens)
+            return self.tokens.windows(starts, self.length).astype(np.int32)
         return np.stack([np.asarray(self.tokens[s:s + self.length]) for s in starts]).astype(np.int32)
 
 
