@@ -13,6 +13,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -79,6 +80,48 @@ def _check(model, variables, prompt, max_new_tokens, prefix_lengths, src_padding
                                          or src_padding_mask.shape != prompt.shape):
         raise ValueError(f"src_padding_mask must match the source {prompt.shape} of an EncoderDecoder")
     return prompt, prefix_lengths, src_padding_mask
+
+
+def _param_shapes(params) -> dict[str, tuple]:
+    """``{"path/to/param": shape}`` of a params tree (boxed or not), in tree order."""
+    leaves = jax.tree_util.tree_flatten_with_path(nn.unbox(params))[0]
+    return {"/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path): tuple(np.shape(leaf))
+            for path, leaf in leaves}
+
+
+def _check_params(task: _Task, params, prompt) -> None:
+    """Raise `ValueError` naming the first parameter whose path or shape differs from what ``task.model.init``
+    makes (e.g. another model's variables). Runs when a loop is traced (shapes only), so once per compile."""
+    src = jnp.zeros(prompt.shape, jnp.int32)
+    args = (src, src[:, :1]) if task.seq2seq else (src,)
+    want = _param_shapes(jax.eval_shape(lambda: task.model.init(jax.random.key(0), *args))["params"])
+    got = _param_shapes(params)
+    for path, shape in want.items():
+        if got.get(path) != shape:
+            found = f"shape {got[path]}" if path in got else "no such parameter"
+            raise ValueError(f"variables['params'] do not fit this {type(task.model).__name__}: {path} should have "
+                             f"shape {shape}, found {found} (another model's variables?)")
+    extra = [path for path in got if path not in want]
+    if extra:
+        raise ValueError(f"variables['params'] do not fit this {type(task.model).__name__}: it has no {extra[0]} "
+                         f"(found shape {got[extra[0]]}; another model's variables?)")
+
+
+def _check_finite(first_bad, new_tokens: int) -> None:
+    """Raise `ValueError` if a decoding loop saw non-finite logits; ``first_bad`` is the first such step (-1: none).
+    One host read after the loop; skipped when traced (inside a caller's jit)."""
+    try:
+        step = int(first_bad)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError):
+        return
+    if step >= 0:
+        raise ValueError(f"the model's logits are not finite (NaN or inf) at new token {step + 1} of {new_tokens}; "
+                         "check the variables for NaN or inf parameters")
+
+
+def _not_finite_at(first_bad, logits, step):
+    """``first_bad`` (int32 scalar, -1: none yet) updated with ``step`` if ``logits`` hold a NaN or an infinity."""
+    return jnp.where((first_bad < 0) & ~jnp.all(jnp.isfinite(logits)), step, first_bad).astype(jnp.int32)
 
 
 def _init_cache(task: _Task, params, prompt, total: int, batch: int):
@@ -187,6 +230,9 @@ def generate(model, variables, prompt, max_new_tokens: int, *, temperature: floa
 
     Returns:
       GPT: ``[b, p + n]`` (prompt then new tokens). Encoder-decoder: ``[b, 1 + n]`` (``bos_id`` then new tokens).
+
+    Raises `ValueError` for bad arguments, params that do not fit ``model``, or non-finite logits (NaN or inf
+    parameters), the last checked once after the loop.
     """
     prompt, prefix_lengths, src_padding_mask = _check(model, variables, prompt, max_new_tokens, prefix_lengths,
                                                       src_padding_mask)
@@ -194,12 +240,16 @@ def generate(model, variables, prompt, max_new_tokens: int, *, temperature: floa
     eos_id = _check_eos(eos_id, model.cfg.vocab_size)
     task = _Task(model, max_new_tokens)
     rng = jax.random.key(0) if rng is None else rng
-    return _generate(task, (float(temperature), top_k, top_p, eos_id), variables["params"], prompt, rng,
-                     prefix_lengths, src_padding_mask)
+    tokens, first_bad = _generate(task, (float(temperature), top_k, top_p, eos_id), variables["params"], prompt,
+                                  rng, prefix_lengths, src_padding_mask)
+    _check_finite(first_bad, max_new_tokens)
+    return tokens
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _generate(task: _Task, sampling, params, prompt, rng, prefix_lengths, src_padding_mask):
+    """``(tokens, first step with non-finite logits or -1)``."""
+    _check_params(task, params, prompt)
     temperature, top_k, top_p, eos_id = sampling
     pad = task.model.cfg.pad_id
     logits, cache, encoded, start = _prefill(task, params, prompt, prefix_lengths, src_padding_mask)
@@ -212,15 +262,18 @@ def _generate(task: _Task, sampling, params, prompt, rng, prefix_lengths, src_pa
 
     rngs = jax.random.split(rng, task.new_tokens)
     first, finished = pick(logits, rngs[0], jnp.zeros((b,), bool))
+    first_bad = _not_finite_at(jnp.int32(-1), logits, 0)
 
-    def body(carry, rng):
-        token, cache, finished = carry
+    def body(carry, xs):
+        token, cache, finished, first_bad = carry
+        rng, t = xs
         logits, cache = _step(task, params, cache, token, encoded, src_padding_mask)
         nxt, finished = pick(logits, rng, finished)
-        return (nxt, cache, finished), nxt
+        return (nxt, cache, finished, _not_finite_at(first_bad, logits, t)), nxt
 
-    _, rest = jax.lax.scan(body, (first, cache, finished), rngs[1:])
-    return jnp.concatenate([start, first[:, None], rest.T], axis=1)
+    (*_, first_bad), rest = jax.lax.scan(body, (first, cache, finished, first_bad),
+                                         (rngs[1:], jnp.arange(1, task.new_tokens)))
+    return jnp.concatenate([start, first[:, None], rest.T], axis=1), first_bad
 
 
 # -- beam search ---------------------------------------------------------------------------------------------------
@@ -251,6 +304,8 @@ def beam_search(model, variables, prompt, max_new_tokens: int, *, beam_size: int
     Returns:
       ``(sequences, scores)``: ``[b, beam_size, p + n]`` (GPT; ``[b, beam_size, 1 + n]`` for an encoder-decoder) and
       length-normalised scores ``[b, beam_size]``, best first.
+
+    Raises `ValueError` as `generate` does (bad arguments, params that do not fit ``model``, non-finite logits).
     """
     prompt, prefix_lengths, src_padding_mask = _check(model, variables, prompt, max_new_tokens, prefix_lengths,
                                                       src_padding_mask)
@@ -260,12 +315,16 @@ def beam_search(model, variables, prompt, max_new_tokens: int, *, beam_size: int
         raise ValueError(f"length_penalty must be a finite number (0: none), got {length_penalty!r}")
     eos_id = _check_eos(eos_id, model.cfg.vocab_size)
     task = _Task(model, max_new_tokens)
-    return _beam_search(task, (beam_size, float(length_penalty), eos_id), variables["params"], prompt,
-                        prefix_lengths, src_padding_mask)
+    seqs, scores, first_bad = _beam_search(task, (beam_size, float(length_penalty), eos_id), variables["params"],
+                                           prompt, prefix_lengths, src_padding_mask)
+    _check_finite(first_bad, max_new_tokens)
+    return seqs, scores
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _beam_search(task: _Task, opts, params, prompt, prefix_lengths, src_padding_mask):
+    """``(sequences, scores, first step with non-finite logits or -1)``."""
+    _check_params(task, params, prompt)
     beams, alpha, eos_id = opts
     pad = task.model.cfg.pad_id
     logits, cache, encoded, start = _prefill(task, params, prompt, prefix_lengths, src_padding_mask)
@@ -278,10 +337,11 @@ def _beam_search(task: _Task, opts, params, prompt, prefix_lengths, src_padding_
     # Only beam 0 is alive at first, so the first expansion does not pick the same token k times.
     scores = jnp.tile(jnp.where(jnp.arange(beams) == 0, 0.0, -jnp.inf), (b, 1))
     state = (scores, jnp.zeros((b, beams), bool), jnp.zeros((b, beams), jnp.int32),
-             jnp.zeros((b, beams, n), jnp.int32), cache, logits)
+             jnp.zeros((b, beams, n), jnp.int32), cache, logits, jnp.int32(-1))
 
     def body(state, t):
-        scores, finished, lengths, tokens, cache, logits = state
+        scores, finished, lengths, tokens, cache, logits, first_bad = state
+        first_bad = _not_finite_at(first_bad, logits, t)
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1).reshape(b, beams, -1)
         on_pad = jnp.where(jnp.arange(logp.shape[-1]) == pad, 0.0, -jnp.inf)
         logp = jnp.where(finished[..., None], on_pad, logp)
@@ -297,11 +357,11 @@ def _beam_search(task: _Task, opts, params, prompt, prefix_lengths, src_padding_
         cache = _map_rows(cache, lambda x, axis: jnp.take(x, rows, axis=axis))
         logits, cache = jax.lax.cond(t + 1 < n, lambda: _step(task, params, cache, token.reshape(-1), encoded,
                                                                src_padding_mask), lambda: (logits, cache))
-        return (scores, finished, lengths, tokens, cache, logits), None
+        return (scores, finished, lengths, tokens, cache, logits, first_bad), None
 
-    (scores, finished, lengths, tokens, _, _), _ = jax.lax.scan(body, state, jnp.arange(n))
+    (scores, finished, lengths, tokens, _, _, first_bad), _ = jax.lax.scan(body, state, jnp.arange(n))
     normalised = scores / length_penalty_factor(lengths, alpha)
     order = jnp.argsort(-normalised, axis=1)
     tokens = jnp.take_along_axis(tokens, order[..., None], axis=1)
     prefix = jnp.broadcast_to(start[:, None, :], (b, beams, start.shape[1]))
-    return jnp.concatenate([prefix, tokens], axis=2), jnp.take_along_axis(normalised, order, axis=1)
+    return jnp.concatenate([prefix, tokens], axis=2), jnp.take_along_axis(normalised, order, axis=1), first_bad

@@ -1,6 +1,7 @@
 """Decoding: cached greedy and beam search == recomputing the full forward pass at every step (tests/reference.py),
 for GPT (softmax, linear, gated linear and Gated DeltaNet, GQA + rotary, scanned layers, ALBERT-style shared layers, prefix-LM prompts) and
 EncoderDecoder; sampling, EOS, the constant-size linear state, and bad input."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -143,6 +144,44 @@ def test_sampling(gpt_softmax):
     first = ffl.generate(model, variables, jnp.repeat(prompt[:1], 64, 0), 1, temperature=1.0, top_k=5, rng=key)
     top5 = set(np.argsort(-apply(prompt[:1], None)[0])[:5])
     assert set(np.asarray(first[:, -1])) <= top5
+
+
+def test_non_finite_logits_raise(gpt_softmax):
+    """NaN parameters used to give NaN logits and token 0 forever; both loops now say so (one check after the loop).
+    The calls match test_sampling's and test_beam_of_one_is_greedy's: no new compile."""
+    model, variables, _ = gpt_softmax
+    all_nan = jax.tree_util.tree_map(lambda x: x * jnp.nan, variables)
+    with pytest.raises(ValueError, match=r"logits are not finite \(NaN or inf\) at new token 1 of 5; check the"):
+        ffl.generate(model, all_nan, _prompt(), 5)
+    # A NaN position embedding at 5 (the first generated token's position; the prompt holds 0..4): step 2 goes bad.
+    late = jax.tree_util.tree_map_with_path(
+        lambda path, x: x.at[5].set(jnp.nan) if "position" in [getattr(k, "key", None) for k in path] else x,
+        variables)
+    with pytest.raises(ValueError, match="logits are not finite .* at new token 2 of 5"):
+        ffl.generate(model, late, _prompt(), 5)
+    with pytest.raises(ValueError, match="logits are not finite .* at new token 2 of 5"):
+        ffl.beam_search(model, late, _prompt(), 5, beam_size=1, length_penalty=0.0)
+
+
+def test_variables_of_another_model_raise(gpt_softmax):
+    """Params that do not fit the model fail in one line naming the first parameter, when the loop is traced."""
+    model, variables, _ = gpt_softmax
+    gqa = GPT(tiny_config(num_kv_heads=2))
+    other = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                   jax.eval_shape(gqa.init, jax.random.key(0), _prompt()))
+    shape = (r"do not fit this GPT: decoder/layer_0/self_attention/key/bias should have shape \(4, 16\), "
+             r"found shape \(2, 16\)")
+    with pytest.raises(ValueError, match=shape):
+        ffl.generate(model, other, _prompt(), 5)
+    with pytest.raises(ValueError, match=shape):
+        ffl.beam_search(model, other, _prompt(), 5, beam_size=1, length_penalty=0.0)
+    params = nn.unbox(variables["params"])
+    missing = {"params": {k: v for k, v in params.items() if k != "final_norm"}}
+    with pytest.raises(ValueError, match=r"final_norm/bias should have shape \(64,\), found no such parameter"):
+        ffl.generate(model, missing, _prompt(), 5)
+    extra = {"params": {**params, "head": {"kernel": jnp.zeros((64, 97))}}}
+    with pytest.raises(ValueError, match=r"it has no head/kernel \(found shape \(64, 97\); another model's"):
+        ffl.generate(model, extra, _prompt(), 5)
 
 
 def test_sample_logits_nucleus_and_top_k():
