@@ -3,6 +3,7 @@ weights from a config, offline) within 1e-4; load -> save -> load exact, and tra
 sharded and PyTorch-pickle folders; clear errors."""
 import dataclasses
 import json
+import time
 import warnings
 
 import flax.linen as nn
@@ -160,6 +161,90 @@ def test_unsupported_configs_raise(tmp_path, config, match):
     (tmp_path / "config.json").write_text(config if isinstance(config, str) else json.dumps(config))
     with pytest.raises(ValueError, match=match):
         ffl.interop.load_hf(tmp_path)
+
+
+GPT2_SIZES = {"model_type": "gpt2", "vocab_size": 10, "n_layer": 1, "n_head": 2, "n_embd": 8, "n_positions": 8,
+              "bos_token_id": 0, "eos_token_id": 0}
+BERT_SIZES = {"model_type": "bert", "vocab_size": 10, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "hidden_size": 8, "intermediate_size": 16, "max_position_embeddings": 8}
+
+
+@pytest.mark.parametrize("config,match", [
+    ({**GPT2_SIZES, "n_layer": 10**9}, r"config\.json n_layer=1000000000 is not supported; supported: an int in "
+                                      r"\[1, 4096\]$"),
+    ({**GPT2_SIZES, "n_layer": 1e9}, r"n_layer=1000000000\.0 is not supported"),
+    ({**GPT2_SIZES, "vocab_size": 10**12}, r"vocab_size=1000000000000 is not supported; supported: an int in "
+                                           r"\[1, 16777216\]"),
+    ({**GPT2_SIZES, "n_head": 0}, r"n_head=0 is not supported"),
+    ({**GPT2_SIZES, "n_embd": list(range(10**5))}, r"n_embd=\[0, 1, 2, [0-9, ]*\.\.\. is not supported"),  # cut
+    ({**GPT2_SIZES, "n_positions": "1024"}, r"n_positions='1024' is not supported"),
+    ({**GPT2_SIZES, "n_layer": True}, r"n_layer=True is not supported"),
+    ({**GPT2_SIZES, "n_layer": None}, r"n_layer=None is not supported"),
+    ({**GPT2_SIZES, "n_inner": -4}, r"n_inner=-4 is not supported; supported: an int in \[1, 1048576\] or null"),
+    ({**GPT2_SIZES, "n_head": 3}, r"config\.json n_head=3 does not divide n_embd=8"),
+    ({**GPT2_SIZES, "eos_token_id": [0]}, r"eos_token_id=\[0\] is not supported; supported: an int id or null"),
+    ({**GPT2_SIZES, "activation_function": ["gelu"]}, r"activation_function=\['gelu'\] is not supported"),
+    ({**BERT_SIZES, "num_hidden_layers": 10**9}, r"num_hidden_layers=1000000000 is not supported"),
+    ({**BERT_SIZES, "type_vocab_size": 2.0}, r"type_vocab_size=2\.0 is not supported"),
+    ({**BERT_SIZES, "num_attention_heads": 3}, r"num_attention_heads=3 does not divide hidden_size=8"),
+    ('{"model_type": "gpt2", "vocab_size": 1' + "0" * 5000 + "}", r"config\.json: not valid JSON \(Exceeds"),
+], ids=["layers-1e9", "layers-float", "vocab-1e12", "zero-heads", "list", "string", "bool", "null", "negative",
+        "heads-not-dividing", "id-list", "activation-list", "bert-layers", "bert-float", "bert-heads", "5000-digits"])
+def test_config_sizes_are_checked_before_anything_is_read(tmp_path, config, match):
+    """Every size is a positive int within bounds, refused in one short line before the weights are even looked for
+    (this folder has none) or anything is sized by it."""
+    (tmp_path / "config.json").write_text(config if isinstance(config, str) else json.dumps(config))
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=match) as err:
+        ffl.interop.load_hf(tmp_path)
+    assert time.perf_counter() - start < 0.5
+    assert "\n" not in str(err.value) and len(str(err.value)) < 300
+
+
+@pytest.fixture(scope="module")
+def zero_folders(tmp_path_factory):
+    """GPT-2 and BERT folders of 2 layers (vocab 10, width 8, MLP 16, 8 positions) written by save_hf, with zero
+    weights (init is only traced)."""
+    common = dict(vocab_size=10, num_layers=2, num_heads=2, embed_dim=8, mlp_dim=16, max_len=8, pad_id=0, bos_id=0,
+                  eos_id=0)
+    models = {"gpt2": ffl.models.GPT(ffl.models.ModelConfig(**common)),
+              "bert": ffl.models.BERT(ffl.models.ModelConfig(model="bert", type_vocab_size=2, norm_position="post",
+                                                             embed_norm=True, activation="gelu", **common))}
+    folders = {}
+    for kind, model in models.items():
+        shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"])
+        params = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), nn.unbox(shapes))
+        folders[kind] = ffl.interop.save_hf(model, {"params": params}, tmp_path_factory.mktemp(kind))
+    return folders
+
+
+@pytest.mark.parametrize("kind,fields,match", [
+    ("gpt2", {"n_layer": 1}, r"/gpt2\d*: config\.json n_layer=1, but the weights hold 2 layers \(transformer\.h\.0 "
+                             r"\.\. transformer\.h\.1\)$"),
+    ("gpt2", {"n_layer": 3}, r"n_layer=3, but the weights hold 2 layers"),
+    ("gpt2", {"vocab_size": 11}, r"config\.json vocab_size gives 11, but tensor transformer\.wte\.weight has shape "
+                                 r"\(10, 8\)$"),
+    ("gpt2", {"n_positions": 16}, r"n_positions gives 16, but tensor transformer\.wpe\.weight has shape \(8, 8\)"),
+    ("gpt2", {"n_inner": 32}, r"n_inner gives 32, but tensor transformer\.h\.0\.mlp\.c_fc\.weight has shape "
+                              r"\(8, 16\)"),
+    ("gpt2", {"n_embd": 16, "n_inner": 16}, r"n_embd gives 16, but tensor transformer\.wte\.weight has shape "
+                                            r"\(10, 8\)"),
+    ("bert", {"num_hidden_layers": 1}, r"num_hidden_layers=1, but the weights hold 2 layers \(bert\.encoder\.layer\.0"),
+    ("bert", {"type_vocab_size": 3}, r"type_vocab_size gives 3, but tensor bert\.embeddings\.token_type_embeddings"),
+    ("bert", {"intermediate_size": 12}, r"intermediate_size gives 12, but tensor "
+                                        r"bert\.encoder\.layer\.0\.intermediate\.dense\.weight has shape \(16, 8\)"),
+], ids=["fewer-layers", "more-layers", "vocab", "positions", "mlp", "width", "bert-fewer-layers", "bert-type-vocab",
+        "bert-mlp"])
+def test_config_sizes_must_match_the_weights(zero_folders, tmp_path, kind, fields, match):
+    """A size that disagrees with the tensors present (fewer or more layers than the weights hold, another
+    vocabulary or width) names the key, its value and the tensor's shape, before the model is built."""
+    config = json.loads((zero_folders[kind] / "config.json").read_text())
+    folder = tmp_path / kind
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({**config, **fields}))
+    (folder / "model.safetensors").symlink_to(zero_folders[kind] / "model.safetensors")
+    with pytest.raises(ValueError, match=match):
+        ffl.interop.load_hf(folder)
 
 
 def test_missing_or_misshapen_files_raise(tmp_path):

@@ -7,8 +7,10 @@ bfloat16 files, and the config fields refused by name before any weight is read.
 import dataclasses
 import json
 import math
+import time
 import types
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -223,6 +225,71 @@ def test_unsupported_fields_are_refused_before_any_weight_is_read(tmp_path, conf
     (tmp_path / "config.json").write_text(json.dumps(config))  # no weights: a later check would say so instead
     with pytest.raises(ValueError, match=match):
         ffl.interop.load_hf(tmp_path)
+
+
+@pytest.mark.parametrize("fields,match", [
+    ({"num_hidden_layers": 10**9}, r"config\.json num_hidden_layers=1000000000 is not supported; supported: an int "
+                                   r"in \[1, 4096\]$"),
+    ({"num_hidden_layers": 1e9}, r"num_hidden_layers=1000000000\.0 is not supported"),
+    ({"vocab_size": 10**12}, r"vocab_size=1000000000000 is not supported; supported: an int in \[1, 16777216\]"),
+    ({"num_attention_heads": 0}, r"num_attention_heads=0 is not supported"),
+    ({"intermediate_size": [128] * 10**5}, r"intermediate_size=\[128, [0-9, ]*\.\.\. is not supported"),  # cut
+    ({"hidden_size": "64"}, r"hidden_size='64' is not supported"),
+    ({"num_key_value_heads": True}, r"num_key_value_heads=True is not supported; supported: an int in "
+                                    r"\[1, 4096\] or null"),
+    ({"head_dim": 0}, r"head_dim=0 is not supported"),
+    ({"max_position_embeddings": None}, r"max_position_embeddings=None is not supported"),
+    ({"num_key_value_heads": 3}, r"num_key_value_heads=3 is not supported; supported: a divisor of "
+                                 r"num_attention_heads \(4\)"),
+    ({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "use_sliding_window": True, "sliding_window": 4,
+      "max_window_layers": "28"}, r"max_window_layers='28' is not supported"),
+], ids=["layers-1e9", "layers-float", "vocab-1e12", "zero-heads", "list", "string", "bool", "zero-head-dim", "null",
+        "kv-not-dividing", "window-layers-string"])
+def test_config_sizes_are_checked_before_anything_is_read(tmp_path, fields, match):
+    """Every size is a positive int within bounds, refused in one short line before the weights are even looked for
+    (this folder has none) or anything is sized by it."""
+    (tmp_path / "config.json").write_text(json.dumps(_config(**fields)))
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=match) as err:
+        ffl.interop.load_hf(tmp_path)
+    assert time.perf_counter() - start < 0.5
+    assert "\n" not in str(err.value) and len(str(err.value)) < 300
+
+
+@pytest.fixture(scope="module")
+def zero_llama(tmp_path_factory):
+    """A Llama folder of `_config`'s sizes (2 layers, vocab 97, width 64, 4 heads of 16, 2 kv heads, MLP 128) written
+    by save_hf, with zero weights (init is only traced)."""
+    model = ffl.models.GPT(config_from_hf(_config()))
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"])
+    params = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), nn.unbox(shapes))
+    return ffl.interop.save_hf(model, {"params": params}, tmp_path_factory.mktemp("llama"))
+
+
+@pytest.mark.parametrize("fields,match", [
+    ({"num_hidden_layers": 1}, r"/llama: config\.json num_hidden_layers=1, but the weights hold 2 layers "
+                               r"\(model\.layers\.0 \.\. model\.layers\.1\)$"),
+    ({"num_hidden_layers": 3}, r"num_hidden_layers=3, but the weights hold 2 layers"),
+    ({"vocab_size": 98}, r"config\.json vocab_size gives 98, but tensor model\.embed_tokens\.weight has shape "
+                         r"\(97, 64\)$"),
+    ({"hidden_size": 32}, r"hidden_size gives 32, but tensor model\.embed_tokens\.weight has shape \(97, 64\)"),
+    ({"intermediate_size": 100}, r"intermediate_size gives 100, but tensor model\.layers\.0\.mlp\.gate_proj\.weight "
+                                 r"has shape \(128, 64\)"),
+    ({"head_dim": 8}, r"num_attention_heads \* head_dim gives 32, but tensor "
+                      r"model\.layers\.0\.self_attn\.q_proj\.weight has shape \(64, 64\)"),
+    ({"num_key_value_heads": 4}, r"num_key_value_heads \* head_dim gives 64, but tensor "
+                                 r"model\.layers\.0\.self_attn\.k_proj\.weight has shape \(32, 64\)"),
+], ids=["fewer-layers", "more-layers", "vocab", "width", "mlp", "head-dim", "kv-heads"])
+def test_config_sizes_must_match_the_weights(zero_llama, tmp_path, fields, match):
+    """A size that disagrees with the tensors present (fewer or more layers than the weights hold, another
+    vocabulary, width or head layout) names the key, its value and the tensor's shape, before the model is built."""
+    folder = tmp_path / "llama"
+    folder.mkdir()
+    config = json.loads((zero_llama / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **fields}))
+    (folder / "model.safetensors").symlink_to(zero_llama / "model.safetensors")
+    with pytest.raises(ValueError, match=match):
+        ffl.interop.load_hf(folder)
 
 
 @pytest.mark.parametrize("fields,model_type,match", [

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +16,39 @@ def read_json(path: Path):
     """The JSON value in ``path``; `ValueError` naming the file if it is not JSON text."""
     try:
         return json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an int of more than 4300 digits
+        raise ValueError(f"{path}: not valid JSON ({str(e)[:120]})") from None
+
+
+# The largest value accepted for each size field of config.json (GPT-2, BERT and Llama-family names): generous for
+# published models (Llama 3.1 405B: 126 layers, 16384 wide; vocabularies up to 256k; contexts up to 10M), small
+# enough that a typo or a hostile file sizes nothing before the weights are compared with it.
+SIZE_LIMITS = {**dict.fromkeys(("n_layer", "num_hidden_layers", "n_head", "num_attention_heads",
+                                "num_key_value_heads"), 2**12),
+               **dict.fromkeys(("n_embd", "hidden_size", "head_dim", "n_inner", "intermediate_size"), 2**20),
+               **dict.fromkeys(("vocab_size", "type_vocab_size"), 2**24),
+               **dict.fromkeys(("n_positions", "max_position_embeddings"), 2**26)}
+NULLABLE_SIZES = ("n_inner", "head_dim", "num_key_value_heads")  # null: derived from the others
+
+
+def short_repr(value, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters (a value read from a file may be huge)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def check_sizes(config: Mapping) -> None:
+    """Raise a one-line `ValueError` naming config.json's key and value unless every size field of `SIZE_LIMITS`
+    present in ``config`` is an int in ``[1, limit]`` (null only for `NULLABLE_SIZES`): a bool, float, string, list
+    or null is refused before anything is sized by it."""
+    for key, limit in SIZE_LIMITS.items():
+        value = config.get(key, 1)
+        if value is None and key in NULLABLE_SIZES:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+            null = " or null" if key in NULLABLE_SIZES else ""
+            raise ValueError(f"config.json {key}={short_repr(value)} is not supported; supported: an int in "
+                             f"[1, {limit}]{null}")
 
 
 def read_tensors(folder: Path) -> dict[str, np.ndarray]:

@@ -7,11 +7,14 @@ sentence-transformers) and the Llama family (``LlamaForCausalLM``, ``MistralForC
 One mapping per architecture (HF tensor name <-> our parameter path, with the transposes between PyTorch's
 ``[out, in]`` Linear / GPT-2's ``[in, out]`` Conv1D and our ``[in, heads, head_dim]`` kernels) serves both
 directions, so load -> save -> load is exact. Both directions check before converting: a config field the layout
-cannot express, a missing or extra parameter, or a tensor of the wrong shape raises `ValueError` naming it.
+cannot express, a missing or extra parameter, or a tensor of the wrong shape raises `ValueError` naming it. Loading
+trusts no size in config.json: each is a positive int within `files.SIZE_LIMITS`, and the layer count, vocabulary,
+widths and head layout must agree with the tensors present, all checked before anything is built.
 """
 from __future__ import annotations
 
 import dataclasses
+import re
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,7 +27,7 @@ import numpy as np
 from ..layers.blocks import layer_name
 from ..models import BERT, GPT, ModelConfig
 from . import llama
-from .files import read_json, read_tensors, write_export
+from .files import check_sizes, read_json, read_tensors, short_repr, write_export
 
 SUPPORTED = {"gpt2": ("GPT2LMHeadModel", "GPT2Model"),
              "bert": ("BertModel", "BertForPreTraining", "BertForMaskedLM"),
@@ -46,12 +49,14 @@ def config_from_hf(hf: dict) -> ModelConfig:
                          f"model_type={kind!r} architectures={archs}")
     if "vocab_size" not in hf:
         raise ValueError(f"config.json (model_type={kind!r}) has no vocab_size, which is required")
+    check_sizes(hf)
     if kind in llama.FAMILIES:
         return llama.config_from_hf(hf)
     if kind == "gpt2":
         _require(hf, {"add_cross_attention": False, "scale_attn_by_inverse_layer_idx": False,
                       "scale_attn_weights": True})
         act = _choice(hf, "activation_function", _GPT2_ACT, "gelu_new")
+        _divides(hf, ("n_head", 12), ("n_embd", 768))
         embed, eos = hf.get("n_embd", 768), _id(hf, "eos_token_id", 50256)
         return ModelConfig(model="gpt", vocab_size=hf["vocab_size"], num_layers=hf.get("n_layer", 12),
                            num_heads=hf.get("n_head", 12), embed_dim=embed, mlp_dim=hf.get("n_inner") or 4 * embed,
@@ -64,6 +69,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
     # our BERT always ties its MLM output to the token embedding
     _require(hf, {"position_embedding_type": "absolute", "is_decoder": False, "add_cross_attention": False,
                   "tie_word_embeddings": True})
+    _divides(hf, ("num_attention_heads", 12), ("hidden_size", 768))
     return ModelConfig(model="bert", vocab_size=hf["vocab_size"], num_layers=hf.get("num_hidden_layers", 12),
                        num_heads=hf.get("num_attention_heads", 12), embed_dim=hf.get("hidden_size", 768),
                        mlp_dim=hf.get("intermediate_size", 3072), max_len=hf.get("max_position_embeddings", 512),
@@ -80,8 +86,10 @@ def _id(hf, key, default):
     """A special token id from ``config.json``. transformers writes GPT-2's default 50256 even for a smaller
     vocabulary (it only uses the ids to generate), so an id outside ``[0, vocab_size)`` becomes the last id."""
     value = hf.get(key, default)
-    value = default if value is None else int(value)
-    vocab = int(hf["vocab_size"])
+    value = default if value is None else value
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"config.json field {key}={short_repr(value)} is not supported; supported: an int id or null")
+    vocab = hf["vocab_size"]
     if not 0 <= value < vocab:
         warnings.warn(f"config.json {key}={value} is outside the vocabulary ({vocab} ids); using {vocab - 1}",
                       stacklevel=3)
@@ -92,14 +100,21 @@ def _id(hf, key, default):
 def _require(hf: dict, expected: dict) -> None:
     for key, want in expected.items():
         if key in hf and hf[key] != want:
-            raise ValueError(f"config.json field {key}={hf[key]!r} is not supported (only {want!r})")
+            raise ValueError(f"config.json field {key}={short_repr(hf[key])} is not supported (only {want!r})")
 
 
 def _choice(hf: dict, key: str, table: dict, default: str = "gelu") -> str:
     value = hf.get(key, default)
-    if value not in table:
-        raise ValueError(f"config.json field {key}={value!r} is not supported; supported: {sorted(table)}")
+    if not isinstance(value, str) or value not in table:
+        raise ValueError(f"config.json field {key}={short_repr(value)} is not supported; supported: {sorted(table)}")
     return table[value]
+
+
+def _divides(hf: dict, part: tuple[str, int], whole: tuple[str, int]) -> None:
+    """Raise `ValueError` unless config.json's ``part`` key (its default when absent) divides its ``whole`` key."""
+    (part_key, p), (whole_key, w) = ((key, hf.get(key, default)) for key, default in (part, whole))
+    if w % p:
+        raise ValueError(f"config.json {part_key}={p} does not divide {whole_key}={w}; supported: a divisor of it")
 
 
 def _check_exportable(cfg: ModelConfig) -> None:
@@ -323,6 +338,7 @@ def load_hf(path: str | Path, *, dtype: str = "float32"):
     cfg = dataclasses.replace(config_from_hf(read_json(folder / "config.json")), dtype=dtype)
     tensors = read_tensors(folder)
     prefix = base_prefix(cfg, tensors)
+    _check_sizes_against(tensors, cfg, prefix, folder)
     model = GPT(cfg) if cfg.model == "gpt" else BERT(cfg)
     shapes, hf_shapes = _layouts(model, prefix)
     flat, missing = {}, []
@@ -341,6 +357,41 @@ def load_hf(path: str | Path, *, dtype: str = "float32"):
         raise ValueError(f"{folder}: weights missing for {_listing(missing_required)}")
     params = _fill(shapes, flat, model, missing)
     return model, {"params": params}
+
+
+def _size_sources(cfg: ModelConfig, prefix: str) -> tuple[str, str, list]:
+    """``(layer count key, layer tensor prefix, [(config.json key, its value, HF tensor name, axis)])``: where the
+    weights show each size of GPT-2's or BERT's config (the Llama family: `llama.size_sources`)."""
+    if _rotary(cfg):
+        return llama.size_sources(cfg)
+    if cfg.model == "gpt":
+        wte, fc = f"{prefix}wte.weight", f"{prefix}h.0.mlp.c_fc.weight"  # Conv1D: [in, out]
+        return "n_layer", f"{prefix}h.", [("vocab_size", cfg.vocab_size, wte, 0), ("n_embd", cfg.embed_dim, wte, 1),
+                                          ("n_positions", cfg.max_len, f"{prefix}wpe.weight", 0),
+                                          ("n_inner", cfg.mlp_dim, fc, 1)]
+    e = f"{prefix}embeddings"
+    return "num_hidden_layers", f"{prefix}encoder.layer.", [
+        ("vocab_size", cfg.vocab_size, f"{e}.word_embeddings.weight", 0),
+        ("hidden_size", cfg.embed_dim, f"{e}.word_embeddings.weight", 1),
+        ("max_position_embeddings", cfg.max_len, f"{e}.position_embeddings.weight", 0),
+        ("type_vocab_size", cfg.type_vocab_size, f"{e}.token_type_embeddings.weight", 0),
+        ("intermediate_size", cfg.mlp_dim, f"{prefix}encoder.layer.0.intermediate.dense.weight", 0)]
+
+
+def _check_sizes_against(tensors: Mapping, cfg: ModelConfig, prefix: str, folder: Path) -> None:
+    """Raise `ValueError` naming config.json's key, its value and what the weights hold where a size disagrees with
+    the tensors present: the layers (numbered 0 .. n - 1), and each size a tensor's shape shows. Run before anything
+    is built, so a huge size costs nothing."""
+    layer_key, layers, dims = _size_sources(cfg, prefix)
+    pattern = re.compile(re.escape(layers) + r"(\d{1,9})\.")
+    found = sorted({int(m.group(1)) for name in tensors if (m := pattern.match(name))})
+    if found != list(range(cfg.num_layers)):
+        held = f"{len(found)} layers ({layers}{found[0]} .. {layers}{found[-1]})" if found else "no layers"
+        raise ValueError(f"{folder}: config.json {layer_key}={cfg.num_layers}, but the weights hold {held}")
+    for key, value, name, axis in dims:
+        shape = tuple(tensors[name].shape) if name in tensors else None  # a missing tensor is named later
+        if shape is not None and (len(shape) <= axis or shape[axis] != value):
+            raise ValueError(f"{folder}: config.json {key} gives {value}, but tensor {name} has shape {shape}")
 
 
 def _fill(shapes: dict, flat: dict, model, missing: list):

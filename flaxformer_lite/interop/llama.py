@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from ..layers.blocks import layer_name
 from ..choices import RopeScaling
 from ..models import ModelConfig
+from .files import short_repr
 
 FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
             "qwen3": "Qwen3ForCausalLM"}
@@ -37,7 +38,7 @@ _REFUSED = {
 
 
 def _refuse(field: str, value, supported: str) -> None:
-    raise ValueError(f"config.json field {field}={value!r} is not supported; supported: {supported}")
+    raise ValueError(f"config.json field {field}={short_repr(value)} is not supported; supported: {supported}")
 
 
 def _get(hf: Mapping, key: str, default, kind=int):
@@ -85,7 +86,8 @@ def _window(hf: Mapping, kind: str, layers: int) -> int | None:
     window = hf.get("sliding_window")
     if kind in ("qwen2", "qwen3"):
         window = window if hf.get("use_sliding_window") else None
-        default = ["sliding_attention" if window is not None and i >= hf.get("max_window_layers", 28)
+        first = _get(hf, "max_window_layers", 28)
+        default = ["sliding_attention" if window is not None and i >= first
                    else "full_attention" for i in range(layers)]
     else:
         default = ["sliding_attention" if window is not None else "full_attention"] * layers
@@ -137,7 +139,9 @@ def config_from_hf(hf: Mapping) -> ModelConfig:
     if kind == "llama" and attention_bias != mlp_bias:
         _refuse("mlp_bias", mlp_bias, f"the same as attention_bias ({attention_bias}): one use_bias covers both")
     embed, heads = _get(hf, "hidden_size", 4096), _get(hf, "num_attention_heads", 32)
-    head_dim = _get(hf, "head_dim", embed // heads)
+    head_dim, kv_heads = _get(hf, "head_dim", embed // heads), _get(hf, "num_key_value_heads", heads)
+    if heads % kv_heads:
+        _refuse("num_key_value_heads", kv_heads, f"a divisor of num_attention_heads ({heads})")
     layers = _get(hf, "num_hidden_layers", 32)
     theta, scaling, max_len = _rope(hf, _get(hf, "max_position_embeddings", 2048))
     eos = _special_id(hf, "eos_token_id", None)
@@ -146,7 +150,7 @@ def config_from_hf(hf: Mapping) -> ModelConfig:
     bos = eos if bos is None else bos
     return ModelConfig(
         model="gpt", vocab_size=hf["vocab_size"], num_layers=layers, num_heads=heads,
-        num_kv_heads=_get(hf, "num_key_value_heads", heads), embed_dim=embed,
+        num_kv_heads=kv_heads, embed_dim=embed,
         head_dim=None if head_dim * heads == embed else head_dim, mlp_dim=_get(hf, "intermediate_size", 11008),
         max_len=max_len, dropout_rate=0.0, attention_dropout_rate=_get(hf, "attention_dropout", 0.0, float),
         position="rotary", rope_base=theta, rope_scaling=scaling, norm="rmsnorm", norm_position="pre",
@@ -156,6 +160,18 @@ def config_from_hf(hf: Mapping) -> ModelConfig:
         tie_embeddings=_get(hf, "tie_word_embeddings", False, bool),
         init_std=_get(hf, "initializer_range", 0.02, float), pad_id=_special_id(hf, "pad_token_id", eos), bos_id=bos,
         eos_id=eos)
+
+
+def size_sources(cfg: ModelConfig) -> tuple[str, str, list]:
+    """``(layer count key, layer tensor prefix, [(config.json key, its value, HF tensor name, axis)])``: where the
+    weights show each size of ``cfg`` (hf.py compares them before building anything)."""
+    attn, d = "model.layers.0.self_attn", cfg.resolved_head_dim
+    return "num_hidden_layers", "model.layers.", [
+        ("vocab_size", cfg.vocab_size, "model.embed_tokens.weight", 0),
+        ("hidden_size", cfg.embed_dim, "model.embed_tokens.weight", 1),
+        ("intermediate_size", cfg.mlp_dim, "model.layers.0.mlp.gate_proj.weight", 0),  # Linear: [out, in]
+        ("num_attention_heads * head_dim", cfg.num_heads * d, f"{attn}.q_proj.weight", 0),
+        ("num_key_value_heads * head_dim", (cfg.num_kv_heads or cfg.num_heads) * d, f"{attn}.k_proj.weight", 0)]
 
 
 def family_of(cfg: ModelConfig) -> str:
