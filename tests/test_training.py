@@ -397,3 +397,20 @@ def test_ctrl_c_before_the_first_step_is_one_line(corpus, tmp_path):
     assert proc.returncode == 130 and "Traceback" not in out, out[-3000:]
     last = out.strip().splitlines()[-1]
     assert last.startswith(("train.py: interrupted (Ctrl-C)", "train.py: stopped by SIGINT")), out[-3000:]
+
+
+def test_a_batch_that_cannot_fit_is_refused_before_it_is_built(corpus, tmp_path, capsys):
+    """train.batch_size=10**8 needs terabytes of logits alone: one line naming the keys, before any batch is built
+    or anything compiled (it ran 70 s and died out of memory)."""
+    from flaxformer_lite.models.config import ModelConfig
+    from flaxformer_lite.training.memory import memory_capacity, step_memory_floor
+    cfg = ModelConfig(vocab_size=512, embed_dim=64, num_layers=2, num_heads=4, mlp_dim=128)
+    assert step_memory_floor(cfg, 8, 32) == 8 * 32 * (4 * 512 + 4 * 2 * 64)  # logits + residual stream, float32
+    assert step_memory_floor(cfg, 8, 32, accum=4) == 2 * 32 * (4 * 512 + 4 * 2 * 64)
+    assert memory_capacity()[0] > 2**28
+    capsys.readouterr()
+    assert train_cli.main(overrides(corpus, tmp_path, steps=2, extra=["train.batch_size=100000000"])) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train.py")]
+    assert len(err) == 1 and re.match(r"train.py: error: train.batch_size=100000000 x train.seq_len=32 "
+                                      r"\(optim.grad_accum=1\) needs at least [\d,.]+ GiB per step", err[0])
+    assert not (tmp_path / "checkpoints").exists()

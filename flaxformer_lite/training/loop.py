@@ -23,6 +23,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from ..interrupt import interrupted_early
 from ..safe_io import write_atomic
 from .checkpoint import Checkpoints
+from .memory import check_step_fits
 from .metrics import MetricsLog, count_params, flops_per_token, mfu_denominator, summarize
 from .optimizer import make_optimizer
 from .parallel import all_processes
@@ -107,6 +108,7 @@ def train(cfg, model, data, task, *, sample_fn=None, warm_start=None, started=No
     restored and before anything in the folder is rewritten: a resume refused there leaves the folder as it was."""
     tc = cfg.train
     run_dir = Path(tc.run_dir)
+    check_step_fits(model.cfg, tc.batch_size, tc.seq_len, cfg.optim.grad_accum, jax.process_count())
     tx, schedule = make_optimizer(cfg.optim, tc.steps, model.cfg.embed_dim)
     first = jax.tree_util.tree_map(jnp.asarray, data.train.batch(0))
     step_fn = make_step(cfg.parallel, task, tx, lambda rng: task.init_params(rng, first), jax.random.PRNGKey(tc.seed),
