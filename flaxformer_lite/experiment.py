@@ -21,6 +21,7 @@ import yaml
 
 from .data.corpus import TEXT_UNITS
 from .data.registry import OBJECTIVES
+from .messages import short, short_repr
 from .models.config import ModelConfig, preset
 
 
@@ -223,8 +224,11 @@ class _Text(str):
         try:
             return _read_yaml(str(self))
         except yaml.YAMLError as err:
-            raise ValueError(f"override {key}={self}: the value is not valid YAML ({err.problem}); quote it, "
-                             f"e.g. {key}='\"...\"'") from None
+            raise ValueError(f"override {key}={short(str(self))}: the value is not valid YAML ({err.problem}); "
+                             f"quote it, e.g. {key}='\"...\"'") from None
+        except ValueError as err:  # e.g. an integer of more than 4,300 digits
+            raise ValueError(f"override {key}={short(str(self))}: the value cannot be read "
+                             f"({str(err).split(';')[0]})") from None
 
 
 def _parsed(key: str, value: Any) -> Any:
@@ -252,9 +256,9 @@ def _coerce(key: str, value: Any, kind) -> Any:
     if key in PATH_KEYS and value:
         value = os.path.expanduser(value)
     if key in CHOICES and value not in CHOICES[key]:
-        raise ValueError(f"{key} must be one of {list(CHOICES[key])}, got {value!r}")
+        raise ValueError(f"{key} must be one of {list(CHOICES[key])}, got {short_repr(value)}")
     if key in RANGES and not (math.isfinite(value) and value in RANGES[key]):
-        raise ValueError(f"{key} must be in {RANGES[key]}, got {value!r}")
+        raise ValueError(f"{key} must be in {RANGES[key]}, got {short_repr(value)}")
     return value
 
 
@@ -272,7 +276,7 @@ def _convert(key: str, value: Any, kind) -> Any:
         return value.lower() == "true"
     exact = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
     if kind in (int, float, bool, str) and not exact:
-        raise ValueError(f"{key} must be {kind.__name__}, got {value!r} ({type(value).__name__})")
+        raise ValueError(f"{key} must be {kind.__name__}, got {short_repr(value)} ({type(value).__name__})")
     return value
 
 
@@ -281,7 +285,7 @@ def _build(cls, values: dict, prefix: str):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields) - ({"preset"} if cls is ModelConfig else set()))
     if unknown:
-        raise ValueError(f"unknown config key {prefix}{unknown[0]}; valid keys under {prefix or 'the top level'}: "
+        raise ValueError(f"unknown config key {prefix}{short(unknown[0])}; valid keys under {prefix or 'the top level'}: "
                          f"{sorted(fields) + (['preset'] if cls is ModelConfig else [])}")
     kwargs = {}
     for name, value in values.items():
@@ -292,7 +296,7 @@ def _build(cls, values: dict, prefix: str):
             if isinstance(value, _Text):  # a whole section given after one "=": its keys are read as YAML
                 value = value.parsed(f"{prefix}{name}")
             if not isinstance(value, dict):
-                raise ValueError(f"{prefix}{name} must be a mapping of keys, got {value!r}")
+                raise ValueError(f"{prefix}{name} must be a mapping of keys, got {short_repr(value)}")
             kwargs[name] = _build(kind, value, f"{prefix}{name}.")
         else:
             kwargs[name] = _coerce(f"{prefix}{name}", value, kind)
@@ -320,7 +324,7 @@ def parse_overrides(items: list[str]) -> dict:
     tree: dict = {}
     for item in items:
         if "=" not in item:
-            raise ValueError(f"override {item!r} must look like key.sub=value (see --help for the keys)")
+            raise ValueError(f"override {short_repr(item)} must look like key.sub=value (see --help for the keys)")
         key, raw = item.split("=", 1)
         _set_dotted(tree, key.strip(), _Text(raw))
     return tree

@@ -131,3 +131,18 @@ def test_a_run_dir_that_is_a_file_is_one_line(tmp_path):
         f"train.py: error: train.run_dir={tmp_path / 'afile'} is a file, not a folder; name a new or existing run "
         "folder"]
     assert (tmp_path / "afile").read_text() == "mine"
+
+
+@pytest.mark.parametrize("override,named", [
+    ("model.num_layers=" + "x" * 10**6, "model.num_layers"),
+    ("model.attention=" + "y" * 10**6, "ModelConfig.attention"),
+    ("train.steps=[" + ",".join(["1"] * 100_000) + "]", "train.steps"),
+    ("z" * 10**6, "override 'zzz"),
+    ("model." + "k" * 10**6 + "=1", "unknown config key model.kkk"),
+    ("optim.lr=-" + "9" * 100_000, "override optim.lr="),
+])
+def test_a_huge_value_makes_a_short_error(override, named):
+    """A megabyte value (or a 100,000-digit number) is cut in the error, which names the key."""
+    with pytest.raises(ValueError) as err:
+        load_config(None, [override])
+    assert named in str(err.value) and len(str(err.value)) < 1000 and "\n" not in str(err.value)

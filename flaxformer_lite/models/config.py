@@ -10,6 +10,7 @@ import math
 
 from ..choices import (ACTIVATION_NAMES, ATTENTION_KINDS, FEATURE_MAP_NAMES, IMPLS, LINEAR_GATES, NORMS, POSITIONS,
                        RopeScaling)
+from ..messages import short_repr
 
 MODELS = ("gpt", "bert", "encoder_decoder")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -141,11 +142,12 @@ class ModelConfig:
             object.__setattr__(self, "rope_scaling", RopeScaling.from_dict(self.rope_scaling))
         for name, choices in _CHOICES.items():
             if getattr(self, name) not in choices:
-                raise ValueError(f"ModelConfig.{name} must be one of {list(choices)}, got {getattr(self, name)!r}")
+                raise ValueError(f"ModelConfig.{name} must be one of {list(choices)}, got "
+                                 f"{short_repr(getattr(self, name))}")
         for name, (accepted, valid) in _FIELDS.items():
             if not valid(getattr(self, name), self):
                 raise ValueError(f"ModelConfig.{name} must be {accepted.format(vocab_size=self.vocab_size)}, "
-                                 f"got {getattr(self, name)!r}")
+                                 f"got {short_repr(getattr(self, name))}")
         self._check_combinations()
 
     def _check_combinations(self):
