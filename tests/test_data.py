@@ -1,6 +1,7 @@
 """Data: corpora through datasets, the built-in corpus, tokenizers (incl. a byte-exact Chinese round trip), packing
 never crossing documents, MLM/NSP statistics, span corruption, and the deterministic, host-sharded loader."""
 import json
+import re
 from pathlib import Path
 
 import datasets
@@ -318,3 +319,21 @@ def test_plain_text_is_read_by_paragraph_document_or_line(tmp_path):
     assert [t for t in rows["line"] if t.strip()] == ["ACT I", "Scene one.", "Enter a king.", "He speaks.", "Exit."]
     with pytest.raises(ValueError, match="data.text_unit must be one of"):
         load_corpus(str(path), text_unit="sentence")
+
+
+def test_a_looping_or_dangling_link_in_a_glob_is_named(tmp_path):
+    """A glob that matches a symbolic link to itself or to nothing: one line naming the matched file, both when the
+    corpus is fingerprinted (prepare, resume) and when it is read."""
+    from flaxformer_lite.data.corpus import source_fingerprint
+    for name, target, match in [("loop", "loop.txt", "a symbolic link that loops"),
+                                ("dangling", "gone.txt", "a symbolic link to '.*gone.txt', which does not exist")]:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "a.txt").write_text("some text\n")
+        (folder / "loop.txt").symlink_to(folder / target)
+        pattern = str(folder / "*.txt")
+        for read in (source_fingerprint, load_corpus):
+            with pytest.raises(ValueError, match=rf"^data.path={re.escape(pattern)} \(file {re.escape(str(folder))}"
+                                                 rf"/loop.txt\): {match}") as err:
+                read(pattern)
+            assert "\n" not in str(err.value)

@@ -429,3 +429,111 @@ def test_training_on_a_damaged_store_stops_in_one_line(corpus, tmp_path, capsys)
     assert train_cli.main(overrides(corpus, tmp_path / "run", steps=2, extra=[f"data.store={store}"])) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "do not match their checksum" in err[0] and err[0].startswith("train.py: error:")
+
+
+# -- what a user owns is never lost (issue 26): the corpus fingerprint, the manifest, a full disk -------------------
+def _prepare(path, folder, **kwargs):
+    from flaxformer_lite.data.prepare import prepare_store
+    from flaxformer_lite.experiment import DataConfig
+    return prepare_store(DataConfig(path=str(path), vocab_size=400), folder, progress=False, **kwargs)
+
+
+def _text_file(folder, one_line=False):
+    """TEXTS as a plain-text corpus: a paragraph each, or (``one_line``) all on one line, with no line break."""
+    texts = [t for t in TEXTS if t.strip()]
+    path = folder / "corpus.txt"
+    path.write_text(" ".join(" ".join(t.split()) for t in texts) if one_line else "\n\n".join(texts) + "\n")
+    return path
+
+
+def test_a_corpus_edited_with_its_size_and_mtime_kept_is_noticed(tmp_path, monkeypatch):
+    """The fingerprint holds a sample of each file's content: an edit that keeps the size and the modification time
+    is a changed corpus (refused on resume, written again otherwise). A store whose manifest predates the sample
+    (``[path, size, mtime]`` per file) is still reused while those agree."""
+    from flaxformer_lite.data import corpus as corpus_module
+    path, folder = _text_file(tmp_path), tmp_path / "store"
+    store = _prepare(path, folder)
+    written, before, raw = (folder / "tokens.bin").stat().st_mtime_ns, path.stat(), path.read_bytes()
+    manifest = json.loads((folder / "manifest.json").read_text())
+    old = {**manifest, "source": {**manifest["source"], "files": [f[:3] for f in manifest["source"]["files"]]}}
+    (folder / "manifest.json").write_text(json.dumps(old))  # as a version without content samples wrote it
+    assert _prepare(path, folder, refuse="the corpus changed").manifest.source == old["source"]
+    assert (folder / "tokens.bin").stat().st_mtime_ns == written
+    edited = raw.replace(b"Return", b"Eat me", 1)
+    path.write_bytes(edited)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns) and edited != raw
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="^the corpus changed$"):
+        _prepare(path, folder, refuse="the corpus changed")
+    again = _prepare(path, folder)
+    assert again.manifest.source["files"][0][3] != store.manifest.source["files"][0][3]
+    monkeypatch.setattr(corpus_module, "_SAMPLE_WHOLE", 1000)  # a big file: 64 pieces and the tail are hashed
+    sample = corpus_module.content_sample(str(path), len(edited))
+    for at in (0, len(edited) - 1):
+        path.write_bytes(edited[:at] + b"#" + edited[at + 1:])
+        assert corpus_module.content_sample(str(path), len(edited)) != sample
+
+
+def test_a_manifest_with_a_wrong_field_type_is_one_line(store, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(store.folder, copy)
+    good = json.loads((copy / "manifest.json").read_text())
+    for key, value, match in [("dtype", "float77", "dtype='float77': not one of uint16, uint32"),
+                              ("tokens", "12", "tokens='12': not a count"), ("documents", True, "documents=True"),
+                              ("vocab_size", 4.5, "vocab_size=4.5"), ("tokens", -1, "tokens=-1"),
+                              ("source", "x", "source='x': not a dict"), ("tokenizer_sha256", 7, "not a str")]:
+        (copy / "manifest.json").write_text(json.dumps({**good, key: value}))
+        with pytest.raises(ValueError, match=re.escape(match)) as err:
+            TokenStore(copy)
+        assert "not a token store manifest" in str(err.value) and str(err.value).endswith("; prepare it again")
+        assert "\n" not in str(err.value)
+    (copy / "manifest.json").write_text(json.dumps(good))
+    assert TokenStore(copy).manifest.tokens == store.manifest.tokens
+
+
+def _full_disk(*args, **kwargs):
+    import errno
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_full_disk_while_the_tokenizer_is_written_keeps_the_old_file(tokenizer, tmp_path, monkeypatch):
+    path = tmp_path / "t.model"
+    path.write_bytes(b"the old tokenizer")
+    monkeypatch.setattr(os, "fsync", _full_disk)  # inside safe_io.write_atomic, after the bytes went out
+    with pytest.raises(ValueError, match=rf"^could not write the tokenizer {re.escape(str(path))} \(No space left on "
+                                         r"device\); free some space"):
+        tokenizer[1].save(path)
+    assert path.read_bytes() == b"the old tokenizer" and [p.name for p in tmp_path.iterdir()] == ["t.model"]
+
+
+def test_a_full_disk_while_prepare_writes_its_tokenizer_is_one_line(tmp_path, monkeypatch):
+    from pathlib import Path
+    path, folder = _text_file(tmp_path), tmp_path / "store"
+    written = _prepare(path, folder).manifest
+    path.write_text(path.read_text() + "\nOne more paragraph.\n")
+    plain = Path.write_bytes
+    monkeypatch.setattr(Path, "write_bytes", lambda self, data: _full_disk() if ".tokenizer-" in self.name
+                        else plain(self, data))
+    with pytest.raises(ValueError, match=r"^could not write the tokenizer file .*store\.tokenizer-.*\.model \(No "
+                                         r"space left on device\); .*nothing else was changed$"):
+        _prepare(path, folder)
+    assert TokenStore(folder).manifest == written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.txt", "store"]
+
+
+def test_a_one_line_text_file_is_prepared(tmp_path, monkeypatch):
+    """A plain-text corpus with no line break (one document, longer than the lines SentencePiece trains on) makes
+    a tokenizer and a store; a killed writer's leftovers are swept once per prepare."""
+    from flaxformer_lite.data import prepare as prepare_module
+    from flaxformer_lite.data import store as store_module
+    from flaxformer_lite.data.prepare import store_tokenizer
+    path = _text_file(tmp_path, one_line=True)
+    assert "\n" not in path.read_text() and path.stat().st_size > 10 * 4192
+    sweeps = []
+    for module in (prepare_module, store_module):
+        monkeypatch.setattr(module, "sweep_leftovers", lambda folder: sweeps.append(folder) or [])
+    store = _prepare(path, tmp_path / "store")
+    assert store.num_documents == 1 and sweeps == [tmp_path / "store"]
+    tok = store_tokenizer(store)
+    assert tok.decode(store.document(0)) == path.read_text()

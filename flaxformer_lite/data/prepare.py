@@ -5,7 +5,8 @@ users with a big corpus can do it ahead, on a big machine:
     python -m flaxformer_lite.data.prepare --out stores/shakespeare data.path=../shared/data/tinyshakespeare.txt
     python train.py data.store=stores/shakespeare ...
 
-A store is reused while its manifest matches the corpus (files, sizes, modification times) and the tokenizer.
+A store is reused while its manifest matches the corpus (files, sizes, modification times, a sample of the content)
+and the tokenizer.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 
-from .corpus import column, load_corpus, source_fingerprint
+from .corpus import column, load_corpus, same_source, source_fingerprint
 from .store import TOKENIZER, Manifest, TokenStore, check_store_folder, sweep_leftovers, working_name, write_store
 from .tokenizer import Tokenizer, train_tokenizer
 
@@ -49,8 +50,8 @@ def tokenizer_sample(ds, seed: int) -> list[str]:
     texts = column(ds, "text", np.sort(order[:wanted]).tolist() if wanted < n else None)
     shuffle = np.random.default_rng([seed, 12]).permutation(len(texts))
     keep = np.cumsum([len(texts[i]) for i in shuffle]) <= TOKENIZER_SAMPLE_CHARS
-    keep[:1] = True  # one document at least, however long
-    return [texts[i] for i in shuffle[keep]]
+    keep[:1] = True  # one document at least, however long (its first TOKENIZER_SAMPLE_CHARS characters)
+    return [texts[i][:TOKENIZER_SAMPLE_CHARS] for i in shuffle[keep]]
 
 
 def _texts(ds, batch: int = 1024):
@@ -64,7 +65,7 @@ def _usable(folder: Path, source: dict, tokenizer: Tokenizer | None) -> TokenSto
         store = TokenStore(folder)
     except ValueError:
         return None
-    if store.manifest.source != source:
+    if not same_source(store.manifest.source, source):
         return None
     if tokenizer is not None and store.manifest.tokenizer_sha256 != tokenizer.sha256:
         return None
@@ -79,7 +80,7 @@ def _damaged_copy(folder: Path, source: dict, tokenizer: Tokenizer | None) -> To
         manifest, kept = Manifest.read(folder), Tokenizer.load(folder / STORE_TOKENIZER)
     except Exception:  # noqa: BLE001  an unreadable manifest or tokenizer: not provably the same store
         return None
-    same = manifest.source == source and manifest.tokenizer_sha256 == kept.sha256
+    same = same_source(manifest.source, source) and manifest.tokenizer_sha256 == kept.sha256
     return kept if same and (tokenizer is None or tokenizer.sha256 == kept.sha256) else None
 
 
@@ -100,8 +101,9 @@ def _stream_sample(ds, seed: int) -> list[str]:
     """A tokenizer sample of a streamed corpus: a seeded shuffle buffer's first documents, up to the same limits."""
     texts, chars = [], 0
     for row in ds.shuffle(seed=seed, buffer_size=10_000).take(TOKENIZER_SAMPLE_DOCS):
-        texts.append(row["text"])
-        chars += len(row["text"] or "")
+        text = row["text"]
+        texts.append(text[:TOKENIZER_SAMPLE_CHARS] if isinstance(text, str) else text)  # None: train_tokenizer says
+        chars += len(texts[-1] or "")
         if chars >= TOKENIZER_SAMPLE_CHARS:
             break
     return texts
@@ -115,14 +117,19 @@ def _write(data, folder: Path, source: dict, tokenizer: Tokenizer | None, seed: 
         ds = load_corpus(data.path, data.format, data.text_field, data.text_unit)
         texts, sample = _texts(ds), (lambda: tokenizer_sample(ds, seed))
     tok = tokenizer or prepare_tokenizer(sample(), data)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    sweep_leftovers(folder)
     tok_path = working_name(folder, "tokenizer", ".model")
-    tok_path.write_bytes(tok.proto)  # SentencePiece's model file, or a Hugging Face tokenizer's (HFTokenizer.proto)
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        sweep_leftovers(folder)  # a killed writer's files go first: they may be what filled the disk
+        tok_path.write_bytes(tok.proto)  # SentencePiece's model file, or a Hugging Face tokenizer's (HFTokenizer.proto)
+    except OSError as err:
+        tok_path.unlink(missing_ok=True)
+        raise ValueError(f"could not write the tokenizer file {tok_path} ({err.strerror or err}); free some space or "
+                         "choose another folder: nothing else was changed") from None
     try:
         total = sum(f[1] for f in source.get("files", [])) or None
         write_store(texts, tok_path, folder, source=source, workers=data.workers, total_bytes=total,
-                    progress=progress, extra_files={STORE_TOKENIZER: tok_path})
+                    progress=progress, extra_files={STORE_TOKENIZER: tok_path}, sweep=False)
     finally:
         tok_path.unlink(missing_ok=True)
     return TokenStore(folder)

@@ -67,12 +67,33 @@ class Manifest:
         path = Path(folder) / MANIFEST
         try:
             values = json.loads(path.read_text())
-            return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)
-                          if f.name in values or f.default is dataclasses.MISSING and f.default_factory is None})
+            manifest = cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)
+                              if f.name in values or f.default is dataclasses.MISSING and f.default_factory is None})
         except FileNotFoundError:
             raise ValueError(f"{folder} is not a token store (no {MANIFEST}); prepare it again") from None
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise ValueError(f"{path}: not a token store manifest ({type(err).__name__}); prepare it again") from None
+        fault = manifest.fault()
+        if fault:
+            raise ValueError(f"{path}: not a token store manifest ({fault}); prepare it again")
+        return manifest
+
+    def fault(self) -> str | None:
+        """The first field whose value has the wrong type (a count that is not a non-negative int, a dtype other
+        than uint16/uint32...), as ``"name=value: ..."``, or None."""
+        for field in dataclasses.fields(self):
+            value, kind = getattr(self, field.name), _FIELD_TYPES.get(field.type, field.type)
+            if kind is int and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                return f"{field.name}={value!r}: not a count (an int >= 0)"
+            if kind in (str, dict) and not isinstance(value, kind):
+                return f"{field.name}={value!r}: not a {kind.__name__}"
+        if self.dtype not in DTYPES:
+            return f"dtype={self.dtype!r}: not one of {', '.join(DTYPES)}"
+        return None
+
+
+DTYPES = ("uint16", "uint32")  # the token dtypes a store is written with (`token_dtype`)
+_FIELD_TYPES = {"int": int, "str": str, "dict": dict}  # dataclass field annotations are strings here (__future__)
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -175,7 +196,7 @@ def _encoded(blocks: Iterator[list[str]], model_proto: bytes, workers: int):
 
 def write_store(texts: Iterable[str], tokenizer_path: str | Path, folder: str | Path, *, source: dict,
                 workers: int = 0, total_bytes: int | None = None, progress: bool = True,
-                extra_files: dict | None = None) -> TokenStore:
+                extra_files: dict | None = None, sweep: bool = True) -> TokenStore:
     """Tokenize ``texts`` (one document each, streamed) with the SentencePiece model at ``tokenizer_path`` (or a
     Hugging Face tokenizer's `HFTokenizer.proto`) into a store at ``folder``, atomically. ``workers`` < 2 encodes in
     this process, SentencePiece spreading each block over every core with its own threads (the fastest on the
@@ -183,14 +204,16 @@ def write_store(texts: Iterable[str], tokenizer_path: str | Path, folder: str | 
     many encoding processes. ``source`` (JSON-able) is recorded
     as the corpus fingerprint; ``total_bytes`` (the corpus size, if known) gives the progress bar its ETA. An
     existing store at ``folder`` is replaced only once the new one is complete; ``extra_files`` (``{name: path}``)
-    are copied in with it. `ValueError` for a corpus with no text or a full disk."""
+    are copied in with it; ``sweep=False`` when the caller has already swept a killed writer's leftovers
+    (`sweep_leftovers`). `ValueError` for a corpus with no text or a full disk."""
     from .tokenizer import tokenizer_from_proto
     folder = Path(folder)
     check_store_folder(folder)
     proto = Path(tokenizer_path).read_bytes()
     tok = tokenizer_from_proto(proto)
     dtype = token_dtype(tok.vocab_size)
-    sweep_leftovers(folder)
+    if sweep:
+        sweep_leftovers(folder)
     tmp = working_name(folder, "tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -18,10 +18,14 @@ from typing import Iterable
 import numpy as np
 import sentencepiece as spm
 
+from ..safe_io import write_atomic
+
 SPECIAL = {"pad": 0, "unk": 1, "bos": 2, "eos": 3}
 USER_SYMBOLS = ["<mask>", "<cls>", "<sep>"] + [f"<extra_id_{i}>" for i in range(32)]
 NEWLINE = "\u240a"  # "␊": stands for "\n" inside the model (no normalization rewrites it)
 NORMALIZATIONS = ("nmt_nfkc", "nfkc", "identity", "nmt_nfkc_cf", "nfkc_cf")
+MAX_SENTENCE_BYTES = 4192  # SentencePiece's max_sentence_length: a longer line is skipped in training
+_PIECE_CHARS = MAX_SENTENCE_BYTES // 4  # so many characters are at most MAX_SENTENCE_BYTES in UTF-8
 
 
 class Tokenizer:
@@ -91,12 +95,15 @@ class Tokenizer:
         return ids
 
     def save(self, path: str | Path) -> Path:
-        """Write the ``.model`` file (atomically)."""
+        """Write the ``.model`` file (atomically: `safe_io.write_atomic`). A write that fails (a full disk) is a
+        one-line `ValueError` naming the file, and a file already there is kept as it was."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(self.proto)
-        tmp.replace(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, self.proto)
+        except OSError as err:
+            raise ValueError(f"could not write the tokenizer {path} ({err.strerror or err}); free some space or "
+                             "choose another folder: a file already there is unchanged") from None
         return path
 
     @classmethod
@@ -189,7 +196,25 @@ def _lines(texts: Iterable[str], faults: list[ValueError]):
             return
         for line in text.splitlines():
             if line.strip():
-                yield line
+                yield from _short(line)
+
+
+def _short(line: str):
+    """``line``, or when it is longer than SentencePiece trains on (which would skip it: a corpus of one long line,
+    such as a text file without line breaks, would train on nothing), its pieces of at most `_PIECE_CHARS`
+    characters, cut at a space where there is one (no piece spans a space, so none is lost)."""
+    if len(line) <= _PIECE_CHARS or len(line.encode("utf-8")) <= MAX_SENTENCE_BYTES:
+        yield line
+        return
+    start = 0
+    while start < len(line):
+        end = start + _PIECE_CHARS
+        if end < len(line):
+            space = line.rfind(" ", start + 1, end + 1)
+            end = space if space > start else end
+        if line[start:end].strip():
+            yield line[start:end]
+        start = end
 
 
 def _train(model, sentences, vocab_size, model_type, character_coverage, byte_fallback, normalization, max_sentences):
