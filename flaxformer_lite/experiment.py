@@ -170,7 +170,8 @@ class Interval:
     def __str__(self) -> str:
         left = "(" if self.open in ("low", "both") or self.low == -math.inf else "["
         right = ")" if self.open in ("high", "both") or self.high == math.inf else "]"
-        return f"{left}{self.low:g}, {self.high:g}{right}"
+        show = lambda x: str(int(x)) if math.isfinite(x) and float(x).is_integer() else f"{x:g}"  # noqa: E731
+        return f"{left}{show(self.low)}, {show(self.high)}{right}"
 
 
 POSITIVE, NON_NEGATIVE, FRACTION = Interval(1), Interval(0), Interval(0, 1, "high")
@@ -180,6 +181,7 @@ RANGES = {  # numeric keys with bounds (0 means "off" where allowed: eval_every,
     "data.noise_density": Interval(0, 1, "both"),
     "data.mean_span_length": Interval(1),
     "data.prefix_fraction": Interval(0, 1, "both"),
+    "data.vocab_size": Interval(4, 2**24),  # SentencePiece's ids are int32; 16.7M is beyond any tokenizer trained
     "data.shards": NON_NEGATIVE,
     "data.workers": NON_NEGATIVE,
     "optim.lr": NON_NEGATIVE,  # 0 freezes the weights (a check, or to evaluate)

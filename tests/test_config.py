@@ -140,6 +140,7 @@ def test_a_run_dir_that_is_a_file_is_one_line(tmp_path):
     ("z" * 10**6, "override 'zzz"),
     ("model." + "k" * 10**6 + "=1", "unknown config key model.kkk"),
     ("optim.lr=-" + "9" * 100_000, "override optim.lr="),
+    ("data.vocab_size=1000000000000", "data.vocab_size must be in [4, 16777216]"),
 ])
 def test_a_huge_value_makes_a_short_error(override, named):
     """A megabyte value (or a 100,000-digit number) is cut in the error, which names the key."""

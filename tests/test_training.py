@@ -414,3 +414,15 @@ def test_a_batch_that_cannot_fit_is_refused_before_it_is_built(corpus, tmp_path,
     assert len(err) == 1 and re.match(r"train.py: error: train.batch_size=100000000 x train.seq_len=32 "
                                       r"\(optim.grad_accum=1\) needs at least [\d,.]+ GiB per step", err[0])
     assert not (tmp_path / "checkpoints").exists()
+    assert train_cli.main(overrides(corpus, tmp_path, steps=2, extra=["model.max_len=1000000000000"])) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train.py")]
+    assert len(err) == 1 and "model.max_len=1000000000000 (learned positions) make at least" in err[0]
+
+
+def test_the_parameter_floor_is_below_the_published_gpt2_count():
+    """GPT-2 small has 124,439,808 parameters (Radford et al. 2019; Hugging Face's count): the floor, in float32
+    bytes, is below it and not far below."""
+    from flaxformer_lite.models.config import preset
+    from flaxformer_lite.training.memory import params_floor
+    floor = params_floor(preset("gpt2-small")) / 4
+    assert 0.8 * 124_439_808 < floor <= 124_439_808
