@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from flaxformer_lite.interrupt import watch_ctrl_c
-from flaxformer_lite.safe_io import write_atomic
+from flaxformer_lite.safe_io import refuse_link, write_atomic
 
 
 def _help_text() -> str:
@@ -121,7 +121,9 @@ TOKENIZER_DATA_KEYS = ("path", "format", "text_field", "source_field", "tokenize
 
 
 def _saved_config(run_dir: Path) -> dict:
-    """The run folder's config.yaml as a dict ({} if there is none or it cannot be read)."""
+    """The run folder's config.yaml as a dict ({} if there is none or it cannot be read; `ValueError` if it is a
+    symbolic link: the run reads only its own files)."""
+    refuse_link(run_dir / "config.yaml")
     try:
         saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
@@ -139,6 +141,7 @@ def _run_tokenizer(run_dir: Path, cfg):
     trained). One from other settings is refused if checkpoints were trained with it, else replaced; checkpoints
     without their tokenizer are refused."""
     path = run_dir / "tokenizer.model"
+    refuse_link(path)  # the run's tokenizer is a file of its folder, never one a link names
     if not path.is_file():
         if _has_checkpoints(run_dir) and not cfg.data.tokenizer and not (run_dir / "tokenizer").is_dir():
             raise ValueError(f"{run_dir} holds checkpoints but not the tokenizer.model they were trained with; put "

@@ -39,7 +39,10 @@ def load_pretrained(path: str | Path) -> Pretrained:
     if (folder / "config.yaml").is_file() and (folder / "checkpoints").is_dir():
         from .experiment import load_config
         from .data.tokenizer import Tokenizer
+        from .safe_io import refuse_link
         from .training.checkpoint import Checkpoints
+        for name in ("config.yaml", "tokenizer.model", "tokenizer"):  # the run's own files, never a link's
+            refuse_link(folder / name)
         cfg = load_config(folder / "config.yaml").model
         ckpt = Checkpoints(folder / "checkpoints", async_save=False)
         try:

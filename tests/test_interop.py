@@ -262,6 +262,26 @@ def test_missing_or_misshapen_files_raise(tmp_path):
         ffl.interop.load_hf(tmp_path)
 
 
+@pytest.mark.parametrize("held,said", [
+    ([torch.zeros(10, 8)], "holds a list, where a PyTorch state dict (tensor name -> tensor"),
+    (7, "holds an int, where a PyTorch state dict"),
+    ({"transformer.wte.weight": "zeros"}, "holds a dict whose entry 'transformer.wte.weight' is a str, where"),
+    ({"state_dict": {"transformer.wte.weight": torch.zeros(10, 8)}}, "holds a dict whose entry 'state_dict' is a "
+                                                                     "dict, where"),  # a training checkpoint
+    ({0: torch.zeros(10, 8)}, "holds a dict with the key 0, where"),
+    ({"transformer.wte.weight": torch.zeros(10, 8).to_sparse()}, "tensor 'transformer.wte.weight' (torch.float32, "
+                                                                 "torch.sparse_coo) has no NumPy form"),
+], ids=["list", "int", "dict-of-strings", "nested-state-dict", "int-key", "sparse"])
+def test_a_pickle_holding_no_tensor_dict_is_one_line(tmp_path, held, said):
+    """A weights-only pickle that loads but is no state dict names the file and what it holds, in one line."""
+    (tmp_path / "config.json").write_text(json.dumps(GPT2_SIZES))
+    torch.save(held, tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError) as err:
+        ffl.interop.load_hf(tmp_path)
+    message = str(err.value)
+    assert message.startswith(f"{tmp_path / 'pytorch_model.bin'}: {said}") and "\n" not in message, message
+
+
 @pytest.mark.parametrize("fields,match", [
     ({"model": "bert", "share_layers": True}, "share_layers"),
     ({"model": "bert", "table_dim": 16}, "table_dim"),

@@ -2,6 +2,7 @@
 writes, and a write that fails half way. (The token store's folder: tests/test_store.py.)"""
 import json
 import re
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -117,3 +118,74 @@ def test_run_folder_files_are_never_written_through_a_link(tmp_path):
     assert (run / "config.yaml").read_text() == "model: {}\n" and not (run / "config.yaml").is_symlink()
     assert all(path.read_text() == "precious" for path in victims.values())
     assert sorted(p.name for p in run.iterdir()) == [".lock", "config.yaml", "metrics.jsonl"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    from runs import write_corpus
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def _snapshot(folder) -> dict:
+    """Every path under ``folder`` (links not followed) with its bytes, or its link target, and its mtime."""
+    out = {}
+    for path in sorted(folder.rglob("*")):
+        key = str(path.relative_to(folder))
+        if path.is_symlink():
+            out[key] = ("link", str(path.readlink()))
+        elif path.is_file():
+            out[key] = (path.read_bytes(), path.stat().st_mtime_ns)
+        else:
+            out[key] = ("dir", sorted(p.name for p in path.iterdir()))
+    return out
+
+
+# a name in a run folder (or its store) planted as a link to the user's file or folder: the run stops in one line
+# (config.yaml, only ever written whole in a new run, has its link replaced by the file)
+_PLANTED = ["config.yaml", "tokenizer.model", "metrics.jsonl", ".lock", "store", "store/tokens.bin", "tensorboard",
+            "checkpoints", "checkpoints/2"]
+
+
+def test_links_planted_in_a_run_folder_are_never_followed(corpus, tmp_path, capsys):
+    """Each file or folder a run reads or writes, planted as a link to the user's files: train.py stops with one
+    line naming the link (exit 2), and nothing outside the run folder changes. A user's own file in the run folder
+    is left as it is by a run that completes."""
+    from runs import overrides, train_cli
+    outside = tmp_path / "outside"
+    (outside / "folder").mkdir(parents=True)
+    (outside / "file").write_text("precious")
+    (outside / "folder" / "notes.txt").write_text("precious too")
+    done = tmp_path / "done"  # a finished run to copy real store and checkpoint folders from
+    assert train_cli.main(overrides(corpus, done, steps=2, extra=["train.checkpoint_every=2"])) == 0
+    (done / "notes.txt").write_text("mine")
+    assert train_cli.main(overrides(corpus, done, steps=3, extra=["train.checkpoint_every=2"])) == 0
+    assert (done / "notes.txt").read_text() == "mine"
+    before = _snapshot(outside)
+    for name in _PLANTED:
+        run = tmp_path / f"run-{name.replace('/', '-')}"
+        if "/" in name:  # the finished run copied (a resume), one entry of a folder in it a link
+            shutil.copytree(done, run, ignore=shutil.ignore_patterns(".lock"))
+        run.mkdir(exist_ok=True)
+        link = run / name
+        shutil.rmtree(link, ignore_errors=True) if link.is_dir() else link.unlink(missing_ok=True)
+        link.symlink_to(outside / ("folder" if name in ("store", "tensorboard", "checkpoints", "checkpoints/2")
+                                   else "file"))
+        capsys.readouterr()
+        code = train_cli.main(overrides(corpus, run, steps=3, extra=["train.checkpoint_every=2"]))
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train.py")]
+        if name == "config.yaml":
+            assert code == 0 and not link.is_symlink() and link.is_file()
+        else:
+            assert code == 2 and len(err) == 1 and "symbolic link" in err[0] and name.split("/")[-1] in err[0], \
+                (name, err)
+        assert _snapshot(outside) == before, name
+    source = tmp_path / "source"  # a finished run read as train.init_from, its tokenizer or a checkpoint a link
+    for name in ("tokenizer.model", "checkpoints/2"):
+        shutil.rmtree(source, ignore_errors=True)
+        shutil.copytree(done, source, ignore=shutil.ignore_patterns(".lock"))
+        shutil.rmtree(source / name) if (source / name).is_dir() else (source / name).unlink()
+        (source / name).symlink_to(outside / ("folder" if "/" in name else "file"))
+        code = train_cli.main(overrides(corpus, tmp_path / "fine", steps=1, extra=[f"train.init_from={source}"]))
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train.py")]
+        assert code == 2 and len(err) == 1 and "symbolic link" in err[0], (name, err)
+        assert _snapshot(outside) == before, name

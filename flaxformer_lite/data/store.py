@@ -34,6 +34,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from ..safe_io import refuse_link
 from .checksums import BLOCK_TOKENS, SUMS, WHOLE_FILES, BlockSums, CheckedTokens, file_crc32
 
 FORMAT_VERSION = 2  # 2: checksums
@@ -107,6 +108,8 @@ class TokenStore:
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
+        for name in STORE_FILES:  # a store reads only its own files, never one a link names
+            refuse_link(self.folder / name)
         self.manifest = Manifest.read(self.folder)
         m = self.manifest
         if m.format_version not in READS:
@@ -316,6 +319,10 @@ def check_store_folder(folder: str | Path) -> None:
     if not folder.is_dir():
         raise ValueError(f"{folder} is a file, not a token store folder; refused, nothing changed")
     entries = list(folder.iterdir())
+    links = sorted(p.name for p in entries if p.is_symlink())
+    if links:
+        raise ValueError(f"{folder / links[0]} is a symbolic link: a token store holds only its own plain files; "
+                         "refused, nothing changed. Remove the link")
     foreign = sorted(p.name for p in entries if p.name not in STORE_FILES or p.is_symlink() or not p.is_file())
     if foreign or (entries and not (folder / MANIFEST).is_file()):
         what = (f"{len(foreign)} {'entry' if len(foreign) == 1 else 'entries'} that no token store holds, e.g. "

@@ -81,8 +81,41 @@ def read_tensors(folder: Path) -> dict[str, np.ndarray]:
             raise ValueError(f"{pt}: not loaded: it is not a plain PyTorch state dict of tensors, or it is damaged "
                              f"({type(err).__name__}); only weights-only pickles are read. Convert it to "
                              "model.safetensors") from None
-        return {k: v.float().numpy() if v.dtype.is_floating_point else v.numpy() for k, v in state.items()}
+        return _state_dict_arrays(pt, state)
     raise ValueError(f"{folder}: no model.safetensors (or pytorch_model.bin) found")
+
+
+def _state_dict_arrays(path: Path, state) -> dict[str, np.ndarray]:
+    """``{name: array}`` of what a PyTorch pickle held, which must be a state dict (tensor names -> tensors);
+    anything else (a list, a number, a dict of strings, a training checkpoint nesting the state dict under a key)
+    is a one-line `ValueError` naming the file and what it holds. Floating tensors come back as float32."""
+    import torch
+    if not isinstance(state, Mapping):
+        held = _kind(state)
+    else:
+        bad = next(((k, v) for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)),
+                   None)
+        held = None if bad is None else (f"a dict with the key {short_repr(bad[0], 60)}" if not isinstance(bad[0], str)
+                                         else f"a dict whose entry {short_repr(bad[0], 60)} is {_kind(bad[1])}")
+    if held is not None:
+        raise ValueError(f"{path}: holds {held}, where a PyTorch state dict (tensor name -> tensor, as "
+                         "torch.save(model.state_dict(), ...) writes) was expected")
+    out = {}
+    for name, tensor in state.items():
+        try:
+            out[name] = tensor.float().numpy() if tensor.dtype.is_floating_point else tensor.numpy()
+        except Exception as err:  # noqa: BLE001  a sparse, quantized or meta tensor has no NumPy form
+            raise ValueError(f"{path}: tensor {short_repr(name, 60)} ({tensor.dtype}, {tensor.layout}) has no NumPy "
+                             f"form ({type(err).__name__}); convert it to model.safetensors") from None
+    return out
+
+
+def _kind(value) -> str:
+    """``value``'s type for a message: "None", "an int", "a list"..."""
+    if value is None:
+        return "None"
+    name = type(value).__name__
+    return f"{'an' if name[0] in 'aeiouAEIOU' else 'a'} {name}"
 
 
 def _plain_name(name) -> bool:

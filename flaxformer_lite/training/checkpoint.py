@@ -5,12 +5,12 @@ checkpoint written on one mesh restores onto another. Each checkpoint holds the 
 
 Faults never cost what is already saved: a checkpoint that cannot be read (a truncated or missing file) is moved
 aside to ``<run>/damaged_checkpoints/`` with a one-line warning and the next older one is used; a save that fails
-(e.g. a full disk) is reported in one line, recorded in `unsaved`, and the earlier checkpoints stay.
+(e.g. a full disk) is reported in one line, recorded in `unsaved`, and the earlier checkpoints stay. Orbax's own
+reports of such a fault (a traceback per array read and thread) are not shown (orbax_noise.py).
 """
 from __future__ import annotations
 
 import contextlib
-import logging
 import shutil
 import sys
 import time
@@ -19,6 +19,8 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
+from ..safe_io import refuse_link
+from .orbax_noise import attempt, quiet_orbax_errors
 from .parallel import all_processes
 
 
@@ -27,11 +29,11 @@ class Checkpoints:
 
     def __init__(self, directory: str | Path, keep: int = 3, async_save: bool = True):
         self.directory = Path(directory).absolute()
+        _refuse_links(self.directory, self._aside_dir())
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=async_save)
         handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
-        _quiet_orbax_errors()
         self.unsaved: list[tuple[int, str]] = []  # (step, reason) of saves that failed
         self._pending: int | None = None  # the step an asynchronous save is writing
 
@@ -43,6 +45,7 @@ class Checkpoints:
         """Start saving ``state`` (any pytree of arrays) and ``meta`` (JSON-able) as ``step``; returns at once.
         A failure (of this save, or of the previous one, which surfaces now) is reported, not raised."""
         self._settle()
+        quiet_orbax_errors()
         with _reported(self, step):
             self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                             meta=ocp.args.JsonSave(meta)), force=True)
@@ -64,18 +67,14 @@ class Checkpoints:
         optimizer or model settings changed). Every process takes the same decision (a collective)."""
         steps = sorted(self.manager.all_steps(), reverse=True)
         for step in steps:
-            found, err = None, None
-            try:
-                found = self.restore(step, target, shardings)
-            except Exception as e:  # noqa: BLE001  Orbax/TensorStore raise many types for one damaged file
-                err = e
+            found, err = attempt(self.restore, step, target, shardings)
             if all_processes(found is not None):
                 return found
             if all_processes(self._readable(step)):
                 raise ValueError(f"checkpoint step {step} ({self.directory / str(step)}) holds another train state "
-                                 f"than this run builds ({_one_line(err) if err else 'on another process'}): the "
-                                 "optimizer or model settings differ from the run's config.yaml; resume with those, "
-                                 "or give a new train.run_dir")
+                                 f"than this run builds ({err or 'on another process'}): the optimizer or model "
+                                 "settings differ from the run's config.yaml; resume with those, or give a new "
+                                 "train.run_dir")
             self._set_aside(step, err)
         if steps:
             raise ValueError(f"no checkpoint in {self.directory} can be read (steps {steps} are damaged; moved to "
@@ -89,24 +88,21 @@ class Checkpoints:
 
     def _readable(self, step: int) -> bool:
         """Whether ``step`` reads back whole with its own structure (on one device)."""
-        try:
-            self._params_of(step)
-            return True
-        except Exception:  # noqa: BLE001
-            return False
+        return attempt(self._params_of, step)[1] is None
 
     def _aside_dir(self) -> Path:
         return self.directory.parent / "damaged_checkpoints"
 
-    def _set_aside(self, step: int, err: Exception | None) -> None:
-        """Warn about damaged checkpoint ``step`` and move it out of the way (process 0), keeping its files."""
+    def _set_aside(self, step: int, err: str | None) -> None:
+        """Move damaged checkpoint ``step`` out of the way (process 0), keeping its files, and say so in one line
+        (``err``: why it cannot be read)."""
         where = self.directory / str(step)
-        _warn(f"checkpoint step {step} cannot be read ({where}: {_one_line(err) if err else 'on another process'}); "
-              f"{'using an older one' if len(self.manager.all_steps()) > 1 else 'none older'}")
+        dest = self._aside_dir() / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
         if jax.process_index() == 0 and where.exists():
-            dest = self._aside_dir() / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(str(where), dest)
+        _warn(f"checkpoint step {step} cannot be read ({err or 'on another process'}); moved {where} to {dest}; "
+              f"{'trying an older one' if len(self.manager.all_steps()) > 1 else 'none older'}")
         self.manager.reload()
 
     def restore(self, step: int, target, shardings=None):
@@ -128,12 +124,12 @@ class Checkpoints:
         if not steps:
             raise ValueError(f"{self.directory} holds no checkpoint")
         for s in steps:
-            try:
-                return self._params_of(s)
-            except Exception as err:  # noqa: BLE001
-                if step is not None:
-                    raise ValueError(f"checkpoint {self.directory / str(s)} cannot be read: {_one_line(err)}") from None
-                _warn(f"checkpoint step {s} cannot be read ({self.directory / str(s)}: {_one_line(err)})")
+            found, err = attempt(self._params_of, s)
+            if err is None:
+                return found
+            if step is not None:
+                raise ValueError(f"checkpoint {self.directory / str(s)} cannot be read: {err}")
+            _warn(f"checkpoint step {s} cannot be read ({self.directory / str(s)}: {err})")
         raise ValueError(f"no checkpoint in {self.directory} can be read (steps {steps} are damaged)")
 
     def _params_of(self, step: int):
@@ -152,6 +148,15 @@ class Checkpoints:
         self._settle()
         with contextlib.suppress(Exception):
             self.manager.close()
+
+
+def _refuse_links(*folders: Path) -> None:
+    """`ValueError` (`safe_io.refuse_link`) if a checkpoint folder, or anything in it, is a symbolic link: Orbax
+    would write checkpoints where it points, read them from there, and delete old ones through it."""
+    for folder in folders:
+        refuse_link(folder)
+        for path in folder.iterdir() if folder.is_dir() else ():
+            refuse_link(path)
 
 
 _OS_FAULTS = ("No space left on device", "Disk quota exceeded", "Read-only file system", "Permission denied")
@@ -181,40 +186,3 @@ def _reported(ckpt: Checkpoints, step: int):
             ckpt.unsaved.append((step, _one_line(err)))
             kept = sorted(ckpt.manager.all_steps())
             _warn(f"checkpoint step {step} not saved ({_one_line(err)}); kept: steps {kept or 'none'}")
-
-
-class _OrbaxErrors(logging.Filter):
-    """Drops Orbax's own error records: it logs a traceback per failed file and thread (over a hundred for one full
-    disk), and `Checkpoints` reports each failure once itself."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.ERROR:
-            return True
-        try:
-            message = record.getMessage()
-        except (TypeError, ValueError):
-            message = str(record.msg)
-        return "orbax" not in record.pathname and "orbax" not in message  # asyncio's name the Orbax coroutine
-
-
-_ORBAX_ERRORS = _OrbaxErrors()
-
-
-def _closed_loop_noise(hook):
-    """A `sys.unraisablehook` that drops "Event loop is closed" from Orbax's reader threads finishing after a
-    failed restore (one per array read), and passes everything else on."""
-    def unraisable(info):
-        if isinstance(info.exc_value, RuntimeError) and str(info.exc_value) == "Event loop is closed":
-            return
-        hook(info)
-    unraisable.ffl_quiet = True
-    return unraisable
-
-
-def _quiet_orbax_errors() -> None:
-    for name in ("absl", "orbax", "asyncio"):
-        logger = logging.getLogger(name)
-        if _ORBAX_ERRORS not in logger.filters:
-            logger.addFilter(_ORBAX_ERRORS)
-    if not getattr(sys.unraisablehook, "ffl_quiet", False):
-        sys.unraisablehook = _closed_loop_noise(sys.unraisablehook)

@@ -26,6 +26,7 @@ class MetricsLog:
         if not enabled:
             return
         refuse_link(self.path)  # before anything is read or made: its records are the run's, not a linked file's
+        refuse_link(self.path.parent / "tensorboard")  # its event files go in the run folder, not where a link points
         try:
             from tensorboardX import SummaryWriter
             self.tb = SummaryWriter(str(self.path.parent / "tensorboard"), purge_step=resume_from + 1)
