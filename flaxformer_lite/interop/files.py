@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..messages import short_repr
+
 
 def read_json(path: Path):
     """The JSON value in ``path``; `ValueError` naming the file if it is not JSON text."""
@@ -29,12 +31,6 @@ SIZE_LIMITS = {**dict.fromkeys(("n_layer", "num_hidden_layers", "n_head", "num_a
                **dict.fromkeys(("vocab_size", "type_vocab_size"), 2**24),
                **dict.fromkeys(("n_positions", "max_position_embeddings"), 2**26)}
 NULLABLE_SIZES = ("n_inner", "head_dim", "num_key_value_heads")  # null: derived from the others
-
-
-def short_repr(value, limit: int = 80) -> str:
-    """``repr(value)``, cut to ``limit`` characters (a value read from a file may be huge)."""
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def check_sizes(config: Mapping) -> None:

@@ -25,9 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..layers.blocks import layer_name
+from ..messages import short_repr
 from ..models import BERT, GPT, ModelConfig
 from . import llama
-from .files import check_sizes, read_json, read_tensors, short_repr, write_export
+from .files import check_sizes, read_json, read_tensors, write_export
 
 SUPPORTED = {"gpt2": ("GPT2LMHeadModel", "GPT2Model"),
              "bert": ("BertModel", "BertForPreTraining", "BertForMaskedLM"),

@@ -18,8 +18,8 @@ from collections.abc import Mapping
 
 from ..layers.blocks import layer_name
 from ..choices import RopeScaling
+from ..messages import short_repr
 from ..models import ModelConfig
-from .files import short_repr
 
 FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
             "qwen3": "Qwen3ForCausalLM"}
