@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .attention.checks import check_range
-from .layers.blocks import LAYER_STACKS
+from .names import LAYER_STACKS
 from .models.checks import check_tokens
 from .models.encoder_decoder import EncoderDecoder
 from .models.gpt import GPT

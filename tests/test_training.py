@@ -426,3 +426,25 @@ def test_the_parameter_floor_is_below_the_published_gpt2_count():
     from flaxformer_lite.training.memory import params_floor
     floor = params_floor(preset("gpt2-small")) / 4
     assert 0.8 * 124_439_808 < floor <= 124_439_808
+
+
+def test_a_run_logged_to_a_file_prints_one_plain_line_per_log_step(capsys):
+    """stdout not a terminal (nohup, a scheduler's log): a plain line per logged step, not a bar shown at the end."""
+    import io
+
+    from rich.console import Console
+
+    from flaxformer_lite.training.progress import RunProgress, plain_line
+    record = {"step": 120, "loss": 3.45123, "lr": 2.4e-4, "tokens_per_s": 12345.0, "mfu": 0.012, "step_time_s": 0.219}
+    assert plain_line(record, 1000) == "step 120/1000  loss 3.4512  lr 2.40e-04  12,345 tok/s  MFU 1.2%  ETA 0:03:13"
+    with RunProgress(Console(file=io.StringIO()), 1000, 0) as show:
+        show(record)
+        show({**record, "step": 130})
+    assert capsys.readouterr().out.splitlines() == [plain_line(record, 1000), plain_line({**record, "step": 130}, 1000)]
+    terminal = io.StringIO()
+    with RunProgress(Console(file=terminal, force_terminal=True), 1000, 0) as show:
+        show(record)
+    assert capsys.readouterr().out == "" and "120/1000" in terminal.getvalue()
+    with RunProgress(Console(file=io.StringIO()), 1000, 0, enabled=False) as show:
+        show(record)
+    assert capsys.readouterr().out == ""

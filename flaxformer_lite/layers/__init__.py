@@ -1,7 +1,8 @@
 """Linen modules with parameters, built on the attention kernels. Every parameter carries logical axis names."""
 from ..choices import ROPE_TYPES, RopeScaling
 from .attention import ATTENTION_KINDS, DECODE_MODES, MultiHeadAttention
-from .blocks import LAYER_STACKS, SCANNED_LAYERS, SHARED_LAYER, BlockInputs, LayerStack, TransformerBlock, layer_name
+from ..names import LAYER_STACKS, SCANNED_LAYERS, SHARED_LAYER, layer_name
+from .blocks import BlockInputs, LayerStack, TransformerBlock
 from .dense import kernel_dot_general
 from .embedder import POSITIONS, CacheIndex, Embedder
 from .embeddings import Embed, rope_frequencies, rotary, sinusoidal

@@ -2,10 +2,8 @@
 normalised before (pre-LN, GPT-2) or after (post-LN, Vaswani et al. / BERT) the residual sum; `LayerStack`: the
 blocks of one encoder or decoder, unrolled, scanned or shared.
 
-Also the names of the layers in a parameter (or cache, or intermediates) tree: ``layer_0``, ``layer_1``, ...
-(`layer_name`) when unrolled, one ``SCANNED_LAYERS`` subtree stacked on a leading layer axis under `nn.scan`, one
-``SHARED_LAYER`` subtree under ALBERT-style sharing. Everything that reads those trees (decoding, plots, checkpoint
-import, metrics, sharding rules) uses these constants.
+The stack names its layers in a parameter (or cache, or intermediates) tree with the ground floor's names
+(`flaxformer_lite.names`: ``layer_0``..., ``SCANNED_LAYERS``, ``SHARED_LAYER``).
 
 The block takes its configuration whole: a `models.ModelConfig` or any object with the same field names (layers may
 not import models/). Shape key: b batch, l length, s source length, e embed dim, c condition dim.
@@ -19,18 +17,10 @@ import flax.struct
 import jax
 
 from ..attention import Mask
+from ..names import SCANNED_LAYERS, SHARED_LAYER, layer_name
 from .attention import SYNTHESIZERS, MultiHeadAttention
 from .common import apply_config_norm, config_dtypes
 from .mlp import MLP
-
-SCANNED_LAYERS = "layers"  # `nn.scan`ned stack: params, caches, intermediates on a leading axis (also its logical axis)
-SHARED_LAYER = "shared_layer"  # one block's params at every depth; its caches and intermediates stay per layer
-LAYER_STACKS = (SCANNED_LAYERS, SHARED_LAYER)  # subtrees whose cache/intermediates leaves are ``[layers, ...]``
-
-
-def layer_name(i: int) -> str:
-    """The name of layer ``i`` of an unrolled stack (``layer_0``, ...)."""
-    return f"layer_{i}"
 
 
 @flax.struct.dataclass

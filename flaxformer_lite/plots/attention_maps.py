@@ -11,7 +11,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from ..layers.blocks import LAYER_STACKS, layer_name
+from ..names import LAYER_STACKS, layer_name
 from .figure import pyplot, save_figure
 
 

@@ -2,7 +2,7 @@
 
 Per step: the loader's batch for that step (so a resumed run sees the same data), built and placed on the devices
 one step ahead in a background thread (`Prefetch`), and one compiled train step; every
-``log_every`` steps a line in ``metrics.jsonl`` and the progress bar; every ``eval_every`` an evaluation; every
+``log_every`` steps a line in ``metrics.jsonl`` and the progress (progress.py); every ``eval_every`` an evaluation; every
 ``checkpoint_every`` (and at the end, and on SIGTERM) an asynchronous checkpoint, written only while every loss so
 far was finite. A non-finite loss stops the run with a message and the last good checkpoint untouched.
 """
@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ..interrupt import interrupted_early
 from ..safe_io import write_atomic
@@ -28,6 +27,7 @@ from .metrics import MetricsLog, count_params, flops_per_token, mfu_denominator,
 from .optimizer import make_optimizer
 from .parallel import all_processes
 from .prefetch import Prefetch
+from .progress import RunProgress
 from .step import make_step
 
 console = Console()
@@ -131,7 +131,7 @@ def train(cfg, model, data, task, *, sample_fn=None, warm_start=None, started=No
     last_metrics, last_eval, done = {}, {}, start
     batches = Prefetch(lambda s: step_fn.place(data.train.batch(s)), start, tc.steps)
     try:
-        with _Stop() as stop, _progress(tc, start) as progress, batches:
+        with _Stop() as stop, RunProgress(console, tc.steps, start, tc.progress) as progress, batches:
             for step in range(start, tc.steps):
                 metrics = step_fn.run(batches.get(step))
                 done = step + 1
@@ -227,27 +227,3 @@ def _write_samples(run_dir: Path, samples: list[str]) -> None:
     text = "\n\n".join(f"--- sample {i} ---\n{s}" for i, s in enumerate(samples))
     write_atomic(run_dir / "samples.txt", text + "\n")
     console.print(text)
-
-
-class _progress:
-    """A rich progress bar (step, loss, lr, tokens/s, MFU, ETA), or nothing when disabled / not process 0. Entered,
-    it is a function of one logged record."""
-
-    def __init__(self, tc, start: int):
-        self.enabled = tc.progress and jax.process_index() == 0
-        self.tc, self.start = tc, start
-
-    def __enter__(self):
-        self.progress = Progress(
-            TextColumn("step {task.completed}/{task.total}"), BarColumn(),
-            TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[tps]:,.0f} tok/s  "
-                       "MFU {task.fields[mfu]:.1f}%"), TimeRemainingColumn(), console=console,
-            disable=not self.enabled, transient=False)
-        self.progress.__enter__()
-        bar = self.progress.add_task("train", total=self.tc.steps, completed=self.start, loss=float("nan"),
-                                     lr=0.0, tps=0.0, mfu=0.0)
-        return lambda r: self.progress.update(bar, completed=r["step"], loss=r["loss"], lr=r["lr"],
-                                              tps=r["tokens_per_s"], mfu=100 * r["mfu"])
-
-    def __exit__(self, *exc):
-        return self.progress.__exit__(*exc)

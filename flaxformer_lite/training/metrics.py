@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..layers.blocks import SHARED_LAYER
+from ..names import SHARED_LAYER
 from ..safe_io import append_text, refuse_link, write_atomic
 
 

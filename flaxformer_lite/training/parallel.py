@@ -13,7 +13,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ..layers.blocks import SCANNED_LAYERS
+from ..names import SCANNED_LAYERS
 
 MESH_AXES = ("data", "fsdp", "tensor")
 # Logical name -> mesh axes. Parameters shard 'embed' over fsdp (ZeRO-3 style) and the wide dims over tensor;
