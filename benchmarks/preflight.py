@@ -19,10 +19,10 @@ sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT)]
 
 # Everything the check (and a user on the GPU image) imports: the package's parts, the CLI, the benchmarks.
 ENTRY_POINTS = [
-    "flaxformer_lite", "flaxformer_lite.attention", "flaxformer_lite.attention.flash",
-    "flaxformer_lite.attention.linear_pallas", "flaxformer_lite.attention.delta_pallas",
-    "flaxformer_lite.attention.splash", "flaxformer_lite.layers", "flaxformer_lite.models", "flaxformer_lite.decoding",
-    "flaxformer_lite.training", "flaxformer_lite.data", "flaxformer_lite.interop", "flaxformer_lite.experiment",
+    "flaxformer_lite", "flaxformer_lite.attention", "flaxformer_lite.attention.softmax.flash",
+    "flaxformer_lite.attention.recurrent.linear_pallas", "flaxformer_lite.attention.recurrent.delta_pallas",
+    "flaxformer_lite.attention.softmax.splash", "flaxformer_lite.layers", "flaxformer_lite.models",
+    "flaxformer_lite.decoding", "flaxformer_lite.training", "flaxformer_lite.data", "flaxformer_lite.interop", "flaxformer_lite.experiment",
     "flaxformer_lite.nnx", "train", "harness", "attention", "fused_probe", "train_step",
     "jax.experimental.pallas.ops.gpu.attention",
 ]

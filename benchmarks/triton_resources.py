@@ -4,17 +4,17 @@
     python benchmarks/triton_resources.py --kernels flash --head-dims 64 --dtypes bfloat16 --num-warps 4
     python benchmarks/triton_resources.py --num-warps 4,8 --segments --keep-ir /tmp/ttir
 
-For each kernel family (``flash``: `flash.flash_attention`; ``linear``: `linear_pallas.pallas_causal_sums`;
-``delta``: `delta_pallas.pallas_delta`), head dim and dtype, the forward and backward are traced and lowered for
-CUDA under an abstract H100 (as `tests/cases.py`'s ``lower_for_gpu``). Each ``xla.gpu.triton`` custom call of the
-lowered module is a kernel, found by its ``name`` (no fixed count): its Triton IR (MLIR bytecode from jaxlib's
-Triton) is printed as text with jaxlib's MLIR bindings, which pip Triton parses, and compiled by pip Triton's NVIDIA
-backend (TTIR -> TTGIR -> LLVM IR -> PTX -> ptxas cubin) once per ``--num-warps``, each in a subprocess under
-``--timeout`` seconds. Reported per row: registers per thread, spill stores/loads and stack frame (local memory)
-from ``ptxas -v``, shared memory from Triton's metadata, compile seconds, an estimate of programs per SM, and in
-``note`` a failure, a timeout, ptxas's warning that wgmma is serialized for lack of registers, or that the TTIR is
-the same as another row's. Block sizes are the kernels' defaults unless ``--block``/``--block-v`` say otherwise;
-the launch's own num_warps is marked ``*``.
+For each kernel family (``flash``: `softmax.flash.flash_attention`; ``linear``:
+`recurrent.linear_pallas.pallas_causal_sums`; ``delta``: `recurrent.delta_pallas.pallas_delta`), head dim and dtype, the
+forward and backward are traced and lowered for CUDA under an abstract H100 (as `tests/cases.py`'s ``lower_for_gpu``).
+Each ``xla.gpu.triton`` custom call of the lowered module is a kernel, found by its ``name`` (no fixed count): its
+Triton IR (MLIR bytecode from jaxlib's Triton) is printed as text with jaxlib's MLIR bindings, which pip Triton parses,
+and compiled by pip Triton's NVIDIA backend (TTIR -> TTGIR -> LLVM IR -> PTX -> ptxas cubin) once per ``--num-warps``,
+each in a subprocess under ``--timeout`` seconds. Reported per row: registers per thread, spill stores/loads and stack
+frame (local memory) from ``ptxas -v``, shared memory from Triton's metadata, compile seconds, an estimate of programs
+per SM, and in ``note`` a failure, a timeout, ptxas's warning that wgmma is serialized for lack of registers, or that
+the TTIR is the same as another row's. Block sizes are the kernels' defaults unless ``--block``/``--block-v`` say
+otherwise; the launch's own num_warps is marked ``*``.
 
 Needs ``pip install triton`` (3.9 tested; not a project dependency): without it the script prints one line and
 exits 2. Tables go to benchmarks/results/triton-resources-sm90.{md,json} (``--name`` to change). The numbers are
@@ -195,8 +195,9 @@ def family_call(family: str, head_dim: int, dtype: str, args: argparse.Namespace
     blocks = {} if args.block is None else {"block": args.block}
     blocks.update({} if args.block_v is None else {"block_v": args.block_v})
     if family == "flash":
-        from flaxformer_lite.attention import Mask, flash
+        from flaxformer_lite.attention import Mask
         from flaxformer_lite.attention.checks import check_mask, check_qkv
+        from flaxformer_lite.attention.softmax import flash
 
         mask = Mask(causal=True, q_segment_ids=seg, kv_segment_ids=seg) if seg is not None else Mask(causal=True)
         sizes = {} if args.block is None else {"block_q": args.block, "block_kv": args.block}
@@ -207,7 +208,7 @@ def family_call(family: str, head_dim: int, dtype: str, args: argparse.Namespace
                                          interpret=False, **sizes)
         return _with_grads(attend, 3), (spec(b, l, h, head_dim), spec(b, l, n, head_dim), spec(b, l, n, head_dim))
     if family == "linear":
-        from flaxformer_lite.attention.linear_pallas import pallas_causal_sums
+        from flaxformer_lite.attention.recurrent.linear_pallas import pallas_causal_sums
 
         def sums(qf, kf, v, log_decay):
             num, den = pallas_causal_sums(qf, kf, v, seg, log_decay, interpret=False, **blocks)
@@ -215,7 +216,7 @@ def family_call(family: str, head_dim: int, dtype: str, args: argparse.Namespace
         return _with_grads(sums, 4, reduce=False), (spec(b, l, n, g, head_dim), spec(b, l, n, head_dim),
                                                     spec(b, l, n, head_dim), spec(b, l, n, d=jnp.float32))
     if family == "delta":
-        from flaxformer_lite.attention.delta_pallas import pallas_delta
+        from flaxformer_lite.attention.recurrent.delta_pallas import pallas_delta
 
         def rule(q, k, v, beta, log_decay):
             out, state = pallas_delta(q, k, v, beta, seg, log_decay, interpret=False, **blocks)

@@ -10,11 +10,11 @@ import pytest
 import reference
 from cases import B, L, build, check_grads_by_finite_differences, lower_for_gpu, qkv, triton_launches
 from flaxformer_lite.attention import Mask, delta_attention, delta_impl, delta_init_state, delta_step
-from flaxformer_lite.attention import linear_causal
-from flaxformer_lite.attention.delta import _blocks as delta_blocks
-from flaxformer_lite.attention.delta import unit_lower_inverse
-from flaxformer_lite.attention.linear_causal import run_ids
-from flaxformer_lite.attention.delta_pallas import pallas_delta
+from flaxformer_lite.attention.recurrent import common
+from flaxformer_lite.attention.recurrent.common import run_ids
+from flaxformer_lite.attention.recurrent.delta import _blocks as delta_blocks
+from flaxformer_lite.attention.recurrent.delta import unit_lower_inverse
+from flaxformer_lite.attention.recurrent.delta_pallas import pallas_delta
 
 TOL = dict(rtol=2e-5, atol=2e-5)
 CASES = ["causal", "causal_kv_valid", "segments_causal"]
@@ -128,7 +128,7 @@ def test_steps_from_the_empty_state_equal_the_reference():
 def test_groups_of_one_block_match_the_reference(monkeypatch, gate):
     """With one block per group (on CPU `blocks_per_group` sizes groups by their states; these tiny shapes fit all at
     once), the scan over groups carries the state across group boundaries, segments and padding included."""
-    monkeypatch.setitem(linear_causal.GROUP_BYTES, jax.default_backend(), 1)
+    monkeypatch.setitem(common.GROUP_BYTES, jax.default_backend(), 1)
     arrays, (q, k, v, beta), kwargs = _inputs(2, gate, seed=4)
     out = jax.jit(lambda *x: delta_attention(*x, mask=_mask("segments_causal"), block_size=4, **kwargs))(q, k, v, beta)
     np.testing.assert_allclose(out, _reference("segments_causal", *arrays), **TOL)

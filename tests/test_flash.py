@@ -12,7 +12,7 @@ import reference
 from cases import B, MASK_CASES, check_grads_by_finite_differences, lower_for_gpu, qkv, triton_launches
 from flaxformer_lite.attention import Mask
 from flaxformer_lite.attention.checks import Dims, check_mask, check_qkv
-from flaxformer_lite.attention.flash import _first_kv_blocks, _q_blocks, fit_blocks, flash_attention, flash_unsupported
+from flaxformer_lite.attention.softmax.flash import block_bounds, fit_blocks, flash_attention, flash_unsupported
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 SCALE = 0.3  # not 1/sqrt(d): the scale must be the one given
@@ -29,7 +29,7 @@ CASES = {
                             "q_segment_ids": np.array([[0] * 6 + [1] * 7, [4] * 13]),
                             "kv_segment_ids": np.array([[0] * 15 + [1] * 14, [4] * 29])}),
     "long": (100, 100, {"causal": True, "kv_lengths": np.array([90, 57])}),  # backward blocks smaller than forward
-    # a window spanning blocks: kv_lo/kv_hi and q_lo/q_hi bounds with 7 query and 4 key blocks
+    # a window spanning blocks: kv_start/kv_stop and q_start/q_stop bounds with 7 query and 4 key blocks
     "long_window": (100, 100, {"causal": True, "window": 20, "kv_lengths": np.array([90, 57])}),
 }
 
@@ -144,25 +144,27 @@ def test_lowers_to_triton(name, kv_heads, dtype):
     assert text.count("xla.gpu.triton") == 3
 
 
-@pytest.mark.parametrize("name", ["window", "long_window", "cross_window_offset"])
-def test_window_loop_bounds(name):
-    """The kernels' window bounds drop no visible pair (``kv_lo`` per query block, ``q_hi`` per key block) and do
-    skip: in a long sequence, some key blocks lie left of a query block's band."""
+@pytest.mark.parametrize("name", ["window", "long_window", "cross_window_offset", "all_fields", "long"])
+def test_loop_bounds(name):
+    """The kernels' loop bounds per batch row (`block_bounds`) drop no visible pair (key blocks outside
+    ``[kv_start, kv_stop)`` of a query block, query blocks outside ``[q_start, q_stop)`` of a key block) and do
+    skip: in a long sequence, some key blocks lie left of a query block's window band."""
     lq, lk, mask, dense = build(name)
     bq = bk = 16
     lq_pad, lk_pad = -(-lq // bq) * bq, -(-lk // bk) * bk
     dims = Dims(B, lq, lk, 4, 2, 16, 16)
-    kv_lo = np.asarray(_first_kv_blocks(mask, dims, lq_pad, bq, bk))
-    q_hi = np.asarray(_q_blocks(mask, dims, lq_pad, lk_pad, bq, bk))
+    kv_start, kv_stop, q_start, q_stop = (np.asarray(x) for x in block_bounds(mask, dims, lq_pad, lk_pad, bq, bk))
     full = np.zeros((B, lq_pad, lk_pad), bool)
     full[:, :lq, :lk] = dense
     for b in range(B):
         for i in range(lq_pad // bq):
-            assert not full[b, i * bq:(i + 1) * bq, :kv_lo[b, i] * bk].any()
+            rows = full[b, i * bq:(i + 1) * bq]
+            assert not rows[:, :kv_start[b, i] * bk].any() and not rows[:, kv_stop[b, i] * bk:].any()
         for j in range(lk_pad // bk):
-            assert not full[b, q_hi[b, j] * bq:, j * bk:(j + 1) * bk].any()
+            keys = full[b, :, j * bk:(j + 1) * bk]
+            assert not keys[:q_start[b, j] * bq].any() and not keys[q_stop[b, j] * bq:].any()
     if name == "long_window":  # a window of 20 over 100 tokens leaves blocks on both sides of the band
-        assert kv_lo.max() > 0 and (q_hi < lq_pad // bq).any()
+        assert kv_start.max() > 0 and (q_stop < lq_pad // bq).any()
 
 
 def test_blocks_are_clipped_to_128():

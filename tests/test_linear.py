@@ -11,7 +11,7 @@ import reference
 from cases import B, LINEAR_UNSUPPORTED, MASK_CASES, build, check_grads_by_finite_differences, qkv
 from flaxformer_lite.attention import (FavorFeatureMap, Mask, linear_attention, linear_init_state, linear_prefill_state,
                                        linear_step, softmax_attention)
-from flaxformer_lite.attention import linear_causal
+from flaxformer_lite.attention.recurrent import common
 
 HEAD_DIM = 16
 PHI = {"elu": reference.elu_plus_one, "relu": reference.relu,
@@ -58,8 +58,8 @@ def test_groups_of_two_blocks_match_the_reference(monkeypatch, name):
     """Plain causal sums (elu+1, no segments or gates) chain a group's blocks by a cumulative sum: groups of two
     blocks of 4 positions, the sums carried across five groups. Values and gradients against the reference."""
     state_bytes = 4 * B * 2 * HEAD_DIM * HEAD_DIM  # one block's [f, v] states over 2 batch rows and 2 kv heads
-    monkeypatch.setitem(linear_causal.GROUP_BYTES, jax.default_backend(), 2 * state_bytes)
-    assert linear_causal.blocks_per_group(10, state_bytes) == 2
+    monkeypatch.setitem(common.GROUP_BYTES, jax.default_backend(), 2 * state_bytes)
+    assert common.blocks_per_group(10, state_bytes) == 2
     lq, lk, mask, dense = build(name)
     arrays, jax_arrays = qkv(lq, lk, kv_heads=2, seed=13)
     w = np.random.default_rng(14).standard_normal((B, lq, 4, HEAD_DIM))

@@ -11,7 +11,7 @@ import pytest
 import reference
 from cases import B, L, build, check_grads_by_finite_differences, qkv
 from flaxformer_lite.attention import Mask, linear_attention, linear_init_state, linear_prefill_state, linear_step
-from flaxformer_lite.attention import linear_causal
+from flaxformer_lite.attention.recurrent import common
 from test_linear import PHI, TOL
 
 CASES = ["causal", "causal_kv_valid", "segments_causal"]
@@ -65,12 +65,12 @@ def test_blocks_per_group_keeps_a_group_in_cache():
     """b=1, 8 heads of 64 x 64 states: 8 blocks at a time on CPU; FAVOR+'s 266 x 64, or 8 batch rows: one, unless that
     makes just two groups; all at once on accelerators."""
     elu, favor = 4 * 8 * 64 * 64, 4 * 8 * 266 * 64
-    assert linear_causal.blocks_per_group(256, elu, "cpu") == 8
-    assert linear_causal.blocks_per_group(256, favor, "cpu") == linear_causal.blocks_per_group(256, 8 * elu, "cpu") == 1
-    assert linear_causal.blocks_per_group(5, elu, "cpu") == 5
-    assert linear_causal.blocks_per_group(2, 8 * elu, "cpu") == 2  # two groups of one: all at once instead
-    assert linear_causal.blocks_per_group(4, 8 * elu, "cpu") == 1
-    assert linear_causal.blocks_per_group(256, elu, "gpu") == linear_causal.blocks_per_group(256, elu, "tpu") == 256
+    assert common.blocks_per_group(256, elu, "cpu") == 8
+    assert common.blocks_per_group(256, favor, "cpu") == common.blocks_per_group(256, 8 * elu, "cpu") == 1
+    assert common.blocks_per_group(5, elu, "cpu") == 5
+    assert common.blocks_per_group(2, 8 * elu, "cpu") == 2  # two groups of one: all at once instead
+    assert common.blocks_per_group(4, 8 * elu, "cpu") == 1
+    assert common.blocks_per_group(256, elu, "gpu") == common.blocks_per_group(256, elu, "tpu") == 256
 
 
 @pytest.mark.parametrize("fmap", ["elu", "favor"])
@@ -78,7 +78,7 @@ def test_groups_of_one_block_match_the_reference(monkeypatch, fmap):
     """On CPU, blocks go in groups sized to keep their states in cache (`blocks_per_group`; these tiny shapes fit all
     at once). With one block per group, the scan over groups carries the sums across group boundaries, segments and
     padding included."""
-    monkeypatch.setitem(linear_causal.GROUP_BYTES, jax.default_backend(), 1)
+    monkeypatch.setitem(common.GROUP_BYTES, jax.default_backend(), 1)
     _, _, mask, _ = build("segments_causal")
     (qn, kn, vn), (q, k, v) = qkv(L, L, kv_heads=2, value_dim=8, seed=5)
     gate, log_decay = _gate("data", 2)

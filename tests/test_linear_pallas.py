@@ -13,8 +13,8 @@ import pytest
 
 import reference
 from cases import lower_for_gpu
-from flaxformer_lite.attention.linear_causal import causal_sums
-from flaxformer_lite.attention.linear_pallas import pallas_causal_sums, pallas_unsupported
+from flaxformer_lite.attention.recurrent.linear_causal import causal_sums
+from flaxformer_lite.attention.recurrent.linear_pallas import pallas_causal_sums, pallas_unsupported
 
 B, H, D = 2, 4, 16  # batch, query heads, head dim (= features for elu+1)
 # Boundaries inside blocks (10, 30), on a block start (16); id 0 comes back after id 1: a new segment all the same.

@@ -8,11 +8,12 @@ import pytest
 import reference
 from cases import B, MASK_CASES, build, check_grads_by_finite_differences, qkv
 from flaxformer_lite.attention import Mask, attend_scores, softmax_attention
-from flaxformer_lite.attention.blockwise import _Plan, _static_tiles, blockwise_attention
+from flaxformer_lite.attention.softmax.blockwise import _Plan, _static_tiles, blockwise_attention
 from flaxformer_lite.attention.checks import Dims, check_qkv
 from flaxformer_lite.attention.dropout import dropout_seed, keep_mask
-from flaxformer_lite.attention.softmax import (AUTO_BLOCKWISE_MIN_LOGITS, AUTO_BLOCKWISE_MIN_LOGITS_DEFAULT,
-                                               _flash_route, choose_impl, cudnn_unsupported)
+from flaxformer_lite.attention.softmax.dense import cudnn_unsupported
+from flaxformer_lite.attention.softmax.dispatch import (AUTO_BLOCKWISE_MIN_LOGITS, AUTO_BLOCKWISE_MIN_LOGITS_DEFAULT,
+                                                        _flash_route, choose_impl)
 
 # "blockwise_small" uses 8 x 16 tiles: many tiles, ragged edges, skipped tiles. "blockwise_static" is the same with
 # the accelerators' static tile visit (no data-dependent loop or conditional), forced here on the CPU.

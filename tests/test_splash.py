@@ -10,7 +10,7 @@ import reference
 from cases import build, qkv
 from flaxformer_lite.attention import Mask
 from flaxformer_lite.attention.checks import Dims, check_qkv
-from flaxformer_lite.attention.splash import splash_attention, splash_unsupported
+from flaxformer_lite.attention.softmax.splash import splash_attention, splash_unsupported
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 

@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import bounds
+
 _ARRAY_FIELDS = ("prefix_lengths", "kv_lengths", "kv_valid", "q_segment_ids", "kv_segment_ids", "q_offset")
 # Segment ids given to padding rows/keys by `Mask.pad_to`: distinct from each other and from any real id in practice.
 _PAD_Q_SEGMENT = np.iinfo(np.int32).min
@@ -275,49 +277,26 @@ class Mask:
             q_segment_ids=pad(self.q_segment_ids, lq, _PAD_Q_SEGMENT),
             kv_segment_ids=pad(self.kv_segment_ids, lk, _PAD_KV_SEGMENT))
 
-    # -- bounds for block skipping -----------------------------------------------------------------------------
+    # -- bounds for block skipping (bounds.py: one int32 scalar that holds for every batch row) ------------------
     def kv_stop(self, q_stop, lk: int) -> jax.Array:
         """Exclusive bound on the key positions any query row ``< q_stop`` may attend, for any batch row
         (int32 scalar, at most ``lk``). Keys at or past it can be skipped."""
-        stop = jnp.asarray(lk, jnp.int32)
-        if self.causal:
-            off = 0 if self.q_offset is None else jnp.max(self.q_offset)
-            reach = jnp.asarray(q_stop + off, jnp.int32)
-            if self.prefix_lengths is not None:
-                reach = jnp.maximum(reach, jnp.max(self.prefix_lengths))
-            stop = jnp.minimum(stop, reach)
-        if self.kv_lengths is not None:
-            stop = jnp.minimum(stop, jnp.max(self.kv_lengths))
-        return jnp.maximum(stop, 0).astype(jnp.int32)
+        return bounds.kv_stop(self, q_stop, lk)
 
     def q_start_for(self, kv_start) -> jax.Array:
         """The first query row that may attend key ``kv_start`` in any batch row (int32 scalar, >= 0).
         Query rows before it can be skipped for keys at or after ``kv_start``."""
-        if not self.causal:
-            return jnp.zeros((), jnp.int32)
-        off = 0 if self.q_offset is None else jnp.max(self.q_offset)
-        first = jnp.asarray(kv_start - off, jnp.int32)
-        if self.prefix_lengths is not None:
-            first = jnp.where(kv_start < jnp.max(self.prefix_lengths), 0, first)
-        return jnp.maximum(first, 0).astype(jnp.int32)
+        return bounds.q_start(self, kv_start)
 
     def kv_start_for(self, q_start) -> jax.Array:
         """The first key position any query row ``>= q_start`` may attend in any batch row (int32 scalar, >= 0):
         with a ``window``, keys before it lie left of the band and can be skipped; 0 without one."""
-        if self.window is None:
-            return jnp.zeros((), jnp.int32)
-        off = 0 if self.q_offset is None else jnp.min(self.q_offset)
-        return jnp.maximum(jnp.asarray(q_start + off - self.window + 1, jnp.int32), 0).astype(jnp.int32)
+        return bounds.kv_start(self, q_start)
 
     def q_stop_for(self, kv_stop, lq: int) -> jax.Array:
         """Exclusive bound on the query rows that may attend any key ``< kv_stop`` in any batch row (int32 scalar,
         at most ``lq``): with a ``window``, rows at or past it see only later keys; ``lq`` without one."""
-        stop = jnp.asarray(lq, jnp.int32)
-        if self.window is None:
-            return stop
-        off = 0 if self.q_offset is None else jnp.min(self.q_offset)
-        reach = jnp.asarray(kv_stop - 1 + self.window - off, jnp.int32)  # row i sees key j only if i < j + w - off
-        return jnp.clip(reach, 0, stop).astype(jnp.int32)
+        return bounds.q_stop(self, kv_stop, lq)
 
     # -- combination -------------------------------------------------------------------------------------------
     def __and__(self, other: "Mask") -> "Mask":

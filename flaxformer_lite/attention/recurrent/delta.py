@@ -30,13 +30,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .checks import Dims, check_block_size, check_mask, check_qkv, check_range, check_step_qkv, check_valid
+from ..checks import Dims, check_block_size, check_mask, check_qkv, check_range, check_step_qkv, check_valid
+from ..masks import Mask
+from ..pallas import block_unsupported, unsupported
+from .common import from_groups, gate_log_decay, kernel_impl, plan_groups, scan_groups, segment_runs, to_groups
 from .delta_pallas import pallas_delta
-from .linear import LINEAR_IMPLS, gate_log_decay, segment_runs
-from .linear_causal import from_groups, plan_groups, scan_groups, to_groups
-from .linear_pallas import pallas_unsupported
-from .masks import Mask
-from .pallas_tiles import MIN_BLOCK
 
 NORM_EPS = 1e-6  # q and k are divided by sqrt(|x|^2 + eps): a zero (padded) key stays zero
 
@@ -91,17 +89,8 @@ def delta_attention(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, *
 def delta_impl(impl: str, block_size: int, backend: str | None = None) -> str:
     """The impl `delta_attention` runs, ``"xla"`` or ``"pallas"`` (see its ``impl``); ``backend``: None for JAX's
     default. Raises `ValueError` for an unknown impl, or ``"pallas"`` asked for a call it cannot compute."""
-    if impl not in LINEAR_IMPLS:
-        raise ValueError(f"impl must be one of {LINEAR_IMPLS} for delta_attention, got {impl!r}")
-    backend = jax.default_backend() if backend is None else backend
-    if impl == "xla" or (impl == "auto" and backend != "gpu"):
-        return "xla"
-    reason = pallas_unsupported(False, jnp.float32, backend)
-    if block_size < MIN_BLOCK or block_size & (block_size - 1):
-        reason = f"block_size={block_size} (the kernel takes a power of two >= {MIN_BLOCK})"
-    if reason and impl == "pallas":
-        raise ValueError(f"delta_attention impl='pallas' cannot compute this call: {reason}; use impl='xla'")
-    return "xla" if reason else "pallas"
+    return kernel_impl("delta_attention", impl, backend,
+                       lambda backend: block_unsupported(block_size) or unsupported("the delta rule kernels", backend))
 
 
 def delta_init_state(batch: int, kv_heads: int, head_dim: int, value_dim: int) -> jax.Array:

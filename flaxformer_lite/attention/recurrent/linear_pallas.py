@@ -20,9 +20,9 @@ walk carrying the sums is sequential and each block's quadratic part runs in par
    sums entering the block, for the rows whose segment is the carried one.
 
 The sums depend on the kv head only, so a GQA group's query heads share one walk. Decays are <= 1 and there are no
-key log-scales, so every exponent is <= 0 and no running maximum is needed. `pallas_tiles.block_step` gives each
+key log-scales, so every exponent is <= 0 and no running maximum is needed. `chunk_tiles.block_step` gives each
 block's decays and segment masks; the run carried into a block is the largest run id of the block before
-(`pallas_tiles.carried_run`), so the parallel kernels know it without the walk. Matmul operands keep the input dtype
+(`chunk_tiles.carried_run`), so the parallel kernels know it without the walk. Matmul operands keep the input dtype
 (bf16 stays bf16) and accumulate in float32.
 
 The backward (a `custom_vjp`) mirrors it: ``linear_causal_backward_states`` walks the blocks from the last per
@@ -43,12 +43,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from .linear_causal import decay_grad, run_ids
+from ..pallas import block_length, padded_dim, tile_size, unsupported
+from .chunk_tiles import Specs, f32, grid, launch, operands
+from .common import run_ids
+from .linear_causal import decay_grad
 from .linear_pallas_kernels import backward_blocks_kernel, backward_states_kernel, output_kernel, states_kernel
-from .pallas_tiles import Specs, block_length, launch, operands, padded_dim, tile_size
-
-_DTYPES = ("float32", "bfloat16", "float16")
-
 
 def pallas_unsupported(feature_has_scale: bool, dtype, backend: str | None = None) -> str | None:
     """Why `pallas_causal_sums` cannot compute a call, or None if it can.
@@ -59,13 +58,9 @@ def pallas_unsupported(feature_has_scale: bool, dtype, backend: str | None = Non
       backend: ``jax.default_backend()`` when None.
     """
     backend = jax.default_backend() if backend is None else backend
-    if backend not in ("gpu", "cpu"):
-        return f"the linear attention kernel targets Triton on GPU (and interpret mode on CPU), not {backend!r}"
     if feature_has_scale:
         return "a feature map with key log-scales (FAVOR+): the kernel takes plain features (elu, relu)"
-    if jnp.dtype(dtype).name not in _DTYPES:
-        return f"dtype {jnp.dtype(dtype).name} (the linear attention kernel takes {', '.join(_DTYPES)})"
-    return None
+    return unsupported("the linear attention kernels", backend, dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,7 +142,7 @@ _sums.defvjp(_sums_fwd, _sums_bwd)
 
 
 def _lay_out(plan: _Plan, qf, kf, v, runs, log_decay) -> tuple[list, list]:
-    """`pallas_tiles.operands`, split: ``([qf, kf, v], [log_decay, runs] where present)``."""
+    """`chunk_tiles.operands`, split: ``([qf, kf, v], [log_decay, runs] where present)``."""
     ops = operands(qf, kf, v, [log_decay], runs, plan.block, plan.dtype)
     return ops[:3], ops[3:]
 
@@ -158,32 +153,25 @@ def _gate_specs(specs: Specs, per: int, decayed: bool, segmented: bool, neighbou
     return [specs.positions(per)] * decayed + runs * segmented
 
 
-def _f32(*shape) -> jax.ShapeDtypeStruct:
-    return jax.ShapeDtypeStruct(shape, jnp.float32)
-
-
 def _forward(plan: _Plan, qf, kf, v, runs, log_decay):
     """Lay out, run the two forward kernels, and cut back: ``(num [b, l, n, g, v], den [b, l, n, g], entering)``
     float32, with ``entering = (S [b, blocks, n, fp, vp], z [b, blocks, n, tiles, fp])`` the sums entering each
     block (a copy of z per value tile)."""
     b, l, n, g, _ = qf.shape
     (q, k, vals), gates = _lay_out(plan, qf, kf, v, runs, log_decay)
-    _, lp, h, fp = q.shape
-    c, bv, vp = plan.block, plan.block_v, vals.shape[-1]
-    blocks, tiles = lp // c, vp // bv
-    flags = dict(c=c, decayed=log_decay is not None, segmented=runs is not None)
-    par, seq = Specs(c, bv), Specs(lp, bv)  # a grid over blocks; a grid walking them
+    lp, h, fp, vp, blocks, tiles, flags, par, seq = grid(q, vals, plan.block, plan.block_v, log_decay, runs)
+    bv = plan.block_v
     entering = launch(  # per kv head and value tile, the blocks in order
         functools.partial(states_kernel, **flags), [k, vals] + gates,
         [seq.rows(fp), seq.rows(vp, tile=True)] + _gate_specs(seq, 1, flags["decayed"], flags["segmented"]),
         [seq.states(blocks, fp), seq.sums(blocks, fp)],
-        [_f32(b, blocks, n, fp, vp), _f32(b, blocks, n, tiles, fp)], (1, b, n, tiles), max(fp, bv),
+        [f32(b, blocks, n, fp, vp), f32(b, blocks, n, tiles, fp)], (1, b, n, tiles), max(fp, bv),
         plan.interpret, "linear_causal_states")
     num, den = launch(  # per block, query head and value tile; den [b, h, tiles, lp]: each tile writes a copy
         functools.partial(output_kernel, **flags), [q, k, vals, *entering] + gates + gates[-1:] * flags["segmented"],
         [par.rows(fp), par.rows(fp, g), par.rows(vp, g, tile=True), par.state(fp, g), par.sum(fp, g)]
         + _gate_specs(par, g, flags["decayed"], flags["segmented"], [(-1, blocks)]),
-        [par.rows(vp, tile=True), par.tile_copies()], [_f32(b, lp, h, vp), _f32(b, h, tiles, lp)],
+        [par.rows(vp, tile=True), par.tile_copies()], [f32(b, lp, h, vp), f32(b, h, tiles, lp)],
         (blocks, b, h, tiles), max(fp, bv), plan.interpret, "linear_causal_output")
     num = num[:, :l, :, :v.shape[-1]].reshape(b, l, n, g, v.shape[-1])
     den = jnp.moveaxis(den[:, :, 0, :l], 1, 2).reshape(b, l, n, g)
@@ -196,11 +184,8 @@ def _backward(plan: _Plan, qf, kf, v, runs, log_decay, entering, d_num, d_den):
     the cotangents of the sums."""
     b, l, n, g, f = qf.shape
     (q, k, vals), gates = _lay_out(plan, qf, kf, v, runs, log_decay)
-    _, lp, h, fp = q.shape
-    c, bv, vp = plan.block, plan.block_v, vals.shape[-1]
-    blocks, tiles = lp // c, vp // bv
-    flags = dict(c=c, decayed=log_decay is not None, segmented=runs is not None)
-    par, seq = Specs(c, bv), Specs(lp, bv)
+    lp, h, fp, vp, blocks, tiles, flags, par, seq = grid(q, vals, plan.block, plan.block_v, log_decay, runs)
+    bv = plan.block_v
     dn = jnp.pad(d_num.astype(jnp.float32).reshape(b, l, h, -1), [(0, 0), (0, lp - l), (0, 0), (0, vp - v.shape[-1])])
     dd = jnp.pad(jnp.moveaxis(d_den.astype(jnp.float32).reshape(b, l, h), 1, 2), [(0, 0), (0, 0), (0, lp - l)])
     later = launch(  # per query head and value tile, the blocks from the last
@@ -208,7 +193,7 @@ def _backward(plan: _Plan, qf, kf, v, runs, log_decay, entering, d_num, d_den):
         [seq.rows(fp), seq.rows(vp, tile=True), seq.positions()]
         + _gate_specs(seq, g, flags["decayed"], flags["segmented"]),
         [seq.states(blocks, fp), seq.sums(blocks, fp)],
-        [_f32(b, blocks, h, fp, vp), _f32(b, blocks, h, tiles, fp)], (1, b, h, tiles), max(fp, bv),
+        [f32(b, blocks, h, fp, vp), f32(b, blocks, h, tiles, fp)], (1, b, h, tiles), max(fp, bv),
         plan.interpret, "linear_causal_backward_states")
     segs = [gates[-1]] * 2 if runs is not None else []
     dq, dk, dv = launch(  # dq, dk [b, tiles, lp, h, fp]: each value tile's share; dv [b, lp, h, vp]: per query head
@@ -217,7 +202,7 @@ def _backward(plan: _Plan, qf, kf, v, runs, log_decay, entering, d_num, d_den):
          par.state(fp, g), par.sum(fp, g), par.state(fp), par.sum(fp)]
         + _gate_specs(par, g, flags["decayed"], flags["segmented"], [(-1, blocks), (1, blocks)]),
         [par.tile_shares(fp), par.tile_shares(fp), par.rows(vp, tile=True)],
-        [_f32(b, tiles, lp, h, fp)] * 2 + [_f32(b, lp, h, vp)], (blocks, b, h, tiles), max(fp, bv),
+        [f32(b, tiles, lp, h, fp)] * 2 + [f32(b, lp, h, vp)], (blocks, b, h, tiles), max(fp, bv),
         plan.interpret, "linear_causal_backward_blocks")
     dq = jnp.sum(dq[:, :, :l, :, :f], 1).reshape(b, l, n, g, f)
     dk = jnp.sum(dk[:, :, :l, :, :f], 1).reshape(b, l, n, g, f).sum(3)

@@ -13,8 +13,9 @@ How the mask reaches the kernels (flash_kernels.py does the rest): four int32 ro
 ``q_seg [b, q]``, ``kv_seg [b, k]`` (segment ids, zeros without segments; INT32_MIN for keys that padding hides,
 INT32_MIN + 1 for padded query rows). Query ``i`` sees key ``j`` iff ``q_seg[i] == kv_seg[j]`` and, when causal,
 ``kv_pos[j] <= q_pos[i]``, and with a ``window`` also ``kv_pos[j] > q_pos[i] - window``. Loop bounds per (batch
-row, block) from causal/prefix/offset/padding/window skip key blocks no query of a block can see (causal attention
-does about half the work; a window of w keys visits about w / bk + 1 key blocks per query block).
+row, block) from causal/prefix/offset/padding/window (`block_bounds`, from `attention.bounds`) skip key blocks no
+query of a block can see (causal attention does about half the work; a window of w keys visits about w / bk + 1 key
+blocks per query block).
 
 Shape key: b batch, q query length, k key length, h query heads, n kv heads, g = h // n, d head dim, v value dim.
 """
@@ -25,15 +26,16 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import pallas as pl
 
-from .checks import Dims, check_block_size
-from .flash_kernels import NUM_STAGES, FlashMasks, FlashPlan, backward_dkdv, backward_dq, forward
-from .masks import Mask
+from .. import bounds
+from ..checks import Dims
+from ..masks import Mask
+from ..pallas import MIN_BLOCK, NUM_STAGES, block_length, padded_dim, unsupported
+from .flash_kernels import FlashMasks, FlashPlan, backward_dkdv, backward_dq, forward
 
 MAX_HEAD_DIM = 256  # a padded [block, head_dim] tile per operand must stay on chip
-MIN_BLOCK = 16  # Triton's smallest matmul tile
-MAX_BLOCK = 128  # a [bq, bk] float32 logits tile lives in registers: 128 x 128 is 64 per thread at 8 warps
+# Blocks are powers of two from 16 to 128 (`pallas.block_length`): a [bq, bk] float32 logits tile lives in registers,
+# and 128 x 128 is 64 per thread at 8 warps.
 _BWD_BLOCK_MAX = 64  # the backward holds more [bq, bk] float32 tiles live than the forward: smaller blocks
 # Float32 operands compiled for a GPU: blocks of at most 32. Compiled offline for sm_90 (benchmarks/
 # triton_resources.py), 3xTF32 tiles of 64-128 rows spill 0.3-6.6 KB per thread at any num_warps; at 32 the forward
@@ -46,7 +48,6 @@ _INT32_MIN = int(np.iinfo(np.int32).min)
 _ALWAYS = _INT32_MIN  # kv_pos of a prefix key: <= every query position
 _HIDDEN = _INT32_MIN  # kv_seg of a key that padding hides: no query has this id
 _PAD_QUERY = _INT32_MIN + 1  # q_seg of a padded query row: sees no key
-_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def flash_unsupported(dims: Dims, dtype, mask: Mask | None, bias, dropout_rate: float,
@@ -63,14 +64,13 @@ def flash_unsupported(dims: Dims, dtype, mask: Mask | None, bias, dropout_rate: 
     """
     del mask
     backend = jax.default_backend() if backend is None else backend
-    if backend not in ("gpu", "cpu"):
-        return f"the flash kernels target the Triton GPU backend (and interpret mode on CPU), not {backend!r}"
+    reason = unsupported("the flash kernels", backend, dtype)
+    if reason:
+        return reason
     if bias is not None:
         return "an additive bias (bias=...): the flash kernels take none"
     if dropout_rate > 0:
         return "dropout_rate > 0: the flash kernels do not drop attention weights"
-    if jnp.dtype(dtype).name not in _DTYPES:
-        return f"dtype {jnp.dtype(dtype).name} (the flash kernels take {', '.join(_DTYPES)})"
     if max(dims.head_dim, dims.value_dim) > MAX_HEAD_DIM:
         return f"head dims above {MAX_HEAD_DIM} (head_dim {dims.head_dim}, value head_dim {dims.value_dim})"
     return None
@@ -98,9 +98,9 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, dims: Dims, mas
         raise ValueError(f"flash_attention cannot run this call: {reason}")
     if dims.lq == 0 or dims.lk == 0:
         return jnp.zeros((dims.batch, dims.lq, dims.heads, dims.value_dim), q.dtype)
-    d_pad, v_pad = _padded_dim(dims.head_dim), _padded_dim(dims.value_dim)
+    d_pad, v_pad = padded_dim(dims.head_dim), padded_dim(dims.value_dim)
     interpret = jax.default_backend() == "cpu" if interpret is None else bool(interpret)
-    bq, bk = _block_size("block_q", block_q, dims.lq), _block_size("block_kv", block_kv, dims.lk)
+    bq, bk = block_length(block_q, dims.lq, "block_q"), block_length(block_kv, dims.lk, "block_kv")
     if q.dtype == jnp.float32 and not interpret:
         bq, bk = min(bq, _F32_BLOCK_MAX), min(bk, _F32_BLOCK_MAX)
     bq, bk = fit_blocks(bq, bk, d_pad, d_pad + v_pad, q.dtype.itemsize)  # holds q; loops over k, v
@@ -116,15 +116,6 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, dims: Dims, mas
     return out[:, :dims.lq, :, :dims.value_dim]
 
 
-def _block_size(name: str, size: int, length: int) -> int:
-    """A block size checked to be a power of two >= 16, clipped to `MAX_BLOCK` and to ``length`` rounded up to a
-    power of two."""
-    size = check_block_size(name, size)
-    if size < MIN_BLOCK or size & (size - 1):
-        raise ValueError(f"{name} must be a power of two >= {MIN_BLOCK} for the flash kernels, got {size}")
-    return min(size, MAX_BLOCK, max(MIN_BLOCK, pl.next_power_of_2(length)))
-
-
 def fit_blocks(bq: int, bk: int, held_width: int, loop_width: int, itemsize: int, *,
                swapped_too: bool = False) -> tuple[int, int]:
     """``(bq, bk)`` halved (the larger first, keys on a tie) until one program's tiles fit `_SHARED_BYTES`: the
@@ -138,11 +129,6 @@ def fit_blocks(bq: int, bk: int, held_width: int, loop_width: int, itemsize: int
     return bq, bk
 
 
-def _padded_dim(size: int) -> int:
-    """Head dims padded to a power of two >= 16 (zeros change no logit and no output)."""
-    return max(MIN_BLOCK, pl.next_power_of_2(size))
-
-
 def _pad(x: jax.Array, length: int, dim: int) -> jax.Array:
     """``[b, l, heads, e]`` zero-padded to ``[b, length, heads, dim]``."""
     if x.shape[1] == length and x.shape[3] == dim:
@@ -150,7 +136,7 @@ def _pad(x: jax.Array, length: int, dim: int) -> jax.Array:
     return jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, dim - x.shape[3])))
 
 
-# -- the mask as int32 rows and loop bounds ------------------------------------------------------------------------
+# -- the mask as int32 rows and loop bounds -------------------------------------------------------------------------
 def _pad_rows(x: jax.Array, length: int, value) -> jax.Array:
     return jnp.pad(x, ((0, 0), (0, length - x.shape[1])), constant_values=value)
 
@@ -179,66 +165,20 @@ def _encode_mask(plan: FlashPlan, mask: Mask, dims: Dims, lq: int, lk: int) -> F
     if valid is not None:
         valid = _pad_rows(valid, lk, False)
         kv_seg = jnp.where(valid, kv_seg, _HIDDEN)
-    fwd, bwd = (plan.block_q, plan.block_kv), (plan.block_q_bwd, plan.block_kv_bwd)
-    return FlashMasks(q_pos, kv_pos, q_seg, kv_seg,
-                      kv_lo=_first_kv_blocks(mask, dims, lq, *fwd), kv_hi=_kv_blocks(mask, dims, valid, lq, *fwd),
-                      kv_lo_bwd=_first_kv_blocks(mask, dims, lq, *bwd),
-                      kv_hi_bwd=_kv_blocks(mask, dims, valid, lq, *bwd),
-                      q_lo_bwd=_first_q_blocks(mask, dims, valid, lq, lk, *bwd),
-                      q_hi_bwd=_q_blocks(mask, dims, lq, lk, *bwd))
+    kv_start, kv_stop, _, _ = block_bounds(mask, dims, lq, lk, plan.block_q, plan.block_kv)
+    bwd = block_bounds(mask, dims, lq, lk, plan.block_q_bwd, plan.block_kv_bwd)
+    return FlashMasks(q_pos, kv_pos, q_seg, kv_seg, kv_start, kv_stop, *bwd)
 
 
-def _kv_blocks(mask: Mask, dims: Dims, valid, lq: int, bq: int, bk: int) -> jax.Array:
-    """int32 ``[b, q / bq]``: how many key blocks query block ``i`` visits; every key past them is hidden from all
-    its rows (by causality, the key length, or padding)."""
-    b, nq = dims.batch, lq // bq
-    stop = jnp.full((b, nq), dims.lk, jnp.int32)
-    if mask.causal:  # row i reaches key i + q_offset, or the end of the prefix
-        reach = (jnp.arange(1, nq + 1, dtype=jnp.int32) * bq)[None, :] + _offsets(mask, b)[:, None]
-        if mask.prefix_lengths is not None:
-            reach = jnp.maximum(reach, mask.prefix_lengths.astype(jnp.int32)[:, None])
-        stop = jnp.minimum(stop, reach)
-    if valid is not None:  # one past the last valid key
-        last = jnp.max(jnp.where(valid, jnp.arange(1, valid.shape[1] + 1, dtype=jnp.int32), 0), axis=1)
-        stop = jnp.minimum(stop, last[:, None])
-    return (jnp.maximum(stop, 0) + bk - 1) // bk
-
-
-def _first_kv_blocks(mask: Mask, dims: Dims, lq: int, bq: int, bk: int) -> jax.Array:
-    """int32 ``[b, q / bq]``: the first key block query block ``i`` visits; with a ``window``, every key before it
-    lies left of the band of all its rows (row ``i`` sees keys from ``i + q_offset - window + 1``); 0 without one."""
-    b, nq = dims.batch, lq // bq
-    if mask.window is None:
-        return jnp.zeros((b, nq), jnp.int32)
-    first = (jnp.arange(nq, dtype=jnp.int32) * bq)[None, :] + _offsets(mask, b)[:, None] - (mask.window - 1)
-    return (jnp.maximum(first, 0) // bk).astype(jnp.int32)
-
-
-def _q_blocks(mask: Mask, dims: Dims, lq: int, lk: int, bq: int, bk: int) -> jax.Array:
-    """int32 ``[b, k / bk]``: one past the last query block that may see key block ``j``; with a ``window``, rows
-    from ``j_last - q_offset + window`` on see only later keys; ``q / bq`` without one."""
+def block_bounds(mask: Mask, dims: Dims, lq: int, lk: int, bq: int, bk: int) -> tuple[jax.Array, ...]:
+    """The kernels' loop bounds per batch row (`attention.bounds`), for queries/keys padded to ``lq``/``lk``: key
+    blocks ``[kv_start, kv_stop)`` of each query block, int32 ``[b, q / bq]`` each, then query blocks
+    ``[q_start, q_stop)`` of each key block, int32 ``[b, k / bk]`` each."""
     b, nq, nk = dims.batch, lq // bq, lk // bk
-    if mask.window is None:
-        return jnp.full((b, nk), nq, jnp.int32)
-    last = (jnp.arange(1, nk + 1, dtype=jnp.int32) * bk - 1)[None, :]  # the block's last key
-    stop = jnp.clip(last + mask.window - _offsets(mask, b)[:, None], 0, lq)
-    return ((stop + bq - 1) // bq).astype(jnp.int32)
-
-
-def _first_q_blocks(mask: Mask, dims: Dims, valid, lq: int, lk: int, bq: int, bk: int) -> jax.Array:
-    """int32 ``[b, k / bk]``: the first query block that may see key block ``j`` (``q / bq`` when none may: the
-    block is all padding)."""
-    b, nq, nk = dims.batch, lq // bq, lk // bk
-    start = jnp.arange(nk, dtype=jnp.int32) * bk
-    first = jnp.zeros((b, nk), jnp.int32)
-    if mask.causal:  # key j is first seen by row j - q_offset, or by row 0 inside the prefix
-        first = jnp.maximum(start[None, :] - _offsets(mask, b)[:, None], 0)
-        if mask.prefix_lengths is not None:
-            first = jnp.where(start[None, :] < mask.prefix_lengths[:, None], 0, first)
-    live = jnp.broadcast_to(start < dims.lk, (b, nk))
-    if valid is not None:
-        live = live & valid.reshape(b, nk, bk).any(axis=-1)
-    return jnp.where(live, jnp.minimum(first // bq, nq), nq).astype(jnp.int32)
+    kv = bounds.kv_blocks(mask, jnp.arange(nq, dtype=jnp.int32), bq, bk, dims.lk, per_row=True)
+    q = bounds.q_blocks(mask, jnp.arange(nk, dtype=jnp.int32), bq, bk, nq, dims.lk, per_row=True)
+    return (*(jnp.broadcast_to(x, (b, nq)).astype(jnp.int32) for x in kv),
+            *(jnp.broadcast_to(x, (b, nk)).astype(jnp.int32) for x in q))
 
 
 # -- custom_vjp -------------------------------------------------------------------------------------------------------

@@ -1,10 +1,10 @@
 """Blockwise (flash-style) softmax attention in pure JAX: O(l) memory forward *and* backward.
 
 Forward: for each query block, an online softmax over key blocks (running max ``m``, normaliser ``l``, accumulator),
-visiting only key blocks the mask can reach (causal attention does about half the work; a sliding ``window`` only
-the blocks its band crosses). Backward: a `custom_vjp` that keeps only ``out`` and the log-sum-exp ``lse`` and
-recomputes each tile's probabilities (FlashAttention-2's algorithm: outer loop over key blocks, inner loop over the
-query blocks that can see them).
+visiting only key blocks the mask can reach (`attention.bounds`: causal attention does about half the work; a sliding
+``window`` only the blocks its band crosses). Backward: a `custom_vjp` that keeps only ``out`` and the log-sum-exp
+``lse`` and recomputes each tile's probabilities (FlashAttention-2's algorithm: outer loop over key blocks, inner loop
+over the query blocks that can see them).
 
 Two ways to visit the tiles (``static``):
   - on the CPU (default there): loop bounds computed from the mask's data (lengths, prefixes, offsets, the window)
@@ -28,9 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from .checks import Dims, check_block_size
-from .dropout import grouped_keep_mask
-from .masks import Mask
+from .. import bounds
+from ..checks import Dims, check_block_size
+from ..dropout import grouped_keep_mask
+from ..masks import Mask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,12 +124,16 @@ def _scores(plan: _Plan, qi, kj, bias, visible, i, j):
 
 def _static_tiles(plan: _Plan, by_key: bool) -> tuple[np.ndarray, np.ndarray]:
     """The (query block, key block) indices a static visit goes through, as two int32 arrays: every tile, or for a
-    plain causal mask those holding a pair ``key <= query`` (and ``query - key < window`` for a windowed one);
-    ordered by query block (``by_key`` False: the forward) or by key block (the backward)."""
+    plain causal mask those `bounds.kv_blocks` leaves by the static structure alone (pairs ``key <= query``, and
+    ``query - key < window`` for a windowed one); ordered by query block (``by_key`` False: the forward) or by key
+    block (the backward)."""
     i, j = np.meshgrid(np.arange(plan.nq), np.arange(plan.nk), indexing="ij")
-    keep = j * plan.bk < (i + 1) * plan.bq if plan.lower_triangle else np.ones_like(i, bool)
-    if plan.window is not None:  # the tile's last key is within the window of its first query
-        keep &= (j + 1) * plan.bk - 1 > i * plan.bq - plan.window
+    keep = np.ones_like(i, bool)
+    if plan.lower_triangle:
+        with jax.ensure_compile_time_eval():  # numbers at trace time, not traced ops
+            start, stop = bounds.kv_blocks(Mask(causal=True, window=plan.window), i[:, :1], plan.bq, plan.bk,
+                                           plan.nk * plan.bk)
+        keep = (j >= np.asarray(start)) & (j < np.asarray(stop))
     i, j = i[keep], j[keep]
     order = np.lexsort((i, j)) if by_key else np.lexsort((j, i))
     return i[order].astype(np.int32), j[order].astype(np.int32)
@@ -177,8 +182,7 @@ def _forward(plan: _Plan, q, k, v, mask, bias, seed):
 
     def q_block(args):
         i, qi = args
-        kv_stop = mask.kv_stop((i + 1) * plan.bq, plan.lk)
-        lo, hi = mask.kv_start_for(i * plan.bq) // plan.bk, (kv_stop + plan.bk - 1) // plan.bk
+        lo, hi = bounds.kv_blocks(mask, i, plan.bq, plan.bk, plan.lk)
 
         def kv_step(j, carry):
             visible = _tile_visible(plan, mask, i, j)
@@ -275,14 +279,11 @@ def _tile_backward(plan: _Plan, tiles, kj, vj, bias, seed, visible, i, j, dbias)
 def _backward_dynamic(plan: _Plan, tiles, mask, bias, seed, dbias):
     """Outer scan over key blocks, inner loop over the query blocks the mask's data lets see them (the CPU)."""
     qb, kb, vb = tiles[:3]
-    q_stop = mask.kv_stop(plan.nq * plan.bq, plan.lk)
 
     def kv_block(carry, args):
         dq, dbias = carry
         j, kj, vj = args
-        lo = mask.q_start_for(j * plan.bk) // plan.bq
-        lo = jnp.where(j * plan.bk < q_stop, lo, plan.nq)  # no query sees this key block at all
-        hi = (mask.q_stop_for((j + 1) * plan.bk, plan.nq * plan.bq) + plan.bq - 1) // plan.bq  # the window's end
+        lo, hi = bounds.q_blocks(mask, j, plan.bq, plan.bk, plan.nq, plan.lk)
 
         def q_step(i, inner):
             visible = _tile_visible(plan, mask, i, j)

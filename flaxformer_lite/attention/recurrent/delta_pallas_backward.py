@@ -3,7 +3,7 @@ blocks' systems' share in parallel.
 
 Per block, with the forward's ``T``, ``W``, ``U``, the state ``S0`` entering the block, ``dS1`` the cotangent of
 the one leaving it, ``M_g = Q_g K^T * D`` for each query head g of the kv head and the factors of
-`pallas_tiles.block_step` (``g`` read, ``a`` add, ``keep``)::
+`chunk_tiles.block_step` (``g`` read, ``a`` add, ``keep``)::
 
     dU  = sum_g M_g^T dO_g + (a K) dS1
     dS0 = sum_g (g Q_g)^T dO_g + keep dS1 - W^T dU                          (carried to the block before)
@@ -25,7 +25,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from .delta_pallas_kernels import gate_refs
-from .pallas_tiles import block_step, carried_run, dot, scale, scale_rows, triangle
+from ..pallas import dot
+from .chunk_tiles import block_step, carried_run, scale, scale_rows, triangle
 
 
 def _step(refs: list, c: int, decayed: bool, segmented: bool):

@@ -10,8 +10,9 @@ g = h // n, d head dim, v value dim (both padded to powers of two >= 16); ``bq``
 The mask arrives as int32 rows (built by flash.py): query ``i`` may attend key ``j`` when
 ``q_seg[i] == kv_seg[j]`` (if `FlashPlan.segmented`), ``kv_pos[j] <= q_pos[i]`` (if `FlashPlan.causal`),
 ``kv_pos[j] > q_pos[i] - window`` (if `FlashPlan.window`: a sliding window) and ``j < FlashPlan.lk`` (block
-padding). Loop bounds come precomputed per (batch row, block): key blocks ``kv_lo:kv_hi`` (``[b, q / bq]`` each) to
-visit for each query block, query blocks ``q_lo:q_hi`` (``[b, k / bk]``) that can see each key block.
+padding). Loop bounds come precomputed per (batch row, block) by `attention.bounds`: key blocks ``kv_start:kv_stop``
+(``[b, q / bq]`` each) to visit for each query block, query blocks ``q_start:q_stop`` (``[b, k / bk]``) that can see
+each key block.
 """
 from __future__ import annotations
 
@@ -24,12 +25,11 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from .pallas_tiles import dot as _dot
-from .pallas_tiles import pallas_call
+from ..pallas import pallas_call
+from ..pallas import dot as _dot
 
 _NEG_INF = float("-inf")
 _LOG2E = 1.4426950408889634  # logits are kept in base 2 inside the kernels: exp2 is one instruction, exp is two
-NUM_STAGES = 2  # Triton software pipelining: copies of the tiles a loop loads kept in shared memory at once
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,12 +69,12 @@ class FlashMasks(NamedTuple):
     kv_pos: jax.Array  # [b, k] position of each key; INT32_MIN for prefix keys, which every query sees
     q_seg: jax.Array  # [b, q] segment id of each query row (compared only when segmented)
     kv_seg: jax.Array  # [b, k] segment id of each key; INT32_MIN where padding hides it
-    kv_lo: jax.Array  # [b, q / block_q] first key block each forward query block visits (0 without a window)
-    kv_hi: jax.Array  # [b, q / block_q] one past the last key block each forward query block visits
-    kv_lo_bwd: jax.Array  # [b, q / block_q_bwd] the same two for the backward dq kernel's blocks
-    kv_hi_bwd: jax.Array
-    q_lo_bwd: jax.Array  # [b, k / block_kv_bwd] first query block that can see each key block (q / bq: none)
-    q_hi_bwd: jax.Array  # [b, k / block_kv_bwd] one past the last one (q / bq without a window)
+    kv_start: jax.Array  # [b, q / block_q] first key block each forward query block visits (0 without a window)
+    kv_stop: jax.Array  # [b, q / block_q] one past the last key block each forward query block visits
+    kv_start_bwd: jax.Array  # [b, q / block_q_bwd] the same two for the backward dq kernel's blocks
+    kv_stop_bwd: jax.Array
+    q_start_bwd: jax.Array  # [b, k / block_kv_bwd] first query block that can see each key block (q / bq: none)
+    q_stop_bwd: jax.Array  # [b, k / block_kv_bwd] one past the last one (q / bq without a window)
 
     @property
     def rows(self) -> tuple[jax.Array, ...]:
@@ -89,7 +89,7 @@ def _load_side(plan: FlashPlan, pos_ref, seg_ref, start, size: int):
     return (pos_ref[rows] if plan.causal else None), (seg_ref[rows] if plan.segmented else None)
 
 
-def _logits(plan: FlashPlan, q, k, q_side, kv_side, kv_start):
+def _logits(plan: FlashPlan, q, k, q_side, kv_side, first_key):
     """Masked logits of one tile in base 2, float32 ``[bq, bk]``: ``log2(e) * scale * q . k``, -inf where the mask
     hides the pair (``exp2`` of them minus a base-2 log-sum-exp gives the attention weights)."""
     s = _dot(q, k, trans_b=True) * (plan.scale * _LOG2E)
@@ -105,14 +105,14 @@ def _logits(plan: FlashPlan, q, k, q_side, kv_side, kv_start):
             seen = seen & (kv_b > q_b - plan.window)
         visible = seen if visible is None else visible & seen
     if plan.kv_padded:
-        real = jnp.broadcast_to((kv_start + jnp.arange(shape[1]))[None, :], shape) < plan.lk
+        real = jnp.broadcast_to((first_key + jnp.arange(shape[1]))[None, :], shape) < plan.lk
         visible = real if visible is None else visible & real
     return s if visible is None else jnp.where(visible, s, _NEG_INF)
 
 
 # -- kernels ----------------------------------------------------------------------------------------------------------
-def _forward_kernel(q_ref, k_ref, v_ref, q_pos_ref, kv_pos_ref, q_seg_ref, kv_seg_ref, kv_lo_ref, kv_hi_ref, o_ref,
-                    lse_ref, *, plan: FlashPlan):
+def _forward_kernel(q_ref, k_ref, v_ref, q_pos_ref, kv_pos_ref, q_seg_ref, kv_seg_ref, kv_start_ref, kv_stop_ref,
+                    o_ref, lse_ref, *, plan: FlashPlan):
     """One query block of one (batch row, head): online softmax over its key blocks -> ``o [bq, v]``, ``lse [bq]``."""
     bq, bk = plan.block_q, plan.block_kv
     q = q_ref[...]
@@ -133,7 +133,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_pos_ref, kv_pos_ref, q_seg_ref, kv_se
 
     init = (jnp.zeros((bq, v_ref.shape[-1]), jnp.float32), jnp.zeros((bq,), jnp.float32) + _NEG_INF,
             jnp.zeros((bq,), jnp.float32))
-    acc, m, l = lax.fori_loop(kv_lo_ref[...], kv_hi_ref[...], body, init)
+    acc, m, l = lax.fori_loop(kv_start_ref[...], kv_stop_ref[...], body, init)
     seen = l > 0.0  # a row that may attend no key has acc == 0: it returns zeros
     l_safe = jnp.where(seen, l, 1.0)
     o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
@@ -142,7 +142,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_pos_ref, kv_pos_ref, q_seg_ref, kv_se
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_pos_ref, kv_pos_ref, q_seg_ref, kv_seg_ref,
-               kv_lo_ref, kv_hi_ref, dq_ref, *, plan: FlashPlan):
+               kv_start_ref, kv_stop_ref, dq_ref, *, plan: FlashPlan):
     """One query block of one (batch row, head): ``dq [bq, d]`` from its key blocks' recomputed weights."""
     bq, bk = plan.block_q_bwd, plan.block_kv_bwd
     q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
@@ -156,31 +156,31 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_pos_ref, kv_po
         ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
         return dq + _dot(ds.astype(k.dtype), k)
 
-    dq = lax.fori_loop(kv_lo_ref[...], kv_hi_ref[...], body, jnp.zeros((bq, q_ref.shape[-1]), jnp.float32))
+    dq = lax.fori_loop(kv_start_ref[...], kv_stop_ref[...], body, jnp.zeros((bq, q_ref.shape[-1]), jnp.float32))
     dq_ref[...] = (dq * plan.scale).astype(dq_ref.dtype)
 
 
 def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_pos_ref, kv_pos_ref, q_seg_ref, kv_seg_ref,
-                 q_lo_ref, q_hi_ref, dk_ref, dv_ref, *, plan: FlashPlan):
+                 q_start_ref, q_stop_ref, dk_ref, dv_ref, *, plan: FlashPlan):
     """One key block of one (batch row, kv head): ``dk [bk, d]``, ``dv [bk, v]`` summed over the g query heads that
     share it (GQA/MQA) and over the query blocks that can see it."""
     bq, bk = plan.block_q_bwd, plan.block_kv_bwd
     k, v = k_ref[...], v_ref[...]
-    kv_start = pl.program_id(0) * bk
+    first_key = pl.program_id(0) * bk
     kv_side = _load_side(plan, kv_pos_ref, kv_seg_ref, 0, bk)
 
     def q_block(head, i, carry):
         dk, dv = carry
         rows = pl.ds(i * bq, bq)
         q, do = q_ref[rows, head, :], do_ref[rows, head, :]
-        s = _logits(plan, q, k, _load_side(plan, q_pos_ref, q_seg_ref, i * bq, bq), kv_side, kv_start)
+        s = _logits(plan, q, k, _load_side(plan, q_pos_ref, q_seg_ref, i * bq, bq), kv_side, first_key)
         p = jnp.exp2(s - lse_ref[head, rows][:, None])
         dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
         ds = p * (_dot(do, v, trans_b=True) - delta_ref[head, rows][:, None])
         return dk + _dot(ds.astype(q.dtype), q, trans_a=True), dv
 
     def head(h, carry):
-        return lax.fori_loop(q_lo_ref[...], q_hi_ref[...], functools.partial(q_block, h), carry)
+        return lax.fori_loop(q_start_ref[...], q_stop_ref[...], functools.partial(q_block, h), carry)
 
     init = (jnp.zeros((bk, k_ref.shape[-1]), jnp.float32), jnp.zeros((bk, v_ref.shape[-1]), jnp.float32))
     dk, dv = head(0, init) if plan.groups == 1 else lax.fori_loop(0, plan.groups, head, init)
@@ -209,46 +209,44 @@ def _mask_specs(lq: int, lk: int, q_block: int | None, kv_block: int | None) -> 
     return [q_spec, kv_spec, q_spec, kv_spec]
 
 
+def _query_grid_specs(q, k, v, bq: int, g: int):
+    """For a grid over (query blocks, batch rows, query heads): ``rows(width)``, the spec of the program's block of
+    ``[b, q, h, width]`` rows; the specs of k and v (every key of the query head's kv head); those of the mask rows
+    and of the two loop bounds."""
+    lq, lk, d, dv = q.shape[1], k.shape[1], k.shape[3], v.shape[3]
+    rows = lambda width: pl.BlockSpec((None, bq, None, width), lambda i, bi, hi: (bi, i, hi, 0))
+    per_kv = lambda i, bi, hi: (bi, 0, lax.div(hi, g), 0)
+    bound = pl.BlockSpec((None, None), lambda i, bi, hi: (bi, i))
+    kv_specs = [pl.BlockSpec((None, lk, None, d), per_kv), pl.BlockSpec((None, lk, None, dv), per_kv)]
+    return rows, kv_specs, _mask_specs(lq, lk, bq, None) + [bound] * 2
+
+
 def forward(plan: FlashPlan, q, k, v, masks):
     """``q [b, q, h, d]``, ``k [b, k, n, d]``, ``v [b, k, n, v]``, ``masks`` (q_pos, kv_pos, q_seg, kv_seg,
-    kv_lo, kv_hi, ...) -> ``out [b, q, h, v]`` (q's dtype), ``lse [b, h, q]`` float32."""
+    kv_start, kv_stop, ...) -> ``out [b, q, h, v]`` (q's dtype), ``lse [b, h, q]`` float32."""
     b, lq, h, d = q.shape
-    lk, dv, bq, g = k.shape[1], v.shape[3], plan.block_q, plan.groups
-    per_q = lambda i, bi, hi: (bi, i, hi, 0)
-    per_kv = lambda i, bi, hi: (bi, 0, lax.div(hi, g), 0)
-    mask_specs = _mask_specs(lq, lk, bq, None)
-    bound = pl.BlockSpec((None, None), lambda i, bi, hi: (bi, i))
+    dv, bq = v.shape[3], plan.block_q
+    rows, kv_specs, mask_specs = _query_grid_specs(q, k, v, bq, plan.groups)
     return pallas_call(
-        functools.partial(_forward_kernel, plan=plan), [q, k, v, *masks.rows, masks.kv_lo, masks.kv_hi],
-        grid=(lq // bq, b, h),
-        in_specs=[pl.BlockSpec((None, bq, None, d), per_q), pl.BlockSpec((None, lk, None, d), per_kv),
-                  pl.BlockSpec((None, lk, None, dv), per_kv), *mask_specs, *[bound] * 2],
-        out_specs=[pl.BlockSpec((None, bq, None, dv), per_q),
-                   pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, i))],
+        functools.partial(_forward_kernel, plan=plan), [q, k, v, *masks.rows, masks.kv_start, masks.kv_stop],
+        grid=(lq // bq, b, h), in_specs=[rows(d), *kv_specs, *mask_specs],
+        out_specs=[rows(dv), pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, i))],
         out_shape=[jax.ShapeDtypeStruct((b, lq, h, dv), q.dtype), jax.ShapeDtypeStruct((b, h, lq), jnp.float32)],
-        num_warps=_num_warps(q, v, forward=True), num_stages=NUM_STAGES, interpret=plan.interpret,
-        name="flash_forward")
+        num_warps=_num_warps(q, v, forward=True), interpret=plan.interpret, name="flash_forward")
 
 
 def backward_dq(plan: FlashPlan, q, k, v, do, lse, delta, masks):
     """``dq [b, q, h, d]`` (q's dtype) from the inputs, ``do [b, q, h, v]``, ``lse``/``delta [b, h, q]``."""
     b, lq, h, d = q.shape
-    lk, dv, bq, g = k.shape[1], v.shape[3], plan.block_q_bwd, plan.groups
-    per_q = lambda i, bi, hi: (bi, i, hi, 0)
-    per_kv = lambda i, bi, hi: (bi, 0, lax.div(hi, g), 0)
+    dv, bq = v.shape[3], plan.block_q_bwd
+    rows, kv_specs, mask_specs = _query_grid_specs(q, k, v, bq, plan.groups)
     per_row = pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, i))
-    mask_specs = _mask_specs(lq, lk, bq, None)
-    bound = pl.BlockSpec((None, None), lambda i, bi, hi: (bi, i))
+    operands = [q, k, v, do, lse, delta, *masks.rows, masks.kv_start_bwd, masks.kv_stop_bwd]
     return pallas_call(
-        functools.partial(_dq_kernel, plan=plan), [q, k, v, do, lse, delta, *masks.rows, masks.kv_lo_bwd,
-                                                    masks.kv_hi_bwd],
-        grid=(lq // bq, b, h),
-        in_specs=[pl.BlockSpec((None, bq, None, d), per_q), pl.BlockSpec((None, lk, None, d), per_kv),
-                  pl.BlockSpec((None, lk, None, dv), per_kv), pl.BlockSpec((None, bq, None, dv), per_q), per_row,
-                  per_row, *mask_specs, *[bound] * 2],
-        out_specs=pl.BlockSpec((None, bq, None, d), per_q),
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        num_warps=_num_warps(q, v), num_stages=NUM_STAGES, interpret=plan.interpret, name="flash_backward_dq")
+        functools.partial(_dq_kernel, plan=plan), operands, grid=(lq // bq, b, h),
+        in_specs=[rows(d), *kv_specs, rows(dv), per_row, per_row, *mask_specs], out_specs=rows(d),
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), num_warps=_num_warps(q, v), interpret=plan.interpret,
+        name="flash_backward_dq")
 
 
 def backward_dkdv(plan: FlashPlan, q, k, v, do, lse, delta, masks):
@@ -261,12 +259,12 @@ def backward_dkdv(plan: FlashPlan, q, k, v, do, lse, delta, masks):
     mask_specs = _mask_specs(lq, lk, None, bk)
     bound = pl.BlockSpec((None, None), lambda j, bi, ni: (bi, j))
     return pallas_call(
-        functools.partial(_dkdv_kernel, plan=plan), [q, k, v, do, lse, delta, *masks.rows, masks.q_lo_bwd,
-                                                      masks.q_hi_bwd],
+        functools.partial(_dkdv_kernel, plan=plan), [q, k, v, do, lse, delta, *masks.rows, masks.q_start_bwd,
+                                                      masks.q_stop_bwd],
         grid=(lk // bk, b, n),
         in_specs=[pl.BlockSpec((None, lq, g, d), group), pl.BlockSpec((None, bk, None, d), per_kv),
                   pl.BlockSpec((None, bk, None, dv), per_kv), pl.BlockSpec((None, lq, g, dv), group), group_rows,
                   group_rows, *mask_specs, *[bound] * 2],
         out_specs=[pl.BlockSpec((None, bk, None, d), per_kv), pl.BlockSpec((None, bk, None, dv), per_kv)],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        num_warps=_num_warps(q, v), num_stages=NUM_STAGES, interpret=plan.interpret, name="flash_backward_dkdv")
+        num_warps=_num_warps(q, v), interpret=plan.interpret, name="flash_backward_dkdv")

@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .checks import Dims
-from .masks import Mask
+from ..checks import Dims
+from ..masks import Mask
 
 _LANE = 128  # splash blocks are multiples of the TPU's 128 lanes
 _PAD_SEGMENT = int(np.iinfo(np.int32).min)  # segment id of padded rows and keys: seen only by each other

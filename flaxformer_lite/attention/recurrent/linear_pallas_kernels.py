@@ -1,7 +1,7 @@
 """The kernels of `linear_pallas`: two walks along the blocks that only carry states, and two kernels parallel over
 blocks that do each block's quadratic part (flash-linear-attention's chunk_fwd_h / chunk_fwd_o and their backward).
 
-Forward, per block with ``S [f, v]`` and ``z [f]`` the sums entering it and `pallas_tiles.block_step`'s factors
+Forward, per block with ``S [f, v]`` and ``z [f]`` the sums entering it and `chunk_tiles.block_step`'s factors
 (``pair``: decay of each visible pair; ``read``: factor on the entering sums where a row reads them; ``add``,
 ``keep``: factors of the keys and of the entering sums in the sums leaving the block)::
 
@@ -26,7 +26,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from .pallas_tiles import block_step, carried_run, dot, scale, scale_rows
+from ..pallas import dot
+from .chunk_tiles import block_step, carried_run, scale, scale_rows
 
 
 def _gate_refs(refs: list, decayed: bool, segmented: bool, neighbours: int) -> tuple:

@@ -1,7 +1,7 @@
 """`pallas_delta`: the (gated) delta rule's chunk form as Pallas kernels, parallel across blocks but for the state.
 
 The GPU counterpart of `delta._blocks`. Per block of c positions, with ``D_ri = exp(G_r - G_i)`` for keys i <= r of
-row r's run (`pallas_tiles.block_step`), ``g_r = exp(G_r)`` where row r reads the entering state (0 elsewhere) and
+row r's run (`chunk_tiles.block_step`), ``g_r = exp(G_r)`` where row r reads the entering state (0 elsewhere) and
 ``S0`` that state (see `delta` for the derivation)::
 
     T = (I + strict_tril(beta K K^T * D))^-1                  by forward substitution, one row at a time
@@ -41,10 +41,11 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from ..pallas import block_length, padded_dim, tile_size
+from .chunk_tiles import Specs, f32, grid, launch, operands
+from .common import run_ids
 from .delta_pallas_backward import backward_blocks_kernel, backward_queries_kernel, backward_states_kernel
 from .delta_pallas_kernels import blocks_kernel, output_kernel, states_kernel
-from .linear_causal import run_ids
-from .pallas_tiles import Specs, block_length, launch, operands, padded_dim, tile_size
 
 
 # Warps per program where the width rule (4 up to 64 columns, else 8) spills more. Compiled offline for sm_90
@@ -87,8 +88,8 @@ def pallas_delta(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, seg:
     if l == 0:  # no block to launch a kernel over
         return jnp.zeros((b, 0, n, g, v.shape[-1]), jnp.float32), jnp.zeros((b, n, d, v.shape[-1]), jnp.float32)
     runs = run_ids(seg)
-    f32 = lambda x: None if x is None else x.astype(jnp.float32)
-    return _delta(plan, f32(q), f32(k), f32(v), f32(beta), runs, f32(log_decay))
+    as_f32 = lambda x: None if x is None else x.astype(jnp.float32)
+    return _delta(plan, as_f32(q), as_f32(k), as_f32(v), as_f32(beta), runs, as_f32(log_decay))
 
 
 # -- custom_vjp: three forward kernels, three backward kernels ------------------------------------------------------
@@ -113,7 +114,7 @@ _delta.defvjp(_delta_fwd, _delta_bwd)
 
 
 class _Laid(NamedTuple):
-    """The padded operands of `pallas_tiles.operands` (None where absent)."""
+    """The padded operands of `chunk_tiles.operands` (None where absent)."""
 
     q: jax.Array  # [b, lp, h, dp]
     k: jax.Array  # [b, lp, n, dp]
@@ -151,40 +152,33 @@ def _gates(x: _Laid, specs: Specs, per: int) -> tuple[list, list]:
     return ops, in_specs
 
 
-def _f32(*shape) -> jax.ShapeDtypeStruct:
-    return jax.ShapeDtypeStruct(shape, jnp.float32)
-
-
 def _forward(plan: _Plan, q, k, v, beta, runs, log_decay, keep: bool = False):
     """Lay out, run the three forward kernels, and cut back: ``(out [b, l, n, g, v], state [b, n, d, v], saved)``,
     ``saved`` the `_Saved` with the blocks' inverses if ``keep`` (for the backward)."""
     b, l, n, g, d = q.shape
     x = _lay_out(plan, q, k, v, beta, runs, log_decay)
-    _, lp, h, dp = x.q.shape
-    c, bv, vp = plan.block, plan.block_v, x.v.shape[-1]
-    blocks, tiles = lp // c, vp // bv
-    flags = dict(c=c, decayed=log_decay is not None, segmented=runs is not None)
+    lp, h, dp, vp, blocks, tiles, flags, par, seq = grid(x.q, x.v, plan.block, plan.block_v, log_decay, runs)
+    c, bv = plan.block, plan.block_v
     gated = flags["decayed"] or flags["segmented"]
-    par, seq = Specs(c, bv), Specs(lp, bv)  # a grid over blocks; a grid walking them
     ops, in_specs = _gates(x, par, 1)
     made = launch(  # per block and kv head: W, U0 (and a K, keep; T)
         functools.partial(blocks_kernel, keep_inverse=keep, **flags), [x.k, x.v, x.beta] + ops,
         [par.rows(dp), par.rows(vp), par.positions()] + in_specs,
         [par.rows(dp), par.rows(vp)] + [par.rows(dp), par.positions()] * gated + [par.rows(c)] * keep,
-        [_f32(b, lp, n, dp), _f32(b, lp, n, vp)] + [_f32(b, lp, n, dp), _f32(b, n, lp)] * gated
-        + [_f32(b, lp, n, c)] * keep, (blocks, b, n, 1), max(dp, vp), plan.interpret, "delta_rule_blocks")
+        [f32(b, lp, n, dp), f32(b, lp, n, vp)] + [f32(b, lp, n, dp), f32(b, n, lp)] * gated
+        + [f32(b, lp, n, c)] * keep, (blocks, b, n, 1), max(dp, vp), plan.interpret, "delta_rule_blocks")
     w, u0, added, keep_factor = made[0], made[1], made[2] if gated else x.k, made[3] if gated else None
     entering, u, final = launch(  # per kv head and value tile, the blocks in order
         functools.partial(states_kernel, c=c, gated=gated), [w, u0, added] + [keep_factor] * gated,
         [seq.rows(dp), seq.rows(vp, tile=True), seq.rows(dp)] + [seq.positions()] * gated,
         [seq.states(blocks, dp), seq.rows(vp, tile=True), seq.last(dp)],
-        [_f32(b, blocks, n, dp, vp), _f32(b, lp, n, vp), _f32(b, n, dp, vp)],
+        [f32(b, blocks, n, dp, vp), f32(b, lp, n, vp), f32(b, n, dp, vp)],
         (1, b, n, tiles), max(dp, bv), plan.interpret, "delta_rule_states")
     ops, in_specs = _gates(x, par, g)
     out = launch(  # per block, query head and value tile
         functools.partial(output_kernel, **flags), [x.q, x.k, u, entering] + ops,
         [par.rows(dp), par.rows(dp, g), par.rows(vp, g, tile=True), par.state(dp, g)] + in_specs,
-        [par.rows(vp, tile=True)], [_f32(b, lp, h, vp)], (blocks, b, h, tiles), max(dp, bv), plan.interpret,
+        [par.rows(vp, tile=True)], [f32(b, lp, h, vp)], (blocks, b, h, tiles), max(dp, bv), plan.interpret,
         "delta_rule_output", num_warps=_OUTPUT_WARPS)[0]
     out = out[:, :l, :, :v.shape[-1]].reshape(b, l, n, g, v.shape[-1])
     saved = _Saved(made[-1] if keep else None, w, added, keep_factor, u, entering)
@@ -198,12 +192,9 @@ def _backward(plan: _Plan, q, k, v, beta, runs, log_decay, saved: _Saved, d_out,
     b, l, n, g, d = q.shape
     dv = v.shape[-1]
     x = _lay_out(plan, q, k, v, beta, runs, log_decay)
-    _, lp, h, dp = x.q.shape
-    c, bv, vp = plan.block, plan.block_v, x.v.shape[-1]
-    blocks, tiles = lp // c, vp // bv
-    flags = dict(c=c, decayed=log_decay is not None, segmented=runs is not None)
+    lp, h, dp, vp, blocks, tiles, flags, par, seq = grid(x.q, x.v, plan.block, plan.block_v, log_decay, runs)
+    c, bv = plan.block, plan.block_v
     decayed, gated = flags["decayed"], saved.keep is not None
-    par, seq = Specs(c, bv), Specs(lp, bv)
     ops, in_specs = _gates(x, par, g)
     d_out = jnp.pad(d_out.reshape(b, l, h, dv), [(0, 0), (0, lp - l), (0, 0), (0, vp - dv)])
     queries = launch(  # per block, query head and value tile
@@ -211,8 +202,8 @@ def _backward(plan: _Plan, q, k, v, beta, runs, log_decay, saved: _Saved, d_out,
         [par.rows(dp), par.rows(dp, g), par.rows(vp, g, tile=True), par.state(dp, g), par.rows(vp, tile=True)]
         + in_specs, [par.tile_shares(dp)] * 2 + [par.rows(vp, tile=True), par.state(dp)]
         + [par.tile_copies()] * decayed,
-        [_f32(b, tiles, lp, h, dp)] * 2 + [_f32(b, lp, h, vp), _f32(b, blocks, h, dp, vp)]
-        + [_f32(b, h, tiles, lp)] * decayed, (blocks, b, h, tiles), max(dp, bv), plan.interpret,
+        [f32(b, tiles, lp, h, dp)] * 2 + [f32(b, lp, h, vp), f32(b, blocks, h, dp, vp)]
+        + [f32(b, h, tiles, lp)] * decayed, (blocks, b, h, tiles), max(dp, bv), plan.interpret,
         "delta_rule_backward_queries", num_warps=_BACKWARD_WARPS)
     # the walk runs once per kv head: its inputs from the queries are summed over the group first
     group_sum = lambda y, axis: y.reshape(y.shape[:axis] + (n, g) + y.shape[axis + 1:]).sum(axis + 1)
@@ -222,7 +213,7 @@ def _backward(plan: _Plan, q, k, v, beta, runs, log_decay, saved: _Saved, d_out,
         [group_sum(queries[2], 2), group_sum(queries[3], 2), saved.added, saved.w] + [saved.keep] * gated
         + [d_final], [seq.rows(vp, tile=True), seq.states(blocks, dp), seq.rows(dp), seq.rows(dp)]
         + [seq.positions()] * gated + [seq.last(dp)], [seq.states(blocks, dp), seq.rows(vp, tile=True)],
-        [_f32(b, blocks, n, dp, vp), _f32(b, lp, n, vp)], (1, b, n, tiles), max(dp, bv), plan.interpret,
+        [f32(b, blocks, n, dp, vp), f32(b, lp, n, vp)], (1, b, n, tiles), max(dp, bv), plan.interpret,
         "delta_rule_backward_states", num_warps=_BACKWARD_WARPS)
     ops, in_specs = _gates(x, par, 1)
     systems = launch(  # per block, kv head and value tile
@@ -231,7 +222,7 @@ def _backward(plan: _Plan, q, k, v, beta, runs, log_decay, saved: _Saved, d_out,
         [par.rows(dp), par.rows(vp, tile=True), par.positions(), par.rows(c), par.rows(vp, tile=True),
          par.state(dp), par.state(dp), par.rows(vp, tile=True)] + in_specs,
         [par.tile_shares(dp), par.rows(vp, tile=True)] + [par.tile_copies()] * (1 + decayed),
-        [_f32(b, tiles, lp, n, dp), _f32(b, lp, n, vp)] + [_f32(b, n, tiles, lp)] * (1 + decayed),
+        [f32(b, tiles, lp, n, dp), f32(b, lp, n, vp)] + [f32(b, n, tiles, lp)] * (1 + decayed),
         (blocks, b, n, tiles), max(dp, bv), plan.interpret, "delta_rule_backward_blocks",
         num_warps=_BACKWARD_WARPS)
     per_position = lambda y: jnp.moveaxis(y.sum(2)[..., :l], 1, 2)  # [b, heads, tiles, lp] -> [b, l, heads]

@@ -26,14 +26,15 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
-from .checks import check_block_size, check_mask, check_qkv, check_range, check_rank4, check_step_qkv, check_valid
+from ..checks import check_block_size, check_mask, check_qkv, check_rank4, check_step_qkv, check_valid
+from ..masks import Mask
+from ..pallas import block_unsupported
+from .common import along, gate_log_decay, kernel_impl, segment_runs
 from .feature_maps import FeatureMap, get_feature_map
-from .linear_causal import FLOOR, causal_sums, run_ids
+from .linear_causal import FLOOR, causal_sums
 from .linear_pallas import pallas_causal_sums, pallas_unsupported
-from .masks import Mask
 
 
 def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask | None = None,
@@ -91,11 +92,7 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask | N
         num, den, _ = causal_sums(qf, kf, ka, v, runs, runs, log_decay, block_size, dtype=dtype,
                                   decay_grad_by_identity=data_gate)
         if mask.prefix_lengths is not None:
-            in_prefix = jnp.arange(dims.lk)[None, :] < mask.prefix_lengths[:, None]
-            pnum, pden = _bidirectional(qf, *_hide(kf, ka, in_prefix), v, runs, block_size, dtype)
-            row_in_prefix = (jnp.arange(lq)[None, :] < mask.prefix_lengths[:, None])[:, :, None, None]
-            num = jnp.where(row_in_prefix[..., None], pnum, num)
-            den = jnp.where(row_in_prefix, pden, den)
+            num, den = _with_prefix(qf, kf, ka, v, runs, mask.prefix_lengths, (num, den), block_size, dtype)
     return normalize(num, den).reshape(b, lq, h, dims.value_dim).astype(q.dtype)
 
 
@@ -122,78 +119,21 @@ def _normalize_bwd(residuals, d_out):
 normalize.defvjp(_normalize_fwd, _normalize_bwd)
 
 
-LINEAR_IMPLS = ("auto", "xla", "pallas")
-
-
 def linear_impl(impl: str, mask: Mask, key_scales: bool, dtype, block_size: int, backend: str | None = None) -> str:
     """The impl `linear_attention` runs: ``"xla"`` or ``"pallas"`` (see its ``impl``). ``key_scales``: the feature
     map gives keys log-scales (FAVOR+); ``dtype``: the matmul operand dtype; ``backend``: None for JAX's default.
     Raises `ValueError` for an unknown impl, or ``"pallas"`` asked for a call it cannot compute."""
-    if impl not in LINEAR_IMPLS:
-        raise ValueError(f"impl must be one of {LINEAR_IMPLS} for linear_attention, got {impl!r}")
-    backend = jax.default_backend() if backend is None else backend
-    if impl == "xla" or (impl == "auto" and backend != "gpu"):
-        return "xla"
-    reason = pallas_unsupported(key_scales, dtype, backend)
-    if not mask.causal or mask.prefix_lengths is not None:
-        reason = "a mask that is not causal, or has prefix_lengths (the kernel computes causal sums)"
-    elif block_size < 16 or block_size & (block_size - 1):
-        reason = f"block_size={block_size} (the kernel takes a power of two >= 16)"
-    if reason and impl == "pallas":
-        raise ValueError(f"linear_attention impl='pallas' cannot compute this call: {reason}; use impl='xla'")
-    return "xla" if reason else "pallas"
+    def why_not(backend):
+        if not mask.causal or mask.prefix_lengths is not None:
+            return "a mask that is not causal, or has prefix_lengths (the kernel computes causal sums)"
+        return block_unsupported(block_size) or pallas_unsupported(key_scales, dtype, backend)
+    return kernel_impl("linear_attention", impl, backend, why_not)
 
 
 def matmul_dtype(dtype) -> jnp.dtype:
     """The operand dtype of linear attention's matmuls: bf16 inputs keep theirs, anything else float32. (fp16 would
     overflow: the carried ``[f, v]`` sums pass 65504 within a few thousand positions of values about 5.)"""
     return jnp.dtype(dtype) if jnp.dtype(dtype) == jnp.bfloat16 else jnp.dtype(jnp.float32)
-
-
-def segment_runs(mask: Mask, fn: str) -> jax.Array | None:
-    """`run_ids` of ``mask``'s segment ids ``[b, l]``, or None without segments, for the kernels that carry a state
-    along the sequence: they see one segment id per position, so ``kv_segment_ids`` must equal ``q_segment_ids``
-    (`ValueError` naming ``fn`` when both are concrete and differ; traced ids cannot be compared)."""
-    if not mask.has_segments:
-        return None
-    if not mask.shares_segments:
-        try:
-            same = np.array_equal(np.asarray(mask.q_segment_ids), np.asarray(mask.kv_segment_ids))
-        except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-            same = True
-        if not same:
-            raise ValueError(f"{fn} needs kv_segment_ids equal to q_segment_ids (the state it carries along the "
-                             "sequence restarts at one set of boundaries); pass one array for both")
-    return run_ids(mask.q_segment_ids)
-
-
-LOG_DECAY_FLOOR = -80.0  # exp(-80) ~ 2e-35: a state decayed this much is gone; -inf would make exp(-inf + inf) NaN
-
-
-def gate_log_decay(decay, log_decay, shape: tuple, valid=None) -> jax.Array | None:
-    """The log decay ``[b, l, n]`` float32 from ``decay [n]`` or ``log_decay [b, l, n]`` (``shape``), or None;
-    0 (no decay) where ``valid [b, l]`` is False, and at least `LOG_DECAY_FLOOR`. Concrete values are checked: a
-    decay in (0, 1], a log decay <= 0."""
-    b, l, n = shape
-    if decay is not None and log_decay is not None:
-        raise ValueError("give decay (fixed per head) or log_decay (per position), not both")
-    if decay is not None:
-        decay = jnp.asarray(decay)
-        if decay.shape != (n,):
-            raise ValueError(f"decay must have shape [kv_heads] = [{n}] (one per key/value head: the state is kept "
-                             f"per kv head), got {list(decay.shape)}")
-        check_range("decay", decay, lambda x: (x > 0) & (x <= 1), "in (0, 1]")
-        log_decay = jnp.broadcast_to(jnp.log(decay.astype(jnp.float32)), shape)
-    elif log_decay is not None:
-        log_decay = jnp.asarray(log_decay)
-        if log_decay.shape != tuple(shape):
-            raise ValueError(f"log_decay must have shape [batch, length, kv_heads] = {list(shape)}, got "
-                             f"{list(log_decay.shape)}")
-        check_range("log_decay", log_decay, lambda x: x <= 0, "<= 0 (a decay in (0, 1])")
-        log_decay = jnp.maximum(log_decay.astype(jnp.float32), LOG_DECAY_FLOOR)
-    else:
-        return None
-    return log_decay if valid is None else jnp.where(_along(valid, log_decay), log_decay, 0.0)
 
 
 def _key_features(fmap: FeatureMap, k, v, valid):
@@ -203,20 +143,15 @@ def _key_features(fmap: FeatureMap, k, v, valid):
     if valid is None:
         kf, ka = fmap(k, is_query=False)
         return kf, ka, v
-    k, v = (jnp.where(_along(valid, x), x, jnp.zeros((), x.dtype)) for x in (k, v))
+    k, v = (jnp.where(along(valid, x), x, jnp.zeros((), x.dtype)) for x in (k, v))
     kf, ka = fmap(k, is_query=False)
     return _hide(kf, ka, valid) + (v,)
 
 
 def _hide(kf, ka, visible):
     """Keys where ``visible [b(, l)]`` is False get zero features and log-scale -inf (weight 0)."""
-    kf = jnp.where(_along(visible, kf), kf, 0.0)
-    return kf, None if ka is None else jnp.where(_along(visible, ka), ka, -jnp.inf)
-
-
-def _along(mask, x):
-    """A bool ``mask [b(, l)]`` with trailing axes of size 1 added to broadcast against ``x [b(, l), ...]``."""
-    return jnp.reshape(mask, mask.shape + (1,) * (x.ndim - mask.ndim))
+    kf = jnp.where(along(visible, kf), kf, 0.0)
+    return kf, None if ka is None else jnp.where(along(visible, ka), ka, -jnp.inf)
 
 
 def _check_unsupported(mask: Mask, dims, block_size, bias, scale, dropout_rate):
@@ -253,6 +188,16 @@ def _bidirectional(qf, kf, ka, v, runs, block_size: int, dtype):
         return fn * wf[..., None] + rn * wr[..., None], fd * wf + rd * wr
     state, norm, _ = _sum_state(kf, ka, v)
     return jnp.einsum("bqngf,bnfv->bqngv", qf, state), jnp.einsum("bqngf,bnf->bqng", qf, norm)
+
+
+def _with_prefix(qf, kf, ka, v, runs, prefix_lengths, causal: tuple, block_size: int, dtype):
+    """Prefix-LM: the rows inside the prefix take the sums over every prefix key, later rows the ``causal`` sums
+    ``(num [b, q, n, g, v], den [b, q, n, g])``; returns the blend in the same shapes."""
+    num, den = causal
+    in_prefix = jnp.arange(kf.shape[1])[None, :] < prefix_lengths[:, None]
+    pnum, pden = _bidirectional(qf, *_hide(kf, ka, in_prefix), v, runs, block_size, dtype)
+    row_in_prefix = (jnp.arange(qf.shape[1])[None, :] < prefix_lengths[:, None])[:, :, None, None]
+    return jnp.where(row_in_prefix[..., None], pnum, num), jnp.where(row_in_prefix, pden, den)
 
 
 def _sum_state(kf, ka, v):

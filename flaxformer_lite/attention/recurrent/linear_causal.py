@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from .common import from_groups, plan_groups, scan_groups, to_groups
+
 FLOOR = -1e30  # finite floor for running log-scales: exp(floor - floor) = 1, exp(-inf - floor) = 0
 
 
@@ -112,79 +114,6 @@ def _sums(qf, kf, ka, v, q_seg, kv_seg, log_decay, block: int, strict: bool, dty
     return tuple(None if x is None else from_groups(x, plan) for x in outs)
 
 
-def run_ids(seg: jax.Array | None) -> jax.Array | None:
-    """int32 ``[b, l]`` run indices of segment ids ``seg [b, l]``: 0 at the start, +1 wherever the id changes (None
-    stays None). The kernels that carry a state along the sequence take these: each contiguous run is one segment, so
-    an id that comes back later (``[0, 0, 1, 1, 0, 0]``) starts a new one, whatever the block size."""
-    if seg is None:
-        return None
-    seg = jnp.asarray(seg)
-    change = jnp.concatenate([jnp.zeros_like(seg[:, :1], jnp.int32), (seg[:, 1:] != seg[:, :-1]).astype(jnp.int32)],
-                             1)
-    return jnp.cumsum(change, 1, dtype=jnp.int32)
-
-
-class Groups(NamedTuple):
-    """How a chunk form cuts ``length`` positions: blocks of ``block`` positions, ``size`` blocks to a group,
-    ``count`` groups (the last padded)."""
-
-    length: int
-    block: int
-    size: int
-    count: int
-
-
-def plan_groups(length: int, block: int, state_bytes: int, size: int | None = None) -> Groups:
-    """The `Groups` for ``length`` positions in blocks of ``block``: ``size`` blocks to a group, default
-    `blocks_per_group` for one block's states of ``state_bytes``."""
-    blocks = -(-length // block)
-    size = min(blocks, size or blocks_per_group(blocks, state_bytes))
-    return Groups(length, block, size, -(-blocks // size))
-
-
-def to_groups(x: jax.Array, plan: Groups, fill=0, heads: bool = False) -> jax.Array:
-    """``[b, l, ...] -> [count, b, size, block, ...]``, padded with ``fill`` (``"edge"``: the last position
-    repeated); with ``heads``, axis 2 of ``x`` (the heads) goes before the blocks: ``[count, b, n, size, block,
-    ...]``."""
-    pad = plan.count * plan.size * plan.block - plan.length
-    if pad:
-        widths = [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)
-        x = jnp.pad(x, widths, mode="edge") if fill == "edge" else jnp.pad(x, widths, constant_values=fill)
-    x = jnp.moveaxis(x.reshape((x.shape[0], plan.count, plan.size, plan.block) + x.shape[2:]), 1, 0)
-    return jnp.moveaxis(x, 4, 2) if heads else x
-
-
-def from_groups(x: jax.Array, plan: Groups) -> jax.Array:
-    """``[count, b, n, size, block, ...] -> [b, l, n, ...]``: `to_groups` with ``heads`` undone."""
-    x = jnp.moveaxis(jnp.moveaxis(x, 0, 1), 2, 4)  # [b, count, size, block, n, ...]
-    return x.reshape((x.shape[0], plan.count * plan.size * plan.block) + x.shape[4:])[:, :plan.length]
-
-
-def scan_groups(body, init, xs: dict):
-    """``lax.scan(body, init, xs)`` over the groups (leading axis of ``xs``); a single group runs without a loop."""
-    if jax.tree.leaves(xs)[0].shape[0] > 1:
-        return lax.scan(body, init, xs)
-    carry, ys = body(init, jax.tree.map(lambda x: x[0], xs))
-    return carry, jax.tree.map(lambda y: y[None], ys)
-
-
-GROUP_BYTES = {"cpu": 1 << 20}  # per backend: the block states a group may hold; absent: all blocks at once
-
-
-def blocks_per_group(blocks: int, state_bytes: int, backend: str | None = None) -> int:
-    """How many of ``blocks`` blocks the chunk forms here and in delta.py compute at once, given one block's states
-    over all batch rows and heads (``state_bytes``): all of them on accelerators; on CPU as many as fit in
-    `GROUP_BYTES` (about a core's L2 cache), at least one, unless that makes only two groups, where the scan costs
-    more than the cache saves. Measured on 2 cores, fwd+bwd: at 16k tokens, h=8, d=64, elu+1 (64 x 64 states) runs
-    best with 8 blocks at a time at b=1 and 1-2 at b=8, FAVOR+ (266 x 64) with 1; at b=16, two blocks of 128 tokens
-    run 1.3x faster together than one at a time, four blocks of 256 tokens 1.15x faster one at a time."""
-    budget = GROUP_BYTES.get(jax.default_backend() if backend is None else backend)
-    if budget is None:
-        return blocks
-    group = max(1, min(blocks, budget // max(state_bytes, 1)))
-    return blocks if -(-blocks // group) <= 2 else group
-
-
 class _State(NamedTuple):
     """The running sums entering a group of blocks: ``state [b, n, f, v]``, ``norm [b, n, f]``, both relative to
     ``scale [b, n]``, and ``segment [b]``, the segment they belong to (-3: none)."""
@@ -201,23 +130,7 @@ def _group(entering: _State, x: dict, *, strict: bool, scaled: bool):
     it, and its rows' ``(num, den, scale or None)``."""
     qc, kc, vc = x["q"], x["k"], x["v"]
     b, n, m, c = kc.shape[:4]
-    visible = jnp.tril(jnp.ones((c, c), bool), -1 if strict else 0)
-    # The sums leaving block i belong to the segment of its last key; a row reads the sums entering its block iff it
-    # is in their segment, and the sums leaving block i keep the entering ones iff both have one segment.
-    if "qs" in x:
-        qs, ks = x["qs"], x["ks"]
-        visible = visible & (qs[..., :, None] == ks[..., None, :])  # [b, m, c(q), c(k)]
-        last = ks[..., -1]  # [b, m]
-        before = jnp.concatenate([entering.segment[:, None], last[:, :-1]], 1)
-        keep, segment = last == before, last[:, -1]
-        carried = (qs == before[..., None])[:, None]  # [b, 1, m, c]
-        in_last = (ks == last[..., None])[:, None]  # [b, 1, m, c]
-    else:  # one segment: the first block's entering sums are zero, so keeping them is harmless
-        keep, segment = None, entering.segment
-        carried = jnp.ones((b, 1, m, c), bool)
-        in_last = None
-    visible = jnp.broadcast_to(visible, (b, m, c, c))[:, None, :, :, None, :]  # [b, 1, m, q, 1, k]
-
+    visible, keep, segment, carried, in_last = _segments(entering, x, (b, m, c), strict)
     scores = jnp.einsum("xnmqgf,xnmkf->xnmqgk", qc, kc, preferred_element_type=jnp.float32)
     # Per-key weights (decay to the block's end, log-scales, the last segment) go on the values and per-row factors
     # (the entering sums' decay and scale) on the outputs: both are narrower than FAVOR+'s features.
@@ -259,6 +172,31 @@ def _group(entering: _State, x: dict, *, strict: bool, scaled: bool):
         num, den = num * row_w[..., None, None], den * row_w[..., None]
     num = num + jnp.einsum("xnmqgk,xnmkv->xnmqgv", weights.astype(vc.dtype), vc, preferred_element_type=jnp.float32)
     return leaving, (num, den + weights.sum(-1), row_scale)
+
+
+def _segments(entering: _State, x: dict, shape: tuple, strict: bool):
+    """The segment structure of a group of ``shape`` ``(b, m, c)``: ``visible [b, 1, m, c(q), 1, c(k)]`` (the pairs of
+    a block that interact), ``keep [b, m]`` (the sums leaving each block keep the entering ones; None: always),
+    the ``segment [b]`` of the sums leaving the group, ``carried [b, 1, m, c]`` (rows that read the entering sums)
+    and ``in_last [b, 1, m, c]`` (keys in the sums leaving their block; None: all)."""
+    b, m, c = shape
+    visible = jnp.tril(jnp.ones((c, c), bool), -1 if strict else 0)
+    # The sums leaving block i belong to the segment of its last key; a row reads the sums entering its block iff it
+    # is in their segment, and the sums leaving block i keep the entering ones iff both have one segment.
+    if "qs" in x:
+        qs, ks = x["qs"], x["ks"]
+        visible = visible & (qs[..., :, None] == ks[..., None, :])  # [b, m, c(q), c(k)]
+        last = ks[..., -1]  # [b, m]
+        before = jnp.concatenate([entering.segment[:, None], last[:, :-1]], 1)
+        keep, segment = last == before, last[:, -1]
+        carried = (qs == before[..., None])[:, None]  # [b, 1, m, c]
+        in_last = (ks == last[..., None])[:, None]  # [b, 1, m, c]
+    else:  # one segment: the first block's entering sums are zero, so keeping them is harmless
+        keep, segment = None, entering.segment
+        carried = jnp.ones((b, 1, m, c), bool)
+        in_last = None
+    visible = jnp.broadcast_to(visible, (b, m, c, c))[:, None, :, :, None, :]  # [b, 1, m, q, 1, k]
+    return visible, keep, segment, carried, in_last
 
 
 def _own_sums(kc, vc, key_w, scale, decay) -> "_Own":

@@ -1,4 +1,5 @@
-"""Tiles and block steps shared by the chunk-form Pallas kernels (`linear_pallas`, `delta_pallas`).
+"""Tiles and block steps shared by the chunk-form Pallas kernels (`linear_pallas`, `delta_pallas`); the tile helpers
+every Pallas kernel takes (`pallas_call`, `dot`, tile sizes) are in `attention.pallas`.
 
 Those kernels cut a sequence in blocks of c positions, as flash-linear-attention's chunk kernels do: a kernel that
 walks the blocks in order carries a state from block to block and stores the state entering each; kernels with a
@@ -10,14 +11,13 @@ from the block's start, 1 without decay) and must lie in one run of the packed s
 decayed, reset and added to according to the runs at the block's two ends. `block_step` computes all of that once,
 for a walk in either direction.
 
-Segment ids become run indices (`linear_causal.run_ids`: 0, 1, 2, ... up the sequence, a new one at each change)
+Segment ids become run indices (`common.run_ids`: 0, 1, 2, ... up the sequence, a new one at each change)
 before a kernel, so a run is a contiguous range, and a block's last run is its largest index and its first run its
 smallest. So the run of the state carried into a block is known without the walk: the largest run id of the block
 before (`carried_run`), which lets the parallel kernels apply the same masks.
 """
 from __future__ import annotations
 
-import contextvars
 import dataclasses
 from typing import NamedTuple
 
@@ -25,33 +25,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
-from .checks import check_block_size
-
-MIN_BLOCK = 16  # Triton's smallest matmul tile
-MAX_BLOCK = 128  # [c, c] float32 score and decay tiles live in registers
-# Whether the kernel body being traced runs in interpret mode: set by `pallas_call` around the trace, read by `dot`.
-_INTERPRET = contextvars.ContextVar("flaxformer_lite_pallas_interpret", default=True)
-
-
-def tile_size(name: str, size, largest: int | None) -> int:
-    """A tile size checked to be a power of two >= 16 (else `ValueError` naming ``name``), clipped to ``largest``."""
-    size = check_block_size(name, size)
-    if size < MIN_BLOCK or size & (size - 1):
-        raise ValueError(f"{name} must be a power of two >= {MIN_BLOCK} for the Pallas kernels, got {size}")
-    return size if largest is None else min(size, largest)
-
-
-def block_length(block, length: int) -> int:
-    """A kernel's block length: ``block`` checked by `tile_size`, clipped to `MAX_BLOCK` and to ``length`` rounded
-    up to a power of two (at least `MIN_BLOCK`)."""
-    return min(tile_size("block", block, MAX_BLOCK), max(MIN_BLOCK, pl.next_power_of_2(max(length, 1))))
-
-
-def padded_dim(size: int) -> int:
-    """Feature, head and value dims padded to a power of two >= 16 (zeros change no product)."""
-    return max(MIN_BLOCK, pl.next_power_of_2(size))
+from ..pallas import padded_dim, pallas_call
 
 
 def operands(q, k, v, per_kv_head: list, runs, block: int, dtype) -> list:
@@ -137,6 +112,29 @@ class Specs:
         return pl.BlockSpec((None, blocks, None, None, dim), lambda ci, bi, hi, vi: (bi, 0, _head(hi, per), vi, 0))
 
 
+class Grid(NamedTuple):
+    """The sizes of one chunk kernel call, read off its padded operands (`operands`), and its specs."""
+
+    lp: int  # positions, a multiple of the block length c
+    heads: int  # query heads h
+    dp: int  # head (or feature) dim, padded
+    vp: int  # value dim, padded
+    blocks: int  # lp / c
+    tiles: int  # value tiles, vp / bv
+    flags: dict  # the kernels' static keywords: c, decayed, segmented
+    par: Specs  # for a grid over blocks
+    seq: Specs  # for a grid walking the blocks
+
+
+def grid(q, v, c: int, bv: int, log_decay, runs) -> Grid:
+    """The `Grid` of a call on padded ``q [b, lp, h, dp]`` and ``v [b, lp, n, vp]``, in blocks of ``c`` and value
+    tiles of ``bv``, with a log decay and run ids where ``log_decay``/``runs`` are not None."""
+    _, lp, heads, dp = q.shape
+    vp = v.shape[-1]
+    flags = dict(c=c, decayed=log_decay is not None, segmented=runs is not None)
+    return Grid(lp, heads, dp, vp, lp // c, vp // bv, flags, Specs(c, bv), Specs(lp, bv))
+
+
 def _head(hi, per: int):
     return hi if per == 1 else lax.div(hi, per)
 
@@ -160,36 +158,9 @@ def launch(kernel, operands: list, in_specs: list, out_specs: list, out_shape: l
                        num_warps=num_warps, interpret=interpret, name=name)
 
 
-def pallas_call(kernel, operands: list, *, grid: tuple, in_specs, out_specs, out_shape, num_warps: int,
-                interpret: bool, name: str, num_stages: int = 2):
-    """`pl.pallas_call` of ``kernel`` on ``operands`` with Triton's launch parameters, its body traced knowing
-    whether it runs in interpret mode (which sets `dot`'s float32 precision)."""
-    token = _INTERPRET.set(bool(interpret))
-    try:
-        return pl.pallas_call(
-            kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-            compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-            interpret=interpret, name=name,
-        )(*operands)
-    finally:
-        _INTERPRET.reset(token)
-
-
-def dot_precision(dtype, interpret: bool):
-    """The precision of a kernel's ``dot`` on operands of ``dtype``: for float32, full float32 products in interpret
-    mode (XLA:CPU takes no other algorithm) and 3xTF32 on the GPU (Triton lowers full precision to unrolled FMA,
-    without tensor cores: minutes of compile time and register spills; 3xTF32 splits each operand into a high and a
-    low TF32 part and keeps three products, about float32's accuracy); None (the default) for bf16/fp16 operands,
-    which the tensor cores take as they are."""
-    if jnp.dtype(dtype) != jnp.float32:
-        return None
-    return lax.Precision.HIGHEST if interpret else lax.DotAlgorithmPreset.TF32_TF32_F32_X3
-
-
-def dot(a, b, *, trans_a=False, trans_b=False):
-    """``a @ b`` (either transposed) accumulated in float32, at `dot_precision` (float32 operands: full precision in
-    interpret mode, 3xTF32 compiled). Call it inside a kernel body launched by `pallas_call`."""
-    return plgpu.dot(a, b, trans_a=trans_a, trans_b=trans_b, precision=dot_precision(a.dtype, _INTERPRET.get()))
+def f32(*shape) -> jax.ShapeDtypeStruct:
+    """The ``out_shape`` of a float32 kernel output ``shape``."""
+    return jax.ShapeDtypeStruct(shape, jnp.float32)
 
 
 def triangle(c: int, upper: bool = False) -> jax.Array:

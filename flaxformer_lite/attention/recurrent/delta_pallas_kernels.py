@@ -2,7 +2,7 @@
 
 Per block, with ``D_ri = exp(G_r - G_i)`` for keys i <= r of row r's run, ``g_r = exp(G_r)`` where row r reads the
 state entering the block (0 elsewhere), ``a_i`` the factor of key i on the state leaving it and ``keep`` that of the
-entering state (`pallas_tiles.block_step`)::
+entering state (`chunk_tiles.block_step`)::
 
     T = (I + strict_tril(beta K K^T * D))^-1      W = T (beta g K)      U0 = T (beta V)      (`blocks_kernel`)
     U = U0 - W S,   S' = keep S + (a K)^T U                                                   (`states_kernel`)
@@ -10,7 +10,7 @@ entering state (`pallas_tiles.block_step`)::
 
 Only the middle line depends on the state ``S`` entering the block, and it is all the sequential walk does: two
 ``[c, d] x [d, bv]`` products per block. The run carried into a block (what ``g``, ``a`` and ``keep`` depend on) is
-known before the walk: the largest run id of the block before (`pallas_tiles.carried_run`).
+known before the walk: the largest run id of the block before (`chunk_tiles.carried_run`).
 
 Shape key: l the padded length, d head dim, v value dim (padded), bv value tile, c block length.
 """
@@ -21,7 +21,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from .pallas_tiles import block_step, carried_run, dot, scale, scale_rows, triangle
+from ..pallas import dot
+from .chunk_tiles import block_step, carried_run, scale, scale_rows, triangle
 
 
 def inverse_by_substitution(a: jax.Array) -> jax.Array:
