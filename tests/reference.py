@@ -5,6 +5,7 @@ Shapes: q [b, lq, h, d], k [b, lk, n, d], v [b, lk, n, dv]; dense masks [b, lq, 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 
 def dense_mask(b, lq, lk, *, causal=False, prefix_lengths=None, kv_lengths=None, kv_valid=None,
@@ -306,3 +307,30 @@ def encoder_decoder_params(vocab, embed, mlp, heads_dim, enc_layers, dec_layers)
     ffn = embed * mlp + mlp + mlp * embed + embed
     norm = 2 * embed
     return vocab * embed + enc_layers * (attn + ffn + 2 * norm) + dec_layers * (2 * attn + ffn + 3 * norm)
+
+
+def assert_same_tree(got, want):
+    """Fail unless ``got`` and ``want`` (pytrees of arrays: variables, params) hold leaves at exactly the same paths,
+    naming any missing or extra one, and each leaf equal to the letter (shape and dtype included). Unlike zipping
+    two leaf lists, a leaf dropped or added on one side cannot pass unseen."""
+    import jax
+
+    def flat(tree):
+        return {jax.tree_util.keystr(path): np.asarray(leaf)
+                for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    g, w = flat(got), flat(want)
+    assert g.keys() == w.keys(), f"missing: {sorted(w.keys() - g.keys())}; extra: {sorted(g.keys() - w.keys())}"
+    for key, leaf in w.items():
+        np.testing.assert_array_equal(g[key], leaf, err_msg=key, strict=True)
+
+
+# Fixtures ``torch`` and ``transformers`` for the tests that compare with PyTorch models (import these functions into
+# the test module): a test that takes one is skipped where torch or transformers is not installed, and only that test.
+@pytest.fixture(scope="module", name="torch")
+def torch_fixture():
+    return pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module", name="transformers")
+def transformers_fixture(torch):
+    return pytest.importorskip("transformers")

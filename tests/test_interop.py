@@ -1,6 +1,7 @@
 """Hugging Face interop: parity with transformers' GPT2LMHeadModel, BertForPreTraining and BertModel (random
 weights from a config, offline) within 1e-4; load -> save -> load exact, and transformers reads what we save;
-sharded and PyTorch-pickle folders; clear errors."""
+sharded and PyTorch-pickle folders; clear errors. Only the tests that take the ``torch``/``transformers`` fixtures
+need them: the config, size, missing-weight and save_hf refusals run without."""
 import dataclasses
 import json
 import time
@@ -12,10 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-import flaxformer_lite as ffl  # noqa: E402
+import flaxformer_lite as ffl
+from reference import assert_same_tree, torch_fixture, transformers_fixture  # noqa: F401 (fixtures)
 
 TOKENS = np.random.default_rng(0).integers(0, 97, (2, 12))
 TYPES = np.concatenate([np.zeros((2, 6), int), np.ones((2, 6), int)], 1)
@@ -25,7 +24,7 @@ BERT_CFG = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, inte
                 max_position_embeddings=32)
 
 
-def _gpt2(tmp_path, **save):
+def _gpt2(torch, transformers, tmp_path, **save):
     torch.manual_seed(0)
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=97,
                                                               n_positions=32)).eval()  # ids 50256 > vocab
@@ -37,8 +36,8 @@ def _logits(model, variables, tokens=TOKENS):
     return np.asarray(model.apply(variables, jnp.asarray(tokens, jnp.int32)))
 
 
-def test_gpt2_parity_and_round_trip(tmp_path):
-    hf = _gpt2(tmp_path / "hf")
+def test_gpt2_parity_and_round_trip(torch, transformers, tmp_path):
+    hf = _gpt2(torch, transformers, tmp_path / "hf")
     with pytest.warns(UserWarning, match=r"eos_token_id=50256 is outside the vocabulary \(97 ids\); using 96"):
         model, variables = ffl.interop.load_hf(tmp_path / "hf")
     assert (model.cfg.bos_id, model.cfg.eos_id, model.cfg.pad_id) == (96, 96, 96)
@@ -48,20 +47,14 @@ def test_gpt2_parity_and_round_trip(tmp_path):
     ffl.interop.save_hf(model, variables, tmp_path / "ours")
     model2, variables2 = ffl.interop.load_hf(tmp_path / "ours")
     assert model2.cfg == model.cfg
-    for a, b in zip(_leaves(variables), _leaves(variables2)):
-        np.testing.assert_array_equal(a, b)  # exact round trip
+    assert_same_tree(variables2, variables)  # exact round trip
     back = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "ours").eval()
     with torch.no_grad():
         np.testing.assert_allclose(back(torch.as_tensor(TOKENS)).logits.numpy(), want, atol=1e-5)
 
 
-def _leaves(variables):
-    import jax
-    return [np.asarray(x) for x in jax.tree_util.tree_leaves(variables)]
-
-
-def test_gpt2_from_pytorch_pickle_and_shards(tmp_path):
-    hf = _gpt2(tmp_path / "hf")
+def test_gpt2_from_pytorch_pickle_and_shards(torch, transformers, tmp_path):
+    hf = _gpt2(torch, transformers, tmp_path / "hf")
     (tmp_path / "bin").mkdir()  # an older checkpoint: a PyTorch pickle (read with weights_only=True)
     hf.config.save_pretrained(tmp_path / "bin")
     torch.save(hf.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
@@ -74,7 +67,7 @@ def test_gpt2_from_pytorch_pickle_and_shards(tmp_path):
     np.testing.assert_allclose(_logits(*ffl.interop.load_hf(tmp_path / "shards")), want, atol=1e-4, rtol=1e-4)
 
 
-def test_bert_for_pretraining_parity_and_round_trip(tmp_path):
+def test_bert_for_pretraining_parity_and_round_trip(torch, transformers, tmp_path):
     torch.manual_seed(1)
     hf = transformers.BertForPreTraining(transformers.BertConfig(**BERT_CFG)).eval()
     hf.save_pretrained(tmp_path / "hf")
@@ -90,12 +83,16 @@ def test_bert_for_pretraining_parity_and_round_trip(tmp_path):
     np.testing.assert_allclose(out.nsp_logits, want.seq_relationship_logits.numpy(), atol=1e-4)
     ffl.interop.save_hf(model, variables, tmp_path / "ours")
     _, variables2 = ffl.interop.load_hf(tmp_path / "ours")
-    for a, b in zip(_leaves(variables), _leaves(variables2)):
-        np.testing.assert_array_equal(a, b)
-    assert transformers.BertForPreTraining.from_pretrained(tmp_path / "ours") is not None
+    assert_same_tree(variables2, variables)
+    back = transformers.BertForPreTraining.from_pretrained(tmp_path / "ours").eval()  # transformers reads ours
+    with torch.no_grad():
+        again = back(torch.as_tensor(TOKENS), token_type_ids=torch.as_tensor(TYPES),
+                     attention_mask=torch.as_tensor(MASK))
+    np.testing.assert_allclose(again.prediction_logits.numpy()[real], want.prediction_logits.numpy()[real], atol=1e-5)
+    np.testing.assert_allclose(again.seq_relationship_logits.numpy(), want.seq_relationship_logits.numpy(), atol=1e-5)
 
 
-def test_bert_model_without_prefix_initialises_missing_heads(tmp_path):
+def test_bert_model_without_prefix_initialises_missing_heads(torch, transformers, tmp_path):
     torch.manual_seed(2)
     hf = transformers.BertModel(transformers.BertConfig(**BERT_CFG)).eval()
     hf.save_pretrained(tmp_path)
@@ -114,10 +111,10 @@ def test_bert_model_without_prefix_initialises_missing_heads(tmp_path):
     np.testing.assert_allclose(out.pooled, want.pooler_output.numpy(), atol=1e-4)
 
 
-def test_gpt2_base_model_without_prefix(tmp_path):
+def test_gpt2_base_model_without_prefix(torch, transformers, tmp_path):
     """A ``GPT2Model`` folder names its tensors without ``transformer.`` (``h.0.attn...``, ``wte.weight``): the
     same weights as the LM model's, tied output."""
-    hf = _gpt2(tmp_path / "lm")
+    hf = _gpt2(torch, transformers, tmp_path / "lm")
     hf.transformer.save_pretrained(tmp_path / "base")
     assert json.loads((tmp_path / "base" / "config.json").read_text())["architectures"] == ["GPT2Model"]
     with warnings.catch_warnings():
@@ -128,7 +125,7 @@ def test_gpt2_base_model_without_prefix(tmp_path):
     np.testing.assert_allclose(_logits(model, variables), want, atol=1e-4, rtol=1e-4)
 
 
-def test_bert_for_masked_lm_has_no_pooler(tmp_path):
+def test_bert_for_masked_lm_has_no_pooler(torch, transformers, tmp_path):
     """``BertForMaskedLM`` is built without a pooler: it is freshly initialised with a warning, the MLM logits
     match."""
     torch.manual_seed(3)
@@ -262,20 +259,54 @@ def test_missing_or_misshapen_files_raise(tmp_path):
         ffl.interop.load_hf(tmp_path)
 
 
-@pytest.mark.parametrize("held,said", [
-    ([torch.zeros(10, 8)], "holds a list, where a PyTorch state dict (tensor name -> tensor"),
-    (7, "holds an int, where a PyTorch state dict"),
-    ({"transformer.wte.weight": "zeros"}, "holds a dict whose entry 'transformer.wte.weight' is a str, where"),
-    ({"state_dict": {"transformer.wte.weight": torch.zeros(10, 8)}}, "holds a dict whose entry 'state_dict' is a "
-                                                                     "dict, where"),  # a training checkpoint
-    ({0: torch.zeros(10, 8)}, "holds a dict with the key 0, where"),
-    ({"transformer.wte.weight": torch.zeros(10, 8).to_sparse()}, "tensor 'transformer.wte.weight' (torch.float32, "
-                                                                 "torch.sparse_coo) has no NumPy form"),
+@pytest.mark.parametrize("kind,drop,match", [
+    ("gpt2", ["transformer.ln_f.weight"], r"/gpt2: weights missing for \['transformer\.ln_f\.weight'\]$"),
+    ("gpt2", [f"transformer.h.1.{name}.{part}" for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc")
+              for part in ("weight", "bias")],
+     r"weights missing for \['transformer\.h\.1\.attn\.c_attn\.weight', .*\] \(and 1 more\)$"),
+    ("bert", ["cls.predictions.bias", "bert.pooler.dense.weight", "bert.encoder.layer.1.output.dense.bias"],
+     r"/bert: weights missing for \['bert\.encoder\.layer\.1\.output\.dense\.bias'\]$"),
+], ids=["gpt2-one", "gpt2-six", "bert-beside-heads"])
+def test_load_hf_names_missing_weights(zero_folders, tmp_path, kind, drop, match):
+    """A tensor the model needs that the folder lacks (its sizes all agreeing) is named, the first five and a count
+    of the rest, before anything is built; missing BERT heads are not named (they are freshly initialised)."""
+    from safetensors.numpy import load_file, save_file
+    folder = tmp_path / kind
+    folder.mkdir()
+    (folder / "config.json").write_text((zero_folders[kind] / "config.json").read_text())
+    tensors = load_file(str(zero_folders[kind] / "model.safetensors"))
+    assert set(drop) <= set(tensors)
+    save_file({name: x for name, x in tensors.items() if name not in drop}, str(folder / "model.safetensors"))
+    with pytest.raises(ValueError, match=match):
+        ffl.interop.load_hf(folder)
+
+
+@pytest.mark.parametrize("index", [{"metadata": {"total_size": 0}},
+                                   {"weight_map": ["model-00001-of-00001.safetensors"]},
+                                   ["model-00001-of-00001.safetensors"]],
+                         ids=["no-weight-map", "weight-map-list", "not-an-object"])
+def test_a_shard_index_without_weight_map_is_refused(tmp_path, index):
+    (tmp_path / "config.json").write_text(json.dumps(GPT2_SIZES))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"model\.safetensors\.index\.json: no weight_map object$"):
+        ffl.interop.load_hf(tmp_path)
+
+
+@pytest.mark.parametrize("held,said", [  # held: what is pickled, made from torch
+    (lambda torch: [torch.zeros(10, 8)], "holds a list, where a PyTorch state dict (tensor name -> tensor"),
+    (lambda torch: 7, "holds an int, where a PyTorch state dict"),
+    (lambda torch: {"transformer.wte.weight": "zeros"}, "holds a dict whose entry 'transformer.wte.weight' is a str, "
+                                                        "where"),
+    (lambda torch: {"state_dict": {"transformer.wte.weight": torch.zeros(10, 8)}},
+     "holds a dict whose entry 'state_dict' is a dict, where"),  # a training checkpoint
+    (lambda torch: {0: torch.zeros(10, 8)}, "holds a dict with the key 0, where"),
+    (lambda torch: {"transformer.wte.weight": torch.zeros(10, 8).to_sparse()},
+     "tensor 'transformer.wte.weight' (torch.float32, torch.sparse_coo) has no NumPy form"),
 ], ids=["list", "int", "dict-of-strings", "nested-state-dict", "int-key", "sparse"])
-def test_a_pickle_holding_no_tensor_dict_is_one_line(tmp_path, held, said):
+def test_a_pickle_holding_no_tensor_dict_is_one_line(torch, tmp_path, held, said):
     """A weights-only pickle that loads but is no state dict names the file and what it holds, in one line."""
     (tmp_path / "config.json").write_text(json.dumps(GPT2_SIZES))
-    torch.save(held, tmp_path / "pytorch_model.bin")
+    torch.save(held(torch), tmp_path / "pytorch_model.bin")
     with pytest.raises(ValueError) as err:
         ffl.interop.load_hf(tmp_path)
     message = str(err.value)
@@ -311,6 +342,21 @@ def test_save_hf_refuses_what_the_layout_cannot_express(tmp_path, fields, match)
     cfg = ModelConfig(**{**base, **fields})
     with pytest.raises(ValueError, match=match):
         config_to_hf(cfg)
+
+
+def test_save_hf_model_type_must_name_the_models_layout():
+    """``model_type="bert"`` for a GPT (or ``"gpt2"`` for a BERT) is refused, not written in the model's own
+    layout under the name asked for."""
+    from flaxformer_lite.interop.hf import config_to_hf
+    from flaxformer_lite.models import ModelConfig
+    gpt = ModelConfig(norm_position="pre")
+    bert = ModelConfig(model="bert", norm_position="post", type_vocab_size=2, activation="gelu", embed_norm=True)
+    assert config_to_hf(gpt, "gpt2")["model_type"] == "gpt2" and config_to_hf(bert, "bert")["model_type"] == "bert"
+    with pytest.raises(ValueError, match=r"model_type='bert' cannot write cfg\.model='gpt' \(accepted: 'gpt2' or "
+                                         r"None\)"):
+        config_to_hf(gpt, "bert")
+    with pytest.raises(ValueError, match=r"model_type='gpt2' cannot write cfg\.model='bert'"):
+        config_to_hf(bert, "gpt2")
 
 
 @pytest.mark.parametrize("cfg", [

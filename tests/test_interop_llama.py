@@ -3,7 +3,8 @@
 at every step, and exact round trips (our save_hf read by transformers: the same tensors and logits). With GQA,
 Llama 3 rope scaling, Qwen2's q/k/v biases, Qwen3's QK-norm and explicit head_dim, and a Mistral sequence longer than
 its sliding window. Also: the presets' published parameter counts, the linear and dynamic rope scalings, sharded and
-bfloat16 files, and the config fields refused by name before any weight is read."""
+bfloat16 files, and the config fields refused by name before any weight is read. Only the tests that take the
+``torch``/``transformers`` fixtures (or ``family``) need them: the presets, config and save_hf refusals run without."""
 import dataclasses
 import json
 import math
@@ -16,11 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-import flaxformer_lite as ffl  # noqa: E402
-from flaxformer_lite.interop.hf import config_from_hf, config_to_hf  # noqa: E402
+import flaxformer_lite as ffl
+from flaxformer_lite.interop.hf import config_from_hf, config_to_hf
+from reference import assert_same_tree, torch_fixture, transformers_fixture  # noqa: F401 (fixtures)
 
 WINDOW = 5
 COMMON = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -38,8 +37,11 @@ FAMILIES = {  # config class, fields beyond COMMON, the class transformers must 
 TOKENS = np.random.default_rng(0).integers(0, 97, (2, 3 * WINDOW + 1))  # longer than Mistral's window
 
 
+# The helpers below run only in tests that took the fixtures above (which skip without torch and transformers).
 def _hf_model(kind: str, seed: int = 0, **fields):
     """A random transformers model of ``kind``; biases and norm scales perturbed too (they start at 0 and 1)."""
+    import torch
+    import transformers
     config_cls, extra, _ = FAMILIES[kind]
     torch.manual_seed(seed)
     config = getattr(transformers, config_cls)(**{**COMMON, **extra, **fields})
@@ -52,6 +54,7 @@ def _hf_model(kind: str, seed: int = 0, **fields):
 
 
 def _hf_logits(hf, tokens):
+    import torch
     with torch.no_grad():
         return hf(torch.as_tensor(np.array(tokens))).logits.numpy()
 
@@ -61,7 +64,7 @@ def _logits(model, variables, tokens=TOKENS):
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
-def family(request, tmp_path_factory):
+def family(request, tmp_path_factory, transformers):
     """One family's transformers model, saved, and read back by load_hf."""
     kind = request.param
     hf = _hf_model(kind)
@@ -93,12 +96,11 @@ def test_greedy_generation_is_transformers_argmax_at_every_step(family):
     np.testing.assert_array_equal(out[:, prompt.shape[1]:], steps.argmax(-1))
 
 
-def test_round_trip_is_exact_both_ways(family, tmp_path):
+def test_round_trip_is_exact_both_ways(family, torch, transformers, tmp_path):
     ffl.interop.save_hf(family.model, family.variables, tmp_path)
     model, variables = ffl.interop.load_hf(tmp_path)
     assert model.cfg == family.model.cfg
-    for a, b in zip(jax.tree.leaves(family.variables), jax.tree.leaves(variables)):
-        np.testing.assert_array_equal(a, b)
+    assert_same_tree(variables, family.variables)
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert type(back).__name__ == FAMILIES[family.kind][2]
     want, got = family.hf.state_dict(), back.state_dict()
@@ -173,7 +175,7 @@ def test_small_presets_round_trip_their_config(name):
 @pytest.mark.parametrize("rope,max_positions", [({"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}, 64),
                                                 ({"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}, 8)],
                          ids=["linear", "dynamic"])
-def test_linear_and_dynamic_rope_scaling_match(rope, max_positions, tmp_path):
+def test_linear_and_dynamic_rope_scaling_match(transformers, rope, max_positions, tmp_path):
     # dynamic stretches only past max_position_embeddings (8): the 16 tokens go beyond it
     hf = _hf_model("llama", seed=3, rope_parameters=rope, max_position_embeddings=max_positions)
     hf.save_pretrained(tmp_path)
@@ -182,7 +184,7 @@ def test_linear_and_dynamic_rope_scaling_match(rope, max_positions, tmp_path):
     np.testing.assert_allclose(_logits(model, variables), _hf_logits(hf, TOKENS), atol=1e-4, rtol=1e-4)
 
 
-def test_sharded_and_bfloat16_folders(tmp_path):
+def test_sharded_and_bfloat16_folders(torch, transformers, tmp_path):
     hf = _hf_model("qwen3", seed=4)
     hf.save_pretrained(tmp_path / "shards", max_shard_size="40KB")
     assert (tmp_path / "shards" / "model.safetensors.index.json").is_file()
@@ -191,8 +193,7 @@ def test_sharded_and_bfloat16_folders(tmp_path):
     ffl.interop.save_hf(model, variables, tmp_path / "ours", max_shard_size=40_000)
     index = json.loads((tmp_path / "ours" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1 and not (tmp_path / "ours" / "model.safetensors").exists()
-    for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(ffl.interop.load_hf(tmp_path / "ours")[1])):
-        np.testing.assert_array_equal(a, b)
+    assert_same_tree(ffl.interop.load_hf(tmp_path / "ours")[1], variables)
     hf.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")  # as most published checkpoints are stored
     _, variables = ffl.interop.load_hf(tmp_path / "bf16")
     embedding = variables["params"]["embedder"]["token"]["embedding"]
@@ -331,7 +332,7 @@ def test_rope_scaling_through_yaml_and_overrides(tmp_path):
         load_config(None, ["model.rope_scaling.rope_type=linear"])  # gpt-tiny: learned positions
 
 
-def test_train_init_from_a_llama_folder_starts_at_its_weights(tmp_path):
+def test_train_init_from_a_llama_folder_starts_at_its_weights(transformers, tmp_path):
     """train.py continues pre-training from a Hugging Face Llama folder, with its own tokenizer."""
     import importlib.util
     from pathlib import Path
@@ -362,11 +363,7 @@ def test_train_init_from_a_llama_folder_starts_at_its_weights(tmp_path):
     ckpt = Checkpoints(run / "checkpoints")
     params, _ = ckpt.restore_params()
     ckpt.close()
-    want = dict(jax.tree_util.tree_flatten_with_path(load_pretrained(hf).params)[0])
-    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-    assert len(leaves) == len(want)
-    for path, leaf in leaves:
-        np.testing.assert_array_equal(leaf, want[path])
+    assert_same_tree(params, load_pretrained(hf).params)
     assert (run / "tokenizer" / "tokenizer.json").is_file()
     from flaxformer_lite.data.hf_tokenizer import StoreEncoder  # what the token store encoded the corpus with
     texts = ["alpha beta\n\ngamma", "river stone cloud unknown"]

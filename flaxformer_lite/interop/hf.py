@@ -1,15 +1,17 @@
 """Hugging Face checkpoints: `load_hf` reads a model folder (config.json + model.safetensors, sharded safetensors, or
-pytorch_model.bin when torch is installed) for GPT-2 (``GPT2LMHeadModel``/``GPT2Model``), BERT (``BertModel``,
+pytorch_model.bin when torch is installed) into our model and variables, and `save_hf` writes the same layout back,
+for the families of one module each: gpt2.py (``GPT2LMHeadModel``/``GPT2Model``), bert.py (``BertModel``,
 ``BertForPreTraining``, ``BertForMaskedLM``, and folders saved without the ``bert.`` prefix, e.g. by
-sentence-transformers) and the Llama family (``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM``,
-``Qwen3ForCausalLM``: see llama.py) into our model and variables; `save_hf` writes the same layout back.
+sentence-transformers) and llama.py (``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM``,
+``Qwen3ForCausalLM``). This module picks the family and moves the tensors; convert.py holds what the families share,
+files.py reads and writes the files.
 
-One mapping per architecture (HF tensor name <-> our parameter path, with the transposes between PyTorch's
-``[out, in]`` Linear / GPT-2's ``[in, out]`` Conv1D and our ``[in, heads, head_dim]`` kernels) serves both
-directions, so load -> save -> load is exact. Both directions check before converting: a config field the layout
-cannot express, a missing or extra parameter, or a tensor of the wrong shape raises `ValueError` naming it. Loading
-trusts no size in config.json: each is a positive int within `files.SIZE_LIMITS`, and the layer count, vocabulary,
-widths and head layout must agree with the tensors present, all checked before anything is built.
+One mapping per family (HF tensor name <-> our parameter path, with the transposes between PyTorch's ``[out, in]``
+Linear / GPT-2's ``[in, out]`` Conv1D and our ``[in, heads, head_dim]`` kernels) serves both directions, so load ->
+save -> load is exact. Both directions check before converting: a config field the layout cannot express, a missing
+or extra parameter, or a tensor of the wrong shape raises `ValueError` naming it. Loading trusts no size in
+config.json: each is a positive int within `files.SIZE_LIMITS`, and the layer count, vocabulary, widths and head
+layout must agree with the tensors present, all checked before anything is built.
 """
 from __future__ import annotations
 
@@ -18,23 +20,19 @@ import re
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
+from types import ModuleType
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..layers.blocks import layer_name
-from ..messages import short_repr
 from ..models import BERT, GPT, ModelConfig
-from . import llama
+from . import bert, gpt2, llama
 from .files import check_sizes, read_json, read_tensors, write_export
 
-SUPPORTED = {"gpt2": ("GPT2LMHeadModel", "GPT2Model"),
-             "bert": ("BertModel", "BertForPreTraining", "BertForMaskedLM"),
+SUPPORTED = {gpt2.MODEL_TYPE: gpt2.ARCHITECTURES, bert.MODEL_TYPE: bert.ARCHITECTURES,
              **{kind: (arch,) for kind, arch in llama.FAMILIES.items()}}
-_GPT2_ACT = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
-_BERT_ACT = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
 
 
 # -- configs ---------------------------------------------------------------------------------------------------------
@@ -51,257 +49,50 @@ def config_from_hf(hf: dict) -> ModelConfig:
     if "vocab_size" not in hf:
         raise ValueError(f"config.json (model_type={kind!r}) has no vocab_size, which is required")
     check_sizes(hf)
-    if kind in llama.FAMILIES:
-        return llama.config_from_hf(hf)
-    if kind == "gpt2":
-        _require(hf, {"add_cross_attention": False, "scale_attn_by_inverse_layer_idx": False,
-                      "scale_attn_weights": True})
-        act = _choice(hf, "activation_function", _GPT2_ACT, "gelu_new")
-        _divides(hf, ("n_head", 12), ("n_embd", 768))
-        embed, eos = hf.get("n_embd", 768), _id(hf, "eos_token_id", 50256)
-        return ModelConfig(model="gpt", vocab_size=hf["vocab_size"], num_layers=hf.get("n_layer", 12),
-                           num_heads=hf.get("n_head", 12), embed_dim=embed, mlp_dim=hf.get("n_inner") or 4 * embed,
-                           max_len=hf.get("n_positions", 1024), activation=act,
-                           norm_epsilon=hf.get("layer_norm_epsilon", 1e-5), dropout_rate=hf.get("resid_pdrop", 0.1),
-                           attention_dropout_rate=hf.get("attn_pdrop", 0.1), norm_position="pre",
-                           tie_embeddings=hf.get("tie_word_embeddings", True), position="learned",
-                           init_std=hf.get("initializer_range", 0.02),
-                           bos_id=_id(hf, "bos_token_id", 50256), eos_id=eos, pad_id=_id(hf, "pad_token_id", eos))
-    # our BERT always ties its MLM output to the token embedding
-    _require(hf, {"position_embedding_type": "absolute", "is_decoder": False, "add_cross_attention": False,
-                  "tie_word_embeddings": True})
-    _divides(hf, ("num_attention_heads", 12), ("hidden_size", 768))
-    return ModelConfig(model="bert", vocab_size=hf["vocab_size"], num_layers=hf.get("num_hidden_layers", 12),
-                       num_heads=hf.get("num_attention_heads", 12), embed_dim=hf.get("hidden_size", 768),
-                       mlp_dim=hf.get("intermediate_size", 3072), max_len=hf.get("max_position_embeddings", 512),
-                       type_vocab_size=hf.get("type_vocab_size", 2), activation=_choice(hf, "hidden_act", _BERT_ACT),
-                       norm_epsilon=hf.get("layer_norm_eps", 1e-12), dropout_rate=hf.get("hidden_dropout_prob", 0.1),
-                       attention_dropout_rate=hf.get("attention_probs_dropout_prob", 0.1), norm_position="post",
-                       embed_norm=True, position="learned", tie_embeddings=True,
-                       init_std=hf.get("initializer_range", 0.02), pad_id=_id(hf, "pad_token_id", 0),
-                       bos_id=_id(hf, "bos_token_id", ModelConfig.bos_id),
-                       eos_id=_id(hf, "eos_token_id", ModelConfig.eos_id))
+    return {gpt2.MODEL_TYPE: gpt2, bert.MODEL_TYPE: bert}.get(kind, llama).config_from_hf(hf)
 
 
-def _id(hf, key, default):
-    """A special token id from ``config.json``. transformers writes GPT-2's default 50256 even for a smaller
-    vocabulary (it only uses the ids to generate), so an id outside ``[0, vocab_size)`` becomes the last id."""
-    value = hf.get(key, default)
-    value = default if value is None else value
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"config.json field {key}={short_repr(value)} is not supported; supported: an int id or null")
-    vocab = hf["vocab_size"]
-    if not 0 <= value < vocab:
-        warnings.warn(f"config.json {key}={value} is outside the vocabulary ({vocab} ids); using {vocab - 1}",
-                      stacklevel=3)
-        value = vocab - 1
-    return value
-
-
-def _require(hf: dict, expected: dict) -> None:
-    for key, want in expected.items():
-        if key in hf and hf[key] != want:
-            raise ValueError(f"config.json field {key}={short_repr(hf[key])} is not supported (only {want!r})")
-
-
-def _choice(hf: dict, key: str, table: dict, default: str = "gelu") -> str:
-    value = hf.get(key, default)
-    if not isinstance(value, str) or value not in table:
-        raise ValueError(f"config.json field {key}={short_repr(value)} is not supported; supported: {sorted(table)}")
-    return table[value]
-
-
-def _divides(hf: dict, part: tuple[str, int], whole: tuple[str, int]) -> None:
-    """Raise `ValueError` unless config.json's ``part`` key (its default when absent) divides its ``whole`` key."""
-    (part_key, p), (whole_key, w) = ((key, hf.get(key, default)) for key, default in (part, whole))
-    if w % p:
-        raise ValueError(f"config.json {part_key}={p} does not divide {whole_key}={w}; supported: a divisor of it")
-
-
-def _check_exportable(cfg: ModelConfig) -> None:
-    """Raise `ValueError` naming the first field that GPT-2's or BERT's Hugging Face layout cannot express, with
-    the values it accepts."""
-    gpt = cfg.model == "gpt"
-    accepted = {"attention": ("softmax",), "talking_heads": (False,), "condition_dim": (0,), "share_layers": (False,),
-                "table_dim": (None,), "position": ("learned",), "norm": ("layernorm",), "use_bias": (True,),
-                "embed_scale": (False,), "scan_layers": (False,), "num_kv_heads": (None, cfg.num_heads),
-                "head_dim": (None, cfg.embed_dim // cfg.num_heads), "norm_position": ("pre" if gpt else "post",),
-                "embed_norm": (not gpt,), "activation": tuple(sorted(set((_GPT2_ACT if gpt else _BERT_ACT).values()))),
-                "qkv_bias": (None, cfg.use_bias), "qk_norm": (False,), "sliding_window": (None,)}
-    if gpt:
-        accepted["type_vocab_size"] = (0,)
-    else:
-        accepted["tie_embeddings"] = (True,)  # our BERT ties its MLM output to the token embedding whatever the flag
-    for field, values in accepted.items():
-        if getattr(cfg, field) not in values:
-            raise ValueError(f"save_hf cannot express ModelConfig.{field}={getattr(cfg, field)!r} in Hugging Face's "
-                             f"{cfg.model} layout (accepted: {', '.join(map(repr, values))})")
-    if not gpt and cfg.type_vocab_size < 1:
-        raise ValueError(f"save_hf cannot express ModelConfig.type_vocab_size={cfg.type_vocab_size!r} in Hugging "
-                         "Face's bert layout (accepted: an int >= 1)")
-
-
-def _rotary(cfg: ModelConfig) -> bool:
-    """Whether ``cfg`` is written in the Llama family's layout (a GPT with rotary positions), not GPT-2's."""
-    return cfg.model == "gpt" and cfg.position == "rotary"
+def _family(cfg: ModelConfig, model_type: str | None = None) -> ModuleType:
+    """The module of the Hugging Face layout that writes ``cfg`` (gpt2, bert, or llama for a rotary GPT or a
+    ``model_type`` of `llama.FAMILIES`); a ``model_type`` or model that none writes raises `ValueError`."""
+    if model_type in llama.FAMILIES or (cfg.model == "gpt" and cfg.position == "rotary"):
+        return llama
+    if model_type not in (None, gpt2.MODEL_TYPE, bert.MODEL_TYPE):
+        raise ValueError(f"save_hf model_type must be one of {list(SUPPORTED)} or None, got {model_type!r}")
+    if cfg.model not in ("gpt", "bert"):
+        raise ValueError(f"save_hf writes GPT and BERT models, not cfg.model={cfg.model!r}")
+    family = gpt2 if cfg.model == "gpt" else bert
+    if model_type not in (None, family.MODEL_TYPE):
+        raise ValueError(f"save_hf model_type={model_type!r} cannot write cfg.model={cfg.model!r} (accepted: "
+                         f"{family.MODEL_TYPE!r} or None)")
+    return family
 
 
 def config_to_hf(cfg: ModelConfig, model_type: str | None = None) -> dict:
     """config.json for ``cfg`` (GPT -> GPT2LMHeadModel, or with rotary positions the Llama family's ``model_type``:
     llama, mistral, qwen2, qwen3, None picking the one that expresses it; BERT -> BertForPreTraining); a field the
     layout cannot express raises `ValueError` naming it and the accepted values."""
-    if _rotary(cfg) or model_type in llama.FAMILIES:
-        return llama.config_to_hf(cfg, model_type)
-    if model_type not in (None, "gpt2", "bert"):
-        raise ValueError(f"save_hf model_type must be one of {list(SUPPORTED)} or None, got {model_type!r}")
-    if cfg.model in ("gpt", "bert"):
-        _check_exportable(cfg)
-    inverse = lambda table: {v: k for k, v in reversed(list(table.items()))}
-    if cfg.model == "gpt":
-        return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": cfg.vocab_size,
-                "n_layer": cfg.num_layers, "n_head": cfg.num_heads, "n_embd": cfg.embed_dim, "n_inner": cfg.mlp_dim,
-                "n_positions": cfg.max_len, "activation_function": inverse(_GPT2_ACT)[cfg.activation],
-                "layer_norm_epsilon": cfg.norm_epsilon, "resid_pdrop": cfg.dropout_rate, "embd_pdrop": cfg.dropout_rate,
-                "attn_pdrop": cfg.attention_dropout_rate, "tie_word_embeddings": cfg.tie_embeddings,
-                "initializer_range": cfg.init_std, "bos_token_id": cfg.bos_id, "eos_token_id": cfg.eos_id,
-                "pad_token_id": cfg.pad_id}
-    if cfg.model == "bert":
-        return {"model_type": "bert", "architectures": ["BertForPreTraining"], "vocab_size": cfg.vocab_size,
-                "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
-                "hidden_size": cfg.embed_dim, "intermediate_size": cfg.mlp_dim,
-                "max_position_embeddings": cfg.max_len, "type_vocab_size": cfg.type_vocab_size,
-                "hidden_act": inverse(_BERT_ACT)[cfg.activation], "layer_norm_eps": cfg.norm_epsilon,
-                "hidden_dropout_prob": cfg.dropout_rate, "attention_probs_dropout_prob": cfg.attention_dropout_rate,
-                "initializer_range": cfg.init_std, "pad_token_id": cfg.pad_id, "bos_token_id": cfg.bos_id,
-                "eos_token_id": cfg.eos_id, "position_embedding_type": "absolute", "tie_word_embeddings": True}
-    raise ValueError(f"save_hf writes GPT and BERT models, not cfg.model={cfg.model!r}")
+    family = _family(cfg, model_type)
+    return llama.config_to_hf(cfg, model_type) if family is llama else family.config_to_hf(cfg)
 
 
 # -- the parameter mappings -----------------------------------------------------------------------------------------
-# Each entry: (HF tensor name, our path, to_ours(hf array) -> array, to_hf(our array) -> array).
-def _linear(heads_out=None, heads_in=None, conv1d=False):
-    """Converters for a projection stored as torch Linear ([out, in]) or GPT-2 Conv1D ([in, out])."""
-    def to_ours(w):
-        w = w if conv1d else w.T  # -> [in, out]
-        if heads_out:
-            return w.reshape(w.shape[0], heads_out, -1)
-        if heads_in:
-            return w.reshape(heads_in, -1, w.shape[1])
-        return w
-
-    def to_hf(w):
-        w = w.reshape(w.shape[0], -1) if heads_out else w.reshape(-1, w.shape[-1]) if heads_in else w
-        return w if conv1d else w.T
-    return to_ours, to_hf
-
-
-def _bias(heads=None):
-    return ((lambda b: b.reshape(heads, -1)) if heads else (lambda b: b)), (lambda b: b.reshape(-1))
-
-
-_SAME = (lambda x: x, lambda x: x)
-
-
-def _norm(hf: str, ours: tuple, weight="weight", bias="bias"):
-    return [(f"{hf}.{weight}", ours + ("scale",), *_SAME), (f"{hf}.{bias}", ours + ("bias",), *_SAME)]
-
-
-def _gpt2_map(cfg: ModelConfig, prefix: str) -> list:
-    h = cfg.num_heads
-    out = [(f"{prefix}wte.weight", ("embedder", "token", "embedding"), *_SAME),
-           (f"{prefix}wpe.weight", ("embedder", "position", "embedding"), *_SAME),
-           *_norm(f"{prefix}ln_f", ("final_norm",))]
-    for i in range(cfg.num_layers):
-        p, ours = f"{prefix}h.{i}", ("decoder", layer_name(i))
-        out += _norm(f"{p}.ln_1", ours + ("self_attention_norm",)) + _norm(f"{p}.ln_2", ours + ("mlp_norm",))
-        out += [(f"{p}.attn.c_attn.weight", ours + ("self_attention", "qkv_kernel"), *_linear(3 * h, conv1d=True)),
-                (f"{p}.attn.c_attn.bias", ours + ("self_attention", "qkv_bias"), *_bias(3 * h)),
-                (f"{p}.attn.c_proj.weight", ours + ("self_attention", "out", "kernel"),
-                 *_linear(heads_in=h, conv1d=True)),
-                (f"{p}.attn.c_proj.bias", ours + ("self_attention", "out", "bias"), *_SAME),
-                (f"{p}.mlp.c_fc.weight", ours + ("mlp", "wi", "kernel"), *_linear(conv1d=True)),
-                (f"{p}.mlp.c_fc.bias", ours + ("mlp", "wi", "bias"), *_SAME),
-                (f"{p}.mlp.c_proj.weight", ours + ("mlp", "wo", "kernel"), *_linear(conv1d=True)),
-                (f"{p}.mlp.c_proj.bias", ours + ("mlp", "wo", "bias"), *_SAME)]
-    if not cfg.tie_embeddings:
-        out.append(("lm_head.weight", ("lm_head", "kernel"), *_linear()))
-    return out
-
-
-def _bert_map(cfg: ModelConfig, prefix: str) -> list:
-    h = cfg.num_heads
-    e = f"{prefix}embeddings"
-    out = [(f"{e}.word_embeddings.weight", ("embedder", "token", "embedding"), *_SAME),
-           (f"{e}.position_embeddings.weight", ("embedder", "position", "embedding"), *_SAME),
-           (f"{e}.token_type_embeddings.weight", ("embedder", "token_type", "embedding"), *_SAME),
-           *_norm(f"{e}.LayerNorm", ("embedder", "norm")),
-           (f"{prefix}pooler.dense.weight", ("pooler", "kernel"), *_linear()),
-           (f"{prefix}pooler.dense.bias", ("pooler", "bias"), *_SAME)]
-    for i in range(cfg.num_layers):
-        p, ours = f"{prefix}encoder.layer.{i}", ("encoder", layer_name(i))
-        for role in ("query", "key", "value"):
-            out += [(f"{p}.attention.self.{role}.weight", ours + ("self_attention", role, "kernel"), *_linear(h)),
-                    (f"{p}.attention.self.{role}.bias", ours + ("self_attention", role, "bias"), *_bias(h))]
-        out += [(f"{p}.attention.output.dense.weight", ours + ("self_attention", "out", "kernel"),
-                 *_linear(heads_in=h)),
-                (f"{p}.attention.output.dense.bias", ours + ("self_attention", "out", "bias"), *_SAME),
-                *_norm(f"{p}.attention.output.LayerNorm", ours + ("self_attention_norm",)),
-                (f"{p}.intermediate.dense.weight", ours + ("mlp", "wi", "kernel"), *_linear()),
-                (f"{p}.intermediate.dense.bias", ours + ("mlp", "wi", "bias"), *_SAME),
-                (f"{p}.output.dense.weight", ours + ("mlp", "wo", "kernel"), *_linear()),
-                (f"{p}.output.dense.bias", ours + ("mlp", "wo", "bias"), *_SAME),
-                *_norm(f"{p}.output.LayerNorm", ours + ("mlp_norm",))]
-    heads = [("cls.predictions.transform.dense.weight", ("mlm_transform", "kernel"), *_linear()),
-             ("cls.predictions.transform.dense.bias", ("mlm_transform", "bias"), *_SAME),
-             *_norm("cls.predictions.transform.LayerNorm", ("mlm_norm",)),
-             ("cls.predictions.bias", ("mlm_bias",), *_SAME),
-             ("cls.seq_relationship.weight", ("nsp", "kernel"), *_linear()),
-             ("cls.seq_relationship.bias", ("nsp", "bias"), *_SAME)]
-    return out + heads
-
-
 def base_prefix(cfg: ModelConfig, names=None) -> str:
-    """The prefix of GPT-2's or BERT's base-model tensor names: ``"transformer."`` or ``"bert."`` (what `save_hf`
-    writes, as ``GPT2LMHeadModel`` and ``BertForPreTraining`` do); given a folder's tensor ``names``, the one it
-    uses: ``""`` for a bare base model (``GPT2Model``, ``BertModel``, sentence-transformers)."""
-    base = "transformer." if cfg.model == "gpt" else "bert."
+    """The prefix of the base model's tensor names: ``"transformer."``, ``"bert."`` or ``"model."`` (what `save_hf`
+    writes, as ``GPT2LMHeadModel``, ``BertForPreTraining`` and ``LlamaForCausalLM`` do); given a folder's tensor
+    ``names``, the one it uses: ``""`` for a bare base model (``GPT2Model``, ``BertModel``, sentence-transformers)."""
+    base = _family(cfg).PREFIX
     return base if names is None or any(name.startswith(base) for name in names) else ""
 
 
 def _mapping(cfg: ModelConfig, prefix: str | None = None) -> list:
     """``[(HF tensor name, our path, to ours, to HF)]``; ``prefix``: `base_prefix` (None: what `save_hf` writes)."""
-    if _rotary(cfg):
-        return llama.param_map(cfg, _linear, _bias, _SAME)
-    prefix = base_prefix(cfg) if prefix is None else prefix
-    return _gpt2_map(cfg, prefix) if cfg.model == "gpt" else _bert_map(cfg, prefix)
-
-
-# GPT-2 keeps q, k, v in one tensor: these virtual leaves are split/joined around the mapping.
-def _split_qkv(flat: dict) -> dict:
-    out = {}
-    for path, value in flat.items():
-        if path[-1] in ("qkv_kernel", "qkv_bias"):
-            kind = "kernel" if path[-1] == "qkv_kernel" else "bias"
-            parts = np.split(value, 3, axis=1 if kind == "kernel" else 0)
-            for role, part in zip(("query", "key", "value"), parts):
-                out[path[:-1] + (role, kind)] = part
-        else:
-            out[path] = value
-    return out
-
-
-def _join_qkv(flat: dict) -> dict:  # jnp, not np: `_layouts` traces it
-    out = dict(flat)
-    for path in [p for p in flat if p[-2:] == ("query", "kernel") or p[-2:] == ("query", "bias")]:
-        base, kind = path[:-2], path[-1]
-        parts = [out.pop(base + (role, kind)) for role in ("query", "key", "value")]
-        out[base + (f"qkv_{kind}",)] = jnp.concatenate(parts, axis=1 if kind == "kernel" else 0)
-    return out
+    return _family(cfg).param_map(cfg, base_prefix(cfg) if prefix is None else prefix)
 
 
 def _to_hf(cfg: ModelConfig, flat: dict, prefix: str | None = None) -> dict:
     """HF tensor name -> array, from our parameters as a flat ``{path: array}``."""
-    flat = _join_qkv(flat) if cfg.model == "gpt" and not _rotary(cfg) else flat
+    flat = gpt2.join_qkv(flat) if _family(cfg) is gpt2 else flat
     return {hf_key: to_hf(flat[ours]) for hf_key, ours, _, to_hf in _mapping(cfg, prefix)}
 
 
@@ -351,39 +142,21 @@ def load_hf(path: str | Path, *, dtype: str = "float32"):
                              f"needs {hf_shapes[hf_key]}")
         else:
             flat[ours] = np.asarray(to_ours(tensors[hf_key]), np.float32)
-    flat = _split_qkv(flat)
-    heads = ("cls.", f"{prefix}pooler.")  # BertModel has no MLM/NSP heads; BertForMaskedLM has no pooler
-    missing_required = [k for k in missing if not k.startswith(heads)]
+    family = _family(cfg)
+    flat = gpt2.split_qkv(flat) if family is gpt2 else flat
+    optional = tuple(name.format(prefix=prefix) for name in family.OPTIONAL)  # e.g. BertModel has no MLM/NSP heads
+    missing_required = [k for k in missing if not k.startswith(optional)]
     if missing_required:
         raise ValueError(f"{folder}: weights missing for {_listing(missing_required)}")
     params = _fill(shapes, flat, model, missing)
     return model, {"params": params}
 
 
-def _size_sources(cfg: ModelConfig, prefix: str) -> tuple[str, str, list]:
-    """``(layer count key, layer tensor prefix, [(config.json key, its value, HF tensor name, axis)])``: where the
-    weights show each size of GPT-2's or BERT's config (the Llama family: `llama.size_sources`)."""
-    if _rotary(cfg):
-        return llama.size_sources(cfg)
-    if cfg.model == "gpt":
-        wte, fc = f"{prefix}wte.weight", f"{prefix}h.0.mlp.c_fc.weight"  # Conv1D: [in, out]
-        return "n_layer", f"{prefix}h.", [("vocab_size", cfg.vocab_size, wte, 0), ("n_embd", cfg.embed_dim, wte, 1),
-                                          ("n_positions", cfg.max_len, f"{prefix}wpe.weight", 0),
-                                          ("n_inner", cfg.mlp_dim, fc, 1)]
-    e = f"{prefix}embeddings"
-    return "num_hidden_layers", f"{prefix}encoder.layer.", [
-        ("vocab_size", cfg.vocab_size, f"{e}.word_embeddings.weight", 0),
-        ("hidden_size", cfg.embed_dim, f"{e}.word_embeddings.weight", 1),
-        ("max_position_embeddings", cfg.max_len, f"{e}.position_embeddings.weight", 0),
-        ("type_vocab_size", cfg.type_vocab_size, f"{e}.token_type_embeddings.weight", 0),
-        ("intermediate_size", cfg.mlp_dim, f"{prefix}encoder.layer.0.intermediate.dense.weight", 0)]
-
-
 def _check_sizes_against(tensors: Mapping, cfg: ModelConfig, prefix: str, folder: Path) -> None:
     """Raise `ValueError` naming config.json's key, its value and what the weights hold where a size disagrees with
     the tensors present: the layers (numbered 0 .. n - 1), and each size a tensor's shape shows. Run before anything
     is built, so a huge size costs nothing."""
-    layer_key, layers, dims = _size_sources(cfg, prefix)
+    layer_key, layers, dims = _family(cfg).size_sources(cfg, prefix)
     pattern = re.compile(re.escape(layers) + r"(\d{1,9})\.")
     found = sorted({int(m.group(1)) for name in tensors if (m := pattern.match(name))})
     if found != list(range(cfg.num_layers)):

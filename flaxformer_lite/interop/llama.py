@@ -1,6 +1,6 @@
 """The Llama family's Hugging Face layout: ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM`` and
-``Qwen3ForCausalLM`` <-> our `GPT` with rotary positions (`config_from_hf`, `config_to_hf`, `param_map`); hf.py reads
-and writes the files.
+``Qwen3ForCausalLM`` <-> our `GPT` with rotary positions: `config_from_hf`, `config_to_hf`, `param_map`,
+`size_sources`; hf.py reads and writes the files.
 
 Every config.json field that changes the function is mapped or refused by name (with the values we support) before
 any weight is read: mixture-of-experts, attention sinks, quantised weights, per-layer attention types, partial
@@ -13,16 +13,17 @@ interleaved pairs; transformers' conversion script permutes them into this layou
 """
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
 
-from ..layers.blocks import layer_name
 from ..choices import RopeScaling
-from ..messages import short_repr
 from ..models import ModelConfig
+from ..names import layer_name
+from .convert import SAME, accepted_fields, bias, check_accepted, hf_names, linear, refuse, special_id
 
 FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
             "qwen3": "Qwen3ForCausalLM"}
+PREFIX = "model."  # of the base model's tensors
+OPTIONAL = ()  # tensor name prefixes a folder may lack (freshly initialised)
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 _ACTIVATIONS = {"silu": "swiglu", "gelu_pytorch_tanh": "geglu"}  # HF's gated MLP: act(gate(x)) * up(x)
 # Fields of other architectures that change the function: present and set, they are refused.
@@ -37,10 +38,6 @@ _REFUSED = {
 }
 
 
-def _refuse(field: str, value, supported: str) -> None:
-    raise ValueError(f"config.json field {field}={short_repr(value)} is not supported; supported: {supported}")
-
-
 def _get(hf: Mapping, key: str, default, kind=int):
     """``hf[key]`` (``default`` when absent or null), checked to be of ``kind``."""
     value = hf.get(key)
@@ -49,7 +46,7 @@ def _get(hf: Mapping, key: str, default, kind=int):
     if kind is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     if not ok:
-        _refuse(key, value, f"a {kind.__name__}")
+        refuse(key, value, f"a {kind.__name__}")
     return float(value) if kind is float else value
 
 
@@ -58,17 +55,17 @@ def _rope(hf: Mapping, max_len: int) -> tuple[float, RopeScaling | None, int]:
     ``rope_scaling`` (older files)."""
     params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     if not isinstance(params, Mapping):
-        _refuse("rope_parameters", params, "a mapping")
+        refuse("rope_parameters", params, "a mapping")
     if params and all(isinstance(v, Mapping) for v in params.values()):
-        _refuse("rope_parameters", dict(params), "one set for every layer (not one per layer type)")
+        refuse("rope_parameters", dict(params), "one set for every layer (not one per layer type)")
     theta = _get({**hf, **params}, "rope_theta", 10_000.0, float)
     kind = params.get("rope_type", params.get("type", "default"))
     if kind not in ROPE_TYPES:
-        _refuse("rope_parameters.rope_type", kind, f"{list(ROPE_TYPES)}")
+        refuse("rope_parameters.rope_type", kind, f"{list(ROPE_TYPES)}")
     if params.get("attention_factor") not in (None, 1, 1.0):
-        _refuse("rope_parameters.attention_factor", params["attention_factor"], "1.0 (or absent)")
+        refuse("rope_parameters.attention_factor", params["attention_factor"], "1.0 (or absent)")
     if params.get("partial_rotary_factor") not in (None, 1, 1.0):
-        _refuse("rope_parameters.partial_rotary_factor", params["partial_rotary_factor"], "1.0 (or absent)")
+        refuse("rope_parameters.partial_rotary_factor", params["partial_rotary_factor"], "1.0 (or absent)")
     if kind == "default":
         return theta, None, max_len
     factor = _get(params, "factor", None, float)
@@ -93,33 +90,15 @@ def _window(hf: Mapping, kind: str, layers: int) -> int | None:
         default = ["sliding_attention" if window is not None else "full_attention"] * layers
     types = hf.get("layer_types") or default
     if kind == "llama" and window is not None:
-        _refuse("sliding_window", window, "null for llama (use mistral)")
+        refuse("sliding_window", window, "null for llama (use mistral)")
     if len(set(types)) > 1 or not set(types) <= {"full_attention", "sliding_attention"}:
         field = "layer_types" if hf.get("layer_types") else "max_window_layers"
-        _refuse(field, hf.get(field), "the same attention, full_attention or sliding_attention, in every layer")
+        refuse(field, hf.get(field), "the same attention, full_attention or sliding_attention, in every layer")
     if types and types[0] == "full_attention":
         return None
     if window is None or isinstance(window, bool) or not isinstance(window, int) or window < 1:
-        _refuse("sliding_window", window, "a positive int with sliding_attention layers")
+        refuse("sliding_window", window, "a positive int with sliding_attention layers")
     return window
-
-
-def _special_id(hf: Mapping, key: str, fallback: int | None) -> int | None:
-    """A special token id (the first of a list: instruct checkpoints list several end-of-turn ids), ``fallback``
-    when null; one outside the vocabulary (a tiny test config keeping a large default) becomes the last id, with a
-    warning, as for GPT-2."""
-    value = hf.get(key)
-    if isinstance(value, list):
-        value = value[0] if value else None
-    if value is None:
-        return fallback
-    if isinstance(value, bool) or not isinstance(value, int):
-        _refuse(key, hf.get(key), "an int id, a list of them, or null")
-    if not 0 <= value < hf["vocab_size"]:
-        warnings.warn(f"config.json {key}={value} is outside the vocabulary ({hf['vocab_size']} ids); using "
-                      f"{hf['vocab_size'] - 1}", stacklevel=3)
-        return hf["vocab_size"] - 1
-    return value
 
 
 def config_from_hf(hf: Mapping) -> ModelConfig:
@@ -128,24 +107,24 @@ def config_from_hf(hf: Mapping) -> ModelConfig:
     kind = hf["model_type"]
     for key, what in _REFUSED.items():
         if hf.get(key) not in (None, False, 0, [], {}) and not (key == "partial_rotary_factor" and hf[key] == 1):
-            _refuse(key, hf[key], f"absent ({what} is not implemented)")
+            refuse(key, hf[key], f"absent ({what} is not implemented)")
     act = hf.get("hidden_act", "silu")
     if act not in _ACTIVATIONS:
-        _refuse("hidden_act", act, f"{sorted(_ACTIVATIONS)}")
+        refuse("hidden_act", act, f"{sorted(_ACTIVATIONS)}")
     attention_bias = _get(hf, "attention_bias", False, bool) if kind in ("llama", "qwen3") else kind == "qwen2"
     if kind == "qwen3" and attention_bias:
-        _refuse("attention_bias", True, "False for qwen3 (an o_proj bias without MLP biases has no ModelConfig form)")
+        refuse("attention_bias", True, "False for qwen3 (an o_proj bias without MLP biases has no ModelConfig form)")
     mlp_bias = _get(hf, "mlp_bias", False, bool) if kind == "llama" else False
     if kind == "llama" and attention_bias != mlp_bias:
-        _refuse("mlp_bias", mlp_bias, f"the same as attention_bias ({attention_bias}): one use_bias covers both")
+        refuse("mlp_bias", mlp_bias, f"the same as attention_bias ({attention_bias}): one use_bias covers both")
     embed, heads = _get(hf, "hidden_size", 4096), _get(hf, "num_attention_heads", 32)
     head_dim, kv_heads = _get(hf, "head_dim", embed // heads), _get(hf, "num_key_value_heads", heads)
     if heads % kv_heads:
-        _refuse("num_key_value_heads", kv_heads, f"a divisor of num_attention_heads ({heads})")
+        refuse("num_key_value_heads", kv_heads, f"a divisor of num_attention_heads ({heads})")
     layers = _get(hf, "num_hidden_layers", 32)
     theta, scaling, max_len = _rope(hf, _get(hf, "max_position_embeddings", 2048))
-    eos = _special_id(hf, "eos_token_id", None)
-    bos = _special_id(hf, "bos_token_id", eos)
+    eos = special_id(hf, "eos_token_id", None, lists=True)
+    bos = special_id(hf, "bos_token_id", eos, lists=True)
     eos = (0 if bos is None else bos) if eos is None else eos  # neither set (a bare test config): id 0
     bos = eos if bos is None else bos
     return ModelConfig(
@@ -158,18 +137,18 @@ def config_from_hf(hf: Mapping) -> ModelConfig:
         use_bias=attention_bias and kind != "qwen2", qkv_bias=True if kind == "qwen2" else None,
         qk_norm=kind == "qwen3", sliding_window=_window(hf, kind, layers),
         tie_embeddings=_get(hf, "tie_word_embeddings", False, bool),
-        init_std=_get(hf, "initializer_range", 0.02, float), pad_id=_special_id(hf, "pad_token_id", eos), bos_id=bos,
-        eos_id=eos)
+        init_std=_get(hf, "initializer_range", 0.02, float),
+        pad_id=special_id(hf, "pad_token_id", eos, lists=True), bos_id=bos, eos_id=eos)
 
 
-def size_sources(cfg: ModelConfig) -> tuple[str, str, list]:
+def size_sources(cfg: ModelConfig, prefix: str = PREFIX) -> tuple[str, str, list]:
     """``(layer count key, layer tensor prefix, [(config.json key, its value, HF tensor name, axis)])``: where the
     weights show each size of ``cfg`` (hf.py compares them before building anything)."""
-    attn, d = "model.layers.0.self_attn", cfg.resolved_head_dim
-    return "num_hidden_layers", "model.layers.", [
-        ("vocab_size", cfg.vocab_size, "model.embed_tokens.weight", 0),
-        ("hidden_size", cfg.embed_dim, "model.embed_tokens.weight", 1),
-        ("intermediate_size", cfg.mlp_dim, "model.layers.0.mlp.gate_proj.weight", 0),  # Linear: [out, in]
+    attn, d = f"{prefix}layers.0.self_attn", cfg.resolved_head_dim
+    return "num_hidden_layers", f"{prefix}layers.", [
+        ("vocab_size", cfg.vocab_size, f"{prefix}embed_tokens.weight", 0),
+        ("hidden_size", cfg.embed_dim, f"{prefix}embed_tokens.weight", 1),
+        ("intermediate_size", cfg.mlp_dim, f"{prefix}layers.0.mlp.gate_proj.weight", 0),  # Linear: [out, in]
         ("num_attention_heads * head_dim", cfg.num_heads * d, f"{attn}.q_proj.weight", 0),
         ("num_key_value_heads * head_dim", (cfg.num_kv_heads or cfg.num_heads) * d, f"{attn}.k_proj.weight", 0)]
 
@@ -186,12 +165,9 @@ def family_of(cfg: ModelConfig) -> str:
 
 def _check_exportable(cfg: ModelConfig, kind: str) -> None:
     """Raise `ValueError` naming the first field of ``cfg`` that ``kind``'s layout cannot express."""
-    accepted = {"model": ("gpt",), "position": ("rotary",), "attention": ("softmax",), "talking_heads": (False,),
-                "condition_dim": (0,), "share_layers": (False,), "scan_layers": (False,), "norm": ("rmsnorm",),
-                "norm_position": ("pre",),
-                "embed_scale": (False,), "embed_norm": (False,), "type_vocab_size": (0,),
-                "activation": tuple(sorted(_ACTIVATIONS.values())),
-                "qkv_bias": (None, cfg.use_bias), "qk_norm": (False,)}
+    accepted = {"model": ("gpt",), **accepted_fields(cfg), "position": ("rotary",), "norm": ("rmsnorm",),
+                "norm_position": ("pre",), "embed_norm": (False,), "type_vocab_size": (0,),
+                "activation": tuple(sorted(_ACTIVATIONS.values()))}
     if kind == "qwen2":
         accepted.update(use_bias=(False,), qkv_bias=(True,))
     if kind == "qwen3":  # its attention_bias would bias o_proj but not the MLP: no ModelConfig form
@@ -200,10 +176,7 @@ def _check_exportable(cfg: ModelConfig, kind: str) -> None:
         accepted.update(use_bias=(False,))
     if kind == "llama":
         accepted.update(sliding_window=(None,))
-    for field, values in accepted.items():
-        if getattr(cfg, field) not in values:
-            raise ValueError(f"save_hf cannot express ModelConfig.{field}={getattr(cfg, field)!r} in Hugging Face's "
-                             f"{FAMILIES[kind]} layout (accepted: {', '.join(map(repr, values))})")
+    check_accepted(cfg, accepted, FAMILIES[kind])
     s = cfg.rope_scaling
     if s is not None and s.rope_type == "dynamic" and cfg.max_len != int(s.original_max_len * s.factor):
         raise ValueError(f"save_hf cannot express ModelConfig.max_len={cfg.max_len} with dynamic rope scaling: "
@@ -239,7 +212,7 @@ def config_to_hf(cfg: ModelConfig, kind: str | None = None) -> dict:
     out = {"model_type": kind, "architectures": [FAMILIES[kind]], "vocab_size": cfg.vocab_size,
            "hidden_size": cfg.embed_dim, "intermediate_size": cfg.mlp_dim, "num_hidden_layers": cfg.num_layers,
            "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads or cfg.num_heads,
-           "head_dim": cfg.resolved_head_dim, "hidden_act": {v: k for k, v in _ACTIVATIONS.items()}[cfg.activation],
+           "head_dim": cfg.resolved_head_dim, "hidden_act": hf_names(_ACTIVATIONS)[cfg.activation],
            "max_position_embeddings": max_pos, "rms_norm_eps": cfg.norm_epsilon,
            "initializer_range": cfg.init_std, "tie_word_embeddings": cfg.tie_embeddings,
            "attention_dropout": cfg.attention_dropout_rate, "rope_parameters": rope, "rope_theta": cfg.rope_base,
@@ -257,32 +230,37 @@ def config_to_hf(cfg: ModelConfig, kind: str | None = None) -> dict:
     return out
 
 
-def param_map(cfg: ModelConfig, linear, bias, same) -> list:
-    """``(HF tensor name, our path, to_ours, to_hf)`` for every parameter of ``cfg``; ``linear``, ``bias`` and
-    ``same`` are hf.py's converter factories (a torch Linear ``[out, in]`` <-> our ``[in, (heads, d)]``)."""
-    h, kv = cfg.num_heads, cfg.num_kv_heads or cfg.num_heads
-    qkv_bias = cfg.use_bias if cfg.qkv_bias is None else cfg.qkv_bias
-    out = [("model.embed_tokens.weight", ("embedder", "token", "embedding"), *same),
-           ("model.norm.weight", ("final_norm", "scale"), *same)]
+def param_map(cfg: ModelConfig, prefix: str = PREFIX) -> list:
+    """``(HF tensor name, our path, to_ours, to_hf)`` for every parameter of ``cfg`` (a torch Linear ``[out, in]``
+    <-> our ``[in, (heads, d)]``); ``prefix``: the base model's (`PREFIX`)."""
+    out = [(f"{prefix}embed_tokens.weight", ("embedder", "token", "embedding"), *SAME),
+           (f"{prefix}norm.weight", ("final_norm", "scale"), *SAME)]
     if not cfg.tie_embeddings:
         out.append(("lm_head.weight", ("lm_head", "kernel"), *linear()))
     for i in range(cfg.num_layers):
-        p, ours = f"model.layers.{i}", ("decoder", layer_name(i))
-        att = ours + ("self_attention",)
-        out += [(f"{p}.input_layernorm.weight", ours + ("self_attention_norm", "scale"), *same),
-                (f"{p}.post_attention_layernorm.weight", ours + ("mlp_norm", "scale"), *same),
-                (f"{p}.self_attn.o_proj.weight", att + ("out", "kernel"), *linear(heads_in=h))]
-        for hf_name, role, heads in (("q_proj", "query", h), ("k_proj", "key", kv), ("v_proj", "value", kv)):
-            out.append((f"{p}.self_attn.{hf_name}.weight", att + (role, "kernel"), *linear(heads)))
-            if qkv_bias:
-                out.append((f"{p}.self_attn.{hf_name}.bias", att + (role, "bias"), *bias(heads)))
+        out += _layer_map(cfg, f"{prefix}layers.{i}", ("decoder", layer_name(i)))
+    return out
+
+
+def _layer_map(cfg: ModelConfig, p: str, ours: tuple) -> list:
+    """The mapping entries of one decoder layer: HF names under ``p``, ours under ``ours``."""
+    h, kv = cfg.num_heads, cfg.num_kv_heads or cfg.num_heads
+    qkv_bias = cfg.use_bias if cfg.qkv_bias is None else cfg.qkv_bias
+    att = ours + ("self_attention",)
+    out = [(f"{p}.input_layernorm.weight", ours + ("self_attention_norm", "scale"), *SAME),
+           (f"{p}.post_attention_layernorm.weight", ours + ("mlp_norm", "scale"), *SAME),
+           (f"{p}.self_attn.o_proj.weight", att + ("out", "kernel"), *linear(heads_in=h))]
+    for hf_name, role, heads in (("q_proj", "query", h), ("k_proj", "key", kv), ("v_proj", "value", kv)):
+        out.append((f"{p}.self_attn.{hf_name}.weight", att + (role, "kernel"), *linear(heads)))
+        if qkv_bias:
+            out.append((f"{p}.self_attn.{hf_name}.bias", att + (role, "bias"), *bias(heads)))
+    if cfg.use_bias:
+        out.append((f"{p}.self_attn.o_proj.bias", att + ("out", "bias"), *SAME))
+    if cfg.qk_norm:
+        out += [(f"{p}.self_attn.q_norm.weight", att + ("query_norm", "scale"), *SAME),
+                (f"{p}.self_attn.k_norm.weight", att + ("key_norm", "scale"), *SAME)]
+    for hf_name, role in (("gate_proj", "wi_0"), ("up_proj", "wi_1"), ("down_proj", "wo")):
+        out.append((f"{p}.mlp.{hf_name}.weight", ours + ("mlp", role, "kernel"), *linear()))
         if cfg.use_bias:
-            out.append((f"{p}.self_attn.o_proj.bias", att + ("out", "bias"), *same))
-        if cfg.qk_norm:
-            out += [(f"{p}.self_attn.q_norm.weight", att + ("query_norm", "scale"), *same),
-                    (f"{p}.self_attn.k_norm.weight", att + ("key_norm", "scale"), *same)]
-        for hf_name, role in (("gate_proj", "wi_0"), ("up_proj", "wi_1"), ("down_proj", "wo")):
-            out.append((f"{p}.mlp.{hf_name}.weight", ours + ("mlp", role, "kernel"), *linear()))
-            if cfg.use_bias:
-                out.append((f"{p}.mlp.{hf_name}.bias", ours + ("mlp", role, "bias"), *same))
+            out.append((f"{p}.mlp.{hf_name}.bias", ours + ("mlp", role, "bias"), *SAME))
     return out
