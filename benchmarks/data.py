@@ -131,7 +131,7 @@ def prepare_and_first_run(megabytes: int, work: Path, texts: list[str], steps: i
     for _ in range(repeats):
         for old in (store, work / f"run-{megabytes}", cache):
             shutil.rmtree(old, ignore_errors=True)
-        prepares.append(timed([sys.executable, "-m", "flaxformer_lite.data.prepare", "--out", str(store),
+        prepares.append(timed([sys.executable, "-m", "flaxformer_lite.run.prepare", "--out", str(store),
                                f"data.path={corpus}", "data.vocab_size=8192"], fresh))
     shutil.rmtree(cache)
     first_s, first_gib, _ = timed(train_command(work, corpus, megabytes, steps), fresh)

@@ -38,7 +38,7 @@ from flaxformer_lite.models import build, preset  # noqa: E402
 from flaxformer_lite.training.host import keep_freed_memory  # noqa: E402
 from flaxformer_lite.training.metrics import (count_params, device_peak_flops, flops_per_token,  # noqa: E402
                                               matmul_flops)
-from flaxformer_lite.training import JitStep, make_mesh, make_task  # noqa: E402
+from flaxformer_lite.training import MeshLayout, TrainStep, make_mesh, make_task  # noqa: E402
 
 OPT = dict(learning_rate=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01)
 
@@ -63,8 +63,9 @@ def ours(cfg, batch: dict, reorder_kernels: bool = True):
     task = make_task("mlm" if cfg.model == "bert" else "causal_lm", model, cfg.model)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(**OPT))
     jbatch = jax.tree_util.tree_map(jnp.asarray, batch)
-    step = JitStep(task, tx, lambda r: task.init_params(r, jbatch), jax.random.PRNGKey(0), make_mesh("data=1"))
-    placed = step.to_device(batch)
+    step = TrainStep(task, tx, lambda r: task.init_params(r, jbatch), jax.random.PRNGKey(0),
+                     MeshLayout(make_mesh("data=1")))
+    placed = step.place(batch)
 
     def run():
         step.state, metrics = step.compiled(step.state, placed)  # no host-to-device copy in the timing

@@ -1,6 +1,6 @@
 """The names a model config chooses among, for each pluggable part, and `RopeScaling`: plain Python, no JAX.
 
-`ModelConfig` validates against these, so a config loads (and ``python -m flaxformer_lite.data.prepare`` starts)
+`ModelConfig` validates against these, so a config loads (and ``python -m flaxformer_lite.run.prepare`` starts)
 without importing JAX. The modules that implement each part take their names from here; where a part is a table of
 functions (feature maps, activations), a test checks that its keys are these names.
 """

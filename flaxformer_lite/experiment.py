@@ -35,7 +35,7 @@ class DataConfig:
     line. objective: causal_lm | prefix_lm | mlm | span_corruption | seq2seq | classify (fine-tuning: ``text_field``
     and optional ``text_pair_field`` -> the ``label_field`` column, ints or strings). store: the token store of a
     text objective's corpus (causal_lm, prefix_lm, mlm, span_corruption): tokenized once, read through a memmap; ''
-    keeps it in the run folder (``<run_dir>/store``); a folder made by ``python -m flaxformer_lite.data.prepare`` is
+    keeps it in the run folder (``<run_dir>/store``); a folder made by ``python -m flaxformer_lite.run.prepare`` is
     reused. eval_path: a held-out corpus for evaluation (its own store, ``<store>-eval``); '' holds out the last
     ``eval_fraction`` of the corpus's tokens. workers: encoding processes when writing it (0 or 1: this process,
     SentencePiece's threads on every core). allow_corpus_change: resume on a corpus that changed since the

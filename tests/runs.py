@@ -1,18 +1,16 @@
-"""Shared by the tests that run train.py: the CLI module loaded from its file, a tiny model's overrides, a small
+"""Shared by the tests that run train.py: its command (`flaxformer_lite.run`), a tiny model's overrides, a small
 real corpus written once per test module, and reading the losses back."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
+import flaxformer_lite.run
 from flaxformer_lite.data import load_corpus
 from flaxformer_lite.training import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("train_cli", ROOT / "train.py")
-train_cli = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(train_cli)
+train_cli = flaxformer_lite.run  # train.py's command: ``train_cli.main(args)`` -> exit status
 
 TINY_MODEL = ["model.num_layers=2", "model.embed_dim=64", "model.num_heads=4", "model.mlp_dim=128",
               "model.max_len=64", "model.dropout_rate=0.0", "model.attention_dropout_rate=0.0"]

@@ -93,9 +93,9 @@ def test_choices_name_every_implementation():
 
 
 def test_configs_and_the_data_pipeline_load_without_jax():
-    """`python -m flaxformer_lite.data.prepare` starts without JAX (about 1.3 s of imports); the package's public
+    """`python -m flaxformer_lite.run.prepare` starts without JAX (about 1.3 s of imports); the package's public
     names still resolve on first use."""
-    code = ("import sys, flaxformer_lite as ffl, flaxformer_lite.data.prepare\n"
+    code = ("import sys, flaxformer_lite as ffl, flaxformer_lite.data.prepare, flaxformer_lite.run.prepare\n"
             "from flaxformer_lite.experiment import load_config\n"
             "load_config(None, ['model.attention=linear'])\n"
             "assert 'jax' not in sys.modules and 'flax' not in sys.modules, 'jax imported'\n"

@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from flaxformer_lite.models import GPT, preset
-from flaxformer_lite.training import JitStep, make_mesh, make_task
+from flaxformer_lite.training import MeshLayout, TrainStep, make_mesh, make_task
 from flaxformer_lite.training.parallel import RULES, fit_rules
 
 # 6 heads and a 4001-id vocabulary: neither divides tensor=4; mlp 128 and embed 48 do
@@ -27,12 +27,13 @@ def _batch(step: int) -> dict:
             "loss_mask": np.ones((B, L), np.float32)}
 
 
-def _step(mesh_spec: str) -> JitStep:
+def _step(mesh_spec: str) -> TrainStep:
     model = GPT(CFG)
     task = make_task("causal_lm", model, "gpt")
     first = jax.tree_util.tree_map(jnp.asarray, _batch(0))
     tx = optax.adamw(1e-2)
-    return JitStep(task, tx, lambda r: task.init_params(r, first), jax.random.PRNGKey(0), make_mesh(mesh_spec))
+    return TrainStep(task, tx, lambda r: task.init_params(r, first), jax.random.PRNGKey(0),
+                     MeshLayout(make_mesh(mesh_spec)))
 
 
 @pytest.fixture(scope="module")

@@ -164,6 +164,8 @@ def test_stream_pools_make_the_batches_of_their_objective(store, tokenizer, name
     docs = [store.document(i).tolist() for i in range(store.num_documents)]
     old = objective.make_pool(data, {"text": docs}, 32, ids)[1](np.arange(4), rngs())
     assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in old.items()}
+    from flaxformer_lite.data.registry import BATCH_KINDS
+    assert set(got) - {"prefix_lengths"} == set(BATCH_KINDS[objective.batch_kind])  # the keys its kind declares
     for key in got:
         assert got[key].dtype == old[key].dtype, key
     np.testing.assert_array_equal(got["tokens" if "tokens" in got else "src"][1],
@@ -214,7 +216,7 @@ def test_resume_rewrites_a_damaged_store_of_the_same_corpus(corpus, tmp_path, ca
 def test_a_prepared_store_is_reused_and_a_foreign_one_refused(corpus, tmp_path, capsys):
     from runs import overrides, train_cli
 
-    from flaxformer_lite.data.prepare import main as prepare
+    from flaxformer_lite.run.prepare import main as prepare
     store = tmp_path / "store"
     assert prepare(["--out", str(store), f"data.path={corpus / 'docs.jsonl'}", "data.vocab_size=512"]) == 0
     written = (store / "tokens.bin").stat().st_mtime_ns
@@ -300,15 +302,20 @@ def test_a_folder_that_is_not_a_store_is_refused_untouched(store, tokenizer, tmp
 
 
 def test_prepare_into_a_users_folder_is_one_line_and_exit_2(tmp_path):
-    """``python -m flaxformer_lite.data.prepare --out`` a folder of user files: one line on stderr (no runpy warning,
+    """``python -m flaxformer_lite.run.prepare --out`` a folder of user files: one line on stderr (no runpy warning,
     no traceback), exit 2, the files untouched, before any corpus is read or tokenizer trained."""
     (tmp_path / "x.txt").write_text("mine")
-    done = subprocess.run([sys.executable, "-m", "flaxformer_lite.data.prepare", "--out", str(tmp_path)],
+    done = subprocess.run([sys.executable, "-m", "flaxformer_lite.run.prepare", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.splitlines() == [
         f"prepare: error: {tmp_path} is not a token store (1 entry that no token store holds, e.g. 'x.txt'): writing "
         "one there would delete them; refused, nothing changed. Name a new or empty folder"]
     assert [p.name for p in tmp_path.iterdir()] == ["x.txt"] and (tmp_path / "x.txt").read_text() == "mine"
+    old_name = subprocess.run([sys.executable, "-m", "flaxformer_lite.data.prepare", "--out", str(tmp_path)],
+                              capture_output=True, text=True, timeout=120)  # the command's name before it moved
+    assert old_name.returncode == 2 and old_name.stderr.splitlines() == [
+        "note: `python -m flaxformer_lite.data.prepare` is now `python -m flaxformer_lite.run.prepare`; this name goes "
+        "in the next release", done.stderr.strip()]
 
 
 def test_a_killed_writers_leftovers_are_swept_and_no_one_elses(store, tokenizer, tmp_path):
@@ -421,7 +428,7 @@ def test_a_store_written_before_checksums_still_reads(store, tmp_path, capsys):
 def test_training_on_a_damaged_store_stops_in_one_line(corpus, tmp_path, capsys):
     from runs import overrides, train_cli
 
-    from flaxformer_lite.data.prepare import main as prepare
+    from flaxformer_lite.run.prepare import main as prepare
     store = tmp_path / "store"
     assert prepare(["--out", str(store), f"data.path={corpus / 'docs.jsonl'}", "data.vocab_size=512"]) == 0
     _flip(store, slice(None))

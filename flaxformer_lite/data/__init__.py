@@ -1,7 +1,7 @@
 """Data: corpora (HF datasets), SentencePiece tokenizers, packing, objectives, and a deterministic loader.
 Knows no model.
 
-Public names import their module on first use (`flaxformer_lite._lazy`), so ``python -m flaxformer_lite.data.prepare``
+Public names import their module on first use (`flaxformer_lite._lazy`), so ``python -m flaxformer_lite.run.prepare``
 runs a module that importing the package has not already imported (runpy warned about that on every call)."""
 from .._lazy import lazy_attributes
 

@@ -1,16 +1,12 @@
 """Preparing a corpus once: a tokenizer trained on a seeded random sample of its documents, and the token store of
 the whole corpus (store.py), in one folder. `train.py` does it on its first run (by process 0; the others wait);
-users with a big corpus can do it ahead, on a big machine:
-
-    python -m flaxformer_lite.data.prepare --out stores/shakespeare data.path=../shared/data/tinyshakespeare.txt
-    python train.py data.store=stores/shakespeare ...
+users with a big corpus can do it ahead, on a big machine, with ``python -m flaxformer_lite.run.prepare``.
 
 A store is reused while its manifest matches the corpus (files, sizes, modification times, a sample of the content)
 and the tokenizer.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Callable
@@ -176,25 +172,8 @@ def store_tokenizer(store: TokenStore) -> Tokenizer:
     return tok
 
 
-def main(argv=None) -> int:
-    """``python -m flaxformer_lite.data.prepare --out DIR [--config F] [data.key=value ...]``."""
-    from ..experiment import load_config
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="the store folder to write (or check)")
-    p.add_argument("--config", help="a train.py YAML config (its data section is used)")
-    p.add_argument("overrides", nargs="*", help="data.* (and train.seed) overrides, as for train.py")
-    args = p.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        store = prepare_store(cfg.data, args.out, seed=cfg.train.seed)
-    except ValueError as err:
-        print(f"prepare: error: {err}", file=sys.stderr)
-        return 2
-    m = store.manifest
-    print(f"{store.folder}: {m.documents:,} documents, {m.tokens:,} tokens ({m.dtype}), {m.text_bytes / 1e6:.1f} MB "
-          f"of text, vocabulary {m.vocab_size}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # the command moved up to the run package (it reads train.py's config): forwarded
+    import runpy
+    print("note: `python -m flaxformer_lite.data.prepare` is now `python -m flaxformer_lite.run.prepare`; this name "
+          "goes in the next release", file=sys.stderr)
+    runpy.run_module("flaxformer_lite.run.prepare", run_name="__main__", alter_sys=True)

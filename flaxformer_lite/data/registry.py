@@ -50,6 +50,8 @@ class Objective:
         objectives of small labelled data (seq2seq, classify), which keep ``make_pool``.
       prompt_key: the batch key whose first tokens prompt the samples written at the end, or None (no samples).
       min_seq_len: the shortest ``train.seq_len`` it can make examples of.
+      batch_kind: which `BATCH_KINDS` its batches are (their keys), so that training/tasks.py knows the model
+        call they feed without a table of objectives of its own.
     """
 
     name: str
@@ -60,6 +62,7 @@ class Objective:
     stream_pool: Callable | None = None
     prompt_key: str | None = None
     min_seq_len: int = 2
+    batch_kind: str = "decoder"
 
     def check(self, model_kind: str | None = None, seq_len: int | None = None) -> None:
         """Raise `ValueError` if ``model_kind`` cannot learn this objective or ``seq_len`` is too short for it."""
@@ -128,6 +131,13 @@ def _span_stream(data, tokens, start, stop, seq_len, ids):
                                                                    data.mean_span_length)
 
 
+# the batches objectives make, by their keys (data/objectives.py builds them)
+BATCH_KINDS = {
+    "decoder": ("tokens", "targets", "segment_ids", "loss_mask"),  # + prefix_lengths for prefix LM
+    "mlm_nsp": ("tokens", "token_type_ids", "padding_mask", "mlm_targets", "mlm_mask", "nsp_labels"),
+    "classify": ("tokens", "token_type_ids", "padding_mask", "labels"),
+    "seq2seq": ("src", "src_padding_mask", "tgt_in", "tgt", "tgt_mask"),
+}
 _LM = (Term("lm", "loss_mask"),)
 _SEQ2SEQ = (Term("lm", "tgt_mask"),)
 _TEXT = (("text", "text_field"),)
@@ -137,14 +147,15 @@ OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
               prompt_key="tokens"),
     Objective("prefix_lm", ("gpt",), _LM, _TEXT, _lm_pool(prefix=True), _lm_stream(prefix=True), prompt_key="tokens"),
     Objective("mlm", ("bert",), (Term("mlm", "mlm_mask"), Term("nsp", "nsp_labels", per_example=True)), _TEXT,
-              _mlm_pool, _mlm_stream, min_seq_len=MLM_MIN_CHUNK + MLM_SPECIAL_TOKENS),
-    Objective("span_corruption", ("encoder_decoder",), _SEQ2SEQ, _TEXT, _span_pool, _span_stream, prompt_key="src"),
+              _mlm_pool, _mlm_stream, min_seq_len=MLM_MIN_CHUNK + MLM_SPECIAL_TOKENS, batch_kind="mlm_nsp"),
+    Objective("span_corruption", ("encoder_decoder",), _SEQ2SEQ, _TEXT, _span_pool, _span_stream, prompt_key="src",
+              batch_kind="seq2seq"),
     Objective("seq2seq", ("encoder_decoder",), _SEQ2SEQ, (("text", "source_field"), ("target", "target_field")),
-              _seq2seq_pool),
+              _seq2seq_pool, batch_kind="seq2seq"),
     # fine-tuning: a SequenceClassifier over this backbone
     Objective("classify", ("bert", "gpt"), (Term("classify", "labels", per_example=True),),
               (("text", "text_field"), ("pair", "text_pair_field"), ("label", "label_field")), _classify_pool,
-              min_seq_len=4),
+              min_seq_len=4, batch_kind="classify"),
 )}
 
 

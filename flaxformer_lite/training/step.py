@@ -1,16 +1,19 @@
-"""The training step, in one home. A step object owns the train state and everything about its layout: building
-the state, compiling the step, placing batches, gradient accumulation, the total loss, restoring and saving, and
-the evaluation sums. The loop only calls it.
+"""The training step, in one home: `TrainStep` owns the train state and the step (gradient accumulation, the total
+loss, the update, the evaluation sums, restoring and saving); a layout says where the state and the batches live:
 
-- `JitStep`: one `jax.jit` over a `Mesh` with explicit `NamedSharding`s and the state donated (what `pjit` became).
-- `PmapStep`: `jax.pmap` over this process's devices, the state replicated, gradients summed with `lax.psum`
-  (kept for parity with older code).
+- `MeshLayout`: one `jax.jit` over a `Mesh` with explicit `NamedSharding`s and the state donated (what `pjit`
+  became);
+- `PmapLayout`: `jax.pmap` over this process's devices, the state replicated, weights, gradients and sums added
+  across devices with `lax.psum` (kept for parity with older code).
+
+The loop only calls the step: `place` (in the prefetching thread), `run`, `host_metrics`, `restore`, `saved_state`.
 
 The train state is a dict: ``params``, ``opt_state``, ``step`` (int32), ``rng`` (key), ``finite`` (bool: every
 loss so far was finite; checked before any checkpoint is written).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import jax
@@ -77,48 +80,138 @@ def apply_update(tx, state: dict, grads, sums: dict, weights: dict) -> tuple[dic
     return new, metrics
 
 
-class JitStep:
-    """The train step as one `jax.jit` over ``mesh``: state built in its shardings and donated each step.
+class MeshLayout:
+    """The state in its `NamedSharding`s over ``mesh`` (built there directly), batches as global arrays over the
+    mesh's data x fsdp axes, the step one `jax.jit` with the state donated and the logical-axis rules active (so that
+    activation constraints take effect). Attributes once `init` ran: shardings, rules."""
 
-    Args:
-      task: a `Task`; tx: the optax optimizer; init_fn: ``rng -> boxed params``; rng: the init key;
-      mesh: the device mesh; accum: micro-batches per step (gradient accumulation).
+    def __init__(self, mesh):
+        self.mesh, self.batch_sharding = mesh, batch_sharding(mesh)
 
-    Attributes: state (the train state, in its shardings), shardings, batch_sharding, compiled (the jitted
-    ``(state, global batch) -> (state, metrics)``, state donated, traced with the logical-axis rules active so that
-    activation constraints take effect), notes (one line per logical axis replicated because the mesh cannot split
-    it evenly, `fit_rules`).
-    """
+    def init(self, init_fn: Callable, tx, rng):
+        """(state, notes): the train state in its shardings, and one note per logical axis the mesh cannot split."""
+        state, self.shardings, self.rules, notes = init_state(init_fn, tx, rng, self.mesh)
+        return state, notes
 
-    def __init__(self, task, tx, init_fn: Callable, rng, mesh, accum: int = 1):
-        self.task, self.mesh = task, mesh
-        self.state, self.shardings, rules, self.notes = init_state(init_fn, tx, rng, mesh)
-        self.batch_sharding = batch_sharding(mesh)
+    def context(self):
+        return activation_sharding(self.mesh, self.rules)
 
-        def step(state, batch):
-            with activation_sharding(mesh, rules):
-                weights = task.weights(batch)
-                rng = jax.random.fold_in(state["rng"], state["step"])
-                grads, sums = grads_and_sums(task, state["params"], batch, rng, accum, weights)
-                return apply_update(tx, state, grads, sums, weights)
+    def reduce(self, tree):
+        return tree  # one program over the global batch: nothing to add up
 
-        def evaluate(params, batch):
-            with activation_sharding(mesh, rules):
-                return task.sums(params, batch, jax.random.key(0), False), task.weights(batch)
+    def device_rng(self, rng):
+        return rng
 
-        self.compiled = jax.jit(step, in_shardings=(self.shardings, self.batch_sharding),
-                             out_shardings=(self.shardings, None), donate_argnums=0)
-        self._eval = jax.jit(evaluate)
+    def compile(self, step: Callable) -> Callable:
+        return jax.jit(step, in_shardings=(self.shardings, self.batch_sharding), out_shardings=(self.shardings, None),
+                       donate_argnums=0)
 
-    def to_device(self, rows: dict) -> dict:
-        """This process's rows of a batch -> global arrays over the mesh."""
+    def place(self, rows: dict) -> dict:
         return jax.tree_util.tree_map(
             lambda x: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(x)), rows)
 
+    place_eval = place
+
+    def one_copy(self, state):
+        return state
+
+    def spread(self, state):
+        return state
+
+    def copy_shardings(self, state):
+        return self.shardings
+
+    def put_params(self, new, old):
+        put = lambda n, o, s: o if isinstance(n, jax.ShapeDtypeStruct) else \
+            jax.make_array_from_callback(n.shape, s, lambda index: n[index])
+        return jax.tree_util.tree_map(put, new, old, self.shardings["params"])
+
+    def host(self, metrics: dict) -> dict:
+        return jax.device_get(metrics)
+
+
+class PmapLayout:
+    """The state replicated on this process's devices (a leading device axis), batches ``[devices, b / devices,
+    ...]``, the step `jax.pmap`ped over axis ``data``: each device differentiates its rows (with its own dropout) and
+    the weights, gradients and sums are added with `lax.psum`. Evaluation runs on one device."""
+
+    def __init__(self):
+        self.n = jax.local_device_count()
+
+    def init(self, init_fn: Callable, tx, rng):
+        single = init_state(init_fn, tx, rng, make_mesh("data=1", jax.local_devices()[:1]))[0]
+        return replicate(single, self.n), []
+
+    def context(self):
+        return contextlib.nullcontext()
+
+    def reduce(self, tree):
+        return jax.lax.psum(tree, "data")
+
+    def device_rng(self, rng):
+        return jax.random.fold_in(rng, jax.lax.axis_index("data"))  # each device its own dropout: other examples
+
+    def compile(self, step: Callable) -> Callable:
+        return jax.pmap(step, axis_name="data", donate_argnums=0)
+
     def place(self, rows: dict) -> dict:
-        """This process's rows of a batch (``[b / processes, ...]`` NumPy arrays) as the step takes them: global
-        arrays over the mesh (safe to call from a prefetching thread)."""
-        return self.to_device(rows)
+        return shard_for_pmap(rows, self.n)
+
+    def place_eval(self, rows: dict) -> dict:
+        return jax.tree_util.tree_map(jnp.asarray, rows)
+
+    def one_copy(self, state):
+        return unreplicate(state)
+
+    def spread(self, state):
+        return replicate(state, self.n)
+
+    def copy_shardings(self, state):
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        return jax.tree_util.tree_map(lambda _: device, state)
+
+    def put_params(self, new, old):
+        return jax.tree_util.tree_map(lambda n, o: o if isinstance(n, jax.ShapeDtypeStruct) else jnp.asarray(n), new,
+                                      old)
+
+    def host(self, metrics: dict) -> dict:
+        return jax.device_get(unreplicate(metrics))  # every device holds the same, psum'd
+
+
+class TrainStep:
+    """The train step over a layout (`MeshLayout` or `PmapLayout`).
+
+    Args:
+      task: a `Task`; tx: the optax optimizer; init_fn: ``rng -> boxed params``; rng: the init key; layout: where
+        the state and batches live; accum: micro-batches per step (gradient accumulation).
+
+    Attributes: state (the train state, in the layout), layout, compiled (``(state, placed batch) -> (state,
+    metrics)``, state donated), notes (one line per logical axis replicated because the mesh cannot split it
+    evenly, `fit_rules`).
+    """
+
+    def __init__(self, task, tx, init_fn: Callable, rng, layout, accum: int = 1):
+        self.task, self.layout = task, layout
+        self.state, self.notes = layout.init(init_fn, tx, rng)
+
+        def step(state, batch):
+            with layout.context():
+                weights = layout.reduce(task.weights(batch))
+                rng = layout.device_rng(jax.random.fold_in(state["rng"], state["step"]))
+                grads, sums = layout.reduce(grads_and_sums(task, state["params"], batch, rng, accum, weights))
+                return apply_update(tx, state, grads, sums, weights)
+
+        def evaluate(params, batch):
+            with layout.context():
+                return task.sums(params, batch, jax.random.key(0), False), task.weights(batch)
+
+        self.compiled = layout.compile(step)
+        self._eval = jax.jit(evaluate)
+
+    def place(self, rows: dict) -> dict:
+        """This process's rows of a batch (``[b / processes, ...]`` NumPy arrays) as the step takes them (safe to
+        call from a prefetching thread)."""
+        return self.layout.place(rows)
 
     def run(self, batch: dict) -> dict:
         """One step on a `place`d batch; returns the step's metrics (device scalars, see `apply_update`)."""
@@ -130,106 +223,37 @@ class JitStep:
         return self.run(self.place(rows))
 
     def host_metrics(self, metrics: dict) -> dict:
-        """Metrics as host NumPy values."""
-        return jax.device_get(metrics)
+        """Metrics as host NumPy values (one copy)."""
+        return self.layout.host(metrics)
 
     def saved_state(self) -> dict:
-        """The state as checkpoints hold it (one copy, in its shardings)."""
-        return self.state
+        """The state as checkpoints hold it (one copy)."""
+        return self.layout.one_copy(self.state)
 
     def params(self):
         """The current parameters (one copy)."""
-        return self.state["params"]
+        return self.saved_state()["params"]
 
     def restore(self, ckpt: Checkpoints) -> dict | None:
-        """Load the newest intact checkpoint into the state (onto this mesh); its meta, or None if there is none."""
-        found = ckpt.restore_latest(self.state, self.shardings)
+        """Load the newest intact checkpoint into the state (onto this layout); its meta, or None if there is none."""
+        single = self.saved_state()
+        found = ckpt.restore_latest(single, self.layout.copy_shardings(single))
         if found is None:
             return None
-        self.state, meta = found
+        single, meta = found
+        self.state = self.layout.spread(single)
         return meta
 
     def set_params(self, new) -> None:
         """Replace parameters by ``new`` (host arrays; leaves given as shape structs keep their values)."""
-        place = lambda n, old, s: old if isinstance(n, jax.ShapeDtypeStruct) else \
-            jax.make_array_from_callback(n.shape, s, lambda index: n[index])
-        self.state["params"] = jax.tree_util.tree_map(place, new, self.state["params"], self.shardings["params"])
+        single = dict(self.saved_state())
+        single["params"] = self.layout.put_params(new, single["params"])
+        self.state = self.layout.spread(single)
 
     def eval_sums(self, rows: dict):
         """Deterministic per-term sums and weights (scalars) of one evaluation batch, given as this process's rows
         (``[b / processes, ...]``)."""
-        return self._eval(self.state["params"], self.to_device(rows))
-
-
-class PmapStep:
-    """The train step with `jax.pmap` over this process's devices: the state replicated, each device
-    differentiating its share of the batch (divided by the global token count) and gradients summed with
-    `lax.psum`. Same arguments as `JitStep`, without the mesh. Attributes: state (replicated, a leading device
-    axis), n (devices), compiled (the pmapped ``(state, batch [n, b / n, ...]) -> (state, metrics)``)."""
-
-    def __init__(self, task, tx, init_fn: Callable, rng, accum: int = 1):
-        self.task, self.n, self.notes = task, jax.local_device_count(), []
-        single = init_state(init_fn, tx, rng, make_mesh("data=1", jax.local_devices()[:1]))[0]
-        self.state = replicate(single, self.n)
-
-        def step(state, batch):
-            weights = jax.tree_util.tree_map(lambda w: jax.lax.psum(w, "data"), task.weights(batch))
-            # each device its own dropout: its rows are other examples
-            rng = jax.random.fold_in(jax.random.fold_in(state["rng"], state["step"]), jax.lax.axis_index("data"))
-            grads, sums = grads_and_sums(task, state["params"], batch, rng, accum, weights)
-            grads, sums = jax.lax.psum((grads, sums), "data")
-            return apply_update(tx, state, grads, sums, weights)
-
-        self.compiled = jax.pmap(step, axis_name="data", donate_argnums=0)
-        self._eval = jax.jit(lambda params, batch: (task.sums(params, batch, jax.random.key(0), False),
-                                                    task.weights(batch)))
-
-    def place(self, rows: dict) -> dict:
-        """This process's rows of a batch as pmap takes them: ``[devices, b / devices, ...]``."""
-        return shard_for_pmap(rows, self.n)
-
-    def run(self, batch: dict) -> dict:
-        """One step on a `place`d batch; returns the step's metrics (per device)."""
-        self.state, metrics = self.compiled(self.state, batch)
-        return metrics
-
-    def __call__(self, rows: dict) -> dict:
-        """`place` then `run`."""
-        return self.run(self.place(rows))
-
-    def host_metrics(self, metrics: dict) -> dict:
-        """The first device's metrics (all devices hold the same, psum'd) as host values."""
-        return jax.device_get(unreplicate(metrics))
-
-    def saved_state(self) -> dict:
-        """The state as checkpoints hold it (the first device's copy)."""
-        return unreplicate(self.state)
-
-    def params(self):
-        """The current parameters (one copy)."""
-        return unreplicate(self.state)["params"]
-
-    def restore(self, ckpt: Checkpoints) -> dict | None:
-        """Load the newest intact checkpoint (onto one device, then replicated); its meta, or None."""
-        single = unreplicate(self.state)
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        found = ckpt.restore_latest(single, jax.tree_util.tree_map(lambda _: device, single))
-        if found is None:
-            return None
-        single, meta = found
-        self.state = replicate(single, self.n)
-        return meta
-
-    def set_params(self, new) -> None:
-        """Replace parameters by ``new`` (host arrays; leaves given as shape structs keep their values)."""
-        single = unreplicate(self.state)
-        single["params"] = jax.tree_util.tree_map(
-            lambda n, old: old if isinstance(n, jax.ShapeDtypeStruct) else jnp.asarray(n), new, single["params"])
-        self.state = replicate(single, self.n)
-
-    def eval_sums(self, rows: dict):
-        """Deterministic per-term sums and weights of one evaluation batch (on one device)."""
-        return self._eval(self.params(), jax.tree_util.tree_map(jnp.asarray, rows))
+        return self._eval(self.params(), self.layout.place_eval(rows))
 
 
 def check_layout(parallel, batch_size: int, accum: int) -> None:
@@ -250,8 +274,7 @@ def check_layout(parallel, batch_size: int, accum: int) -> None:
                          f"{shards} batch shards of parallel.mesh={parallel.mesh!r} (data x fsdp)")
 
 
-def make_step(parallel, task, tx, init_fn: Callable, rng, accum: int = 1):
-    """The step object ``parallel.mode`` asks for: `JitStep` over ``parallel.mesh`` or `PmapStep`."""
-    if parallel.mode == "pmap":
-        return PmapStep(task, tx, init_fn, rng, accum)
-    return JitStep(task, tx, init_fn, rng, make_mesh(parallel.mesh), accum)
+def make_step(parallel, task, tx, init_fn: Callable, rng, accum: int = 1) -> TrainStep:
+    """The step ``parallel.mode`` asks for: over a `MeshLayout` of ``parallel.mesh``, or a `PmapLayout`."""
+    layout = PmapLayout() if parallel.mode == "pmap" else MeshLayout(make_mesh(parallel.mesh))
+    return TrainStep(task, tx, init_fn, rng, layout, accum)

@@ -1,6 +1,7 @@
-"""How each objective feeds a model and scores it. A `Task` is generic over the model: it calls ``model.apply``
-with the batch keys its objective produces (data/objectives.py) and returns per-term sums; which terms there are
-and what weighs them is the objective's declaration in data/registry.py.
+"""How each kind of batch feeds a model and scores it. A `Task` is generic over the model: it calls ``model.apply``
+with the keys of its objective's batch kind (data/registry.py `BATCH_KINDS`) and returns per-term sums; which terms
+there are and what weighs them is the objective's declaration in data/registry.py, the one place an objective is
+declared.
 
 Losses are sums over tokens divided by the global number of scored tokens (``weights``, computed from the batch
 alone), so micro-batches and devices add up to the same gradient as one big batch.
@@ -58,11 +59,10 @@ def _seq2seq_sums(task, apply, batch):
     return {"lm": task.xent(apply(*args, **kwargs), batch["tgt"], batch["tgt_mask"])}
 
 
-# objective -> (the model inputs of a batch, the per-term sums)
+# batch kind (`data.registry.BATCH_KINDS`, declared by each objective) -> (the model inputs, the per-term sums)
 FORWARD: dict[str, tuple[Callable, Callable]] = {
-    "causal_lm": (_decoder_inputs, _lm_sums), "prefix_lm": (_decoder_inputs, _lm_sums),
-    "mlm": (_bert_inputs, _mlm_sums), "classify": (_bert_inputs, _classify_sums),
-    "span_corruption": (_seq2seq_inputs, _seq2seq_sums), "seq2seq": (_seq2seq_inputs, _seq2seq_sums),
+    "decoder": (_decoder_inputs, _lm_sums), "mlm_nsp": (_bert_inputs, _mlm_sums),
+    "classify": (_bert_inputs, _classify_sums), "seq2seq": (_seq2seq_inputs, _seq2seq_sums),
 }
 
 
@@ -84,7 +84,7 @@ class Task:
         """Per term: ``{"loss", "nll", "correct"}`` sums over the batch."""
         apply = lambda *args, **kw: self.model.apply({"params": params}, *args, deterministic=not train,
                                                      rngs={"dropout": rng}, **kw)
-        return FORWARD[self.objective.name][1](self, apply, batch)
+        return FORWARD[self.objective.batch_kind][1](self, apply, batch)
 
     def xent(self, logits, targets, weights) -> dict[str, jax.Array]:
         """`cross_entropy_sums` with this task's label smoothing and z-loss."""
@@ -92,7 +92,7 @@ class Task:
 
     def init_params(self, rng, batch):
         """The model's (boxed, logically named) params, shaped by one batch."""
-        args, kwargs = FORWARD[self.objective.name][0](batch)
+        args, kwargs = FORWARD[self.objective.batch_kind][0](batch)
         return self.model.init(rng, *args, **kwargs)["params"]
 
 
