@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .attention.checks import check_range
+from .ranges import check_range
 from .names import LAYER_STACKS
 from .models.checks import check_tokens
 from .models.encoder_decoder import EncoderDecoder

@@ -130,6 +130,59 @@ def test_eos_stops_rows_and_pads(gpt_softmax):
             assert (out[row, 5 + stop + 1:] == model.cfg.pad_id).all()
 
 
+def test_beam_search_with_eos_equals_brute_force():
+    """EOS inside the beams, against every hypothesis enumerated: a vocabulary of 8, 3 new tokens, beam_size 8.
+
+    With beam_size = vocab_size the first step keeps every token, so the beams after step 2 are the 8 best of all
+    64 two-token hypotheses and the final beams the 8 best of their extensions (scores: sums of float64 log-probs
+    of the model's logits, a hypothesis that emitted EOS carried on with pad at no cost); they are then ranked by
+    score / ((5 + length) / 6) ** 0.6, length counting up to and including EOS. EOS is the model's greedy first
+    token of row 0, so the best beams finish at once and are padded, others later or never."""
+    import itertools
+    vocab, p, n, alpha = 8, 4, 3, 0.6
+    model = GPT(tiny_config(vocab_size=vocab))
+    prompt = _prompt(l=p) % (vocab - 3) + 3
+    variables = model.init(jax.random.key(0), prompt)
+    pad = model.cfg.pad_id
+    # every 2-token continuation of each row, run once: position p - 1 + j gives the log-probs after j new tokens
+    heads = list(itertools.product(range(vocab), repeat=n - 1))
+    rows = np.concatenate([np.concatenate([np.repeat(np.asarray(prompt[r:r + 1]), len(heads), 0), heads], 1)
+                           for r in range(2)])
+    logp = reference.log_softmax(model.apply(variables, jnp.asarray(rows, jnp.int32))[:, p - 1:])
+    eos = int(np.argmax(logp[0, 0]))
+    assert eos != pad
+
+    def hypotheses(row, steps):
+        """{tokens: (score, length)} of every distinct hypothesis of ``steps`` new tokens."""
+        table = logp[row * len(heads):(row + 1) * len(heads)]
+        out = {}
+        for seq in itertools.product(range(vocab), repeat=steps):
+            stop = seq.index(eos) + 1 if eos in seq else steps
+            if any(t != pad for t in seq[stop:]):
+                continue  # after EOS only pad
+            lp = table[heads.index(tuple(seq[:n - 1]) + (0,) * (n - 1 - len(seq[:n - 1])))]  # the row of its prefix
+            out[seq] = (sum(lp[j, seq[j]] for j in range(stop)), stop)
+        return out
+
+    seqs, scores = ffl.beam_search(model, variables, prompt, n, beam_size=vocab, length_penalty=alpha, eos_id=eos)
+    seqs, scores = np.asarray(seqs), np.asarray(scores)
+    lengths = set()
+    for row in range(2):
+        two = hypotheses(row, 2)
+        kept = sorted(two, key=lambda s: -two[s][0])[:vocab]
+        three = {s: v for s, v in hypotheses(row, 3).items() if s[:2] in kept}
+        ranked = sorted(three, key=lambda s: -three[s][0])
+        gaps = [three[ranked[i]][0] - three[ranked[i + 1]][0] for i in range(vocab)]
+        assert min(gaps) > 1e-4, gaps  # the float32 beams cannot tie where the float64 ones differ
+        final = sorted(((s, three[s][0] / ((5.0 + three[s][1]) / 6.0) ** alpha) for s in ranked[:vocab]),
+                       key=lambda x: -x[1])
+        np.testing.assert_array_equal(seqs[row, :, :p], np.broadcast_to(prompt[row], (vocab, p)))
+        np.testing.assert_array_equal(seqs[row, :, p:], [s for s, _ in final])
+        np.testing.assert_allclose(scores[row], [v for _, v in final], rtol=1e-5, atol=1e-5)
+        lengths |= {three[s][1] for s, _ in final}
+    assert lengths == {1, 2, 3}, lengths  # beams that finished at each step, and ones that never did
+
+
 def test_sampling(gpt_softmax):
     model, variables, apply = gpt_softmax
     prompt = _prompt()
@@ -209,14 +262,14 @@ def test_linear_decode_state_does_not_grow():
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(prompt=jnp.zeros((5,), jnp.int32)), "prompt must be int"),
-    (dict(prompt=jnp.array([[1, 99]], jnp.int32)), "prompt holds id 99 outside .*97"),
-    (dict(prompt=jnp.array([[-1, 4]], jnp.int32)), "id -1 outside"),
+    (dict(prompt=jnp.array([[1, 99]], jnp.int32)), r"prompt must be ids in \[0, vocab_size=97\); got \[99\]"),
+    (dict(prompt=jnp.array([[-1, 4]], jnp.int32)), r"got \[-1\] among its values"),
     (dict(prompt=jnp.zeros((2, 0), jnp.int32)), "at least one token"),
     (dict(variables={"cache": {}}), "variables must be"),
     (dict(max_new_tokens=0), "max_new_tokens"),
     (dict(max_new_tokens=44), "> max_len 48"),
     (dict(prefix_lengths=jnp.array([1, 2, 3])), "prefix_lengths"),
-    (dict(prefix_lengths=[7, 7]), r"prefix_lengths must be in \[0, 5\] \(the prompt length\); got \[7.0, 7.0\]"),
+    (dict(prefix_lengths=[7, 7]), r"prefix_lengths must be in \[0, 5\] \(the prompt length\); got \[7, 7\]"),
     (dict(prefix_lengths=[-1, 2]), r"prefix_lengths must be in \[0, 5\]"),
     (dict(temperature=-1.0), "temperature"),
     (dict(temperature=1.0), "needs rng"),

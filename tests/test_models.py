@@ -177,8 +177,8 @@ def test_bfloat16_compute():
 
 @pytest.mark.parametrize("tokens,match", [
     (np.zeros((2, 49), np.int32), "length 49 > max_len 48"),
-    (np.full((2, 4), 97, np.int32), r"id 97 outside \[0, vocab_size=97\)"),
-    (np.full((2, 4), -1, np.int32), "id -1 outside"),
+    (np.full((2, 4), 97, np.int32), r"must be ids in \[0, vocab_size=97\); got \[97, 97, 97\]"),
+    (np.full((2, 4), -1, np.int32), r"got \[-1, -1, -1\] among its values"),
     (np.zeros((4,), np.int32), r"int \[batch, length\]"),
     (np.zeros((2, 4), np.float32), "integer token ids"),
 ])
@@ -195,8 +195,10 @@ def _ids(shape, value=0):
 @pytest.mark.parametrize("make,kwargs,match", [
     (lambda: GPT(tiny_config()), dict(segment_ids=_ids((2, 5))), "segment_ids must have the shape"),
     (lambda: GPT(tiny_config()), dict(positions=_ids((2, 11))), r"positions must have the shape of its tokens \(2, 12"),
-    (lambda: GPT(tiny_config()), dict(positions=_ids((2, 12), 48)), r"positions holds id 48 outside \[0, max_len=48\)"),
-    (lambda: BERT(tiny_config("bert")), dict(token_type_ids=_ids((2, 12), 2)), r"outside \[0, type_vocab_size=2\)"),
+    (lambda: GPT(tiny_config()), dict(positions=_ids((2, 12), 48)),
+     r"positions must be ids in \[0, max_len=48\); got \[48"),
+    (lambda: BERT(tiny_config("bert")), dict(token_type_ids=_ids((2, 12), 2)),
+     r"token_type_ids must be ids in \[0, type_vocab_size=2\)"),
     (lambda: BERT(tiny_config("bert", type_vocab_size=0)), dict(token_type_ids=_ids((2, 12))), "type_vocab_size is 0"),
     (lambda: SequenceClassifier(tiny_config(), num_labels=2), dict(padding_mask=jnp.ones((2, 14), bool)),
      r"padding_mask must have the shape of its tokens \(2, 12\)"),

@@ -149,17 +149,6 @@ def check_block_size(name: str, size) -> int:
     return int(size)
 
 
-def check_range(name: str, x, ok, accepted: str):
-    """Raise `ValueError` if a concrete ``x`` has an entry where ``ok`` is False (traced values cannot be checked)."""
-    try:
-        vals = np.asarray(x, np.float64)
-    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-        return
-    bad = ~ok(vals)
-    if bad.any():
-        raise ValueError(f"{name} must be {accepted}; got {vals[bad].ravel()[:3].tolist()} among its values")
-
-
 def check_valid(name: str, valid, shape: tuple) -> jax.Array | None:
     """``valid`` as a bool array of ``shape``, or None."""
     if valid is None:

@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..ranges import check_range
+
 
 def check_tokens(tokens, cfg, name: str = "tokens", max_len: int | None = None) -> None:
     """Raise `ValueError` unless ``tokens`` is int ``[b, l]`` with ``l <= max_len`` (default ``cfg.max_len``) and, when
@@ -37,13 +39,8 @@ def check_ids(ids, tokens, cfg, name: str, field: str) -> None:
 
 def _check_range(ids, name: str, cfg, field: str) -> None:
     """Raise `ValueError` if ``ids`` are concrete (not traced) and one lies outside ``[0, cfg.<field>)``."""
-    if isinstance(ids, jax.core.Tracer) or not ids.size:
-        return
-    values = np.asarray(ids)  # a host copy: jnp reductions would be staged inside an outer trace
-    low, high = int(values.min()), int(values.max())
     limit = getattr(cfg, field)
-    if low < 0 or high >= limit:
-        raise ValueError(f"{name} holds id {low if low < 0 else high} outside [0, {field}={limit})")
+    check_range(name, ids, lambda x: (x >= 0) & (x < limit), f"ids in [0, {field}={limit})")
 
 
 def check_mask_shape(mask, tokens, name: str) -> None:

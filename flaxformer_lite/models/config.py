@@ -54,7 +54,7 @@ _FIELDS = {
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Every model's hyper-parameters (names from the DESIGN.md glossary).
+    """Every model's hyper-parameters (names from the glossary in ARCHITECTURE.md).
 
     Attributes:
       model: ``"gpt"``, ``"bert"`` or ``"encoder_decoder"`` (what `build` makes).

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ..checks import check_range
+from ...ranges import check_range
 from ..masks import Mask
 
 LINEAR_IMPLS = ("auto", "xla", "pallas")

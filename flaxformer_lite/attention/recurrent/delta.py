@@ -30,7 +30,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ..checks import Dims, check_block_size, check_mask, check_qkv, check_range, check_step_qkv, check_valid
+from ...ranges import check_range
+from ..checks import Dims, check_block_size, check_mask, check_qkv, check_step_qkv, check_valid
 from ..masks import Mask
 from ..pallas import block_unsupported, unsupported
 from .common import from_groups, gate_log_decay, kernel_impl, plan_groups, scan_groups, segment_runs, to_groups
