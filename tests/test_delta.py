@@ -126,9 +126,9 @@ def test_steps_from_the_empty_state_equal_the_reference():
 
 @pytest.mark.parametrize("gate", ["none", "data"])
 def test_groups_of_one_block_match_the_reference(monkeypatch, gate):
-    """With one block per group (on CPU `blocks_per_group` sizes groups by their states; these tiny shapes fit all at
+    """With one block per group (on CPU `blocks_per_span` sizes groups by their states; these tiny shapes fit all at
     once), the scan over groups carries the state across group boundaries, segments and padding included."""
-    monkeypatch.setitem(common.GROUP_BYTES, jax.default_backend(), 1)
+    monkeypatch.setitem(common.SPAN_BYTES, jax.default_backend(), 1)
     arrays, (q, k, v, beta), kwargs = _inputs(2, gate, seed=4)
     out = jax.jit(lambda *x: delta_attention(*x, mask=_mask("segments_causal"), block_size=4, **kwargs))(q, k, v, beta)
     np.testing.assert_allclose(out, _reference("segments_causal", *arrays), **TOL)

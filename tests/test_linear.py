@@ -35,7 +35,7 @@ def test_matches_reference(linear_fn, name, fmap, kv_heads):
 def test_block_size_does_not_change_the_result(linear_fn, name):
     lq, lk, mask, _ = build(name)
     _, (q, k, v) = qkv(lq, lk, kv_heads=2)
-    outs = [linear_fn(q, k, v, mask=mask, feature_map="favor", block_size=c) for c in (3, 5, 64)]  # 3: 2 groups
+    outs = [linear_fn(q, k, v, mask=mask, feature_map="favor", block_size=c) for c in (3, 5, 64)]  # 3: 2 spans
     for out in outs[1:]:
         np.testing.assert_allclose(out, outs[0], **TOL)
 
@@ -54,12 +54,12 @@ def test_grads_match_finite_differences(linear_fn, name, fmap):
 
 
 @pytest.mark.parametrize("name", ["causal", "causal_kv_valid"])
-def test_groups_of_two_blocks_match_the_reference(monkeypatch, name):
-    """Plain causal sums (elu+1, no segments or gates) chain a group's blocks by a cumulative sum: groups of two
-    blocks of 4 positions, the sums carried across five groups. Values and gradients against the reference."""
+def test_spans_of_two_blocks_match_the_reference(monkeypatch, name):
+    """Plain causal sums (elu+1, no segments or gates) chain a span's blocks by a cumulative sum: groups of two
+    blocks of 4 positions, the sums carried across five spans. Values and gradients against the reference."""
     state_bytes = 4 * B * 2 * HEAD_DIM * HEAD_DIM  # one block's [f, v] states over 2 batch rows and 2 kv heads
-    monkeypatch.setitem(common.GROUP_BYTES, jax.default_backend(), 2 * state_bytes)
-    assert common.blocks_per_group(10, state_bytes) == 2
+    monkeypatch.setitem(common.SPAN_BYTES, jax.default_backend(), 2 * state_bytes)
+    assert common.blocks_per_span(10, state_bytes) == 2
     lq, lk, mask, dense = build(name)
     arrays, jax_arrays = qkv(lq, lk, kv_heads=2, seed=13)
     w = np.random.default_rng(14).standard_normal((B, lq, 4, HEAD_DIM))

@@ -61,24 +61,24 @@ def test_block_size_does_not_change_the_result(gated_fn, name):
         np.testing.assert_allclose(out, outs[0], **TOL)
 
 
-def test_blocks_per_group_keeps_a_group_in_cache():
+def test_blocks_per_span_keeps_a_span_in_cache():
     """b=1, 8 heads of 64 x 64 states: 8 blocks at a time on CPU; FAVOR+'s 266 x 64, or 8 batch rows: one, unless that
-    makes just two groups; all at once on accelerators."""
+    makes just two spans; all at once on accelerators."""
     elu, favor = 4 * 8 * 64 * 64, 4 * 8 * 266 * 64
-    assert common.blocks_per_group(256, elu, "cpu") == 8
-    assert common.blocks_per_group(256, favor, "cpu") == common.blocks_per_group(256, 8 * elu, "cpu") == 1
-    assert common.blocks_per_group(5, elu, "cpu") == 5
-    assert common.blocks_per_group(2, 8 * elu, "cpu") == 2  # two groups of one: all at once instead
-    assert common.blocks_per_group(4, 8 * elu, "cpu") == 1
-    assert common.blocks_per_group(256, elu, "gpu") == common.blocks_per_group(256, elu, "tpu") == 256
+    assert common.blocks_per_span(256, elu, "cpu") == 8
+    assert common.blocks_per_span(256, favor, "cpu") == common.blocks_per_span(256, 8 * elu, "cpu") == 1
+    assert common.blocks_per_span(5, elu, "cpu") == 5
+    assert common.blocks_per_span(2, 8 * elu, "cpu") == 2  # two groups of one: all at once instead
+    assert common.blocks_per_span(4, 8 * elu, "cpu") == 1
+    assert common.blocks_per_span(256, elu, "gpu") == common.blocks_per_span(256, elu, "tpu") == 256
 
 
 @pytest.mark.parametrize("fmap", ["elu", "favor"])
 def test_groups_of_one_block_match_the_reference(monkeypatch, fmap):
-    """On CPU, blocks go in groups sized to keep their states in cache (`blocks_per_group`; these tiny shapes fit all
+    """On CPU, blocks go in groups sized to keep their states in cache (`blocks_per_span`; these tiny shapes fit all
     at once). With one block per group, the scan over groups carries the sums across group boundaries, segments and
     padding included."""
-    monkeypatch.setitem(common.GROUP_BYTES, jax.default_backend(), 1)
+    monkeypatch.setitem(common.SPAN_BYTES, jax.default_backend(), 1)
     _, _, mask, _ = build("segments_causal")
     (qn, kn, vn), (q, k, v) = qkv(L, L, kv_heads=2, value_dim=8, seed=5)
     gate, log_decay = _gate("data", 2)

@@ -1,7 +1,7 @@
 """Attention that carries a state along the sequence: linear attention (linear.py; its chunk form linear_causal.py,
 its Pallas kernels linear_pallas.py over linear_pallas_kernels.py, its feature maps feature_maps.py) and the delta
 rule (delta.py; its Pallas kernels delta_pallas.py over delta_pallas_kernels.py and delta_pallas_backward.py).
-common.py holds what both share (the impl choice, segment runs, decay gates, block groups), chunk_tiles.py what
+common.py holds what both share (the impl choice, segment runs, decay gates, block spans), chunk_tiles.py what
 their Pallas kernels share."""
 from .common import LINEAR_IMPLS
 from .delta import delta_attention, delta_impl, delta_init_state, delta_step

@@ -4,8 +4,8 @@
 - segment runs (`run_ids`, `segment_runs`): each contiguous run of one segment id is one segment, where the state
   restarts; the kernels compare run ids, not segment ids;
 - decay gates (`gate_log_decay`): a fixed decay per kv head or a log decay per position, as one ``[b, l, n]`` array;
-- block groups (`Groups`, `plan_groups`, `to_groups`, `from_groups`, `scan_groups`, `blocks_per_group`): how a chunk
-  form cuts the sequence into blocks, computed a group of blocks at a time under a `lax.scan` carrying the state.
+- block spans (`Spans`, `plan_spans`, `to_spans`, `from_spans`, `scan_spans`, `blocks_per_span`): how a chunk
+  form cuts the sequence into blocks, computed a span of blocks at a time under a `lax.scan` carrying the state.
 
 Shape key: b batch, l length, n kv heads.
 """
@@ -104,10 +104,10 @@ def along(mask, x):
     return jnp.reshape(mask, mask.shape + (1,) * (x.ndim - mask.ndim))
 
 
-# -- block groups ---------------------------------------------------------------------------------------------------
-class Groups(NamedTuple):
-    """How a chunk form cuts ``length`` positions: blocks of ``block`` positions, ``size`` blocks to a group,
-    ``count`` groups (the last padded)."""
+# -- block spans ---------------------------------------------------------------------------------------------------
+class Spans(NamedTuple):
+    """How a chunk form cuts ``length`` positions: blocks of ``block`` positions, ``size`` blocks to a span,
+    ``count`` spans (the last padded)."""
 
     length: int
     block: int
@@ -115,15 +115,15 @@ class Groups(NamedTuple):
     count: int
 
 
-def plan_groups(length: int, block: int, state_bytes: int, size: int | None = None) -> Groups:
-    """The `Groups` for ``length`` positions in blocks of ``block``: ``size`` blocks to a group, default
-    `blocks_per_group` for one block's states of ``state_bytes``."""
+def plan_spans(length: int, block: int, state_bytes: int, size: int | None = None) -> Spans:
+    """The `Spans` for ``length`` positions in blocks of ``block``: ``size`` blocks to a span, default
+    `blocks_per_span` for one block's states of ``state_bytes``."""
     blocks = -(-length // block)
-    size = min(blocks, size or blocks_per_group(blocks, state_bytes))
-    return Groups(length, block, size, -(-blocks // size))
+    size = min(blocks, size or blocks_per_span(blocks, state_bytes))
+    return Spans(length, block, size, -(-blocks // size))
 
 
-def to_groups(x: jax.Array, plan: Groups, fill=0, heads: bool = False) -> jax.Array:
+def to_spans(x: jax.Array, plan: Spans, fill=0, heads: bool = False) -> jax.Array:
     """``[b, l, ...] -> [count, b, size, block, ...]``, padded with ``fill`` (``"edge"``: the last position
     repeated); with ``heads``, axis 2 of ``x`` (the heads) goes before the blocks: ``[count, b, n, size, block,
     ...]``."""
@@ -135,32 +135,32 @@ def to_groups(x: jax.Array, plan: Groups, fill=0, heads: bool = False) -> jax.Ar
     return jnp.moveaxis(x, 4, 2) if heads else x
 
 
-def from_groups(x: jax.Array, plan: Groups) -> jax.Array:
-    """``[count, b, n, size, block, ...] -> [b, l, n, ...]``: `to_groups` with ``heads`` undone."""
+def from_spans(x: jax.Array, plan: Spans) -> jax.Array:
+    """``[count, b, n, size, block, ...] -> [b, l, n, ...]``: `to_spans` with ``heads`` undone."""
     x = jnp.moveaxis(jnp.moveaxis(x, 0, 1), 2, 4)  # [b, count, size, block, n, ...]
     return x.reshape((x.shape[0], plan.count * plan.size * plan.block) + x.shape[4:])[:, :plan.length]
 
 
-def scan_groups(body, init, xs: dict):
-    """``lax.scan(body, init, xs)`` over the groups (leading axis of ``xs``); a single group runs without a loop."""
+def scan_spans(body, init, xs: dict):
+    """``lax.scan(body, init, xs)`` over the spans (leading axis of ``xs``); a single span runs without a loop."""
     if jax.tree.leaves(xs)[0].shape[0] > 1:
         return lax.scan(body, init, xs)
     carry, ys = body(init, jax.tree.map(lambda x: x[0], xs))
     return carry, jax.tree.map(lambda y: y[None], ys)
 
 
-GROUP_BYTES = {"cpu": 1 << 20}  # per backend: the block states a group may hold; absent: all blocks at once
+SPAN_BYTES = {"cpu": 1 << 20}  # per backend: the block states a span may hold; absent: all blocks at once
 
 
-def blocks_per_group(blocks: int, state_bytes: int, backend: str | None = None) -> int:
+def blocks_per_span(blocks: int, state_bytes: int, backend: str | None = None) -> int:
     """How many of ``blocks`` blocks the chunk forms (linear_causal.py, delta.py) compute at once, given one block's
     states over all batch rows and heads (``state_bytes``): all of them on accelerators; on CPU as many as fit in
-    `GROUP_BYTES` (about a core's L2 cache), at least one, unless that makes only two groups, where the scan costs
+    `SPAN_BYTES` (about a core's L2 cache), at least one, unless that makes only two spans, where the scan costs
     more than the cache saves. Measured on 2 cores, fwd+bwd: at 16k tokens, h=8, d=64, elu+1 (64 x 64 states) runs
     best with 8 blocks at a time at b=1 and 1-2 at b=8, FAVOR+ (266 x 64) with 1; at b=16, two blocks of 128 tokens
     run 1.3x faster together than one at a time, four blocks of 256 tokens 1.15x faster one at a time."""
-    budget = GROUP_BYTES.get(jax.default_backend() if backend is None else backend)
+    budget = SPAN_BYTES.get(jax.default_backend() if backend is None else backend)
     if budget is None:
         return blocks
-    group = max(1, min(blocks, budget // max(state_bytes, 1)))
-    return blocks if -(-blocks // group) <= 2 else group
+    span = max(1, min(blocks, budget // max(state_bytes, 1)))
+    return blocks if -(-blocks // span) <= 2 else span

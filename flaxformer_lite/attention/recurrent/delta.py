@@ -16,8 +16,8 @@ entering the block, the pseudo-values ``u_r = beta_r (v_r - a_r S_{r-1}^T k_r)``
 
 Substituting ``U``, the state leaving a block is an affine map of the entering one, ``S_end = M S0 + K~^T U~`` with
 ``M = g_c I - K~^T W`` (``K~ = K * D_c.``), and ``O = (g Q - A W) S0 + A U~`` (``A = tril(Q K^T) * D``). Everything
-but the chain of entering states is computed for a group of blocks at once (the system's inverse by recursive
-doubling, batched matmuls); a `lax.scan` over the group's blocks then does one ``[d, d] x [d, v]`` product each.
+but the chain of entering states is computed for a span of blocks at once (the system's inverse by recursive
+doubling, batched matmuls); a `lax.scan` over the span's blocks then does one ``[d, d] x [d, v]`` product each.
 Decays are summed inside a block only, so every exponent is <= 0. Computed in float32 whatever the input dtype (the
 system's inverse and the repeated erasing are less forgiving than linear attention's sums).
 
@@ -34,7 +34,7 @@ from ...ranges import check_range
 from ..checks import Dims, check_block_size, check_mask, check_qkv, check_step_qkv, check_valid
 from ..masks import Mask
 from ..pallas import block_unsupported, unsupported
-from .common import from_groups, gate_log_decay, kernel_impl, plan_groups, scan_groups, segment_runs, to_groups
+from .common import from_spans, gate_log_decay, kernel_impl, plan_spans, scan_spans, segment_runs, to_spans
 from .delta_pallas import pallas_delta
 
 NORM_EPS = 1e-6  # q and k are divided by sqrt(|x|^2 + eps): a zero (padded) key stays zero
@@ -162,30 +162,30 @@ def _check_beta(beta, shape: tuple, valid) -> jax.Array:
 def _blocks(q, k, v, beta, log_decay, segments, c: int):
     """The chunk form: unit ``q [b, l, n, g, d]``, ``k [b, l, n, d]``, ``v [b, l, n, v]``, ``beta [b, l, n]`` (0 at
     padding), ``log_decay [b, l, n]`` or None, ``segments [b, l]`` or None, block length ``c`` ->
-    ``(out [b, l, n, g, v], state [b, n, d, v])``, float32. Blocks go in groups (`blocks_per_group`: all at once on
-    accelerators) under a `lax.scan` carrying the state, as in linear_causal.py: on CPU a group's intermediates stay
+    ``(out [b, l, n, g, v], state [b, n, d, v])``, float32. Blocks go in spans (`blocks_per_span`: all at once on
+    accelerators) under a `lax.scan` carrying the state, as in linear_causal.py: on CPU a span's intermediates stay
     in cache."""
     b, l, n, g, d = q.shape
-    plan = plan_groups(l, c, 4 * b * n * d * v.shape[-1])
-    heads = lambda x: to_groups(x, plan, heads=True)  # [b, l, n, ...] -> [groups, b, n, group, c, ...]
+    plan = plan_spans(l, c, 4 * b * n * d * v.shape[-1])
+    heads = lambda x: to_spans(x, plan, heads=True)  # [b, l, n, ...] -> [spans, b, n, span, c, ...]
     xs = {"q": heads(q), "k": heads(k), "v": heads(v), "beta": heads(beta)}
     if log_decay is not None:
         xs["cum"] = jnp.cumsum(heads(log_decay), -1)  # log decay since the block's start
     if segments is not None:  # padded positions join the last segment (with zero keys and beta they change nothing,
         # and the state returned stays that segment's); -2 precedes the first block
-        xs["seg"] = to_groups(segments.astype(jnp.int32), plan, "edge")  # [groups, b, group, c]
+        xs["seg"] = to_spans(segments.astype(jnp.int32), plan, "edge")  # [spans, b, span, c]
         last = jnp.moveaxis(xs["seg"][..., -1], 0, 1).reshape(b, plan.count * plan.size)
         before = jnp.concatenate([jnp.full((b, 1), -2, jnp.int32), last[:, :-1]], 1)
-        xs["before"] = jnp.moveaxis(before.reshape(b, plan.count, plan.size), 1, 0)  # [groups, b, group]
-    state, out = scan_groups(_group, jnp.zeros((b, n, d, v.shape[-1]), jnp.float32), xs)
-    return from_groups(out, plan), state
+        xs["before"] = jnp.moveaxis(before.reshape(b, plan.count, plan.size), 1, 0)  # [spans, b, span]
+    state, out = scan_spans(_span, jnp.zeros((b, n, d, v.shape[-1]), jnp.float32), xs)
+    return from_spans(out, plan), state
 
 
-def _group(entering, x: dict):
-    """One group of blocks from the state ``entering [b, n, d, v]``: ``x`` holds ``q [b, n, m, c, g, d]``,
+def _span(entering, x: dict):
+    """One span of blocks from the state ``entering [b, n, d, v]``: ``x`` holds ``q [b, n, m, c, g, d]``,
     ``k [b, n, m, c, d]``, ``v [b, n, m, c, v]``, ``beta [b, n, m, c]``, optionally ``cum [b, n, m, c]`` and
     ``seg [b, m, c]`` with ``before [b, m]`` (the segment of the position before each block). Returns the state
-    leaving the group and its outputs ``[b, n, m, c, g, v]``."""
+    leaving the span and its outputs ``[b, n, m, c, g, v]``."""
     qb, kb, vb, bb = x["q"], x["k"], x["v"], x["beta"]
     d, c = kb.shape[-1], kb.shape[-2]
     cum = x.get("cum", jnp.zeros_like(bb))  # [b, n, m, c]

@@ -31,13 +31,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .common import from_groups, plan_groups, scan_groups, to_groups
+from .common import from_spans, plan_spans, scan_spans, to_spans
 
 FLOOR = -1e30  # finite floor for running log-scales: exp(floor - floor) = 1, exp(-inf - floor) = 0
 
 
 def causal_sums(qf, kf, ka, v, q_seg, kv_seg, log_decay, block: int, *, strict: bool = False, dtype=jnp.float32,
-                group: int | None = None, decay_grad_by_identity: bool = False):
+                span: int | None = None, decay_grad_by_identity: bool = False):
     """Sums over keys ``j <= i`` (``j < i`` if ``strict``) in the same segment, decayed by ``log_decay``.
 
     Args:
@@ -48,8 +48,8 @@ def causal_sums(qf, kf, ka, v, q_seg, kv_seg, log_decay, block: int, *, strict: 
       block: block length c.
       strict: exclude the diagonal (the reverse pass of non-causal segments).
       dtype: matmul operand dtype (products accumulate in float32).
-      group: blocks computed together; groups follow one another in a `lax.scan` carrying the state. Default
-        `blocks_per_group`: all blocks at once on accelerators; on CPU as many as keep the group's block states in
+      span: blocks computed together; spans follow one another in a `lax.scan` carrying the state. Default
+        `blocks_per_span`: all blocks at once on accelerators; on CPU as many as keep the span's block states in
         cache (at 16k tokens, 8 blocks at a time take 0.65x the time of all 256).
       decay_grad_by_identity: differentiate ``log_decay`` by `_decayed`'s identity instead of through every
         block's decay matrix: for data-dependent decays (1.29x the ungated fwd+bwd time at 16k on CPU, against
@@ -59,8 +59,8 @@ def causal_sums(qf, kf, ka, v, q_seg, kv_seg, log_decay, block: int, *, strict: 
       ``num [b, l, n, g, v]``, ``den [b, l, n, g]`` float32, relative to ``scale [b, l, n]`` (None: 0).
     """
     if log_decay is None or not decay_grad_by_identity:
-        return _sums(qf, kf, ka, v, q_seg, kv_seg, log_decay, block, strict, dtype, group)
-    return _decayed((block, strict, jnp.dtype(dtype), group), qf, kf, ka, v, q_seg, kv_seg, log_decay)
+        return _sums(qf, kf, ka, v, q_seg, kv_seg, log_decay, block, strict, dtype, span)
+    return _decayed((block, strict, jnp.dtype(dtype), span), qf, kf, ka, v, q_seg, kv_seg, log_decay)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -95,27 +95,27 @@ def decay_grad(qf: jax.Array, kf: jax.Array, dqf: jax.Array, dkf: jax.Array) -> 
     return lax.cumsum(da, 1, reverse=True)
 
 
-def _sums(qf, kf, ka, v, q_seg, kv_seg, log_decay, block: int, strict: bool, dtype, group: int | None):
+def _sums(qf, kf, ka, v, q_seg, kv_seg, log_decay, block: int, strict: bool, dtype, span: int | None):
     """`causal_sums` without the custom gradient of ``log_decay``."""
     b, l, n, g, f = qf.shape
-    plan = plan_groups(l, min(block, l), 4 * b * n * f * v.shape[-1], group)
+    plan = plan_spans(l, min(block, l), 4 * b * n * f * v.shape[-1], span)
     scaled = ka is not None
-    xs = dict(q=to_groups(qf.astype(dtype), plan, heads=True), k=to_groups(kf.astype(dtype), plan, heads=True),
-              v=to_groups(v.astype(dtype), plan, heads=True))
+    xs = dict(q=to_spans(qf.astype(dtype), plan, heads=True), k=to_spans(kf.astype(dtype), plan, heads=True),
+              v=to_spans(v.astype(dtype), plan, heads=True))
     if q_seg is not None:  # padded rows and keys get ids of their own
-        xs.update(qs=to_groups(q_seg.astype(jnp.int32), plan, -1), ks=to_groups(kv_seg.astype(jnp.int32), plan, -2))
+        xs.update(qs=to_spans(q_seg.astype(jnp.int32), plan, -1), ks=to_spans(kv_seg.astype(jnp.int32), plan, -2))
     if scaled:
-        xs["ka"] = to_groups(ka, plan, -jnp.inf, heads=True)
+        xs["ka"] = to_spans(ka, plan, -jnp.inf, heads=True)
     if log_decay is not None:
-        xs["decay"] = to_groups(log_decay.astype(jnp.float32), plan, heads=True)
+        xs["decay"] = to_spans(log_decay.astype(jnp.float32), plan, heads=True)
     init = _State(jnp.zeros((b, n, f, v.shape[-1]), jnp.float32), jnp.zeros((b, n, f), jnp.float32),
                   jnp.full((b, n), FLOOR, jnp.float32), jnp.full((b,), -3, jnp.int32))
-    outs = scan_groups(lambda state, x: _group(state, x, strict=strict, scaled=scaled), init, xs)[1]
-    return tuple(None if x is None else from_groups(x, plan) for x in outs)
+    outs = scan_spans(lambda state, x: _span(state, x, strict=strict, scaled=scaled), init, xs)[1]
+    return tuple(None if x is None else from_spans(x, plan) for x in outs)
 
 
 class _State(NamedTuple):
-    """The running sums entering a group of blocks: ``state [b, n, f, v]``, ``norm [b, n, f]``, both relative to
+    """The running sums entering a span of blocks: ``state [b, n, f, v]``, ``norm [b, n, f]``, both relative to
     ``scale [b, n]``, and ``segment [b]``, the segment they belong to (-3: none)."""
 
     state: jax.Array
@@ -124,8 +124,8 @@ class _State(NamedTuple):
     segment: jax.Array
 
 
-def _group(entering: _State, x: dict, *, strict: bool, scaled: bool):
-    """One group of blocks ``x`` (``q [b, n, m, c, g, f]``, ``k [b, n, m, c, f]``, ``v [b, n, m, c, v]``, optional
+def _span(entering: _State, x: dict, *, strict: bool, scaled: bool):
+    """One span of blocks ``x`` (``q [b, n, m, c, g, f]``, ``k [b, n, m, c, f]``, ``v [b, n, m, c, v]``, optional
     ``qs``/``ks [b, m, c]``, ``ka``/``decay [b, n, m, c]``) from the running sums ``entering``: the sums leaving
     it, and its rows' ``(num, den, scale or None)``."""
     qc, kc, vc = x["q"], x["k"], x["v"]
@@ -175,9 +175,9 @@ def _group(entering: _State, x: dict, *, strict: bool, scaled: bool):
 
 
 def _segments(entering: _State, x: dict, shape: tuple, strict: bool):
-    """The segment structure of a group of ``shape`` ``(b, m, c)``: ``visible [b, 1, m, c(q), 1, c(k)]`` (the pairs of
+    """The segment structure of a span of ``shape`` ``(b, m, c)``: ``visible [b, 1, m, c(q), 1, c(k)]`` (the pairs of
     a block that interact), ``keep [b, m]`` (the sums leaving each block keep the entering ones; None: always),
-    the ``segment [b]`` of the sums leaving the group, ``carried [b, 1, m, c]`` (rows that read the entering sums)
+    the ``segment [b]`` of the sums leaving the span, ``carried [b, 1, m, c]`` (rows that read the entering sums)
     and ``in_last [b, 1, m, c]`` (keys in the sums leaving their block; None: all)."""
     b, m, c = shape
     visible = jnp.tril(jnp.ones((c, c), bool), -1 if strict else 0)
@@ -219,7 +219,7 @@ class _Own(NamedTuple):
 
 
 def _chain(entering: _State, own: _Own, keep, segment):
-    """Running sums along the blocks of a group, by `lax.scan` over blocks: returns the sums leaving the group and
+    """Running sums along the blocks of a span, by `lax.scan` over blocks: returns the sums leaving the span and
     those entering each block, ``(state [b, n, m, f, v], norm [b, n, m, f], scale [b, n, m])``. ``keep [b, m]``:
     False restarts the sums after the block's own keys; None keeps them all. Plain sums (no log-scales, decay or
     restarts) are an exclusive cumulative sum instead: 0.93x the fwd+bwd time of causal elu+1 at 16k on CPU."""
