@@ -180,7 +180,7 @@ def test_input_rank_error():
 def test_sliding_window_cache_equals_full_forward(impl):
     """Decoding against the KV cache with a windowed mask (``q_offset`` = the cache index: a prompt, then one token
     a step) gives the full forward pass's outputs under the same window; the window does change them."""
-    layer = MultiHeadAttention(num_heads=4, num_kv_heads=2, attention_impl=impl, rotary_base=10000.0)
+    layer = MultiHeadAttention(num_heads=4, num_kv_heads=2, attention_impl=impl, rope_base=10000.0)
     x, window, prompt = _x(length=12), 3, 5
     pos = jnp.broadcast_to(jnp.arange(12), (2, 12))
     params = {"params": layer.init(jax.random.key(0), x)["params"]}

@@ -24,7 +24,7 @@ FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2
             "qwen3": "Qwen3ForCausalLM"}
 PREFIX = "model."  # of the base model's tensors
 OPTIONAL = ()  # tensor name prefixes a folder may lack (freshly initialised)
-ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+HF_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 _ACTIVATIONS = {"silu": "swiglu", "gelu_pytorch_tanh": "geglu"}  # HF's gated MLP: act(gate(x)) * up(x)
 # Fields of other architectures that change the function: present and set, they are refused.
 _REFUSED = {
@@ -60,8 +60,8 @@ def _rope(hf: Mapping, max_len: int) -> tuple[float, RopeScaling | None, int]:
         refuse("rope_parameters", dict(params), "one set for every layer (not one per layer type)")
     theta = _get({**hf, **params}, "rope_theta", 10_000.0, float)
     kind = params.get("rope_type", params.get("type", "default"))
-    if kind not in ROPE_TYPES:
-        refuse("rope_parameters.rope_type", kind, f"{list(ROPE_TYPES)}")
+    if kind not in HF_ROPE_TYPES:
+        refuse("rope_parameters.rope_type", kind, f"{list(HF_ROPE_TYPES)}")
     if params.get("attention_factor") not in (None, 1, 1.0):
         refuse("rope_parameters.attention_factor", params["attention_factor"], "1.0 (or absent)")
     if params.get("partial_rotary_factor") not in (None, 1, 1.0):

@@ -67,7 +67,7 @@ class MultiHeadAttention(nn.Module):
         ``1 - 2^(-5 - i)`` for kv head i (no parameters); ``"data"``, a per-token decay per kv head,
         ``log_sigmoid(x W + b) / 16`` as in GLA (parameters ``gate``: ``[embed, n]`` and ``[n]``).
       dropout_rate: attention-probability dropout (not linear), active when ``deterministic=False``.
-      rotary_base: if set, rotary position embedding (base e.g. 10000) on self-attention queries and keys;
+      rope_base: if set, rotary position embedding (base e.g. 10000) on self-attention queries and keys;
         rope_scaling: its `RopeScaling` (long-context frequency stretch), or None.
       use_bias: biases on the four projections; qkv_bias: on the query/key/value projections only when it differs
         (None: as ``use_bias``; Qwen2 has them without an output bias).
@@ -88,7 +88,7 @@ class MultiHeadAttention(nn.Module):
     talking_heads: bool = False
     max_len: int | None = None
     dropout_rate: float = 0.0
-    rotary_base: float | None = None
+    rope_base: float | None = None
     rope_scaling: RopeScaling | None = None
     use_bias: bool = True
     qkv_bias: bool | None = None
@@ -173,11 +173,11 @@ class MultiHeadAttention(nn.Module):
         else:
             k = None if keyless else self._project("key", inputs_q, kv_heads, head_dim, "kv_heads")
             v = self._project("value", inputs_q, kv_heads, head_dim, "kv_heads")
-            if self.rotary_base is not None and not keyless:
+            if self.rope_base is not None and not keyless:
                 if positions is None:
                     positions = jnp.broadcast_to(jnp.arange(inputs_q.shape[1]), inputs_q.shape[:2])
-                q = rotary(q, positions, self.rotary_base, self.rope_scaling)
-                k = rotary(k, positions, self.rotary_base, self.rope_scaling)
+                q = rotary(q, positions, self.rope_base, self.rope_scaling)
+                k = rotary(k, positions, self.rope_base, self.rope_scaling)
         gate = self._linear_gate(inputs_q, kv_heads) if self.linear_gate != "none" else {}
         if self.attention == "delta":
             gate["beta"] = self._delta_beta(inputs_q, kv_heads)

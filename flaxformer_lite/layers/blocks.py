@@ -76,7 +76,7 @@ class TransformerBlock(nn.Module):
             linear_gate="none" if cross else cfg.linear_gate,
             talking_heads=cfg.talking_heads and kind == "softmax", max_len=cfg.max_len,
             dropout_rate=cfg.attention_dropout_rate if kind not in ("linear", "delta") else 0.0,
-            rotary_base=cfg.rope_base if rotary and cfg.position == "rotary" else None,
+            rope_base=cfg.rope_base if rotary and cfg.position == "rotary" else None,
             rope_scaling=cfg.rope_scaling, use_bias=cfg.use_bias, qkv_bias=cfg.qkv_bias, qk_norm=cfg.qk_norm,
             norm_epsilon=cfg.norm_epsilon, dtype=dtype, param_dtype=param_dtype,
             kernel_init=nn.initializers.normal(cfg.init_std), name=name)

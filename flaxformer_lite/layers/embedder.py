@@ -13,12 +13,12 @@ import jax.numpy as jnp
 
 from ..choices import POSITIONS
 from .common import config_dtypes, config_norm, dense
-from .embeddings import Embed, sinusoidal
+from .embeddings import EmbeddingTable, sinusoidal
 
 
 
 class Embedder(nn.Module):
-    """Tokens ``[b, l]`` -> ``[b, l, e]``. ``token`` is the (tyable) `Embed`; call `attend` for tied logits.
+    """Tokens ``[b, l]`` -> ``[b, l, e]``. ``token`` is the (tyable) `EmbeddingTable`; call `attend` for tied logits.
 
     With ``cfg.table_dim`` set (ALBERT's factorised embeddings) the tables are that narrower width E and a Dense
     ``projection`` maps ``[b, l, E]`` to ``[b, l, e]`` after the norm and dropout; `attend` then takes ``[b, l, E]``.
@@ -34,11 +34,11 @@ class Embedder(nn.Module):
         dtype, param_dtype = config_dtypes(cfg)
         init = nn.initializers.normal(cfg.init_std)
         width = cfg.table_dim or cfg.embed_dim
-        self.token = Embed(cfg.vocab_size, width, dtype, param_dtype, init)
+        self.token = EmbeddingTable(cfg.vocab_size, width, dtype, param_dtype, init)
         if cfg.position == "learned":
-            self.position = Embed(cfg.max_len, width, dtype, param_dtype, init, axes=("position", "embed"))
+            self.position = EmbeddingTable(cfg.max_len, width, dtype, param_dtype, init, axes=("position", "embed"))
         if cfg.type_vocab_size:
-            self.token_type = Embed(cfg.type_vocab_size, width, dtype, param_dtype, init,
+            self.token_type = EmbeddingTable(cfg.type_vocab_size, width, dtype, param_dtype, init,
                                     axes=("token_type", "embed"))
         if cfg.embed_norm:
             self.norm = config_norm(cfg, conditional=False)

@@ -17,7 +17,7 @@ from ..choices import RopeScaling
 default_embed_init = nn.initializers.normal(stddev=0.02)
 
 
-class Embed(nn.Module):
+class EmbeddingTable(nn.Module):
     """A ``[v, e]`` embedding table; `attend` reuses it as the tied output projection.
 
     Attributes: num_embeddings (v), features (e), dtype, param_dtype, embedding_init, axes (logical names).

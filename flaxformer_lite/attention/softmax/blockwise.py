@@ -74,7 +74,7 @@ def blockwise_attention(q, k, v, *, dims: Dims, mask: Mask, bias, scale: float, 
     plan = _Plan(scale, bq, bk, nq, nk, dims.lk, dims.groups, dropout_rate,
                  skip_empty=(mask.has_segments or mask.kv_valid is not None) and not static, static=static,
                  lower_triangle=lower_triangle, window=mask.window if lower_triangle else None)
-    out = _flash(plan, q, k, v, mask, bias, dropout_seed)
+    out = _online(plan, q, k, v, mask, bias, dropout_seed)
     return out[:, :dims.lq]
 
 
@@ -327,13 +327,13 @@ def _add_bias_grad(plan: _Plan, dbias, tile, i, j):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(plan: _Plan, q, k, v, mask, bias, seed):
+def _online(plan: _Plan, q, k, v, mask, bias, seed):
     return _forward(plan, q, k, v, mask, bias, seed)[0]
 
 
-def _flash_fwd(plan, q, k, v, mask, bias, seed):
+def _online_fwd(plan, q, k, v, mask, bias, seed):
     out, lse = _forward(plan, q, k, v, mask, bias, seed)
     return out, (q, k, v, mask, bias, seed, out, lse)
 
 
-_flash.defvjp(_flash_fwd, _backward)
+_online.defvjp(_online_fwd, _backward)
