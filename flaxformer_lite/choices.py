@@ -12,7 +12,7 @@ import math
 IMPLS = ("auto", "reference", "xla", "blockwise", "cudnn", "flash", "pallas")  # softmax_attention(impl=...)
 FEATURE_MAP_NAMES = ("elu", "favor", "relu")  # attention.FEATURE_MAPS
 ATTENTION_KINDS = ("softmax", "linear", "delta", "additive", "synthesizer_dense", "synthesizer_random")
-LINEAR_GATES = ("none", "fixed", "data")  # decay of a linear or delta state: none, fixed per head (RetNet), per token
+RECURRENT_GATES = ("none", "fixed", "data")  # decay of a linear or delta state: none, fixed per head (RetNet), per token
 POSITIONS = ("learned", "sinusoidal", "rotary", "none")
 ACTIVATION_NAMES = ("geglu", "gelu", "gelu_tanh", "relu", "silu", "swiglu")  # layers.mlp.ACTIVATIONS
 NORMS = ("layernorm", "rmsnorm")

@@ -12,6 +12,7 @@ import dataclasses
 import math
 import os
 import re
+import sys
 import types
 import typing
 from pathlib import Path
@@ -21,6 +22,7 @@ import yaml
 
 from .data.corpus import TEXT_UNITS
 from .data.registry import OBJECTIVES
+from .config_text import Text, merge, parse_overrides, read_yaml
 from .messages import short, short_repr
 from .models.config import ModelConfig, preset
 
@@ -215,27 +217,9 @@ def _field_type(cls, name):
     return typing.get_type_hints(cls)[name]
 
 
-class _Text(str):
-    """An override's value as typed after ``=``. A field of type str takes the text itself (``train.run_dir=exp #3``
-    stays ``exp #3``, ``data.path=2024`` a path); every other field takes its YAML reading (``train.steps=10``,
-    ``optim.lr=3e-4``, ``null``, a ``{...}`` mapping)."""
-
-    def parsed(self, key: str) -> Any:
-        if not self.strip():
-            return ""
-        try:
-            return _read_yaml(str(self))
-        except yaml.YAMLError as err:
-            raise ValueError(f"override {key}={short(str(self))}: the value is not valid YAML ({err.problem}); "
-                             f"quote it, e.g. {key}='\"...\"'") from None
-        except ValueError as err:  # e.g. an integer of more than 4,300 digits
-            raise ValueError(f"override {key}={short(str(self))}: the value cannot be read "
-                             f"({str(err).split(';')[0]})") from None
-
-
 def _parsed(key: str, value: Any) -> Any:
-    """``value`` with every `_Text` in it (a mapping's too: ``model.rope_scaling.factor=16``) read as YAML."""
-    if isinstance(value, _Text):
+    """``value`` with every `Text` in it (a mapping's too: ``model.rope_scaling.factor=16``) read as YAML."""
+    if isinstance(value, Text):
         return value.parsed(key)
     if isinstance(value, dict):
         return {k: _parsed(f"{key}.{k}", v) for k, v in value.items()}
@@ -250,10 +234,10 @@ def _coerce(key: str, value: Any, kind) -> Any:
     path key's leading ``~`` becomes the home folder (the shell leaves ``key=~/x`` alone)."""
     if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
         options = [k for k in typing.get_args(kind) if k is not type(None)]
-        if value is None or (isinstance(value, _Text) and value.parsed(key) is None):
+        if value is None or (isinstance(value, Text) and value.parsed(key) is None):
             return None
         return _coerce(key, value, options[0])
-    value = str(value) if isinstance(value, _Text) and kind is str else _parsed(key, value)
+    value = str(value) if isinstance(value, Text) and kind is str else _parsed(key, value)
     value = _convert(key, value, kind)
     if key in PATH_KEYS and value:
         value = os.path.expanduser(value)
@@ -295,7 +279,7 @@ def _build(cls, values: dict, prefix: str):
             continue
         kind = _field_type(cls, name)
         if dataclasses.is_dataclass(kind):
-            if isinstance(value, _Text):  # a whole section given after one "=": its keys are read as YAML
+            if isinstance(value, Text):  # a whole section given after one "=": its keys are read as YAML
                 value = value.parsed(f"{prefix}{name}")
             if not isinstance(value, dict):
                 raise ValueError(f"{prefix}{name} must be a mapping of keys, got {short_repr(value)}")
@@ -311,49 +295,26 @@ def _build(cls, values: dict, prefix: str):
     return cls(**kwargs)
 
 
-def _set_dotted(tree: dict, key: str, value: Any) -> None:
-    parts = key.split(".")
-    for part in parts[:-1]:
-        tree = tree.setdefault(part, {})
-        if not isinstance(tree, dict):
-            raise ValueError(f"override {key}: {part} is not a section")
-    tree[parts[-1]] = value
+# config keys renamed: the old name still loads (a file, an override, a run folder's config.yaml) for one release,
+# with a one-line note naming the new one
+RENAMED = {"model.linear_gate": "model.recurrent_gate"}
 
 
-def parse_overrides(items: list[str]) -> dict:
-    """``["train.steps=10", "model.attention=linear"]`` -> nested dict of `_Text` values: read as YAML scalars,
-    except by fields of type str, which take the text as typed."""
-    tree: dict = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"override {short_repr(item)} must look like key.sub=value (see --help for the keys)")
-        key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), _Text(raw))
-    return tree
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+def renamed(values: dict, note: bool = True) -> dict:
+    """``values`` (a nested config dict) with each `RENAMED` key moved to its new name, noted on stderr unless
+    ``note`` is False; `ValueError` when both names are given."""
+    out = {section: dict(keys) if isinstance(keys, dict) else keys for section, keys in values.items()}
+    for old, new in RENAMED.items():
+        (section, key), (_, new_key) = old.split("."), new.split(".")
+        keys = out.get(section)
+        if not isinstance(keys, dict) or key not in keys:
+            continue
+        if new_key in keys:
+            raise ValueError(f"{old} and {new} are one key (the first its old name); give only {new}")
+        keys[new_key] = keys.pop(key)
+        if note:
+            print(f"note: {old} is now {new}; the old name goes in the next release", file=sys.stderr)
     return out
-
-
-class _NoAliasLoader(yaml.SafeLoader):
-    """YAML's safe loader without aliases (``*name``): a config needs none, and a few hundred bytes of nested
-    aliases expand to gigabytes (the "billion laughs")."""
-
-    def compose_node(self, parent, index):
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
-            raise yaml.composer.ComposerError(None, None, f"found the alias *{event.anchor}, which configs do not "
-                                                          "accept (write the value out)", event.start_mark)
-        return super().compose_node(parent, index)
-
-
-def _read_yaml(text: str):
-    """``yaml.safe_load`` without aliases (`_NoAliasLoader`)."""
-    return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506  a SafeLoader subclass
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
@@ -364,14 +325,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ValueError(f"--config {path}: no such file")
         try:
-            values = _read_yaml(path.read_text(encoding="utf-8")) or {}
+            values = read_yaml(path.read_text(encoding="utf-8")) or {}
         except UnicodeDecodeError:
             raise ValueError(f"--config {path}: not a text file (a YAML config is UTF-8 text)") from None
         except yaml.YAMLError as err:
             raise ValueError(f"--config {path}: not valid YAML: {' '.join(str(err).split())[:300]}") from None
         if not isinstance(values, dict):
             raise ValueError(f"--config {path}: the top level must be a mapping of sections")
-    values = _merge(values, parse_overrides(overrides or []))
+    values = merge(renamed(values), renamed(parse_overrides(overrides or [])))
     return _build(ExperimentConfig, values, "")
 
 

@@ -147,3 +147,30 @@ def test_a_huge_value_makes_a_short_error(override, named):
     with pytest.raises(ValueError) as err:
         load_config(None, [override])
     assert named in str(err.value) and len(str(err.value)) < 1000 and "\n" not in str(err.value)
+
+
+def test_a_renamed_key_loads_with_a_note_and_an_old_run_folder_resumes(tmp_path, capsys):
+    """model.linear_gate is now model.recurrent_gate: the old name still loads from a file or an override (one
+    note naming the new key), both names at once are refused, and a run folder whose config.yaml has the old name
+    is compared under the new one when it resumes."""
+    import yaml
+
+    from flaxformer_lite.experiment import to_dict
+    from flaxformer_lite.run.folder import check_resume
+    old = tmp_path / "old.yaml"
+    old.write_text("model:\n  attention: linear\n  linear_gate: data\n")
+    for cfg in (load_config(old), load_config(None, ["model.attention=linear", "model.linear_gate=data"])):
+        assert cfg.model.recurrent_gate == "data"
+    assert capsys.readouterr().err.splitlines() == [
+        "note: model.linear_gate is now model.recurrent_gate; the old name goes in the next release"] * 2
+    with pytest.raises(ValueError, match="model.linear_gate and model.recurrent_gate are one key"):
+        load_config(None, ["model.linear_gate=data", "model.recurrent_gate=fixed"])
+    assert load_config(old, ["model.recurrent_gate=fixed"]).model.recurrent_gate == "fixed"  # an override wins
+    run = tmp_path / "run"
+    (run / "checkpoints" / "2").mkdir(parents=True)
+    saved = to_dict(load_config(old))
+    saved["model"]["linear_gate"] = saved["model"].pop("recurrent_gate")
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    check_resume(run, load_config(old))  # the same model under its new key name: resumes
+    with pytest.raises(ValueError, match=r"model.recurrent_gate: 'data' -> 'fixed'"):
+        check_resume(run, load_config(old, ["model.linear_gate=fixed"]))

@@ -1,6 +1,9 @@
 """Decoding: cached greedy and beam search == recomputing the full forward pass at every step (tests/reference.py),
 for GPT (softmax, linear, gated linear and Gated DeltaNet, GQA + rotary, scanned layers, ALBERT-style shared layers, prefix-LM prompts) and
-EncoderDecoder; sampling, EOS, the constant-size linear state, and bad input."""
+EncoderDecoder, with beams that end at EOS; beam search against every hypothesis enumerated (a vocabulary of 8);
+sampling, EOS, the constant-size linear state, and bad input."""
+import itertools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -16,8 +19,8 @@ from flaxformer_lite.models import BERT, GPT, EncoderDecoder
 GPT_VARIANTS = {
     "softmax": {},
     "linear": {"attention": "linear", "feature_map": "favor"},
-    "linear_gated": {"attention": "linear", "linear_gate": "data", "num_kv_heads": 2},
-    "delta_gated": {"attention": "delta", "linear_gate": "data", "num_kv_heads": 2},  # Gated DeltaNet
+    "linear_gated": {"attention": "linear", "recurrent_gate": "data", "num_kv_heads": 2},
+    "delta_gated": {"attention": "delta", "recurrent_gate": "data", "num_kv_heads": 2},  # Gated DeltaNet
     "gqa_rotary": {"num_kv_heads": 2, "position": "rotary"},
     "scan_sinusoidal": {"scan_layers": True, "position": "sinusoidal"},
     "shared": {"share_layers": True},  # caches [layers, b, ...] under SHARED_LAYER: beams must reorder axis 1
@@ -65,7 +68,7 @@ def test_gpt_prefix_lm_prompt_equals_recompute(gpt):
     model, variables, apply = gpt
     prompt = _prompt()
     prefix = jnp.array([5, 5])
-    if model.cfg.linear_gate != "none":  # a decay (or the delta rule) runs forward in time: no bidirectional prefix
+    if model.cfg.recurrent_gate != "none":  # a decay (or the delta rule) runs forward in time: no bidirectional prefix
         with pytest.raises(ValueError, match="without prefix_lengths"):
             ffl.generate(model, variables, prompt, 6, prefix_lengths=prefix)
         return
@@ -76,14 +79,24 @@ def test_gpt_prefix_lm_prompt_equals_recompute(gpt):
     np.testing.assert_array_equal(lists, want)
 
 
+def _ended_early(seqs, eos, pad, new_tokens):
+    """Whether some beam emitted ``eos`` before its last new token, and only ``pad`` after it."""
+    beams = np.asarray(seqs)[..., -new_tokens:].reshape(-1, new_tokens)
+    return any(eos in b[:-1] and (b[list(b).index(eos) + 1:] == pad).all() for b in beams)
+
+
 def test_gpt_beam_search_equals_recompute(gpt):
+    """EOS is the second greedy token of row 0, so beams finish early and are padded (reordering their caches and
+    finished flags); an EOS that never occurs would leave all of that untested."""
     model, variables, apply = gpt
     prompt = _prompt()
-    seqs, scores = ffl.beam_search(model, variables, prompt, 4, beam_size=3, length_penalty=0.6, eos_id=5)
+    eos = int(reference.greedy(lambda t: apply(t, None), np.asarray(prompt), 2)[0, -1])
+    seqs, scores = ffl.beam_search(model, variables, prompt, 4, beam_size=3, length_penalty=0.6, eos_id=eos)
     for row in range(2):
-        want = reference.beam_search(lambda t: apply(t, None), list(np.asarray(prompt[row])), 4, 3, 0.6, 5, 0)
+        want = reference.beam_search(lambda t: apply(t, None), list(np.asarray(prompt[row])), 4, 3, 0.6, eos, 0)
         np.testing.assert_array_equal(seqs[row], np.array([w[0] for w in want]))
         np.testing.assert_allclose(scores[row], [w[1] for w in want], rtol=1e-4, atol=1e-4)
+    assert _ended_early(seqs, eos, model.cfg.pad_id, 4)
 
 
 def test_seq2seq_greedy_and_beam_equal_recompute(seq2seq):
@@ -92,12 +105,14 @@ def test_seq2seq_greedy_and_beam_equal_recompute(seq2seq):
     src3 = jnp.concatenate([src, src[:1]])  # the recompute runs 3 rows
     want = reference.greedy(lambda t: apply(t, src3), start, 6)
     np.testing.assert_array_equal(ffl.generate(model, variables, src, 6), want)
-    seqs, scores = ffl.beam_search(model, variables, src, 4, beam_size=3, eos_id=5)
+    eos = int(want[0, 2])  # the second greedy token of row 0: beams end early (see the GPT test)
+    seqs, scores = ffl.beam_search(model, variables, src, 4, beam_size=3, eos_id=eos)
     for row in range(2):
         want = reference.beam_search(lambda t: apply(t, jnp.repeat(src[row:row + 1], 3, 0)), [model.cfg.bos_id],
-                                     4, 3, 0.6, 5, 0)
+                                     4, 3, 0.6, eos, 0)
         np.testing.assert_array_equal(seqs[row], np.array([w[0] for w in want]))
         np.testing.assert_allclose(scores[row], [w[1] for w in want], rtol=1e-4, atol=1e-4)
+    assert _ended_early(seqs, eos, model.cfg.pad_id, 4)
 
 
 @pytest.fixture(scope="module")
@@ -134,11 +149,10 @@ def test_beam_search_with_eos_equals_brute_force():
     """EOS inside the beams, against every hypothesis enumerated: a vocabulary of 8, 3 new tokens, beam_size 8.
 
     With beam_size = vocab_size the first step keeps every token, so the beams after step 2 are the 8 best of all
-    64 two-token hypotheses and the final beams the 8 best of their extensions (scores: sums of float64 log-probs
+    two-token hypotheses and the final beams the 8 best of their extensions (scores: sums of float64 log-probs
     of the model's logits, a hypothesis that emitted EOS carried on with pad at no cost); they are then ranked by
     score / ((5 + length) / 6) ** 0.6, length counting up to and including EOS. EOS is the model's greedy first
     token of row 0, so the best beams finish at once and are padded, others later or never."""
-    import itertools
     vocab, p, n, alpha = 8, 4, 3, 0.6
     model = GPT(tiny_config(vocab_size=vocab))
     prompt = _prompt(l=p) % (vocab - 3) + 3
@@ -153,33 +167,37 @@ def test_beam_search_with_eos_equals_brute_force():
     assert eos != pad
 
     def hypotheses(row, steps):
-        """{tokens: (score, length)} of every distinct hypothesis of ``steps`` new tokens."""
+        """{tokens: (score, length)} of every distinct hypothesis of ``steps`` (2 or 3) new tokens."""
         table = logp[row * len(heads):(row + 1) * len(heads)]
         out = {}
         for seq in itertools.product(range(vocab), repeat=steps):
             stop = seq.index(eos) + 1 if eos in seq else steps
             if any(t != pad for t in seq[stop:]):
                 continue  # after EOS only pad
-            lp = table[heads.index(tuple(seq[:n - 1]) + (0,) * (n - 1 - len(seq[:n - 1])))]  # the row of its prefix
+            lp = table[heads.index(seq[:n - 1])]  # the log-probs along its first two tokens
             out[seq] = (sum(lp[j, seq[j]] for j in range(stop)), stop)
         return out
+
+    def best(scored, k):
+        """The ``k`` best of {hypothesis: score}, best first; the float32 beams cannot tie where these differ."""
+        ranked = sorted(scored, key=lambda s: -scored[s])
+        gaps = np.diff([scored[s] for s in ranked[:k + 1]])
+        assert (gaps < -1e-4).all(), gaps
+        return ranked[:k]
 
     seqs, scores = ffl.beam_search(model, variables, prompt, n, beam_size=vocab, length_penalty=alpha, eos_id=eos)
     seqs, scores = np.asarray(seqs), np.asarray(scores)
     lengths = set()
     for row in range(2):
-        two = hypotheses(row, 2)
-        kept = sorted(two, key=lambda s: -two[s][0])[:vocab]
+        kept = best({s: v[0] for s, v in hypotheses(row, 2).items()}, vocab)  # the beams after step 2
         three = {s: v for s, v in hypotheses(row, 3).items() if s[:2] in kept}
-        ranked = sorted(three, key=lambda s: -three[s][0])
-        gaps = [three[ranked[i]][0] - three[ranked[i + 1]][0] for i in range(vocab)]
-        assert min(gaps) > 1e-4, gaps  # the float32 beams cannot tie where the float64 ones differ
-        final = sorted(((s, three[s][0] / ((5.0 + three[s][1]) / 6.0) ** alpha) for s in ranked[:vocab]),
-                       key=lambda x: -x[1])
+        beams = best({s: v[0] for s, v in three.items()}, vocab)
+        normalised = {s: three[s][0] / ((5.0 + three[s][1]) / 6.0) ** alpha for s in beams}
+        final = best(normalised, vocab)
         np.testing.assert_array_equal(seqs[row, :, :p], np.broadcast_to(prompt[row], (vocab, p)))
-        np.testing.assert_array_equal(seqs[row, :, p:], [s for s, _ in final])
-        np.testing.assert_allclose(scores[row], [v for _, v in final], rtol=1e-5, atol=1e-5)
-        lengths |= {three[s][1] for s, _ in final}
+        np.testing.assert_array_equal(seqs[row, :, p:], final)
+        np.testing.assert_allclose(scores[row], [normalised[s] for s in final], rtol=1e-5, atol=1e-5)
+        lengths |= {three[s][1] for s in final}
     assert lengths == {1, 2, 3}, lengths  # beams that finished at each step, and ones that never did
 
 

@@ -94,7 +94,7 @@ def test_dropout_only_when_not_deterministic():
 def test_linear_gate_matches_numpy_forward(gate):
     """The gate's decay (RetNet's constants, or GLA's log_sigmoid(x W + b) / 16 from the layer's own parameters)
     reaches the float64 recurrence of tests/reference.py; ``gate`` params are ``[embed, kv_heads]``, ``[kv_heads]``."""
-    layer = MultiHeadAttention(num_heads=4, num_kv_heads=2, attention="linear", linear_gate=gate,
+    layer = MultiHeadAttention(num_heads=4, num_kv_heads=2, attention="linear", recurrent_gate=gate,
                                kernel_init=nn.initializers.normal(0.2))
     x, mask = _x(), Mask(causal=True)
     variables = layer.init(jax.random.key(0), x, mask=mask)
@@ -116,7 +116,7 @@ def test_linear_gate_matches_numpy_forward(gate):
 def test_gated_delta_matches_numpy_forward():
     """attention='delta' with the data gate: beta = sigmoid(x W + b) from the ``beta`` params, the decay from
     ``gate``, both ``[embed, kv_heads]`` and ``[kv_heads]``, reach the float64 delta-rule recurrence."""
-    layer = MultiHeadAttention(num_heads=4, num_kv_heads=2, attention="delta", linear_gate="data",
+    layer = MultiHeadAttention(num_heads=4, num_kv_heads=2, attention="delta", recurrent_gate="data",
                                kernel_init=nn.initializers.normal(0.2))
     x, mask = _x(), Mask(causal=True)
     variables = layer.init(jax.random.key(0), x, mask=mask)
@@ -157,8 +157,8 @@ def test_dtypes():
     (dict(num_heads=4, attention_impl="splash"), "attention_impl"),
     (dict(num_heads=4, attention="linear", feature_map="softmax"), "feature_map"),
     (dict(num_heads=4, attention="linear", dropout_rate=0.1), "dropout_rate"),
-    (dict(num_heads=4, attention="linear", linear_gate="retnet"), r"linear_gate must be one of \('none'"),
-    (dict(num_heads=4, linear_gate="fixed"), "linear_gate='fixed' needs attention 'linear' or 'delta'"),
+    (dict(num_heads=4, attention="linear", recurrent_gate="retnet"), r"recurrent_gate must be one of \('none'"),
+    (dict(num_heads=4, recurrent_gate="fixed"), "recurrent_gate='fixed' needs attention 'linear' or 'delta'"),
     (dict(num_heads=4, attention="delta", dropout_rate=0.1), "dropout_rate must be 0 with attention='delta'"),
 ])
 def test_config_errors(kwargs, match):

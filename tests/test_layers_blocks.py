@@ -46,19 +46,22 @@ def test_norms_match_numpy(kind):
     assert ("bias" in p) == (kind == "layernorm")
 
 
-@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "swiglu"])
+@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu"])
 def test_mlp_matches_numpy(activation):
     mlp = MLP(32, activation, kernel_init=nn.initializers.normal(0.3))
     x = _x((2, 5, 16))
     params = nn.unbox(mlp.init(jax.random.key(1), x))["params"]
     p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
     xn = np.asarray(x, np.float64)
-    act = {"relu": lambda h: np.maximum(h, 0), "gelu": reference.gelu_exact, "gelu_tanh": reference.gelu_tanh}
-    if activation == "swiglu":
+    silu = lambda h: h / (1 + np.exp(-h))
+    act = {"relu": lambda h: np.maximum(h, 0), "gelu": reference.gelu_exact, "gelu_tanh": reference.gelu_tanh,
+           "silu": silu, "swiglu": silu, "geglu": reference.gelu_tanh}[activation]
+    if activation in ("swiglu", "geglu"):  # gated: act(x W_0 + b_0) * (x W_1 + b_1)
         gate = xn @ p["wi_0"]["kernel"] + p["wi_0"]["bias"]
-        hidden = gate / (1 + np.exp(-gate)) * (xn @ p["wi_1"]["kernel"] + p["wi_1"]["bias"])
+        hidden = act(gate) * (xn @ p["wi_1"]["kernel"] + p["wi_1"]["bias"])
+        assert "wi" not in p
     else:
-        hidden = act[activation](xn @ p["wi"]["kernel"] + p["wi"]["bias"])
+        hidden = act(xn @ p["wi"]["kernel"] + p["wi"]["bias"])
     np.testing.assert_allclose(mlp.apply({"params": params}, x), hidden @ p["wo"]["kernel"] + p["wo"]["bias"],
                                rtol=1e-4, atol=1e-4)
 

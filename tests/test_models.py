@@ -263,7 +263,7 @@ def _xent(logits, targets):
                                             ("gpt", "delta_gated"), ("bert", "softmax"), ("encoder_decoder", "softmax")])
 def test_tiny_model_overfits_one_batch(kind, attention):
     gated = attention.endswith("_gated")  # a data-dependent decay (GLA, Gated DeltaNet): gradients reach the gate
-    cfg = tiny_config(kind, attention=attention.removesuffix("_gated"), linear_gate="data" if gated else "none")
+    cfg = tiny_config(kind, attention=attention.removesuffix("_gated"), recurrent_gate="data" if gated else "none")
     model = build(cfg)
     toks = _tokens(4, 16)
     if kind == "gpt":

@@ -172,6 +172,111 @@ def test_stream_pools_make_the_batches_of_their_objective(store, tokenizer, name
                                   make(np.array([3]), rngs()[1:2])["tokens" if "tokens" in got else "src"][0])
 
 
+# -- what the streamed batches hold, rebuilt here from the tokenizer's own encoding ----------------------------------
+def _stream_batch(tokenizer, name, seq_len=32):
+    """Every example of ``name``'s stream pool over the whole store (one generator per row), and the token stream
+    rebuilt from the tokenizer: each text's ids, then the end id."""
+    from flaxformer_lite.data import OBJECTIVES, special_ids
+    from flaxformer_lite.experiment import DataConfig
+    tok = tokenizer[1]
+    flat = np.concatenate([np.asarray(tok.encode(t) + [tok.eos_id], np.int64) for t in TEXTS])
+    return flat, OBJECTIVES[name], special_ids(tok), seq_len, DataConfig(objective=name)
+
+
+def test_streamed_prefix_lm_rows_are_the_stream_and_score_no_target_in_their_prefix(store, tokenizer):
+    flat, objective, ids, l, data = _stream_batch(tokenizer, "prefix_lm")
+    size, make = objective.stream_pool(data, store.tokens, 0, len(flat), l, ids)
+    assert size == (len(flat) - 1) // l  # windows of l + 1 tokens, l apart: every token a target once
+    b = make(np.arange(size), [np.random.default_rng(i) for i in range(size)])
+    windows = np.stack([flat[r * l:r * l + l + 1] for r in range(size)])
+    np.testing.assert_array_equal(b["tokens"], windows[:, :-1])
+    np.testing.assert_array_equal(b["targets"], windows[:, 1:])
+    for row, segs in zip(windows[:, :-1], b["segment_ids"]):  # a new segment at each end id (it opens a document)
+        assert segs[0] == 1 + (row[0] == ids.eos)
+        np.testing.assert_array_equal(np.diff(segs), row[1:] == ids.eos)
+    prefix = b["prefix_lengths"]
+    assert prefix.shape == (size,) and 1 <= prefix.min() and prefix.max() <= l - 1  # within the row, never all of it
+    assert prefix.min() == 1 and prefix.max() == l - 1 and abs(prefix.mean() - l / 2) < 1  # uniform over [1, l)
+    for p, mask in zip(prefix, b["loss_mask"]):  # target j is token j + 1: scored once it lies after the prefix
+        np.testing.assert_array_equal(mask, [float(j + 1 >= p) for j in range(l)])
+
+
+def test_streamed_mlm_rows_hold_their_chunk_and_mask_15_percent_80_10_10(store, tokenizer):
+    flat, objective, ids, l, data = _stream_batch(tokenizer, "mlm")
+    size, make = objective.stream_pool(data, store.tokens, 0, len(flat), l, ids)
+    stride = l - 3  # [CLS] A [SEP] B [SEP]
+    assert size == len(flat) // stride
+    b = make(np.arange(size), [np.random.default_rng(i) for i in range(size)])
+
+    def runs(window):  # the end-id-free runs of a window, longest first
+        pieces, current = [], []
+        for t in window:
+            if t == ids.eos:
+                pieces.append(current)
+                current = []
+            else:
+                current.append(int(t))
+        return sorted(pieces + [current], key=len, reverse=True)
+    chunks = [runs(flat[r * stride:(r + 1) * stride]) for r in range(size)]
+    halves = {tuple(c[0][len(c[0]) // 2:][:k]) for c in chunks for k in range(len(c[0]) + 1)}  # NSP's other B
+    for r in range(size):
+        n = int(b["padding_mask"][r].sum())
+        np.testing.assert_array_equal(b["padding_mask"][r], np.arange(l) < n)
+        original = b["mlm_targets"][r]
+        seps = np.flatnonzero(original[:n] == ids.sep)
+        assert original[0] == ids.cls and len(seps) == 2 and seps[1] == n - 1, original
+        assert (original[n:] == ids.pad).all() and (b["tokens"][r, n:] == ids.pad).all()
+        a, second = original[1:seps[0]].tolist(), original[seps[0] + 1:n - 1].tolist()
+        longest = [c for c in chunks[r] if len(c) == len(chunks[r][0])]
+        assert len(a) >= 1 and any(c[:len(a)] == a for c in longest)  # A: the head of its window's longest run
+        if b["nsp_labels"][r] == 1:  # B continues A in its chunk
+            assert any(c[:len(a) + len(second)] == a + second for c in longest)
+        else:  # B: the head of the second half of some chunk
+            assert tuple(second) in halves
+        np.testing.assert_array_equal(b["token_type_ids"][r], [0] * (seps[0] + 1) + [1] * (n - 1 - seps[0])
+                                      + [0] * (l - n))
+    tokens, targets, masked = b["tokens"], b["mlm_targets"], b["mlm_mask"] > 0
+    text = b["padding_mask"] & ~np.isin(targets, list(ids.special))
+    assert not (masked & ~text).any() and (tokens[~masked] == targets[~masked]).all()  # only text is masked
+    assert (tokens[:, 0] == ids.cls).all()
+    assert abs(masked.sum() / text.sum() - 0.15) < 0.01, masked.sum() / text.sum()
+    as_mask = tokens[masked] == ids.mask
+    random = ~as_mask & (tokens[masked] != targets[masked])
+    assert abs(as_mask.mean() - 0.8) < 0.02 and abs(random.mean() - 0.1) < 0.015, (as_mask.mean(), random.mean())
+    assert abs((~as_mask & ~random).mean() - 0.1) < 0.015  # kept (a random draw of the same id counts here)
+    assert not np.isin(tokens[masked][random], list(ids.special)).any()  # a random text token, never a special one
+    assert abs(b["nsp_labels"].mean() - 0.5) < 4 * 0.5 / np.sqrt(size)
+
+
+def test_streamed_span_corruption_rebuilds_its_windows_from_source_and_target(store, tokenizer):
+    flat, objective, ids, l, data = _stream_batch(tokenizer, "span_corruption")
+    size, make = objective.stream_pool(data, store.tokens, 0, len(flat), l, ids)
+    assert size == len(flat) // l
+    b = make(np.arange(size), [np.random.default_rng(i) for i in range(size)])
+    noise = round(l * data.noise_density)  # 5 of 32 tokens, in round(5 / 3) = 2 spans
+    spans = round(noise / data.mean_span_length)
+    sentinels = list(ids.sentinels[:spans])
+    assert b["tgt"].shape == (size, noise + spans + 1) and b["tgt_mask"].all()
+    np.testing.assert_array_equal(b["tgt_in"], np.concatenate([np.full((size, 1), ids.bos), b["tgt"][:, :-1]], 1))
+    for r in range(size):
+        window = flat[r * l:(r + 1) * l].tolist()
+        src = b["src"][r].tolist()
+        n = l - noise + spans
+        np.testing.assert_array_equal(b["src_padding_mask"][r], np.arange(l) < n)
+        assert src[n:] == [ids.pad] * (l - n)
+        assert [t for t in src[:n] if t in ids.sentinels] == sentinels  # sentinel k for span k, in order
+        assert src[0] not in ids.sentinels  # the row starts with kept text
+        tgt = b["tgt"][r].tolist()
+        assert tgt[-1] == ids.eos and tgt[0] == sentinels[0]
+        where = [tgt.index(s) for s in sentinels] + [len(tgt) - 1]
+        pieces = [tgt[where[k] + 1:where[k + 1]] for k in range(spans)]  # an end id inside is the stream's own
+        assert all(pieces) and sum(map(len, pieces)) == noise
+        rebuilt = []
+        for t in src[:n]:
+            rebuilt += pieces[sentinels.index(t)] if t in sentinels else [t]
+        assert rebuilt == window, r
+
+
 # -- the store in train.py -------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):

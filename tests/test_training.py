@@ -225,6 +225,100 @@ def test_schedules_and_decay_mask():
     assert not np.any(updates["dense"]["bias"]) and not np.any(updates["norm"]["scale"])  # exempt
 
 
+def test_constant_schedule_warms_up_then_holds():
+    constant = make_schedule(OptimConfig(schedule="constant", lr=0.5, warmup_steps=10), 1000, 64)
+    np.testing.assert_allclose([float(constant(s)) for s in (0, 5, 10, 11, 500, 1000)],
+                               [0.0, 0.25, 0.5, 0.5, 0.5, 0.5], rtol=1e-6)
+
+
+def test_gradient_clipping_scales_the_gradient_to_clip_norm_before_the_optimizer():
+    """optim.clip_norm=1: the updates equal those of the unclipped optimizer fed gradients scaled to global norm 1 by
+    hand (float64 NumPy), and differ from those it makes of the raw gradients (norms 28, 0.6 and 8)."""
+    from flaxformer_lite.training.optimizer import make_optimizer
+    params = {"dense": {"kernel": jax.numpy.ones((3, 2)), "bias": jax.numpy.zeros(2)}}
+    rng = np.random.default_rng(0)
+    grads = [{"dense": {"kernel": rng.standard_normal((3, 2)) * s, "bias": rng.standard_normal(2) * s}}
+             for s in (10.0, 0.2, 3.0)]
+
+    def by_hand(g, clip):
+        norm = np.sqrt(sum((np.asarray(x, np.float64) ** 2).sum() for x in jax.tree_util.tree_leaves(g)))
+        return jax.tree_util.tree_map(lambda x: x * min(1.0, clip / norm), g)
+
+    def updates(clip_norm, gs):
+        tx, _ = make_optimizer(OptimConfig(schedule="constant", lr=0.1, warmup_steps=1, clip_norm=clip_norm), 10, 64)
+        state, out = tx.init(params), []
+        for g in gs:
+            u, state = tx.update(jax.tree_util.tree_map(lambda x: jax.numpy.asarray(x, jax.numpy.float32), g),
+                                 state, params)
+            out.append(jax.tree_util.tree_map(np.asarray, u))
+        return out
+    clipped, reference, raw = updates(1.0, grads), updates(0.0, [by_hand(g, 1.0) for g in grads]), updates(0.0, grads)
+    for got, want in zip(clipped, reference):
+        for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    gap = np.abs(clipped[-1]["dense"]["kernel"] - raw[-1]["dense"]["kernel"]).max()
+    assert gap > 0.1 * np.abs(raw[-1]["dense"]["kernel"]).max(), gap  # clipping changed the update
+
+
+def test_geglu_constant_schedule_clipping_and_keeping_the_last_2_checkpoints(corpus, tmp_path):
+    """Options no other run takes: a gated GELU MLP, the constant schedule (warmup 2), clip_norm 0.05 (below the
+    gradients' norms) and train.keep_checkpoints=2 with a checkpoint every step."""
+    extra = ["model.activation=geglu", "optim.schedule=constant", "optim.lr=2e-3", "optim.warmup_steps=2",
+             "optim.clip_norm=0.05", "train.keep_checkpoints=2", "train.checkpoint_every=1"]
+    assert train_cli.main(overrides(corpus, tmp_path, steps=4, extra=extra)) == 0
+    records = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    np.testing.assert_allclose([r["lr"] for r in records], [0.0, 1e-3, 2e-3, 2e-3], rtol=1e-6)
+    # grad_norm is the norm before clipping (the update was clipped to 0.05): what a user watches for spikes
+    assert all(np.isfinite(r["grad_norm"]) and r["grad_norm"] > 0.05 for r in records), records
+    kept = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert kept == [3, 4], sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    paths = [[str(getattr(k, "key", k)) for k in path]
+             for path, _ in jax.tree_util.tree_flatten_with_path(_params_of(tmp_path, 4))[0]]
+    mlp = {keys[-2] for keys in paths if keys[-3:-2] == ["mlp"]}
+    assert mlp == {"wi_0", "wi_1", "wo"}, mlp  # gated: wo(gelu(wi_0 x) * wi_1 x)
+
+
+def test_init_from_a_run_folder_without_a_checkpoint_is_one_line_and_exit_2(corpus, tmp_path, capsys):
+    """A run stopped before its first checkpoint (config.yaml and an empty checkpoints/), or a folder without
+    checkpoints/, cannot start another run: one line, exit 2, before any data is read."""
+    source = tmp_path / "source"
+    (source / "checkpoints").mkdir(parents=True)
+    (source / "config.yaml").write_text((ROOT / "configs" / "gpt-tiny.yaml").read_text())
+    run = tmp_path / "run"
+    assert train_cli.main(overrides(corpus, run, extra=[f"train.init_from={source}"])) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("train.py: error: ") and err.count("\n") == 1, err
+    assert f"{source / 'checkpoints'} holds no checkpoint" in err, err
+    (source / "checkpoints").rmdir()
+    assert train_cli.main(overrides(corpus, run, extra=[f"train.init_from={source}"])) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("train.py: error: ") and err.count("\n") == 1, err
+    assert "neither a Hugging Face model folder (config.json) nor a train.py run folder" in err, err
+    assert not (run / "store").exists() and not (run / "metrics.jsonl").exists()
+
+
+def test_a_non_finite_gradient_ends_the_run_with_exit_3_and_no_checkpoint(corpus, tmp_path, capsys, monkeypatch):
+    """A finite loss with a non-finite gradient (an overflowing backward, injected here) writes NaN into the
+    params: the run stops at its first checkpoint with exit 3 and one line, and writes no checkpoint."""
+    from flaxformer_lite.training import step
+    real = step.grads_and_sums
+
+    def overflowing(*args):
+        grads, sums = real(*args)
+        return jax.tree_util.tree_map(lambda g: g * np.inf, grads), sums
+    monkeypatch.setattr(step, "grads_and_sums", overflowing)
+    code = train_cli.main(overrides(corpus, tmp_path, steps=3, extra=["train.checkpoint_every=1"]))
+    err = capsys.readouterr().err
+    stops = [line for line in err.splitlines() if line.startswith("train.py:")]
+    assert code == 3 and len(stops) == 1, err
+    assert stops[0].startswith("train.py: stopped: ") and "not finite; checkpoint 1 not written" in stops[0], err
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1] and np.isfinite(records[0]["loss"])
+    assert not np.isfinite(records[0]["grad_norm"])
+    assert Checkpoints(tmp_path / "checkpoints").latest_step() is None
+
+
 def test_objective_model_mismatch_and_seq_len_errors(corpus, tmp_path, capsys):
     args = overrides(corpus, tmp_path, "causal_lm", extra=["model.preset=bert-tiny"])
     assert train_cli.main(args) == 2 and "trains a model.model in ['gpt']" in capsys.readouterr().err

@@ -187,11 +187,11 @@ def test_synthesizer_encoder_decoder_keeps_dot_product_cross_attention():
     ({"model": "gpt", "table_dim": 32}, "table_dim"),
     ({"model": "encoder_decoder", "condition_dim": 4}, "condition_dim"),
     ({"condition_dim": -1}, "condition_dim"),
-    ({"linear_gate": "data"}, "linear_gate='data' needs attention 'linear' or 'delta' and model 'gpt'"),
+    ({"recurrent_gate": "data"}, "recurrent_gate='data' needs attention 'linear' or 'delta' and model 'gpt'"),
     ({"model": "bert", "attention": "delta"}, "attention='delta' is causal self-attention: model 'gpt'"),
     ({"attention": "delta", "sliding_window": 8}, "sliding_window needs attention='softmax'"),
-    ({"model": "bert", "attention": "linear", "linear_gate": "fixed"}, "linear_gate='fixed' needs"),
-    ({"attention": "linear", "linear_gate": "decay"}, r"linear_gate must be one of \['none', 'fixed', 'data'\]"),
+    ({"model": "bert", "attention": "linear", "recurrent_gate": "fixed"}, "recurrent_gate='fixed' needs"),
+    ({"attention": "linear", "recurrent_gate": "decay"}, r"recurrent_gate must be one of \['none', 'fixed', 'data'\]"),
 ])
 def test_variant_config_errors(fields, match):
     with pytest.raises(ValueError, match=match):

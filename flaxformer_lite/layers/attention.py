@@ -30,7 +30,7 @@ from ..attention import (FEATURE_MAPS, IMPLS, FeatureMap, Mask, attend_scores, a
 from .attention_scores import (AdditiveScores, DenseSynthesizerScores, RandomSynthesizerScores, TalkingHeads,
                                dot_scores)
 from .dense import general_kernel_init, kernel_dot_general
-from ..choices import ATTENTION_KINDS, LINEAR_GATES, RopeScaling
+from ..choices import ATTENTION_KINDS, RECURRENT_GATES, RopeScaling
 from .embeddings import rotary
 
 SYNTHESIZERS = ("synthesizer_dense", "synthesizer_random")  # logits from positions/tokens alone: no queries, no keys
@@ -63,7 +63,7 @@ class MultiHeadAttention(nn.Module):
       talking_heads: mix the logits and the probabilities across heads (Shazeer et al. 2020); softmax only.
       max_len: the longest key axis of the Synthesizer tables.
       feature_map: linear-attention feature map (``"elu"``, ``"relu"``, ``"favor"`` or a `FeatureMap`).
-      linear_gate: decay of linear or delta self-attention's state (causal masks only): ``"none"``; ``"fixed"``, RetNet's
+      recurrent_gate: decay of linear or delta self-attention's state (causal masks only): ``"none"``; ``"fixed"``, RetNet's
         ``1 - 2^(-5 - i)`` for kv head i (no parameters); ``"data"``, a per-token decay per kv head,
         ``log_sigmoid(x W + b) / 16`` as in GLA (parameters ``gate``: ``[embed, n]`` and ``[n]``).
       dropout_rate: attention-probability dropout (not linear), active when ``deterministic=False``.
@@ -84,7 +84,7 @@ class MultiHeadAttention(nn.Module):
     attention: str = "softmax"
     attention_impl: str = "auto"
     feature_map: "str | FeatureMap" = "elu"
-    linear_gate: str = "none"
+    recurrent_gate: str = "none"
     talking_heads: bool = False
     max_len: int | None = None
     dropout_rate: float = 0.0
@@ -111,10 +111,10 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"attention_impl must be one of {IMPLS}, got {self.attention_impl!r}")
         if self.attention == "linear" and isinstance(self.feature_map, str) and self.feature_map not in FEATURE_MAPS:
             raise ValueError(f"feature_map must be one of {sorted(FEATURE_MAPS)}, got {self.feature_map!r}")
-        if self.linear_gate not in LINEAR_GATES:
-            raise ValueError(f"linear_gate must be one of {LINEAR_GATES}, got {self.linear_gate!r}")
-        if self.linear_gate != "none" and self.attention not in RECURRENT:
-            raise ValueError(f"linear_gate={self.linear_gate!r} needs attention 'linear' or 'delta', got "
+        if self.recurrent_gate not in RECURRENT_GATES:
+            raise ValueError(f"recurrent_gate must be one of {RECURRENT_GATES}, got {self.recurrent_gate!r}")
+        if self.recurrent_gate != "none" and self.attention not in RECURRENT:
+            raise ValueError(f"recurrent_gate={self.recurrent_gate!r} needs attention 'linear' or 'delta', got "
                              f"{self.attention!r}")
         if self.attention in RECURRENT and self.dropout_rate:
             raise ValueError(f"dropout_rate must be 0 with attention={self.attention!r} (no attention probabilities "
@@ -163,8 +163,8 @@ class MultiHeadAttention(nn.Module):
         cross = inputs_kv is not None
         if cross and self.attention in SYNTHESIZERS:
             raise ValueError(f"attention={self.attention!r} is self-attention only (its logits ignore the keys)")
-        if cross and (self.linear_gate != "none" or self.attention == "delta"):
-            raise ValueError(f"attention={self.attention!r} with linear_gate={self.linear_gate!r} is for causal "
+        if cross and (self.recurrent_gate != "none" or self.attention == "delta"):
+            raise ValueError(f"attention={self.attention!r} with recurrent_gate={self.recurrent_gate!r} is for causal "
                              "self-attention, not cross-attention")
         keyless = self.attention in SYNTHESIZERS
         q = None if keyless else self._project("query", inputs_q, self.num_heads, head_dim, "heads")
@@ -178,7 +178,7 @@ class MultiHeadAttention(nn.Module):
                     positions = jnp.broadcast_to(jnp.arange(inputs_q.shape[1]), inputs_q.shape[:2])
                 q = rotary(q, positions, self.rope_base, self.rope_scaling)
                 k = rotary(k, positions, self.rope_base, self.rope_scaling)
-        gate = self._linear_gate(inputs_q, kv_heads) if self.linear_gate != "none" else {}
+        gate = self._recurrent_gate(inputs_q, kv_heads) if self.recurrent_gate != "none" else {}
         if self.attention == "delta":
             gate["beta"] = self._delta_beta(inputs_q, kv_heads)
         if decode and not cross and self.attention in RECURRENT:
@@ -194,9 +194,9 @@ class MultiHeadAttention(nn.Module):
             kernel_init=general_kernel_init(self.kernel_init, ("heads", "head_dim", "embed")),
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), name="out")(out)
 
-    def _linear_gate(self, inputs_q: jax.Array, kv_heads: int) -> dict:
+    def _recurrent_gate(self, inputs_q: jax.Array, kv_heads: int) -> dict:
         """``{"decay": [n]}`` (fixed) or ``{"log_decay": [b, l, n]}`` (data) for `linear_attention`."""
-        if self.linear_gate == "fixed":  # RetNet (Sun et al. 2023): gamma_i = 1 - 2^(-5 - i)
+        if self.recurrent_gate == "fixed":  # RetNet (Sun et al. 2023): gamma_i = 1 - 2^(-5 - i)
             return {"decay": 1.0 - 2.0 ** (-5.0 - np.arange(kv_heads, dtype=np.float32))}
         logits = nn.Dense(kv_heads, dtype=jnp.float32, param_dtype=self.param_dtype,
                           kernel_init=nn.with_logical_partitioning(self.kernel_init, ("embed", "kv_heads")),
@@ -288,7 +288,7 @@ class MultiHeadAttention(nn.Module):
 
     def _recurrent_decode(self, q, k, v, mask, decode, gate):
         """Linear or delta self-attention against its recurrent state: prefill reads the prompt, a step adds one
-        token. ``gate``: `_linear_gate`'s decay and, for delta, ``beta``."""
+        token. ``gate``: `_recurrent_gate`'s decay and, for delta, ``beta``."""
         if self.attention == "delta":
             return self._delta_decode(q, k, v, mask, decode, gate)
         initializing = not self.has_variable("cache", "linear_state")

@@ -46,7 +46,7 @@ class TransformerBlock(nn.Module):
     of `nn.scan`).
 
     Attributes: cfg (fields: num_heads, num_kv_heads, head_dim, mlp_dim, max_len, attention, attention_impl,
-    feature_map, linear_gate (self-attention only), talking_heads, dropout_rate, attention_dropout_rate, position,
+    feature_map, recurrent_gate (self-attention only), talking_heads, dropout_rate, attention_dropout_rate, position,
     rope_base, rope_scaling, norm, norm_position, norm_epsilon, condition_dim, activation, use_bias, qkv_bias,
     qk_norm, init_std, dtype, param_dtype); cross_attention (decoder blocks of an encoder-decoder); deterministic
     (False enables dropout); decode (None | "prefill" | "step"). The last two are attributes, not call arguments,
@@ -73,7 +73,7 @@ class TransformerBlock(nn.Module):
         return MultiHeadAttention(
             num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, attention=kind,
             attention_impl=cfg.attention_impl, feature_map=cfg.feature_map,
-            linear_gate="none" if cross else cfg.linear_gate,
+            recurrent_gate="none" if cross else cfg.recurrent_gate,
             talking_heads=cfg.talking_heads and kind == "softmax", max_len=cfg.max_len,
             dropout_rate=cfg.attention_dropout_rate if kind not in ("linear", "delta") else 0.0,
             rope_base=cfg.rope_base if rotary and cfg.position == "rotary" else None,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from ..choices import (ACTIVATION_NAMES, ATTENTION_KINDS, FEATURE_MAP_NAMES, IMPLS, LINEAR_GATES, NORMS, POSITIONS,
+from ..choices import (ACTIVATION_NAMES, ATTENTION_KINDS, FEATURE_MAP_NAMES, IMPLS, RECURRENT_GATES, NORMS, POSITIONS,
                        RopeScaling)
 from ..messages import short_repr
 
@@ -17,7 +17,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 _CHOICES = {"model": MODELS, "attention": ATTENTION_KINDS, "attention_impl": IMPLS, "position": POSITIONS,
             "norm": NORMS, "norm_position": ("pre", "post"), "activation": ACTIVATION_NAMES,
             "dtype": DTYPES, "param_dtype": DTYPES, "feature_map": FEATURE_MAP_NAMES,
-            "linear_gate": LINEAR_GATES}
+            "recurrent_gate": RECURRENT_GATES}
 
 
 def _is_int(value) -> bool:
@@ -65,7 +65,7 @@ class ModelConfig:
       dropout_rate: embeddings, residuals and MLP hidden; attention_dropout_rate: attention probabilities.
       attention: ``"softmax"``, ``"linear"``, ``"delta"`` (DeltaNet's delta rule; model ``"gpt"``), or a dense
         variant: ``"additive"`` (Bahdanau), ``"synthesizer_dense"``, ``"synthesizer_random"`` (Tay et al.;
-        self-attention only); attention_impl: the softmax impl; feature_map: the linear map; linear_gate:
+        self-attention only); attention_impl: the softmax impl; feature_map: the linear map; recurrent_gate:
         ``"none"``, ``"fixed"`` (RetNet's per-head decay) or ``"data"`` (GLA-style per-token decay; with delta,
         Gated DeltaNet) of the linear or delta state (model ``"gpt"``). talking_heads: mix logits and
         probabilities across heads (softmax; computed densely).
@@ -109,7 +109,7 @@ class ModelConfig:
     talking_heads: bool = False
     attention_impl: str = "auto"
     feature_map: str = "elu"
-    linear_gate: str = "none"
+    recurrent_gate: str = "none"
     position: str = "learned"
     rope_base: float = 10_000.0
     rope_scaling: RopeScaling | None = None
@@ -180,8 +180,8 @@ class ModelConfig:
         if self.sliding_window is not None and self.attention in ("linear", "delta"):
             raise ValueError("ModelConfig.sliding_window needs attention='softmax' (or a dense variant), not "
                              f"{self.attention!r}")
-        if self.linear_gate != "none" and (self.attention not in ("linear", "delta") or self.model != "gpt"):
-            raise ValueError(f"ModelConfig.linear_gate={self.linear_gate!r} needs attention 'linear' or 'delta' and "
+        if self.recurrent_gate != "none" and (self.attention not in ("linear", "delta") or self.model != "gpt"):
+            raise ValueError(f"ModelConfig.recurrent_gate={self.recurrent_gate!r} needs attention 'linear' or 'delta' and "
                              f"model 'gpt' (a decay runs forward in time: causal self-attention), got attention="
                              f"{self.attention!r}, model={self.model!r}")
         if self.attention == "delta" and self.model != "gpt":

@@ -30,14 +30,16 @@ def save_tokenizer(tok, run_dir: Path) -> None:
 
 
 def saved_config(run_dir: Path) -> dict:
-    """The run folder's config.yaml as a dict ({} if there is none or it cannot be read; `ValueError` if it is a
-    symbolic link: the run reads only its own files)."""
+    """The run folder's config.yaml as a dict, its renamed keys under their new names (a folder written before a
+    rename resumes); {} if there is none or it cannot be read; `ValueError` if it is a symbolic link (the run reads
+    only its own files)."""
+    from ..experiment import renamed
     refuse_link(run_dir / "config.yaml")
     try:
         saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return {}
-    return saved if isinstance(saved, dict) else {}
+    return renamed(saved, note=False) if isinstance(saved, dict) else {}
 
 
 def has_checkpoints(run_dir: Path) -> bool:
