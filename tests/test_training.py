@@ -312,7 +312,8 @@ def test_a_non_finite_gradient_ends_the_run_with_exit_3_and_no_checkpoint(corpus
     err = capsys.readouterr().err
     stops = [line for line in err.splitlines() if line.startswith("train.py:")]
     assert code == 3 and len(stops) == 1, err
-    assert stops[0].startswith("train.py: stopped: ") and "not finite; checkpoint 1 not written" in stops[0], err
+    assert stops[0].startswith("train.py: stopped: ") and \
+        "a loss or gradient before step 1 was not finite; checkpoint 1 not written" in stops[0], err
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in records] == [1] and np.isfinite(records[0]["loss"])
     assert not np.isfinite(records[0]["grad_norm"])

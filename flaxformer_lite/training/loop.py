@@ -216,7 +216,7 @@ def _log_step(metrics: dict, done: int, ckpt: Checkpoints, schedule, speed: _Spe
 def _save(ckpt: Checkpoints, step_fn, step: int, cfg) -> None:
     state = step_fn.saved_state()
     if not bool(jax.device_get(state["finite"])):
-        raise NonFiniteLoss(f"a loss before step {step} was not finite; checkpoint {step} not written "
+        raise NonFiniteLoss(f"a loss or gradient before step {step} was not finite; checkpoint {step} not written "
                             f"(the last good one is step {ckpt.latest_step()})")
     ckpt.save(step, state, {"step": step, "loader_position": step, "config": dataclasses.asdict(cfg)})
 
