@@ -80,7 +80,8 @@ def delta_attention(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, *
     b, l, h, d = q.shape
     qg = _unit(q.reshape(b, l, dims.kv_heads, dims.groups, d))
     if delta_impl(impl, block) == "pallas":
-        out, state = pallas_delta(qg, _unit(k), v, beta, runs, log_decay, block=block)
+        segments = None if runs is None else mask.q_segment_ids  # the kernel entry takes segment ids (run_ids inside)
+        out, state = pallas_delta(qg, _unit(k), v, beta, segments, log_decay, block=block)
     else:
         out, state = _blocks(qg, _unit(k), v.astype(jnp.float32), beta, log_decay, runs, min(block, l))
     out = out.reshape(b, l, h, dims.value_dim).astype(q.dtype)

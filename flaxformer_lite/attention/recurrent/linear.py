@@ -85,7 +85,8 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask | N
     qf = fmap(q.reshape(b, lq, n, g, d), is_query=True)[0]
     kf, ka, v = _key_features(fmap, k, v, valid)
     if linear_impl(impl, mask, ka is not None, dtype, block_size) == "pallas":
-        num, den = pallas_causal_sums(qf, kf, v, runs, log_decay, block=block_size, dtype=dtype)
+        segments = None if runs is None else mask.q_segment_ids  # the kernel entry takes segment ids (run_ids inside)
+        num, den = pallas_causal_sums(qf, kf, v, segments, log_decay, block=block_size, dtype=dtype)
     elif not mask.causal:
         num, den = _bidirectional(qf, kf, ka, v, runs, block_size, dtype)
     else:
