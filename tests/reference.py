@@ -326,6 +326,19 @@ def assert_same_tree(got, want):
 
 # Fixtures ``torch`` and ``transformers`` for the tests that compare with PyTorch models (import these functions into
 # the test module): a test that takes one is skipped where torch or transformers is not installed, and only that test.
+def assert_config_refused_at_once(folder, match):
+    """``load_hf(folder)`` raises a `ValueError` matching ``match`` in one line under 300 characters, within 0.5 s:
+    a config.json size is refused before anything is read or sized by it."""
+    import time
+
+    import flaxformer_lite as ffl
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=match) as err:
+        ffl.interop.load_hf(folder)
+    assert time.perf_counter() - start < 0.5
+    assert "\n" not in str(err.value) and len(str(err.value)) < 300
+
+
 @pytest.fixture(scope="module", name="torch")
 def torch_fixture():
     return pytest.importorskip("torch")
